@@ -1,0 +1,3 @@
+"""pyattr: attribution maps for PyTorch vision models, exported as single graphs."""
+
+__version__ = "0.1.0"
