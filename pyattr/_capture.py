@@ -1,0 +1,66 @@
+"""Scoped access to a model's internals, undone on exit (also when the body raises)."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .errors import LayerNotFoundError
+
+
+def find_layer(model: nn.Module, name: str) -> nn.Module:
+    """Return the submodule of ``model`` called ``name`` (as in ``model.named_modules()``).
+
+    Raises :class:`LayerNotFoundError` listing the closest names when there is none.
+    """
+    modules = dict(model.named_modules())
+    if name in modules and name != "":
+        return modules[name]
+    names = [n for n in modules if n]
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    hint = f" Close names: {', '.join(close)}." if close else ""
+    some = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+    raise LayerNotFoundError(
+        f"the model has no layer named {name!r}.{hint} Layer names are those of "
+        f"model.named_modules(), e.g. {some}"
+    )
+
+
+@contextmanager
+def capture_outputs(layers: Sequence[nn.Module]) -> Iterator[list[torch.Tensor | None]]:
+    """Record the output of each of ``layers`` during the body's forward pass.
+
+    Yields a list filled in place (one entry per layer, the last call's output).
+    Hooks live only inside the ``with`` block.
+    """
+    captured: list[torch.Tensor | None] = [None] * len(layers)
+    handles = []
+
+    def make_hook(i: int):
+        def hook(_module, _inputs, output):
+            captured[i] = output
+        return hook
+
+    try:
+        for i, layer in enumerate(layers):
+            handles.append(layer.register_forward_hook(make_hook(i)))
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every module of ``model`` in eval mode for the body; restore each one's flag after."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag

@@ -1,0 +1,114 @@
+"""Trace an attribution method into one aten graph made of forward ops only."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import fx
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from .._capture import eval_mode
+from ..errors import ExportError
+from ..methods.base import AttributionMethod
+from .decompositions import decomposition_table
+
+aten = torch.ops.aten
+INPUT_NAMES = ("images", "target")
+OUTPUT_NAMES = ("scores", "explained_class", "raw", "maps")
+
+
+def example_batch(example: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tracing batch whose size is >= 2 (sizes 0/1 get specialized) and differs from every
+    other input dimension (equal sizes would be merged into one symbol)."""
+    b = next(k for k in range(2, 64) if k not in tuple(example.shape[1:]))
+    idx = torch.arange(b, device=example.device) % example.shape[0]
+    x = example.detach()[idx].clone()
+    return x, torch.full((b,), -1, dtype=torch.long, device=example.device)
+
+
+def backward_ops_left(gm: fx.GraphModule) -> list[str]:
+    """Names of ops in the graph that still compute a gradient (none should be left)."""
+    left = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            name = node.target.name()
+            if "backward" in name or name.startswith("aten::_backward"):
+                left.add(name)
+    return sorted(left)
+
+
+def trace_graph(method: AttributionMethod, example: torch.Tensor) -> fx.GraphModule:
+    """Trace ``method.graph(images, target)`` (forward + backward + post-processing) into a
+    GraphModule of forward aten ops with a symbolic batch dimension. Parameters become buffers
+    (detached views of the model's own tensors; nothing of the model is changed)."""
+    x, t = example_batch(example)
+
+    def attribution_graph(images, target):
+        return method.graph(images, target)
+
+    method._tracing = True
+    try:
+        with eval_mode(method.model), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = make_fx(attribution_graph, decomposition_table=decomposition_table(),
+                         tracing_mode="symbolic", _allow_non_fake_inputs=True)(x, t)
+    except ExportError:
+        raise
+    except Exception as err:  # torch's tracing errors are long; keep the first line and the cause
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ExportError(
+            f"could not trace {type(method).__name__} on this model into one graph: {first}. "
+            "The model's forward must be traceable (no data-dependent Python control flow)."
+        ) from err
+    finally:
+        method._tracing = False
+
+    left = backward_ops_left(gm)
+    if left:
+        raise ExportError(
+            "the model uses ops whose backward pyattr cannot yet write as forward ops: "
+            + ", ".join(left)
+            + ". Add a rule to pyattr.exporting.decompositions or replace the layer."
+        )
+    for name, param in list(gm.named_parameters(recurse=False)):
+        delattr(gm, name)
+        gm.register_buffer(name, param.detach())
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+class GraphModule(torch.nn.Module):
+    """A thin module with named inputs around the traced graph (for torch.export / ONNX)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__()
+        self.graph_module = gm
+
+    def forward(self, images: torch.Tensor, target: torch.Tensor):
+        return self.graph_module(images, target)
+
+
+def scriptable(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` that ``torch.jit.script`` accepts: op overloads become op packets,
+    ``sym_size`` becomes ``size`` and device constants follow the input's device."""
+    gm = copy.deepcopy(gm)
+    graph = gm.graph
+    first = next(n for n in graph.nodes if n.op == "placeholder")
+    with graph.inserting_after(first):
+        device = graph.call_function(getattr, (first, "device"))
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node is device:
+            continue
+        if isinstance(node.target, torch._ops.OpOverload):
+            target = aten.size.int if node.target == aten.sym_size.int else node.target
+            node.target = target.overloadpacket
+        if "device" in node.kwargs:
+            kwargs = dict(node.kwargs)
+            kwargs["device"] = device
+            kwargs.pop("pin_memory", None)
+            node.kwargs = kwargs
+    gm.recompile()
+    return gm
