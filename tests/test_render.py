@@ -1,0 +1,364 @@
+"""pyattr.render, pyattr.colormaps and the compiled core pyattr._C: the C++ and NumPy backends
+agree bit-for-bit, match hand-computed values and matplotlib, and reject bad input clearly."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from pyattr import colormaps, render
+
+BUILD = "pyattr._C is not built: run `pip install --no-build-isolation -e .` in the source tree"
+
+
+@pytest.fixture(scope="module")
+def C():
+    """The compiled module; its absence is a failure, not a skip (only the fallback tests skip it)."""
+    try:
+        from pyattr import _C
+    except ImportError as err:
+        pytest.fail(f"{BUILD} ({err})")
+    return _C
+
+
+def both(fn, *args, **kwargs):
+    """Results of a render function under both backends."""
+    return fn(*args, backend="C++", **kwargs), fn(*args, backend="numpy", **kwargs)
+
+
+# --- colormap LUTs ---
+
+
+@pytest.mark.parametrize("name", colormaps.COLORMAPS)
+def test_lut_cpp_equals_numpy(C, name):
+    table = colormaps.lut(name)
+    assert table.shape == (256, 3) and table.dtype == np.uint8
+    np.testing.assert_array_equal(C.colormap_lut(name), table)
+    assert C.colormap_names() == list(colormaps.COLORMAPS)
+
+
+@pytest.mark.parametrize("name", colormaps.COLORMAPS)
+def test_lut_within_one_level_of_matplotlib(C, name):
+    matplotlib = pytest.importorskip("matplotlib")
+    reference = np.floor(matplotlib.colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255 + 0.5)
+    for table in (colormaps.lut(name), C.colormap_lut(name)):
+        assert np.abs(table.astype(int) - reference.astype(int)).max() <= 1
+
+
+def test_lut_known_entries():
+    jet = colormaps.lut("jet")
+    assert jet[0].tolist() == [0, 0, 128]  # blue 0.5
+    assert jet[255].tolist() == [128, 0, 0]  # red 0.5
+    assert jet[128].tolist() == [125, 255, 122]  # 0.502: the green plateau
+    np.testing.assert_array_equal(
+        colormaps.lut("gray"), np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, 1)
+    )
+    assert colormaps.lut("hot")[0].tolist() == [11, 0, 0]  # 0.0416 * 255 = 10.6
+    assert colormaps.lut("hot")[255].tolist() == [255, 255, 255]
+
+
+def test_lut_is_read_only():
+    with pytest.raises(ValueError, match="read-only"):
+        colormaps.lut("jet")[0, 0] = 1
+
+
+# --- hand-computed cases ---
+
+
+@pytest.mark.parametrize("name", colormaps.COLORMAPS)
+@pytest.mark.parametrize("backend", ["C++", "numpy"])
+def test_colorize_constant_maps(C, name, backend):
+    table = colormaps.lut(name)
+    zeros, ones = np.zeros((2, 3, 4), np.float32), np.ones((2, 3, 4), np.float32)
+    assert (render.colorize(zeros, name, backend=backend) == table[0]).all()
+    assert (render.colorize(ones, name, backend=backend) == table[255]).all()
+    # out-of-range and infinite values are clipped
+    wild = np.array([[-1e30, -np.inf, 7.0, np.inf]], np.float32)
+    assert render.colorize(wild, name, backend=backend).tolist() == [
+        [table[0].tolist()] * 2 + [table[255].tolist()] * 2
+    ]
+
+
+@pytest.mark.parametrize("backend", ["C++", "numpy"])
+def test_colorize_index_rounding(C, backend):
+    # index = int(v * 255 + 0.5): 0.5/255 is the first value to reach entry 1
+    maps = np.array([[0.49 / 255, 0.51 / 255, 127.4 / 255, 127.6 / 255]], np.float32)
+    assert render.colorize(maps, "gray", backend=backend)[0, :, 0].tolist() == [0, 1, 127, 128]
+
+
+@pytest.mark.parametrize("backend", ["C++", "numpy"])
+def test_overlay_alpha_extremes_and_midpoint(C, backend):
+    rng = np.random.default_rng(0)
+    maps = rng.uniform(-0.2, 1.2, (3, 5, 6)).astype(np.float32)
+    images = rng.integers(0, 256, (3, 5, 6, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(render.overlay(maps, images, alpha=0.0, backend=backend), images)
+    colors = render.colorize(maps, backend=backend)
+    np.testing.assert_array_equal(render.overlay(maps, images, alpha=1.0, backend=backend), colors)
+    # gray, map 1 -> color 255: 0.5 * 100 + 0.5 * 255 + 0.5 = 178
+    out = render.overlay(
+        np.ones((2, 2)), np.full((2, 2, 3), 100, np.uint8), alpha=0.5, cmap="gray", backend=backend
+    )
+    assert out.shape == (2, 2, 3) and (out == 178).all()
+    # alpha 0.25, image 10, jet at 0 = (0, 0, 128): 0.75 * 10 + 0.25 * c + 0.5
+    out = render.overlay(np.zeros((1, 1)), np.full((1, 1, 3), 10, np.uint8), alpha=0.25, backend=backend)
+    assert out.tolist() == [[[8, 8, 40]]]
+
+
+def test_torch_tensors_accepted(C):
+    torch = pytest.importorskip("torch")
+    maps = torch.rand(2, 4, 5, requires_grad=True)
+    images = torch.randint(0, 256, (2, 4, 5, 3), dtype=torch.uint8)
+    expected = render.overlay(maps.detach().numpy(), images.numpy(), 0.3)
+    np.testing.assert_array_equal(render.overlay(maps, images, 0.3), expected)
+    half = maps.to(torch.bfloat16)  # a dtype NumPy lacks: converted through float32
+    np.testing.assert_array_equal(render.colorize(half), render.colorize(half.detach().float().numpy()))
+
+
+def test_zero_size_batch(C):
+    for backend in ("C++", "numpy"):
+        assert render.colorize(np.zeros((0, 3, 4)), backend=backend).shape == (0, 3, 4, 3)
+        out = render.overlay(np.zeros((0, 3, 4)), np.zeros((0, 3, 4, 3), np.uint8), backend=backend)
+        assert out.shape == (0, 3, 4, 3) and out.dtype == np.uint8
+    assert C.colorize(np.zeros((0, 5, 5), np.float32))[0].shape == (0, 5, 5, 3)
+
+
+def test_results_do_not_depend_on_thread_count(C):
+    rng = np.random.default_rng(1)
+    maps = rng.uniform(-0.1, 1.1, (3, 97, 131)).astype(np.float32)  # big enough to split
+    images = rng.integers(0, 256, (3, 97, 131, 3), dtype=np.uint8)
+    reference = render.overlay(maps, images, 0.4, backend="numpy")
+    for threads in (1, 2, 3, 7, 0):
+        np.testing.assert_array_equal(render.overlay(maps, images, 0.4, num_threads=threads), reference)
+        np.testing.assert_array_equal(
+            render.colorize(maps, num_threads=threads), render.colorize(maps, backend="numpy")
+        )
+
+
+# --- C++ == NumPy, bit for bit ---
+
+
+def test_rounding_boundaries_agree(C):
+    # float32 neighbours of every boundary (k + 0.5) / 255 between two LUT entries
+    edges = ((np.arange(256) + 0.5) / 255).astype(np.float32)
+    maps = np.stack([np.nextafter(edges, -np.inf), edges, np.nextafter(edges, np.inf)])[None]
+    cpp, ref = both(render.colorize, maps, "gray")
+    np.testing.assert_array_equal(cpp, ref)
+    assert len(np.unique(cpp[0, 1, :, 0])) > 200  # the boundaries do fall on both sides
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.25, 1 / 3, 0.5, 0.7, 0.9, 0.123456789])
+def test_overlay_all_image_color_pairs_agree(C, alpha):
+    # gray maps i / 255 give every color 0..255; pair each with every image value 0..255
+    maps = np.broadcast_to(np.arange(256, dtype=np.float32) / 255, (256, 256))[None]
+    images = np.repeat(
+        np.broadcast_to(np.arange(256, dtype=np.uint8)[:, None], (256, 256))[None, ..., None], 3, -1
+    )
+    cpp, ref = both(render.overlay, maps, images, alpha, "gray")
+    np.testing.assert_array_equal(cpp, ref)
+    exact = (1 - alpha) * images[..., 0].astype(np.float64) + alpha * np.arange(256)
+    assert np.abs(cpp[..., 0] - np.floor(exact + 0.5)).max() <= 1  # float32 vs exact rounding
+
+
+map_values = st.one_of(
+    st.floats(0, 1, width=32),
+    st.floats(allow_nan=False, allow_infinity=True, width=32),
+    st.sampled_from([0.0, 1.0, -np.inf, np.inf, 0.5 / 255, 254.5 / 255]),
+)
+map_arrays = st.tuples(st.integers(0, 4), st.integers(1, 40), st.integers(1, 40)).flatmap(
+    lambda shape: hnp.arrays(np.float32, shape, elements=map_values)
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(maps=map_arrays, cmap=st.sampled_from(colormaps.COLORMAPS), threads=st.integers(0, 3))
+def test_colorize_cpp_equals_numpy(C, maps, cmap, threads):
+    cpp, ref = both(render.colorize, maps, cmap, threads)
+    assert cpp.shape == maps.shape + (3,) and cpp.dtype == np.uint8
+    np.testing.assert_array_equal(cpp, ref)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    maps=map_arrays,
+    seed=st.integers(0, 2**32 - 1),
+    alpha=st.one_of(st.floats(0, 1), st.sampled_from([0.0, 1.0, 0.5])),
+    cmap=st.sampled_from(colormaps.COLORMAPS),
+)
+def test_overlay_cpp_equals_numpy(C, maps, seed, alpha, cmap):
+    images = np.random.default_rng(seed).integers(0, 256, maps.shape + (3,), dtype=np.uint8)
+    cpp, ref = both(render.overlay, maps, images, alpha, cmap)
+    np.testing.assert_array_equal(cpp, ref)
+
+
+# --- NaN and bad input ---
+
+
+@pytest.mark.parametrize("backend", ["C++", "numpy"])
+def test_nan_raises(C, backend):
+    maps = np.zeros((2, 3, 3), np.float32)
+    maps[1, 2, 0] = maps[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"maps contain NaN \(2 values\)"):
+        render.colorize(maps, backend=backend)
+    with pytest.raises(ValueError, match="maps contain NaN"):
+        render.overlay(maps, np.zeros((2, 3, 3, 3), np.uint8), backend=backend)
+
+
+def test_cpp_counts_nan(C):
+    maps = np.full((3, 4, 5), np.nan, np.float32)
+    maps[0] = 0.5
+    out, nan = C.colorize(maps)
+    assert nan == 40 and (out[1:] == colormaps.lut("jet")[0]).all()  # NaN pixels get lut[0]
+    assert C.overlay(maps, np.zeros((3, 4, 5, 3), np.uint8), 0.5)[1] == 40
+    assert C.colorize(np.zeros((3, 4, 5), np.float32))[1] == 0
+
+
+maps3, images4 = np.zeros((2, 4, 5), np.float32), np.zeros((2, 4, 5, 3), np.uint8)
+# fmt: off
+BAD_INPUTS = [  # (function, args, kwargs, error, message)
+    (render.colorize, (np.zeros(5),), {}, ValueError, r"maps must have shape \(N, H, W\) or \(H, W\), got"),
+    (render.colorize, (np.zeros((1, 2, 3, 4)),), {}, ValueError, r"got shape \(1, 2, 3, 4\)"),
+    (render.colorize, (np.zeros((2, 2), complex),), {}, TypeError, "maps must hold real numbers"),
+    (render.colorize, (maps3, "viridis"), {}, ValueError, "unknown colormap 'viridis'; known colormaps: jet"),
+    (render.colorize, (maps3,), {"num_threads": -1}, ValueError, r"num_threads must be >= 0"),
+    (render.colorize, (maps3,), {"backend": "cuda"}, ValueError, r"backend must be 'auto', 'C\+\+' or 'nump"),
+    (render.overlay, (maps3, images4.astype(np.float32)), {}, TypeError, "images must be uint8 RGB"),
+    (render.overlay, (maps3, images4[0]), {}, ValueError, r"images must have shape \(N, H, W, 3\)"),
+    (render.overlay, (maps3[0], images4), {}, ValueError, r"images must have shape \(H, W, 3\)"),
+    (render.overlay, (maps3, images4[..., :1]), {}, ValueError, "images must be RGB with 3 channels"),
+    (render.overlay, (maps3, np.zeros((3, 4, 5, 3), np.uint8)), {}, ValueError, r"must agree in \(N, H, W\)"),
+    (render.overlay, (maps3, np.zeros((2, 4, 6, 3), np.uint8)), {}, ValueError, r"must agree in \(N, H, W\)"),
+    (render.overlay, (maps3, images4), {"alpha": 1.5}, ValueError, r"alpha must lie in \[0, 1\], got 1.5"),
+    (render.overlay, (maps3, images4), {"alpha": float("nan")}, ValueError, r"alpha must lie in \[0, 1\]"),
+    (render.overlay, (maps3, images4), {"alpha": -0.1}, ValueError, r"alpha must lie in \[0, 1\]"),
+    (render.overlay, (maps3, images4), {"cmap": "Jet"}, ValueError, "unknown colormap 'Jet'"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("backend", ["C++", "numpy"])
+@pytest.mark.parametrize(("fn", "args", "kwargs", "error", "message"), BAD_INPUTS)
+def test_bad_input_raises(C, backend, fn, args, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        fn(*args, **{"backend": backend, **kwargs})
+
+
+# fmt: off
+C_BAD_INPUTS = [  # (function of _C, args, error, message)
+    ("colorize", (maps3.astype(np.float64),), TypeError,
+     r"maps must have dtype float32, got float64; convert with np.ascontiguousarray\(maps, dtype=np.float32"),
+    ("colorize", (maps3.tolist(),), TypeError, "maps must be a numpy.ndarray of dtype float32, got list"),
+    ("colorize", (maps3.transpose(0, 2, 1),), ValueError, "maps must be C-contiguous and aligned"),
+    ("colorize", (maps3[0],), ValueError, r"maps must have shape \(N, H, W\), got shape \(4, 5\)"),
+    ("colorize", (maps3, "nope"), ValueError, "unknown colormap 'nope'; known colormaps: jet, hot, gray"),
+    ("colorize", (maps3, "jet", -2), ValueError, "num_threads must be >= 0"),
+    ("overlay", (maps3, images4.astype(np.int32)), TypeError, "images must have dtype uint8, got int32"),
+    ("overlay", (maps3, images4[:, ::-1]), ValueError, "images must be C-contiguous"),
+    ("overlay", (maps3, images4[0]), ValueError, r"images must have shape \(N, H, W, 3\)"),
+    ("overlay", (maps3, np.zeros((2, 4, 5, 4), np.uint8)), ValueError, "images must be RGB with 3 channels"),
+    ("overlay", (maps3, np.zeros((2, 5, 5, 3), np.uint8)), ValueError, r"maps and images must agree in \(N"),
+    ("overlay", (maps3, images4, 2.0), ValueError, r"alpha must lie in \[0, 1\]"),
+    ("overlay", (maps3, images4, float("nan")), ValueError, r"alpha must lie in \[0, 1\]"),
+    ("colormap_lut", ("magma",), ValueError, "unknown colormap 'magma'; known colormaps: jet, hot, gray"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(("name", "args", "error", "message"), C_BAD_INPUTS)
+def test_cpp_rejects_bad_input_without_copying(C, name, args, error, message):
+    with pytest.raises(error, match=message):
+        getattr(C, name)(*args)
+
+
+def test_colormap_unknown_name():
+    with pytest.raises(ValueError, match="unknown colormap 'parula'; known colormaps: jet, hot, gray"):
+        colormaps.lut("parula")
+
+
+# --- the stub and the fallback ---
+
+
+def test_stub_lists_every_function(C):
+    stub = ast.parse((Path(render.__file__).parent / "_C.pyi").read_text())
+    stubbed = {
+        node.name: [a.arg for a in node.args.args] for node in stub.body if isinstance(node, ast.FunctionDef)
+    }
+    public = {name for name in dir(C) if not name.startswith("_") and callable(getattr(C, name))}
+    assert set(stubbed) == public
+    for name in public:  # pybind11 puts "name(arg: type, ...) -> ret" on the docstring's first line
+        signature = re.match(rf"{name}\((.*)\) ->", getattr(C, name).__doc__).group(1)
+        assert [part.split(":")[0] for part in signature.split(", ") if part] == stubbed[name], name
+
+
+FALLBACK = textwrap.dedent(
+    """
+    import sys, warnings
+    import numpy as np
+    sys.modules["pyattr._C"] = None  # as if the extension were not built
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from pyattr import render
+        import pyattr.render  # a second import must not warn again
+    missing = [w for w in caught if issubclass(w.category, render.ExtensionMissingWarning)]
+    assert len(missing) == 1 and issubclass(render.ExtensionMissingWarning, UserWarning), caught
+    print(missing[0].message)
+    assert render.HAVE_C is False and render.backend() == "numpy"
+    rng = np.random.default_rng(7)
+    maps = rng.uniform(-0.5, 1.5, (3, 17, 19)).astype(np.float32)
+    images = rng.integers(0, 256, (3, 17, 19, 3), dtype=np.uint8)
+    np.save(sys.argv[1], np.stack([render.overlay(maps, images, 0.35), render.colorize(maps, "hot")]))
+    try:
+        render.colorize(maps, backend="C++")
+    except ImportError as err:
+        print("C++ refused:", err)
+    """
+)
+
+
+def test_fallback_without_extension(tmp_path):
+    out = tmp_path / "out.npy"
+    result = subprocess.run(
+        [sys.executable, "-c", FALLBACK, str(out)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    message = result.stdout
+    assert "pyattr._C, the compiled extension, is missing" in message
+    assert "results are identical but slower" in message and "pip install ." in message
+    assert "C++17 compiler and CMake" in message
+    assert "C++ refused: backend='C++' needs the compiled extension" in message
+
+    rng = np.random.default_rng(7)
+    maps = rng.uniform(-0.5, 1.5, (3, 17, 19)).astype(np.float32)
+    images = rng.integers(0, 256, (3, 17, 19, 3), dtype=np.uint8)
+    expected = np.stack([render.overlay(maps, images, 0.35), render.colorize(maps, "hot")])
+    np.testing.assert_array_equal(np.load(out), expected)
+
+
+def test_render_works_without_torch():
+    # run render.py and colormaps.py without executing pyattr/__init__.py (which may import
+    # torch for the methods), in a process where importing torch fails
+    code = textwrap.dedent(
+        f"""
+        import sys, types
+        import numpy as np
+        sys.modules["torch"] = None
+        package = types.ModuleType("pyattr")
+        package.__path__ = [{str(Path(render.__file__).parent)!r}]
+        sys.modules["pyattr"] = package
+        from pyattr import render
+        out = render.overlay(np.ones((2, 2)), np.full((2, 2, 3), 100, np.uint8), 0.5, "gray")
+        print(render.backend(), out[0, 0].tolist())
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[0].endswith("[178, 178, 178]")
