@@ -115,18 +115,32 @@ std::int64_t colorize_pixels(const scalar_t* maps, std::int64_t pixels, const st
   return nan;
 }
 
+// image_term[v] = (1 - alpha) * v and color_term[3 i + c] = alpha * lut[3 i + c], rounded to
+// scalar_t: the same products, with the same rounding, as computing them per pixel.
+template <typename scalar_t>
+struct BlendTables {
+  scalar_t image_term[256];
+  scalar_t color_term[3 * kLutEntries];
+
+  BlendTables(scalar_t alpha, const std::uint8_t* lut) {
+    const scalar_t beta = scalar_t(1) - alpha;
+    for (int v = 0; v < 256; ++v) image_term[v] = beta * scalar_t(v);
+    for (int i = 0; i < 3 * kLutEntries; ++i) color_term[i] = alpha * scalar_t(lut[i]);
+  }
+};
+
 template <typename scalar_t>
 std::int64_t overlay_pixels(const scalar_t* maps, const std::uint8_t* images, std::int64_t pixels,
-                            scalar_t alpha, const std::uint8_t* lut, std::uint8_t* out) {
-  const scalar_t beta = scalar_t(1) - alpha;
+                            const BlendTables<scalar_t>& tables, std::uint8_t* out) {
   std::int64_t nan = 0;
   for (std::int64_t p = 0; p < pixels; ++p) {
     nan += std::isnan(maps[p]);
-    const std::uint8_t* color = lut + 3 * lut_index(maps[p]);
+    const scalar_t* color = tables.color_term + 3 * lut_index(maps[p]);
     for (int c = 0; c < 3; ++c) {
-      // No FMA here (built with -ffp-contract=off): NumPy rounds after each operation too.
-      const scalar_t blended = beta * scalar_t(images[3 * p + c]) + alpha * scalar_t(color[c]);
-      // blended + 0.5 lies in [0.5, 256): truncation is floor.
+      // (1 - alpha) * image + alpha * color, then + 0.5: each step rounded to scalar_t, as in
+      // NumPy (and no FMA: built with -ffp-contract=off). The sum lies in [0.5, 256), so
+      // truncation is floor.
+      const scalar_t blended = tables.image_term[images[3 * p + c]] + color[c];
       out[3 * p + c] = static_cast<std::uint8_t>(static_cast<int>(blended + scalar_t(0.5)));
     }
   }
@@ -194,11 +208,12 @@ std::int64_t overlay(const float* maps, const std::uint8_t* images, std::int64_t
     throw std::invalid_argument("overlay: null data pointer");
   }
 
+  const BlendTables<float> tables(alpha, lut.data());
   std::atomic<std::int64_t> nan{0};
   parallel_for(n * h, w, num_threads, [&](std::int64_t row_begin, std::int64_t row_end) {
     const std::int64_t first = row_begin * w;
-    nan += overlay_pixels(maps + first, images + 3 * first, (row_end - row_begin) * w, alpha,
-                          lut.data(), out + 3 * first);
+    nan += overlay_pixels(maps + first, images + 3 * first, (row_end - row_begin) * w, tables,
+                          out + 3 * first);
   });
   return nan.load();
 }
