@@ -1,13 +1,51 @@
-"""pyattr: attribution maps for PyTorch vision models, exported as single graphs."""
+"""pyattr: attribution maps for PyTorch vision models, exported as single graphs.
+
+Names are imported lazily, so that torch-free parts (``pyattr.render``, ``pyattr.colormaps``)
+load without torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from . import zoo  # noqa: E402
-from .errors import ExportError, InputError, LayerNotFoundError, PyattrError  # noqa: E402
-from .exporting import export, read_metadata  # noqa: E402
-from .methods import METHODS, Attribution, AttributionMethod, GradCAM, Saliency  # noqa: E402
+_LAZY = {
+    "Attribution": "pyattr.methods",
+    "AttributionMethod": "pyattr.methods",
+    "METHODS": "pyattr.methods",
+    "Saliency": "pyattr.methods",
+    "GradCAM": "pyattr.methods",
+    "export": "pyattr.exporting",
+    "read_metadata": "pyattr.exporting",
+    "pointing_game": "pyattr.metrics",
+    "PyattrError": "pyattr.errors",
+    "InputError": "pyattr.errors",
+    "LayerNotFoundError": "pyattr.errors",
+    "ExportError": "pyattr.errors",
+}
+_SUBMODULES = {"zoo", "render", "colormaps", "methods", "exporting", "metrics", "models", "figures",
+               "postprocess", "errors"}
 
 __all__ = [
     "METHODS", "Attribution", "AttributionMethod", "ExportError", "GradCAM", "InputError",
-    "LayerNotFoundError", "PyattrError", "Saliency", "__version__", "export", "read_metadata", "zoo",
+    "LayerNotFoundError", "PyattrError", "Saliency", "__version__", "colormaps", "errors", "export",
+    "exporting", "figures", "methods", "metrics", "models", "pointing_game", "postprocess", "read_metadata",
+    "render", "zoo",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"pyattr.{name}")
+    else:
+        raise AttributeError(f"module 'pyattr' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

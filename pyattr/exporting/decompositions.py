@@ -122,7 +122,7 @@ def _bilinear_rows(n_in, n_out, align_corners, scale):
     rows = []
     for i in range(n_out):
         src = _source_index(i, n_in, n_out, align_corners, scale)
-        lo = min(int(math.floor(src)), n_in - 1)
+        lo = min(math.floor(src), n_in - 1)
         hi = min(lo + 1, n_in - 1)
         lam = src - lo
         rows.append([(lo, 1.0 - lam), (hi, lam)])
@@ -139,7 +139,7 @@ def upsample_bilinear2d_backward(grad_output, output_size, input_size, align_cor
 
 def _nearest_rows(n_in, n_out, scale):
     ratio = 1.0 / scale if scale else n_in / n_out
-    return [[(min(int(math.floor(i * ratio)), n_in - 1), 1.0)] for i in range(n_out)]
+    return [[(min(math.floor(i * ratio), n_in - 1), 1.0)] for i in range(n_out)]
 
 
 def upsample_nearest2d_backward(grad_output, output_size, input_size, scales_h=None, scales_w=None):

@@ -1,0 +1,60 @@
+"""Pictures of explanations: overlays and side-by-side figures (Pillow, host-side rendering)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from . import render
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def overlay_image(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
+    """(H, W, 3) uint8 image + (H, W) map in [0, 1] at the same size -> (H, W, 3) uint8 overlay."""
+    return render.overlay(heatmap[None], image[None], alpha=alpha, cmap=cmap)[0]
+
+
+def side_by_side(image: np.ndarray, heatmap: np.ndarray, overlay: np.ndarray, title: str,
+                 cmap: str = "jet", panel: int = 256) -> Image.Image:
+    """A figure: image | heatmap | overlay, each ``panel`` pixels high, with a title line."""
+    h, w = image.shape[:2]
+    scale = panel / h
+    pw = max(1, round(w * scale))
+    resample = Image.NEAREST if scale >= 2 else Image.BILINEAR
+    panels = [Image.fromarray(a).resize((pw, panel), resample)
+              for a in (image, render.colorize(heatmap[None], cmap=cmap)[0], overlay)]
+    font = _font(16)
+    pad, head = 8, 30
+    fig = Image.new("RGB", (3 * pw + 4 * pad, panel + head + pad), "white")
+    draw = ImageDraw.Draw(fig)
+    draw.text((pad, 6), title, fill="black", font=font)
+    for i, (p, label) in enumerate(zip(panels, ("image", "heatmap", "overlay"))):
+        x = pad + i * (pw + pad)
+        fig.paste(p, (x, head))
+        draw.text((x + 4, head + 4), label, fill="white", font=_font(12), stroke_width=2, stroke_fill="black")
+    return fig
+
+
+def save_png_atomic(picture: Image.Image | np.ndarray, path: str | os.PathLike) -> Path:
+    """Write a PNG through a temporary file and a rename: never a partial file at ``path``."""
+    path = Path(path)
+    if isinstance(picture, np.ndarray):
+        picture = Image.fromarray(picture)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        picture.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path

@@ -1,0 +1,28 @@
+"""Scores of explanations against ground truth."""
+
+from __future__ import annotations
+
+import torch
+
+
+def pointing_game(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Pointing game (Zhang et al. 2016, arXiv:1608.00507) without tolerance: a hit when the map's
+    maximum falls inside the object's mask.
+
+    Args:
+        maps: (N, H, W) attribution maps.
+        masks: (N, H, W) boolean ground-truth masks of the explained objects.
+
+    Returns:
+        (N,) bool hits. Where several pixels share the maximum, the first in row-major order counts.
+
+    Example:
+        >>> maps = torch.zeros(1, 4, 4); maps[0, 1, 2] = 1
+        >>> masks = torch.zeros(1, 4, 4, dtype=torch.bool); masks[0, 1, 2] = True
+        >>> pointing_game(maps, masks)
+        tensor([True])
+    """
+    if maps.shape != masks.shape or maps.dim() != 3:
+        raise ValueError(f"maps and masks must both be (N, H, W), got {tuple(maps.shape)} and {tuple(masks.shape)}")
+    flat = maps.flatten(1).argmax(1)
+    return masks.flatten(1).bool().gather(1, flat[:, None])[:, 0]
