@@ -49,7 +49,7 @@ def test_lut_cpp_equals_numpy(C, name):
 
 @pytest.mark.parametrize("name", colormaps.COLORMAPS)
 def test_lut_within_one_level_of_matplotlib(C, name):
-    matplotlib = pytest.importorskip("matplotlib")
+    import matplotlib
     reference = np.floor(matplotlib.colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255 + 0.5)
     for table in (colormaps.lut(name), C.colormap_lut(name)):
         assert np.abs(table.astype(int) - reference.astype(int)).max() <= 1
@@ -115,7 +115,7 @@ def test_overlay_alpha_extremes_and_midpoint(C, backend):
 
 
 def test_torch_tensors_accepted(C):
-    torch = pytest.importorskip("torch")
+    import torch
     maps = torch.rand(2, 4, 5, requires_grad=True)
     images = torch.randint(0, 256, (2, 4, 5, 3), dtype=torch.uint8)
     expected = render.overlay(maps.detach().numpy(), images.numpy(), 0.3)
