@@ -1,15 +1,18 @@
 // pybind11 module pyattr._C: the only file of csrc/ that knows about Python.
 //
 // Inputs are taken as they are, never copied: they must already be C-contiguous, aligned
-// arrays of the exact dtype (pyattr.render converts before calling). The GIL is released
-// around the kernels. The core checks alpha and num_threads itself, before any work; its
-// std::invalid_argument becomes ValueError.
+// arrays of an accepted dtype (maps: float32 or float16; images: uint8); pyattr.render converts
+// before calling. The GIL is released around the kernels. The core checks its options (alpha,
+// num_threads, sign, outlier_perc, value_range, sizes) itself, before any work; its
+// std::invalid_argument becomes ValueError, NonFiniteError a ValueError with a NumPy hint.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <utility>
 
 #include "postprocess.hpp"
 
@@ -23,83 +26,236 @@ std::string shape_of(const py::array& a) {
   return s + (a.ndim() == 1 ? ",)" : ")");
 }
 
-// obj as a numpy array of dtype T, C-contiguous and aligned, with `ndim` dimensions.
-template <typename T>
-py::array checked_array(const py::object& obj, const char* arg, const char* dtype, py::ssize_t ndim,
-                        const char* layout) {
-  const std::string fix =
-      std::string("; convert with np.ascontiguousarray(") + arg + ", dtype=np." + dtype + ")";
-  if (!py::isinstance<py::array>(obj)) {
-    throw py::type_error(std::string(arg) + " must be a numpy.ndarray of dtype " + dtype + ", got " +
-                         std::string(py::str(py::type::of(obj).attr("__name__"))) + fix);
-  }
-  auto a = py::reinterpret_borrow<py::array>(obj);
-  if (!a.dtype().equal(py::dtype::of<T>())) {
-    throw py::type_error(std::string(arg) + " must have dtype " + dtype + ", got " +
-                         std::string(py::str(a.dtype())) + fix);
-  }
-  const bool aligned = a.size() == 0 || reinterpret_cast<std::uintptr_t>(a.data()) % alignof(T) == 0;
+std::string fix_hint(const char* arg, const char* dtype) {
+  return std::string("; convert with np.ascontiguousarray(") + arg + ", dtype=np." + dtype + ")";
+}
+
+void check_layout(const py::array& a, const char* arg, const char* dtype, std::size_t alignment,
+                  py::ssize_t ndim, const char* layout) {
+  const bool aligned = a.size() == 0 || reinterpret_cast<std::uintptr_t>(a.data()) % alignment == 0;
   if (!(a.flags() & py::array::c_style) || !aligned) {
-    throw py::value_error(std::string(arg) +
-                          " must be C-contiguous and aligned (pyattr._C does not copy its inputs)" + fix);
+    throw py::value_error(std::string(arg) + " must be C-contiguous and aligned (pyattr._C does not copy its inputs)" +
+                          fix_hint(arg, dtype));
   }
   if (a.ndim() != ndim) {
     throw py::value_error(std::string(arg) + " must have shape " + layout + ", got shape " + shape_of(a));
   }
+}
+
+py::array as_array(const py::object& obj, const char* arg, const char* dtypes, const char* dtype) {
+  if (!py::isinstance<py::array>(obj)) {
+    throw py::type_error(std::string(arg) + " must be a numpy.ndarray of dtype " + dtypes + ", got " +
+                         std::string(py::str(py::type::of(obj).attr("__name__"))) + fix_hint(arg, dtype));
+  }
+  return py::reinterpret_borrow<py::array>(obj);
+}
+
+// (N, H, W) maps of dtype float32 or float16, C-contiguous and aligned.
+struct Maps {
+  py::array array;
+  bool half;
+
+  std::int64_t n() const { return array.shape(0); }
+  std::int64_t h() const { return array.shape(1); }
+  std::int64_t w() const { return array.shape(2); }
+  const float* f32() const { return static_cast<const float*>(array.data()); }
+  const pyattr::Half* f16() const { return static_cast<const pyattr::Half*>(array.data()); }
+};
+
+Maps checked_maps(const py::object& obj) {
+  py::array a = as_array(obj, "maps", "float32 or float16", "float32");
+  const bool half = a.dtype().equal(py::dtype("float16"));
+  if (!half && !a.dtype().equal(py::dtype::of<float>())) {
+    throw py::type_error("maps must have dtype float32 or float16, got " + std::string(py::str(a.dtype())) +
+                         fix_hint("maps", "float32"));
+  }
+  check_layout(a, "maps", "float32", half ? 2 : 4, 3, "(N, H, W)");
+  return {a, half};
+}
+
+// uint8 (N, H, W, 3) images that go with maps of batch n.
+py::array checked_images(const py::object& obj, std::int64_t n) {
+  py::array a = as_array(obj, "images", "uint8", "uint8");
+  if (!a.dtype().equal(py::dtype::of<std::uint8_t>())) {
+    throw py::type_error("images must have dtype uint8, got " + std::string(py::str(a.dtype())) +
+                         fix_hint("images", "uint8"));
+  }
+  check_layout(a, "images", "uint8", 1, 4, "(N, H, W, 3)");
+  if (a.shape(3) != 3) {
+    throw py::value_error("images must be RGB with 3 channels in the last axis, got shape " + shape_of(a));
+  }
+  if (a.shape(0) != n) {
+    throw py::value_error("maps and images must have the same batch size: maps " + std::to_string(n) +
+                          ", images " + shape_of(a));
+  }
   return a;
 }
 
-py::array_t<std::uint8_t> rgb_output(const py::array& maps) {
-  return py::array_t<std::uint8_t>(
-      std::vector<py::ssize_t>{maps.shape(0), maps.shape(1), maps.shape(2), 3});
+py::array_t<std::uint8_t> rgb_output(std::int64_t n, std::int64_t h, std::int64_t w) {
+  return py::array_t<std::uint8_t>(std::vector<py::ssize_t>{n, h, w, 3});
+}
+
+pyattr::Normalization make_normalization(const std::string& sign, double outlier_perc,
+                                         const std::optional<std::pair<float, float>>& value_range) {
+  pyattr::Normalization o;
+  o.sign = pyattr::parse_sign(sign);
+  o.outlier_perc = outlier_perc;
+  if (value_range) {
+    o.fixed_range = true;
+    o.range_lo = value_range->first;
+    o.range_hi = value_range->second;
+  }
+  pyattr::check_normalization(o);
+  return o;
 }
 
 py::tuple colorize(const py::object& maps_obj, const std::string& cmap, int num_threads) {
-  const py::array maps = checked_array<float>(maps_obj, "maps", "float32", 3, "(N, H, W)");
+  const Maps maps = checked_maps(maps_obj);
   const pyattr::Lut lut = pyattr::colormap_lut(cmap);
-  auto out = rgb_output(maps);
-  const auto* m = static_cast<const float*>(maps.data());
+  auto out = rgb_output(maps.n(), maps.h(), maps.w());
   std::uint8_t* o = out.mutable_data();
   std::int64_t nan = 0;
   {
     py::gil_scoped_release release;
-    nan = pyattr::colorize(m, maps.shape(0), maps.shape(1), maps.shape(2), lut, o, num_threads);
+    nan = maps.half ? pyattr::colorize(maps.f16(), maps.n(), maps.h(), maps.w(), lut, o, num_threads)
+                    : pyattr::colorize(maps.f32(), maps.n(), maps.h(), maps.w(), lut, o, num_threads);
   }
   return py::make_tuple(out, nan);
 }
 
-py::tuple overlay(const py::object& maps_obj, const py::object& images_obj, float alpha,
-                  const std::string& cmap, int num_threads) {
-  const py::array maps = checked_array<float>(maps_obj, "maps", "float32", 3, "(N, H, W)");
-  const py::array images = checked_array<std::uint8_t>(images_obj, "images", "uint8", 4, "(N, H, W, 3)");
-  if (images.shape(3) != 3) {
-    throw py::value_error("images must be RGB with 3 channels in the last axis, got shape " +
-                          shape_of(images));
-  }
-  for (int d = 0; d < 3; ++d) {
-    if (images.shape(d) != maps.shape(d)) {
-      throw py::value_error("maps and images must agree in (N, H, W): maps " + shape_of(maps) +
+py::tuple overlay(const py::object& maps_obj, const py::object& images_obj, float alpha, const std::string& cmap,
+                  int num_threads) {
+  const Maps maps = checked_maps(maps_obj);
+  const py::array images = checked_images(images_obj, maps.n());
+  for (int d = 1; d < 3; ++d) {
+    if (images.shape(d) != maps.array.shape(d)) {
+      throw py::value_error("maps and images must agree in (N, H, W): maps " + shape_of(maps.array) +
                             ", images " + shape_of(images));
     }
   }
   const pyattr::Lut lut = pyattr::colormap_lut(cmap);
-  auto out = rgb_output(maps);
-  const auto* m = static_cast<const float*>(maps.data());
+  auto out = rgb_output(maps.n(), maps.h(), maps.w());
   const auto* img = static_cast<const std::uint8_t*>(images.data());
   std::uint8_t* o = out.mutable_data();
   std::int64_t nan = 0;
   {
     py::gil_scoped_release release;
-    nan = pyattr::overlay(m, img, maps.shape(0), maps.shape(1), maps.shape(2), alpha, lut, o,
-                          num_threads);
+    nan = maps.half
+              ? pyattr::overlay(maps.f16(), img, maps.n(), maps.h(), maps.w(), alpha, lut, o, num_threads)
+              : pyattr::overlay(maps.f32(), img, maps.n(), maps.h(), maps.w(), alpha, lut, o, num_threads);
   }
   return py::make_tuple(out, nan);
+}
+
+py::array_t<float> normalize(const py::object& maps_obj, const std::string& sign, double outlier_perc,
+                             const std::optional<std::pair<float, float>>& value_range, int num_threads) {
+  const Maps maps = checked_maps(maps_obj);
+  const pyattr::Normalization options = make_normalization(sign, outlier_perc, value_range);
+  pyattr::resolve_num_threads(num_threads);
+  py::array_t<float> out(std::vector<py::ssize_t>{maps.n(), maps.h(), maps.w()});
+  float* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    if (maps.half) {
+      pyattr::normalize(maps.f16(), maps.n(), maps.h(), maps.w(), options, o, num_threads);
+    } else {
+      pyattr::normalize(maps.f32(), maps.n(), maps.h(), maps.w(), options, o, num_threads);
+    }
+  }
+  return out;
+}
+
+void check_size(std::int64_t n, std::int64_t h, std::int64_t w) {
+  if (h < 1 || w < 1 || h > pyattr::kMaxSide || w > pyattr::kMaxSide) {
+    throw py::value_error("size must be (H, W) with 1 <= H, W <= " + std::to_string(pyattr::kMaxSide) + ", got (" +
+                          std::to_string(h) + ", " + std::to_string(w) + ")");
+  }
+  if (n > 0 && h * w > pyattr::kMaxElements / n) {
+    throw py::value_error("output of " + std::to_string(n) + " x " + std::to_string(h) + " x " + std::to_string(w) +
+                          " pixels is too large (limit " + std::to_string(pyattr::kMaxElements) +
+                          " pixels per call); split the batch");
+  }
+}
+
+py::array_t<float> resize(const py::object& maps_obj, const std::pair<std::int64_t, std::int64_t>& size,
+                          bool align_corners, int num_threads) {
+  const Maps maps = checked_maps(maps_obj);
+  const auto [out_h, out_w] = size;
+  check_size(maps.n(), out_h, out_w);  // before allocating the output
+  pyattr::resolve_num_threads(num_threads);
+  py::array_t<float> out(std::vector<py::ssize_t>{maps.n(), out_h, out_w});
+  float* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    if (maps.half) {
+      pyattr::resize_bilinear(maps.f16(), maps.n(), maps.h(), maps.w(), out_h, out_w, align_corners, o, num_threads);
+    } else {
+      pyattr::resize_bilinear(maps.f32(), maps.n(), maps.h(), maps.w(), out_h, out_w, align_corners, o, num_threads);
+    }
+  }
+  return out;
+}
+
+py::array_t<std::uint8_t> render(const py::object& maps_obj, const py::object& images_obj,
+                                 const std::optional<std::pair<std::int64_t, std::int64_t>>& size, float alpha,
+                                 const std::string& cmap, const std::string& sign, double outlier_perc,
+                                 const std::optional<std::pair<float, float>>& value_range, bool align_corners,
+                                 int num_threads) {
+  const Maps maps = checked_maps(maps_obj);
+  pyattr::RenderOptions options;
+  options.normalization = make_normalization(sign, outlier_perc, value_range);
+  options.align_corners = align_corners;
+  options.alpha = alpha;
+  const std::uint8_t* img = nullptr;
+  std::int64_t out_h = maps.h(), out_w = maps.w();
+  py::array images;
+  if (!images_obj.is_none()) {
+    images = checked_images(images_obj, maps.n());
+    out_h = images.shape(1);
+    out_w = images.shape(2);
+    if (size && (size->first != out_h || size->second != out_w)) {
+      throw py::value_error("size (" + std::to_string(size->first) + ", " + std::to_string(size->second) +
+                            ") differs from the images' (H, W) " + shape_of(images) +
+                            "; leave size=None to render at the images' size");
+    }
+    img = static_cast<const std::uint8_t*>(images.data());
+    if (!(alpha >= 0.0f && alpha <= 1.0f)) {
+      throw py::value_error("alpha must lie in [0, 1], got " + std::to_string(alpha));
+    }
+  } else if (size) {
+    out_h = size->first;
+    out_w = size->second;
+  }
+  check_size(maps.n(), out_h, out_w);
+  pyattr::resolve_num_threads(num_threads);
+  const pyattr::Lut lut = pyattr::colormap_lut(cmap);
+  auto out = rgb_output(maps.n(), out_h, out_w);
+  std::uint8_t* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    if (maps.half) {
+      pyattr::render(maps.f16(), maps.n(), maps.h(), maps.w(), img, out_h, out_w, options, lut, o, num_threads);
+    } else {
+      pyattr::render(maps.f32(), maps.n(), maps.h(), maps.w(), img, out_h, out_w, options, lut, o, num_threads);
+    }
+  }
+  return out;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyattr's compiled post-processing core (csrc/). Use pyattr.render, not this module.";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const pyattr::NonFiniteError& e) {
+      const std::string message = std::string(e.what()) +
+                                  "; replace them first, e.g. np.nan_to_num(maps, nan=0.0, posinf=0.0, neginf=0.0)";
+      PyErr_SetString(PyExc_ValueError, message.c_str());
+    }
+  });
 
   m.def("colormap_names", &pyattr::colormap_names, "Names of the built-in colormaps.");
   m.def(
@@ -112,10 +268,25 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("name"), "The (256, 3) uint8 RGB lookup table of a colormap; entry i is at x = i / 255.");
   m.def("colorize", &colorize, py::arg("maps"), py::arg("cmap") = "jet", py::arg("num_threads") = 0,
-        "colorize(maps float32 (N, H, W)) -> (uint8 (N, H, W, 3), number of NaN in maps).\n"
+        "colorize(maps float32|float16 (N, H, W)) -> (uint8 (N, H, W, 3), number of NaN in maps).\n"
         "Values are clipped to [0, 1] (+/-inf included); NaN pixels get lut[0].");
   m.def("overlay", &overlay, py::arg("maps"), py::arg("images"), py::arg("alpha") = 0.5f,
         py::arg("cmap") = "jet", py::arg("num_threads") = 0,
-        "overlay(maps float32 (N, H, W), images uint8 (N, H, W, 3)) -> (uint8 (N, H, W, 3), number of NaN).\n"
+        "overlay(maps float32|float16 (N, H, W), images uint8 (N, H, W, 3)) -> (uint8 (N, H, W, 3), number of NaN).\n"
         "out = floor((1 - alpha) * image + alpha * colorize(map) + 0.5), in float32.");
+  m.def("normalize", &normalize, py::arg("maps"), py::arg("sign") = "all", py::arg("outlier_perc") = 0.0,
+        py::arg("value_range") = py::none(), py::arg("num_threads") = 0,
+        "normalize(maps float32|float16 (N, H, W)) -> float32 (N, H, W) in [0, 1], per sample.\n"
+        "sign: all | absolute | positive | negative | centered; outlier_perc in [0, 50); value_range (lo, hi)\n"
+        "fixes the range. Raises ValueError on NaN/inf (see csrc/postprocess.hpp).");
+  m.def("resize", &resize, py::arg("maps"), py::arg("size"), py::arg("align_corners") = false,
+        py::arg("num_threads") = 0,
+        "resize(maps float32|float16 (N, h, w), size (H, W)) -> float32 (N, H, W), bilinear like\n"
+        "torch.nn.functional.interpolate. Raises ValueError on NaN/inf.");
+  m.def("render", &render, py::arg("maps"), py::arg("images") = py::none(), py::arg("size") = py::none(),
+        py::arg("alpha") = 0.5f, py::arg("cmap") = "jet", py::arg("sign") = "all", py::arg("outlier_perc") = 0.0,
+        py::arg("value_range") = py::none(), py::arg("align_corners") = false, py::arg("num_threads") = 0,
+        "render(maps (N, h, w), images uint8 (N, H, W, 3) | None) -> uint8 (N, H, W, 3): resize -> normalize ->\n"
+        "colorize -> overlay fused, bit-identical to the steps. Without images: the colored heatmaps at size\n"
+        "(default: the maps' size).");
 }

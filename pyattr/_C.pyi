@@ -1,22 +1,49 @@
+# ruff: noqa: N999  (the module is named _C on purpose: private, compiled)
 """Type stub of pyattr._C, the compiled post-processing core (csrc/bindings.cpp).
 
-Inputs must already be C-contiguous, aligned arrays of the exact dtype (the module never
-copies them): wrong dtype raises TypeError, wrong layout or shape ValueError. Use
-:mod:`pyattr.render`, which converts its inputs and raises on NaN.
+Inputs must already be C-contiguous, aligned arrays of an accepted dtype (the module never
+copies them): maps float32 or float16, images uint8. Wrong dtype raises TypeError, wrong layout,
+shape or option ValueError; NaN or +/-inf in maps raise ValueError in normalize, resize and
+render (colorize and overlay clip infinities and return the NaN count). Use :mod:`pyattr.render`,
+which converts its inputs, raises on NaN and has a NumPy fallback with identical results.
 """
+
+from typing import TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 
+Maps: TypeAlias = npt.NDArray[np.float32] | npt.NDArray[np.float16]
+
 def colormap_names() -> list[str]: ...
 def colormap_lut(name: str) -> npt.NDArray[np.uint8]: ...
-def colorize(
-    maps: npt.NDArray[np.float32], cmap: str = "jet", num_threads: int = 0
-) -> tuple[npt.NDArray[np.uint8], int]: ...
+def colorize(maps: Maps, cmap: str = "jet", num_threads: int = 0) -> tuple[npt.NDArray[np.uint8], int]: ...
 def overlay(
-    maps: npt.NDArray[np.float32],
+    maps: Maps,
     images: npt.NDArray[np.uint8],
     alpha: float = 0.5,
     cmap: str = "jet",
     num_threads: int = 0,
 ) -> tuple[npt.NDArray[np.uint8], int]: ...
+def normalize(
+    maps: Maps,
+    sign: str = "all",
+    outlier_perc: float = 0.0,
+    value_range: tuple[float, float] | None = None,
+    num_threads: int = 0,
+) -> npt.NDArray[np.float32]: ...
+def resize(
+    maps: Maps, size: tuple[int, int], align_corners: bool = False, num_threads: int = 0
+) -> npt.NDArray[np.float32]: ...
+def render(
+    maps: Maps,
+    images: npt.NDArray[np.uint8] | None = None,
+    size: tuple[int, int] | None = None,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    sign: str = "all",
+    outlier_perc: float = 0.0,
+    value_range: tuple[float, float] | None = None,
+    align_corners: bool = False,
+    num_threads: int = 0,
+) -> npt.NDArray[np.uint8]: ...

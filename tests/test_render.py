@@ -1,5 +1,6 @@
 """pyattr.render, pyattr.colormaps and the compiled core pyattr._C: the C++ and NumPy backends
-agree bit-for-bit, match hand-computed values and matplotlib, and reject bad input clearly."""
+agree bit-for-bit, match hand-computed values, torch's interpolate / pyattr.postprocess, matplotlib
+and OpenCV, and reject bad input clearly."""
 
 from __future__ import annotations
 
@@ -47,12 +48,47 @@ def test_lut_cpp_equals_numpy(C, name):
     assert C.colormap_names() == list(colormaps.COLORMAPS)
 
 
-@pytest.mark.parametrize("name", colormaps.COLORMAPS)
+MATPLOTLIB_COLORMAPS = [name for name in colormaps.COLORMAPS if name != "jet_opencv"]
+
+
+def test_colormap_names():
+    assert colormaps.COLORMAPS == (
+        "jet", "hot", "gray", "bwr", "seismic", "jet_opencv", "viridis", "inferno", "magma", "turbo"
+    )
+    assert colormaps.DIVERGING <= set(colormaps.COLORMAPS)
+
+
+@pytest.mark.parametrize("name", MATPLOTLIB_COLORMAPS)
 def test_lut_within_one_level_of_matplotlib(C, name):
     import matplotlib
     reference = np.floor(matplotlib.colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255 + 0.5)
     for table in (colormaps.lut(name), C.colormap_lut(name)):
         assert np.abs(table.astype(int) - reference.astype(int)).max() <= 1
+    # matplotlib's own uint8 path (bytes=True truncates instead of rounding): within one level too
+    truncated = matplotlib.colormaps[name](np.arange(256) / 255, bytes=True)[:, :3]
+    assert np.abs(colormaps.lut(name).astype(int) - truncated).max() <= 1
+
+
+def test_jet_opencv_within_one_level_of_opencv(C):
+    import cv2
+    bgr = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_JET)[:, 0]
+    for table in (colormaps.lut("jet_opencv"), C.colormap_lut("jet_opencv")):
+        assert np.abs(table.astype(int) - bgr[:, ::-1].astype(int)).max() <= 1
+    # through colorize, with the index rounding int(v * 255 + 0.5) that cv2 gets as uint8 input
+    maps = np.random.default_rng(3).random((2, 9, 11), dtype=np.float32)
+    ours = render.colorize(maps, "jet_opencv")
+    theirs = np.stack([
+        cv2.applyColorMap((m * np.float32(255) + np.float32(0.5)).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
+        for m in maps
+    ])
+    assert np.abs(ours.astype(int) - theirs).max() <= 1
+
+
+def test_diverging_colormaps_are_white_in_the_middle():
+    for name in ("bwr", "seismic"):
+        table = colormaps.lut(name)
+        assert table[127].min() >= 253 and table[128].min() >= 253, table[126:130]
+    assert colormaps.lut("bwr")[0].tolist() == [0, 0, 255] and colormaps.lut("bwr")[255].tolist() == [255, 0, 0]
 
 
 def test_lut_known_entries():
@@ -228,7 +264,7 @@ BAD_INPUTS = [  # (function, args, kwargs, error, message)
     (render.colorize, (np.zeros(5),), {}, ValueError, r"maps must have shape \(N, H, W\) or \(H, W\), got"),
     (render.colorize, (np.zeros((1, 2, 3, 4)),), {}, ValueError, r"got shape \(1, 2, 3, 4\)"),
     (render.colorize, (np.zeros((2, 2), complex),), {}, TypeError, "maps must hold real numbers"),
-    (render.colorize, (maps3, "viridis"), {}, ValueError, "unknown colormap 'viridis'; known colormaps: jet"),
+    (render.colorize, (maps3, "parula"), {}, ValueError, "unknown colormap 'parula'; known colormaps: jet"),
     (render.colorize, (maps3,), {"num_threads": -1}, ValueError, r"num_threads must be >= 0"),
     (render.colorize, (maps3,), {"backend": "cuda"}, ValueError, r"backend must be 'auto', 'C\+\+' or 'nump"),
     (render.overlay, (maps3, images4.astype(np.float32)), {}, TypeError, "images must be uint8 RGB"),
@@ -255,20 +291,21 @@ def test_bad_input_raises(C, backend, fn, args, kwargs, error, message):
 # fmt: off
 C_BAD_INPUTS = [  # (function of _C, args, error, message)
     ("colorize", (maps3.astype(np.float64),), TypeError,
-     r"maps must have dtype float32, got float64; convert with np.ascontiguousarray\(maps, dtype=np.float32"),
-    ("colorize", (maps3.tolist(),), TypeError, "maps must be a numpy.ndarray of dtype float32, got list"),
+     r"maps must have dtype float32 or float16, got float64; convert with np.ascontiguousarray\(maps, dtype=np.fl"),
+    ("colorize", (maps3.tolist(),), TypeError, "maps must be a numpy.ndarray of dtype float32 or float16, got list"),
     ("colorize", (maps3.transpose(0, 2, 1),), ValueError, "maps must be C-contiguous and aligned"),
     ("colorize", (maps3[0],), ValueError, r"maps must have shape \(N, H, W\), got shape \(4, 5\)"),
-    ("colorize", (maps3, "nope"), ValueError, "unknown colormap 'nope'; known colormaps: jet, hot, gray"),
+    ("colorize", (maps3, "nope"), ValueError, "unknown colormap 'nope'; known colormaps: jet, hot, gray, bwr"),
     ("colorize", (maps3, "jet", -2), ValueError, "num_threads must be >= 0"),
     ("overlay", (maps3, images4.astype(np.int32)), TypeError, "images must have dtype uint8, got int32"),
     ("overlay", (maps3, images4[:, ::-1]), ValueError, "images must be C-contiguous"),
     ("overlay", (maps3, images4[0]), ValueError, r"images must have shape \(N, H, W, 3\)"),
     ("overlay", (maps3, np.zeros((2, 4, 5, 4), np.uint8)), ValueError, "images must be RGB with 3 channels"),
     ("overlay", (maps3, np.zeros((2, 5, 5, 3), np.uint8)), ValueError, r"maps and images must agree in \(N"),
+    ("overlay", (maps3, np.zeros((3, 4, 5, 3), np.uint8)), ValueError, "maps and images must have the same batch"),
     ("overlay", (maps3, images4, 2.0), ValueError, r"alpha must lie in \[0, 1\]"),
     ("overlay", (maps3, images4, float("nan")), ValueError, r"alpha must lie in \[0, 1\]"),
-    ("colormap_lut", ("magma",), ValueError, "unknown colormap 'magma'; known colormaps: jet, hot, gray"),
+    ("colormap_lut", ("parula",), ValueError, "unknown colormap 'parula'; known colormaps: jet, hot, gray"),
 ]
 # fmt: on
 
@@ -280,7 +317,8 @@ def test_cpp_rejects_bad_input_without_copying(C, name, args, error, message):
 
 
 def test_colormap_unknown_name():
-    with pytest.raises(ValueError, match="unknown colormap 'parula'; known colormaps: jet, hot, gray"):
+    known = "jet, hot, gray, bwr, seismic, jet_opencv, viridis, inferno, magma, turbo"
+    with pytest.raises(ValueError, match=f"unknown colormap 'parula'; known colormaps: {known}$"):
         colormaps.lut("parula")
 
 
@@ -296,7 +334,21 @@ def test_stub_lists_every_function(C):
     assert set(stubbed) == public
     for name in public:  # pybind11 puts "name(arg: type, ...) -> ret" on the docstring's first line
         signature = re.match(rf"{name}\((.*)\) ->", getattr(C, name).__doc__).group(1)
-        assert [part.split(":")[0] for part in signature.split(", ") if part] == stubbed[name], name
+        assert _argument_names(signature) == stubbed[name], name
+
+
+def _argument_names(signature: str) -> list[str]:
+    """Names of the arguments in "a: T, b: tuple[int, int] = ...", split at top-level commas."""
+    parts, depth, current = [], 0, ""
+    for char in signature:
+        depth += (char in "([{") - (char in ")]}")
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    return [part.split(":")[0].strip() for part in parts if part.strip()]
 
 
 FALLBACK = textwrap.dedent(
