@@ -379,7 +379,7 @@ bool needs_scratch(const Normalization& o) { return !o.fixed_range && o.outlier_
 template <typename T>
 void normalize_impl(const T* maps, std::int64_t n, std::int64_t h, std::int64_t w,
                     const Normalization& options, float* out, int num_threads) {
-  check_dims(n, h, w);
+  check_has_pixels(n, h, w);
   check_normalization(options);
   resolve_num_threads(num_threads);
   if (n * h * w == 0) return;

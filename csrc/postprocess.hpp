@@ -107,7 +107,8 @@ struct Normalization {
 // finite with range_lo < range_hi.
 void check_normalization(const Normalization& options);
 
-// out (n, h, w) float32 = the normalized maps. Throws NonFiniteError on NaN/inf in maps.
+// out (n, h, w) float32 = the normalized maps; h, w >= 1 when n > 0. Throws NonFiniteError on
+// NaN/inf in maps.
 void normalize(const float* maps, std::int64_t n, std::int64_t h, std::int64_t w,
                const Normalization& options, float* out, int num_threads = 0);
 void normalize(const Half* maps, std::int64_t n, std::int64_t h, std::int64_t w,

@@ -581,7 +581,8 @@ def _check_normalization(sign: str, outlier_perc: float, value_range) -> tuple[s
             lo, hi = (float(v) for v in value_range)
         except (TypeError, ValueError):
             raise TypeError(f"value_range must be a pair of numbers (lo, hi), got {value_range!r}") from None
-        lo32, hi32 = np.float32(lo), np.float32(hi)
+        with np.errstate(over="ignore"):
+            lo32, hi32 = np.float32(lo), np.float32(hi)
         if not (np.isfinite(lo32) and np.isfinite(hi32) and lo32 < hi32):
             raise ValueError(f"value_range must be finite (lo, hi) with lo < hi, got {value_range!r}")
         value_range = (float(lo32), float(hi32))

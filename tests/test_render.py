@@ -414,3 +414,312 @@ def test_render_works_without_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[0].endswith("[178, 178, 178]")
+
+
+# --- resize, normalize and the fused path ---
+
+RESIZE_SHAPES = [  # (h, w, H, W): up, down, same, 1-pixel, non-square, extreme ratios
+    (7, 7, 224, 224), (8, 8, 64, 64), (5, 9, 3, 17), (64, 64, 7, 7), (1, 1, 5, 5), (3, 3, 1, 1),
+    (10, 10, 10, 10), (2, 7, 100, 3), (100, 100, 33, 47), (1, 30, 1, 301), (37, 1, 5, 2),
+]
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize(("h", "w", "H", "W"), RESIZE_SHAPES)
+def test_resize_matches_torch_interpolate(C, align_corners, h, w, H, W):
+    import torch
+    import torch.nn.functional as F
+    maps = np.random.default_rng(h * 1000 + W).uniform(-1, 1, (3, h, w)).astype(np.float32)
+    reference = F.interpolate(torch.from_numpy(maps)[:, None], size=(H, W), mode="bilinear",
+                              align_corners=align_corners)[:, 0].numpy()
+    cpp, ref = both(render.resize, maps, (H, W), align_corners)
+    np.testing.assert_array_equal(cpp, ref)
+    assert cpp.shape == (3, H, W) and cpp.dtype == np.float32
+    np.testing.assert_allclose(cpp, reference, rtol=0, atol=1e-5)
+
+
+def test_resize_same_size_is_identity_and_2d_maps(C):
+    maps = np.random.default_rng(0).standard_normal((2, 6, 5)).astype(np.float32)
+    for align_corners in (False, True):
+        np.testing.assert_array_equal(render.resize(maps, (6, 5), align_corners), maps)
+    np.testing.assert_array_equal(render.resize(maps[0], (9, 4)), render.resize(maps, (9, 4))[0])
+    # align_corners=True keeps the corners exactly
+    up = render.resize(maps, (31, 17), align_corners=True)
+    np.testing.assert_array_equal(up[:, [0, 0, -1, -1], [0, -1, 0, -1]], maps[:, [0, 0, -1, -1], [0, -1, 0, -1]])
+
+
+def test_postprocess_in_graph_equals_host(C):
+    """pyattr.postprocess (the in-graph torch ops) == the C++ kernels == the NumPy fallback."""
+    import torch
+
+    from pyattr import postprocess
+    rng = np.random.default_rng(5)
+    for (h, w, H, W) in [(8, 8, 64, 64), (7, 7, 224, 224), (14, 10, 33, 33)]:
+        raw = rng.gamma(1.0, 1.0, (4, h, w)).astype(np.float32) * rng.uniform(0.1, 50, (4, 1, 1)).astype(np.float32)
+        graph = postprocess.normalize_minmax(postprocess.resize_bilinear(torch.from_numpy(raw), (H, W))).numpy()
+        for backend in ("C++", "numpy"):
+            host = render.normalize(render.resize(raw, (H, W), backend=backend), backend=backend)
+            np.testing.assert_allclose(host, graph, rtol=0, atol=1e-5)
+            np.testing.assert_allclose(render.normalize(raw, backend=backend),
+                                       postprocess.normalize_minmax(torch.from_numpy(raw)).numpy(), rtol=0, atol=1e-6)
+        # the fused path colors exactly what the steps give
+        colors = render.heatmap(raw, (H, W), "jet")
+        np.testing.assert_array_equal(colors, render.colorize(host, "jet"))
+        # and within one LUT step of coloring the torch maps
+        index_gap = np.abs(render.colorize(graph, "gray").astype(int) - render.colorize(host, "gray").astype(int))
+        assert index_gap.max() <= 1
+
+
+@pytest.mark.parametrize("backend", ["C++", "numpy"])
+def test_normalize_hand_computed(C, backend):
+    maps = np.array([[[-2.0, -1.0], [0.0, 2.0]]], np.float32)
+
+    def norm(**kwargs):
+        return render.normalize(maps, backend=backend, **kwargs)[0].ravel().tolist()
+
+    assert norm() == [0.0, 0.25, 0.5, 1.0]
+    assert norm(sign="absolute") == [1.0, 0.5, 0.0, 1.0]
+    assert norm(sign="positive") == [0.0, 0.0, 0.0, 1.0]
+    assert norm(sign="negative") == [1.0, 0.5, 0.0, 0.0]
+    assert norm(sign="centered") == [0.0, 0.25, 0.5, 1.0]
+    assert norm(value_range=(0, 4)) == [0.0, 0.0, 0.0, 0.5]
+    assert norm(sign="absolute", value_range=(0, 1)) == [1.0, 1.0, 0.0, 1.0]
+    # constant and zero maps: min-max gives zeros, centered puts zero at 0.5
+    assert render.normalize(np.full((2, 3), 7.0), backend=backend).tolist() == [[0.0] * 3] * 2
+    assert render.normalize(np.zeros((2, 3)), sign="centered", backend=backend).tolist() == [[0.5] * 3] * 2
+    assert render.normalize(np.full((1, 2), -3.0), sign="centered", backend=backend).tolist() == [[0.0, 0.0]]
+    # extreme magnitudes: hi - lo overflows float32, the ends are halved
+    big = np.float32(3e38)
+    out = render.normalize(np.array([[-big, 0.0, big]], np.float32), backend=backend)
+    assert out.tolist() == [[0.0, 0.5, 1.0]]
+
+
+@pytest.mark.parametrize("backend", ["C++", "numpy"])
+def test_outlier_percentiles(C, backend):
+    rng = np.random.default_rng(11)
+    maps = rng.standard_normal((3, 20, 30)).astype(np.float32)
+    maps[0, 0, 0] = 1e4  # an outlier that would flatten plain min-max
+    p = 2.0
+    for sign in render.SIGNS:
+        out = render.normalize(maps, sign=sign, outlier_perc=p, backend=backend)
+        for s in range(3):
+            t = {"absolute": np.abs, "positive": lambda v: np.maximum(v, 0),
+                 "negative": lambda v: np.maximum(-v, 0)}.get(sign, lambda v: v)(maps[s].astype(np.float64))
+            if sign == "centered":
+                hi = np.percentile(np.abs(t), 100 - p)
+                lo = -hi
+            else:
+                hi = np.percentile(t, 100 - p)
+                lo = np.percentile(t, p) if sign == "all" else t.min()
+            expected = np.clip((t - lo) / (hi - lo), 0, 1)
+            np.testing.assert_allclose(out[s], expected, rtol=0, atol=2e-6, err_msg=sign)
+            saturated = (out[s] == 1.0) | ((out[s] == 0.0) if sign == "centered" else False)
+            assert saturated.sum() >= 0.01 * out[s].size  # the top p% (of |t| for centered) saturate
+    # with the outlier clipped, the rest of map 0 keeps its contrast
+    plain = render.normalize(maps, backend=backend)
+    assert np.median(plain[0]) < 0.001
+    assert np.median(render.normalize(maps, outlier_perc=p, backend=backend)[0]) > 0.3
+
+
+normalize_options = st.fixed_dictionaries({
+    "sign": st.sampled_from(render.SIGNS),
+    "outlier_perc": st.sampled_from([0.0, 0.0, 0.5, 2.0, 10.0, 49.9]),
+    "value_range": st.sampled_from([None, None, None, (0.0, 1.0), (-3.0, 0.5)]),
+})
+finite_values = st.one_of(
+    st.floats(-1e6, 1e6, width=32),
+    st.floats(allow_nan=False, allow_infinity=False, width=32),
+    st.sampled_from([0.0, -0.0, 1.0, -1.0]),
+)
+finite_maps = st.tuples(st.integers(0, 3), st.integers(1, 12), st.integers(1, 12)).flatmap(
+    lambda shape: hnp.arrays(np.float32, shape, elements=finite_values)
+)
+
+
+@settings(max_examples=120, deadline=None)
+@given(maps=finite_maps, options=normalize_options, threads=st.integers(0, 3))
+def test_normalize_cpp_equals_numpy(C, maps, options, threads):
+    cpp, ref = both(render.normalize, maps, num_threads=threads, **options)
+    assert cpp.shape == maps.shape and cpp.dtype == np.float32
+    np.testing.assert_array_equal(cpp, ref)
+    assert ((cpp >= 0) & (cpp <= 1)).all()
+
+
+@settings(max_examples=100, deadline=None)
+@given(maps=finite_maps, out_h=st.integers(1, 40), out_w=st.integers(1, 40), align_corners=st.booleans())
+def test_resize_cpp_equals_numpy_and_torch(C, maps, out_h, out_w, align_corners):
+    import torch
+    import torch.nn.functional as F
+    cpp, ref = both(render.resize, maps, (out_h, out_w), align_corners)
+    np.testing.assert_array_equal(cpp, ref)
+    if maps.size:
+        with np.errstate(over="ignore"):
+            reference = F.interpolate(torch.from_numpy(maps)[:, None], size=(out_h, out_w), mode="bilinear",
+                                      align_corners=align_corners)[:, 0].numpy()
+        scale = max(1.0, float(np.abs(maps).max()))
+        assert np.abs(cpp.astype(np.float64) - reference).max() <= 1e-5 * scale
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    maps=finite_maps,
+    size=st.tuples(st.integers(1, 30), st.integers(1, 30)),
+    options=normalize_options,
+    alpha=st.one_of(st.floats(0, 1), st.sampled_from([0.0, 1.0])),
+    cmap=st.sampled_from(colormaps.COLORMAPS),
+    align_corners=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+    threads=st.integers(0, 3),
+)
+def test_fused_equals_steps(C, maps, size, options, alpha, cmap, align_corners, seed, threads):
+    """The fused path == resize -> normalize -> colorize -> overlay, bit for bit, in both backends."""
+    images = np.random.default_rng(seed).integers(0, 256, (len(maps), *size, 3), dtype=np.uint8)
+    steps = render.normalize(render.resize(maps, size, align_corners, backend="numpy"), backend="numpy", **options)
+    kw = {"align_corners": align_corners, "num_threads": threads, **options}
+    cpp, ref = both(render.heatmap_overlay, maps, images, alpha, cmap, **kw)
+    np.testing.assert_array_equal(cpp, render.overlay(steps, images, alpha, cmap, backend="numpy"))
+    np.testing.assert_array_equal(cpp, ref)
+    cpp, ref = both(render.heatmap, maps, size, cmap, **kw)
+    np.testing.assert_array_equal(cpp, render.colorize(steps, cmap, backend="numpy"))
+    np.testing.assert_array_equal(cpp, ref)
+
+
+def test_fused_large_batch_and_threads(C):
+    """Both threading layouts of the fused path (whole samples per thread / rows of one sample)."""
+    rng = np.random.default_rng(2)
+    maps = rng.standard_normal((5, 7, 7)).astype(np.float32)
+    images = rng.integers(0, 256, (5, 224, 160, 3), dtype=np.uint8)
+    reference = render.heatmap_overlay(maps, images, 0.45, "turbo", outlier_perc=1.0, backend="numpy")
+    for threads in (1, 2, 3, 8, 0):
+        for batch in (slice(0, 1), slice(0, 5)):
+            out = render.heatmap_overlay(maps[batch], images[batch], 0.45, "turbo", outlier_perc=1.0, num_threads=threads)
+            np.testing.assert_array_equal(out, reference[batch])
+        np.testing.assert_array_equal(render.normalize(maps, num_threads=threads), render.normalize(maps, backend="numpy"))
+        np.testing.assert_array_equal(render.resize(maps, (300, 200), num_threads=threads),
+                                      render.resize(maps, (300, 200), backend="numpy"))
+
+
+def test_float16_maps_read_exactly(C):
+    # every finite float16 value, through the identity resize (which returns the values themselves)
+    every = np.arange(2**16, dtype=np.uint16).view(np.float16)
+    every = every[np.isfinite(every)]
+    maps = every[: 256 * 120].reshape(1, 256, 120)
+    np.testing.assert_array_equal(C.resize(maps, (256, 120)), maps.astype(np.float32))
+    rng = np.random.default_rng(4)
+    half = rng.uniform(-2, 2, (3, 9, 13)).astype(np.float16)
+    images = rng.integers(0, 256, (3, 40, 30, 3), dtype=np.uint8)
+    single = half.astype(np.float32)
+    np.testing.assert_array_equal(C.normalize(half, "centered", 5.0), C.normalize(single, "centered", 5.0))
+    np.testing.assert_array_equal(C.render(half, images), C.render(single, images))
+    unit = np.clip(half, 0, 1)
+    np.testing.assert_array_equal(C.colorize(unit)[0], C.colorize(unit.astype(np.float32))[0])
+    small = np.ascontiguousarray(images[:, :9, :13])
+    np.testing.assert_array_equal(C.overlay(unit, small)[0], C.overlay(unit.astype(np.float32), small)[0])
+    for backend in ("C++", "numpy"):  # render.* accepts float16 in both backends
+        np.testing.assert_array_equal(render.heatmap_overlay(half, images, backend=backend),
+                                      C.render(single, images))
+
+
+@pytest.mark.parametrize("backend", ["C++", "numpy"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_raises_in_arithmetic_paths(C, backend, bad):
+    maps = np.zeros((2, 3, 3), np.float32)
+    maps[1, 2, 0] = maps[0, 1, 1] = bad
+    images = np.zeros((2, 6, 6, 3), np.uint8)
+    message = r"maps contain 2 non-finite values \(NaN or \+/-inf\).*np.nan_to_num"
+    with pytest.raises(ValueError, match=message):
+        render.normalize(maps, backend=backend)
+    with pytest.raises(ValueError, match=message):
+        render.resize(maps, (6, 6), backend=backend)
+    with pytest.raises(ValueError, match=message):
+        render.heatmap_overlay(maps, images, backend=backend)
+    with pytest.raises(ValueError, match=message):
+        render.heatmap(maps.astype(np.float16), (4, 4), backend=backend)
+    # the NaN-free, inf-only maps still colorize (inf clipped), as documented
+    if not np.isnan(bad):
+        assert render.colorize(maps, backend=backend).shape == (2, 3, 3, 3)
+
+
+def test_zero_size(C):
+    for backend in ("C++", "numpy"):
+        assert render.resize(np.zeros((0, 3, 4)), (5, 6), backend=backend).shape == (0, 5, 6)
+        assert render.normalize(np.zeros((0, 3, 4)), backend=backend).shape == (0, 3, 4)
+        out = render.heatmap_overlay(np.zeros((0, 3, 4)), np.zeros((0, 8, 8, 3), np.uint8), backend=backend)
+        assert out.shape == (0, 8, 8, 3) and out.dtype == np.uint8
+        for fn, args in ((render.resize, ((5, 6),)), (render.normalize, ()), (render.heatmap, ((5, 5),))):
+            with pytest.raises(ValueError, match=r"maps have no pixels \(shape \(2, 0, 4\)\)"):
+                fn(np.zeros((2, 0, 4)), *args, backend=backend)
+
+
+maps_2x3x4 = np.zeros((2, 3, 4), np.float32)
+images_2x8 = np.zeros((2, 8, 8, 3), np.uint8)
+# fmt: off
+FUSED_BAD_INPUTS = [  # (function, args, kwargs, error, message)
+    (render.resize, (maps_2x3x4, (0, 5)), {}, ValueError, r"size must be \(H, W\) with 1 <= H, W <= 65536, got \(0, 5\)"),
+    (render.resize, (maps_2x3x4, (5, 70000)), {}, ValueError, r"1 <= H, W <= 65536, got \(5, 70000\)"),
+    (render.resize, (maps_2x3x4, (60000, 60000)), {}, ValueError, r"output of 2 x 60000 x 60000 pixels is too large"),
+    (render.resize, (maps_2x3x4, (5,)), {}, TypeError, r"size must be a pair of ints \(H, W\), got \(5,\)"),
+    (render.resize, (maps_2x3x4, (5.5, 3)), {}, TypeError, "size must be a pair of ints"),
+    (render.resize, (np.zeros(4), (5, 5)), {}, ValueError, r"maps must have shape \(N, H, W\) or \(H, W\)"),
+    (render.normalize, (maps_2x3x4,), {"sign": "abs"}, ValueError, "unknown sign 'abs'; use one of all, absolute"),
+    (render.normalize, (maps_2x3x4,), {"outlier_perc": 50}, ValueError, r"outlier_perc must lie in \[0, 50\)"),
+    (render.normalize, (maps_2x3x4,), {"outlier_perc": -1}, ValueError, r"outlier_perc must lie in \[0, 50\)"),
+    (render.normalize, (maps_2x3x4,), {"outlier_perc": float("nan")}, ValueError, "outlier_perc must lie"),
+    (render.normalize, (maps_2x3x4,), {"value_range": (1, 1)}, ValueError, r"value_range must be finite \(lo, hi\) wi"),
+    (render.normalize, (maps_2x3x4,), {"value_range": (0, np.inf)}, ValueError, "value_range must be finite"),
+    (render.normalize, (maps_2x3x4,), {"value_range": (0, 1e39)}, ValueError, "value_range must be finite"),
+    (render.normalize, (maps_2x3x4,), {"value_range": 1.0}, TypeError, "value_range must be a pair of numbers"),
+    (render.heatmap_overlay, (maps_2x3x4, images_2x8[:1]), {}, ValueError, "must have the same batch size"),
+    (render.heatmap_overlay, (maps_2x3x4, images_2x8[0]), {}, ValueError, r"images must have shape \(N, H, W, 3\)"),
+    (render.heatmap_overlay, (maps_2x3x4, images_2x8.astype(np.int16)), {}, TypeError, "images must be uint8 RGB"),
+    (render.heatmap_overlay, (maps_2x3x4, images_2x8[..., :2]), {}, ValueError, "images must be RGB with 3 channels"),
+    (render.heatmap_overlay, (maps_2x3x4, images_2x8), {"alpha": 2}, ValueError, r"alpha must lie in \[0, 1\]"),
+    (render.heatmap_overlay, (maps_2x3x4, images_2x8), {"cmap": "Viridis"}, ValueError, "unknown colormap 'Viridis'"),
+    (render.heatmap, (maps_2x3x4, (4, 4)), {"num_threads": -3}, ValueError, "num_threads must be >= 0"),
+    (render.heatmap, (maps_2x3x4.astype(complex), (4, 4)), {}, TypeError, "maps must hold real numbers"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("backend", ["C++", "numpy"])
+@pytest.mark.parametrize(("fn", "args", "kwargs", "error", "message"), FUSED_BAD_INPUTS)
+def test_fused_bad_input_raises(C, backend, fn, args, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        fn(*args, **{"backend": backend, **kwargs})
+
+
+# fmt: off
+C_FUSED_BAD_INPUTS = [  # (function of _C, args, kwargs, error, message)
+    ("normalize", (maps3.astype(np.float64),), {}, TypeError, "maps must have dtype float32 or float16, got float64"),
+    ("normalize", (maps3[:, :, ::2],), {}, ValueError, "maps must be C-contiguous and aligned"),
+    ("normalize", (maps3[0],), {}, ValueError, r"maps must have shape \(N, H, W\), got shape \(4, 5\)"),
+    ("normalize", (maps3, "up"), {}, ValueError, "unknown sign 'up'"),
+    ("normalize", (maps3, "all", 60.0), {}, ValueError, r"outlier_perc must lie in \[0, 50\)"),
+    ("normalize", (maps3, "all", 0.0, (2.0, 1.0)), {}, ValueError, "value_range must be finite"),
+    ("normalize", (maps3, "all", 0.0, None, -1), {}, ValueError, "num_threads must be >= 0"),
+    ("normalize", (np.zeros((2, 0, 3), np.float32),), {}, ValueError, "maps have no pixels"),
+    ("resize", (maps3, (0, 3)), {}, ValueError, r"size must be \(H, W\) with 1 <= H, W <= 65536"),
+    ("resize", (maps3, (-5, 3)), {}, ValueError, r"size must be \(H, W\)"),
+    ("resize", (maps3, (65536, 65536)), {}, ValueError, "pixels is too large"),
+    ("resize", (np.zeros((1, 4, 0), np.float32), (3, 3)), {}, ValueError, "maps have no pixels"),
+    ("resize", (maps3.astype(np.int32), (3, 3)), {}, TypeError, "maps must have dtype float32 or float16"),
+    ("resize", (np.full((1, 2, 2), np.nan, np.float32), (3, 3)), {}, ValueError, "maps contain 4 non-finite"),
+    ("render", (maps3, np.zeros((3, 6, 6, 3), np.uint8)), {}, ValueError, "must have the same batch size"),
+    ("render", (maps3, np.zeros((2, 6, 6), np.uint8)), {}, ValueError, r"images must have shape \(N, H, W, 3\)"),
+    ("render", (maps3, np.zeros((2, 6, 6, 3), np.uint8)[:, ::-1]), {}, ValueError, "images must be C-contiguous"),
+    ("render", (maps3, np.zeros((2, 6, 6, 3), np.float32)), {}, TypeError, "images must have dtype uint8"),
+    ("render", (maps3, np.zeros((2, 6, 6, 3), np.uint8)), {"size": (5, 5)}, ValueError,
+     r"size \(5, 5\) differs from the images' \(H, W\)"),
+    ("render", (maps3, np.zeros((2, 6, 6, 3), np.uint8)), {"alpha": -0.5}, ValueError, r"alpha must lie in \[0, 1\]"),
+    ("render", (maps3,), {"size": (1, 100000)}, ValueError, r"size must be \(H, W\)"),
+    ("render", (maps3,), {"cmap": "nope"}, ValueError, "unknown colormap 'nope'"),
+    ("render", (maps3,), {"sign": "nope"}, ValueError, "unknown sign 'nope'"),
+    ("render", (np.full((2, 4, 5), np.inf, np.float32),), {}, ValueError, "maps contain 40 non-finite values"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(("name", "args", "kwargs", "error", "message"), C_FUSED_BAD_INPUTS)
+def test_cpp_fused_rejects_bad_input(C, name, args, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        getattr(C, name)(*args, **kwargs)
