@@ -8,10 +8,22 @@ from torch import nn
 
 from ..errors import InputError
 from .base import Attribution, AttributionMethod
-from .cam import GradCAM
+from .cam import CAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, TokensToGrid, XGradCAM
+from .fullgrad import FullGrad
 from .gradient import Saliency
+from .scorecam import ScoreCAM
 
-METHODS: dict[str, type[AttributionMethod]] = {"saliency": Saliency, "gradcam": GradCAM}
+METHODS: dict[str, type[AttributionMethod]] = {
+    "saliency": Saliency,
+    "gradcam": GradCAM,
+    "cam": CAM,
+    "gradcampp": GradCAMPlusPlus,
+    "xgradcam": XGradCAM,
+    "layercam": LayerCAM,
+    "hirescam": HiResCAM,
+    "scorecam": ScoreCAM,
+    "fullgrad": FullGrad,
+}
 
 
 def needs_layer(name: str) -> bool:
@@ -20,14 +32,21 @@ def needs_layer(name: str) -> bool:
 
 
 def build_method(name: str, model: nn.Module, layer: str | None = None, **options) -> AttributionMethod:
-    """A method by its registry name (``pyattr.METHODS``), e.g. ``build_method("gradcam", m, "layer4")``."""
+    """A method by its registry name (``pyattr.METHODS``), e.g. ``build_method("gradcam", m, "layer4")``.
+
+    ``layer`` goes to the methods that explain a layer; ``None`` lets those that can choose one
+    (the CAM family: the last layer with spatial extent, found on the first call); it is ignored by
+    the others (Saliency, FullGrad)."""
     if name not in METHODS:
         raise InputError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
     if needs_layer(name):
-        if layer is None:
+        default = inspect.signature(METHODS[name].__init__).parameters["layer"].default
+        if layer is None and default is inspect.Parameter.empty:
             raise InputError(f"{name} explains a layer: name one (e.g. --layer layer4)")
         return METHODS[name](model, layer=layer, **options)
     return METHODS[name](model, **options)
 
 
-__all__ = ["METHODS", "Attribution", "AttributionMethod", "GradCAM", "Saliency", "build_method", "needs_layer"]
+__all__ = ["CAM", "METHODS", "Attribution", "AttributionMethod", "FullGrad", "GradCAM", "GradCAMPlusPlus",
+           "HiResCAM", "LayerCAM", "Saliency", "ScoreCAM", "TokensToGrid", "XGradCAM", "build_method",
+           "needs_layer"]

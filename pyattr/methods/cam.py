@@ -1,18 +1,245 @@
-"""The class activation map family: maps made from a layer's activations, weighted per channel."""
+"""The class activation map family: maps made from a layer's activations, weighted per channel.
+
+Every method here explains one or more layers (``layer=`` a name, a list of names, or ``None`` for
+the last layer whose output still has spatial extent, found on the first call). Its raw map has the
+layer's resolution; with several layers the per-layer maps are min-max normalized per sample,
+resized to the largest layer's resolution and fused (``fuse="mean"`` or ``"max"``).
+
+Transformers: a layer that outputs tokens (N, P + h*w, D) is turned into a (N, D, h, w) map by a
+``reshape_transform`` such as :class:`TokensToGrid` (dropping the P class/register tokens).
+
+Score-CAM lives in :mod:`pyattr.methods.scorecam`, FullGrad in :mod:`pyattr.methods.fullgrad`.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._capture import capture_outputs, find_layer
+from .._capture import capture_outputs, eval_mode, find_layer
 from ..errors import InputError
+from ..postprocess import normalize_minmax, resize_bilinear
 from .base import AttributionMethod
 
+LayerSpec = "str | Sequence[str] | None"
+FUSIONS = ("mean", "max")
 
-class GradCAM(AttributionMethod):
+
+class TokensToGrid:
+    """A ``reshape_transform`` for vision transformers: tokens (N, P + h*w, D) -> map (N, D, h, w).
+
+    The first ``prefix_tokens`` tokens (the class token of ViT; also register/distillation tokens)
+    are dropped and the patch tokens laid out row-major on an ``(h, w)`` grid (square when
+    ``grid`` is None). Linear in its input, so gradients go through it unchanged.
+
+    Example:
+        >>> import torch, torchvision, pyattr
+        >>> vit = torchvision.models.vit_b_16(weights=None, image_size=64).eval()
+        >>> cam = pyattr.GradCAM(vit, "encoder.layers.encoder_layer_11.ln_1",
+        ...                      reshape_transform=TokensToGrid(prefix_tokens=1))
+        >>> cam(torch.rand(2, 3, 64, 64)).raw.shape  # 64 / 16 = 4 patches a side
+        torch.Size([2, 4, 4])
+    """
+
+    def __init__(self, prefix_tokens: int = 1, grid: tuple[int, int] | None = None):
+        if prefix_tokens < 0:
+            raise InputError(f"prefix_tokens must be >= 0, got {prefix_tokens}")
+        self.prefix_tokens = int(prefix_tokens)
+        self.grid = None if grid is None else (int(grid[0]), int(grid[1]))
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
+            got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise InputError(f"TokensToGrid expects tokens of shape (N, tokens, D), got {got}")
+        patches = int(tokens.shape[1]) - self.prefix_tokens
+        if self.grid is None:
+            side = math.isqrt(max(patches, 0))
+            if side * side != patches or patches == 0:
+                raise InputError(f"{patches} patch tokens do not form a square grid; pass grid=(h, w)")
+            h, w = side, side
+        else:
+            h, w = self.grid
+            if h * w != patches:
+                raise InputError(f"grid {self.grid} holds {h * w} patches, the layer has {patches} patch tokens")
+        dim = int(tokens.shape[2])
+        return tokens[:, self.prefix_tokens:].reshape(-1, h, w, dim).permute(0, 3, 1, 2)
+
+    def __repr__(self) -> str:
+        return f"TokensToGrid(prefix_tokens={self.prefix_tokens}, grid={self.grid})"
+
+
+def fuse_maps(maps: Sequence[torch.Tensor], fuse: str) -> torch.Tensor:
+    """Fuse per-layer (N, h_l, w_l) maps: each min-max normalized per sample, bilinearly resized to the
+    largest (h, w) among them, then their mean or max. A single map is returned unchanged."""
+    if len(maps) == 1:
+        return maps[0]
+    size = (max(int(m.shape[-2]) for m in maps), max(int(m.shape[-1]) for m in maps))
+    stacked = torch.stack([resize_bilinear(normalize_minmax(m), size) for m in maps])
+    return stacked.mean(0) if fuse == "mean" else stacked.amax(0)
+
+
+def _layer_names(layer: Any) -> list[str] | None:
+    if layer is None:
+        return None
+    if isinstance(layer, str):
+        return [layer]
+    if isinstance(layer, Sequence) and layer and all(isinstance(n, str) for n in layer):
+        return list(layer)
+    raise InputError(f"layer must be a layer name, a list of names or None, got {layer!r}")
+
+
+class CAMMethod(AttributionMethod):
+    """Base of the methods that explain layers: layer lookup (named, several, or automatic), the
+    activation capture, the optional ``reshape_transform`` and the multi-layer fusion.
+
+    Args:
+        model: a module mapping (N, C, H, W) inputs to (N, K) scores.
+        layer: a layer name as in ``model.named_modules()``, a list of names (maps fused), or
+            ``None``: on the first call (or export), the last module whose output is (N, C, h, w)
+            with h*w > 1 for that input (:func:`pyattr.models.find_default_layer`), then kept.
+        fuse: how the maps of several layers are fused, ``"mean"`` or ``"max"`` (:func:`fuse_maps`).
+        reshape_transform: a callable turning a layer's output into (N, C, h, w), e.g.
+            :class:`TokensToGrid` for transformers; applied to activations and gradients alike.
+        **options: passed to :class:`~pyattr.methods.base.AttributionMethod` (e.g. ``output=``).
+    """
+
+    multi_layer = True  # whether the method accepts several layers
+
+    def __init__(self, model: nn.Module, layer: LayerSpec = None, *, fuse: str = "mean",
+                 reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None, **options):
+        super().__init__(model, **options)
+        if fuse not in FUSIONS:
+            raise InputError(f"unknown fuse {fuse!r}; use one of {', '.join(FUSIONS)}")
+        if reshape_transform is not None and not callable(reshape_transform):
+            raise InputError("reshape_transform must be callable, e.g. TokensToGrid(prefix_tokens=1)")
+        names = _layer_names(layer)
+        if names is not None and len(names) > 1 and not self.multi_layer:
+            raise InputError(f"{type(self).__name__} explains one layer, got {len(names)}: {names}")
+        if names is None and reshape_transform is not None:
+            raise InputError("name the layer when using a reshape_transform (the automatic choice looks "
+                             "for (N, C, h, w) outputs), e.g. 'encoder.layers.encoder_layer_11.ln_1' for a ViT")
+        self.fuse = fuse
+        self.reshape_transform = reshape_transform
+        self.layer_names: list[str] | None = names
+        self.layers: list[nn.Module] | None = None if names is None else [find_layer(model, n) for n in names]
+
+    # -- layers ----------------------------------------------------------------------------------
+    @property
+    def layer_name(self) -> str | None:
+        """The layer's name (names joined by ``+`` for several); None until resolved."""
+        return None if self.layer_names is None else "+".join(self.layer_names)
+
+    @property
+    def layer(self) -> nn.Module | None:
+        """The (first) explained layer module; None until resolved."""
+        return None if self.layers is None else self.layers[0]
+
+    def _check_input(self, x: Any) -> torch.Tensor:
+        x = super()._check_input(x)
+        if self.layer_names is None:
+            self.resolve_layer(x)
+        return x
+
+    def resolve_layer(self, example: torch.Tensor) -> str:
+        """Choose the layer for inputs like ``example`` (when none was named) and keep it."""
+        if self.layer_names is None:
+            from ..models import find_default_layer
+
+            with eval_mode(self.model):
+                name = find_default_layer(self.model, example[:1].detach())
+            if name is None:
+                raise InputError(
+                    f"no layer of the model outputs an (N, C, h, w) map with h*w > 1 for inputs of shape "
+                    f"{tuple(example.shape[1:])}; name the layer for {type(self).__name__}")
+            self.layer_names, self.layers = [name], [find_layer(self.model, name)]
+        return self.layer_name
+
+    def _require_layers(self) -> list[nn.Module]:
+        if self.layers is None:
+            raise InputError(f"{type(self).__name__} has no layer yet: call it (or pyattr.export) on an input, "
+                             "or call resolve_layer(example) first")
+        return self.layers
+
+    # -- capture ---------------------------------------------------------------------------------
+    def forward_with_layers(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Forward pass with each layer's output captured: (scores, outputs as the layers returned them)."""
+        layers = self._require_layers()
+        with capture_outputs(layers) as captured:
+            scores = self._scores(x)
+        outputs = []
+        for name, out in zip(self.layer_names, captured):
+            if out is None:
+                raise InputError(f"layer {name!r} did not run in the model's forward pass")
+            if not isinstance(out, torch.Tensor):
+                raise InputError(f"layer {name!r} returns a {type(out).__name__}, not a tensor; choose another layer")
+            outputs.append(out)
+        return scores, outputs
+
+    def _scores(self, x: torch.Tensor) -> torch.Tensor:
+        scores_of = getattr(self, "scores_of", None)  # the base's output selection, where it has one
+        return scores_of(x) if scores_of is not None else self.model(x)
+
+    def as_map(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        """A layer output (or its gradient) as an (N, C, h, w) map (``reshape_transform`` applied)."""
+        if self.reshape_transform is not None:
+            tensor = self.reshape_transform(tensor)
+        if tensor.dim() != 4:
+            hint = (" (a transformer's tokens? pass reshape_transform=TokensToGrid())"
+                    if tensor.dim() == 3 and self.reshape_transform is None else "; choose a convolutional layer")
+            raise InputError(f"layer {name!r} must give an (N, C, h, w) map for {type(self).__name__}, got "
+                             f"{tuple(tensor.shape)}{hint}")
+        return tensor
+
+    def activations_and_grads(self, x: torch.Tensor, target: torch.Tensor):
+        """(scores, [A_l], [dS_t/dA_l], resolved target): each layer's activation and the gradient
+        of the summed target scores with respect to it, both as (N, C, h, w) maps."""
+        x = x.detach().requires_grad_(True)  # so that A requires grad even for a frozen model
+        scores, outputs = self.forward_with_layers(x)
+        score, resolved = self.select(scores, target)
+        grads = torch.autograd.grad(score, outputs)
+        acts = [self.as_map(a, n) for a, n in zip(outputs, self.layer_names)]
+        grads = [self.as_map(g, n) for g, n in zip(grads, self.layer_names)]
+        return scores, acts, grads, resolved
+
+    def layer_activation_and_grad(self, x: torch.Tensor, target: torch.Tensor):
+        """Single-layer form of :meth:`activations_and_grads`: (scores, A, dS/dA, resolved target)."""
+        scores, acts, grads, resolved = self.activations_and_grads(x, target)
+        return scores, acts[0], grads[0], resolved
+
+    def metadata(self) -> dict[str, Any]:
+        meta = super().metadata()
+        meta["layer"] = self.layer_names[0] if self.layer_names and len(self.layer_names) == 1 else self.layer_names
+        if self.layer_names and len(self.layer_names) > 1:
+            meta["fuse"] = self.fuse
+        if self.reshape_transform is not None:
+            meta["reshape_transform"] = repr(self.reshape_transform)
+        return meta
+
+
+class GradientCAM(CAMMethod):
+    """A CAM whose per-layer map is a function of the layer's activation A and the gradient dS_t/dA
+    (:meth:`layer_map`); the maps of several layers are fused."""
+
+    def layer_map(self, act: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) activation and gradient -> (N, h, w) map."""
+        raise NotImplementedError
+
+    def attribute_raw(self, x: torch.Tensor, target: torch.Tensor):
+        scores, acts, grads, resolved = self.activations_and_grads(x, target)
+        maps = [self.layer_map(a, g) for a, g in zip(acts, grads)]
+        return scores, fuse_maps(maps, self.fuse), resolved
+
+
+def weighted_sum(weights: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    """ReLU(sum_k w_k A_k): (N, C) weights, (N, C, h, w) activations -> (N, h, w)."""
+    return torch.relu((weights[:, :, None, None] * act).sum(1))
+
+
+class GradCAM(GradientCAM):
     r"""Grad-CAM (Selvaraju et al. 2017, arXiv:1610.02391).
 
     With :math:`A^k` the target layer's activations and :math:`S_t` the target score,
@@ -25,7 +252,9 @@ class GradCAM(AttributionMethod):
 
     Args:
         model: a module mapping (N, C, H, W) inputs to (N, K) scores.
-        layer: the name of the target layer, as in ``model.named_modules()`` (e.g. ``"layer4"``).
+        layer: the target layer's name as in ``model.named_modules()`` (e.g. ``"layer4"``), a list of
+            names (maps fused, see :class:`CAMMethod`) or ``None`` (the last spatial layer).
+        fuse, reshape_transform: see :class:`CAMMethod`.
 
     Example:
         >>> import torch, pyattr
@@ -37,32 +266,167 @@ class GradCAM(AttributionMethod):
 
     name = "gradcam"
 
-    def __init__(self, model: nn.Module, layer: str):
-        super().__init__(model)
-        self.layer_name = layer
-        self.layer = find_layer(model, layer)
+    def layer_map(self, act, grad):
+        return weighted_sum(grad.mean((2, 3)), act)
 
-    def layer_activation_and_grad(self, x: torch.Tensor, target: torch.Tensor):
-        """Forward pass with the layer's output captured; returns (scores, A, dS/dA, resolved target)."""
-        x = x.detach().requires_grad_(True)  # so that A requires grad even for a frozen model
-        with capture_outputs([self.layer]) as captured:
-            scores = self.model(x)
-        act = captured[0]
-        if not isinstance(act, torch.Tensor) or act.dim() != 4:
-            got = tuple(act.shape) if isinstance(act, torch.Tensor) else type(act).__name__
-            raise InputError(
-                f"layer {self.layer_name!r} must output a (N, C, h, w) tensor for {type(self).__name__}, "
-                f"got {got}; choose a convolutional layer"
-            )
-        score, resolved = self.select(scores, target)
-        (grad,) = torch.autograd.grad(score, act)
-        return scores, act, grad, resolved
+
+class GradCAMPlusPlus(GradientCAM):
+    r"""Grad-CAM++ (Chattopadhay et al. 2018, arXiv:1710.11063), in the closed form of the paper's
+    eq. 19 with the score's own gradient powers (as the paper's and pytorch-grad-cam's code):
+
+    .. math:: a^k_{ij} = \frac{g_{ij}^2}{2 g_{ij}^2 + \sum_{ab} A^k_{ab}\, g_{ij}^3 + \epsilon}
+              \;(0 \text{ where } g_{ij} = 0), \quad
+              w_k = \sum_{ij} a^k_{ij}\,\mathrm{ReLU}(g_{ij}), \quad L = \mathrm{ReLU}\Big(\sum_k w_k A^k\Big)
+
+    with :math:`g = \partial S_t / \partial A^k` and :math:`\epsilon = 10^{-6}`. Raw map at the
+    layer's resolution. Args as :class:`GradCAM`.
+
+    Example:
+        >>> cam = pyattr.methods.GradCAMPlusPlus(model, "layer3")
+        >>> cam(torch.rand(2, 3, 64, 64)).raw.shape
+        torch.Size([2, 8, 8])
+    """
+
+    name = "gradcampp"
+    eps = 1e-6
+
+    def layer_map(self, act, grad):
+        g2 = grad.pow(2)
+        g3 = g2 * grad
+        act_sum = act.sum((2, 3), keepdim=True)
+        alpha = g2 / (2 * g2 + act_sum * g3 + self.eps)
+        alpha = torch.where(grad != 0, alpha, torch.zeros_like(alpha))
+        return weighted_sum((alpha * torch.relu(grad)).sum((2, 3)), act)
+
+
+class XGradCAM(GradientCAM):
+    r"""XGrad-CAM (Fu et al. 2020, arXiv:2008.02312): gradients weighted by the normalized activations,
+
+    .. math:: w_k = \sum_{ij} \frac{A^k_{ij}}{\sum_{ab} A^k_{ab} + \epsilon}
+              \frac{\partial S_t}{\partial A^k_{ij}}, \qquad L = \mathrm{ReLU}\Big(\sum_k w_k A^k\Big)
+
+    with :math:`\epsilon = 10^{-7}` (pytorch-grad-cam's; torchcam adds :math:`10^{-8}`). Args as
+    :class:`GradCAM`.
+
+    Example:
+        >>> pyattr.methods.XGradCAM(model, "layer3")(torch.rand(2, 3, 64, 64)).raw.shape
+        torch.Size([2, 8, 8])
+    """
+
+    name = "xgradcam"
+    eps = 1e-7
+
+    def layer_map(self, act, grad):
+        weights = (grad * act).sum((2, 3)) / (act.sum((2, 3)) + self.eps)
+        return weighted_sum(weights, act)
+
+
+class LayerCAM(GradientCAM):
+    r"""Layer-CAM (Jiang et al. 2021, IEEE TIP 30:5875): a per-position weight, the positive gradient,
+
+    .. math:: L_{ij} = \mathrm{ReLU}\Big(\sum_k \mathrm{ReLU}\big(\tfrac{\partial S_t}{\partial A^k_{ij}}\big)
+              A^k_{ij}\Big)
+
+    Meant to be used on several layers at once (``layer=["layer2", "layer3"]``; fused by
+    :func:`fuse_maps`, which normalizes each layer's map: the paper's tanh rescaling of shallow
+    layers is not applied). Args as :class:`GradCAM`.
+
+    Example:
+        >>> pyattr.methods.LayerCAM(model, ["layer2", "layer3"])(torch.rand(2, 3, 64, 64)).raw.shape
+        torch.Size([2, 16, 16])
+    """
+
+    name = "layercam"
+
+    def layer_map(self, act, grad):
+        return torch.relu((torch.relu(grad) * act).sum(1))
+
+
+class HiResCAM(GradientCAM):
+    r"""HiResCAM (Draelos & Carin 2020, arXiv:2011.08891): the element-wise product of gradient and
+    activation summed over channels,
+
+    .. math:: L_{ij} = \mathrm{ReLU}\Big(\sum_k \frac{\partial S_t}{\partial A^k_{ij}} A^k_{ij}\Big)
+
+    For a head that is global average pooling + linear it equals CAM divided by h*w (ReLU'd).
+    Args as :class:`GradCAM`.
+
+    Example:
+        >>> pyattr.methods.HiResCAM(model, "layer3")(torch.rand(2, 3, 64, 64)).raw.shape
+        torch.Size([2, 8, 8])
+    """
+
+    name = "hirescam"
+
+    def layer_map(self, act, grad):
+        return torch.relu((grad * act).sum(1))
+
+
+def _last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise InputError("CAM needs a model that ends in global average pooling + a linear layer; this model "
+                         "has no nn.Linear (name the head with fc=...)")
+    return linears[-1]
+
+
+class CAM(CAMMethod):
+    r"""CAM (Zhou et al. 2016, arXiv:1512.04150), for models that end in global average pooling + one
+    linear layer. With :math:`A^k` the output of the layer feeding the pooling and :math:`W` the
+    linear layer's weight,
+
+    .. math:: L_{ij} = \sum_k W_{t,k} A^k_{ij}
+
+    (no ReLU, as in the paper; ``maps`` are min-max normalized). Then
+    :math:`\frac{1}{hw}\sum_{ij} L_{ij} + b_t = S_t`: the map's mean plus the bias is the score.
+    No backward pass is needed.
+
+    Args:
+        model: the classifier.
+        layer: the layer whose output is pooled (e.g. ``"layer4"`` for a ResNet), or ``None`` (the last
+            layer whose output has spatial extent). One layer only.
+        fc: the name of the linear head; ``None``: the last ``nn.Linear`` of ``model.named_modules()``.
+            Its ``in_features`` must equal the layer's channel count (checked on each eager call).
+
+    Example:
+        >>> cam = pyattr.methods.CAM(model, "layer3")          # head found: "fc"
+        >>> cam(torch.rand(2, 3, 64, 64)).raw.shape
+        torch.Size([2, 8, 8])
+    """
+
+    name = "cam"
+    multi_layer = False
+
+    def __init__(self, model: nn.Module, layer: str | None = None, *, fc: str | None = None, **options):
+        super().__init__(model, layer, **options)
+        if fc is None:
+            self.fc_name, self.fc = _last_linear(model)
+        else:
+            self.fc_name, self.fc = fc, find_layer(model, fc)
+            if not isinstance(self.fc, nn.Linear):
+                raise InputError(f"fc={fc!r} is a {type(self.fc).__name__}, not an nn.Linear")
 
     def attribute_raw(self, x: torch.Tensor, target: torch.Tensor):
-        scores, act, grad, resolved = self.layer_activation_and_grad(x, target)
-        weights = grad.mean((2, 3), keepdim=True)
-        cam = torch.relu((weights * act).sum(1))
+        with torch.no_grad():
+            scores, (out,) = self.forward_with_layers(x)
+            act = self.as_map(out, self.layer_names[0])
+            resolved = self.resolve_target(scores, target)
+            weight = self.fc.weight.detach()
+            if act.shape[1] != weight.shape[1]:
+                raise InputError(
+                    f"layer {self.layer_name!r} has {act.shape[1]} channels but the head {self.fc_name!r} takes "
+                    f"{weight.shape[1]} features: CAM needs global average pooling + one linear layer after "
+                    "the layer (use Grad-CAM for other heads)")
+            cam = (weight[resolved][:, :, None, None] * act).sum(1)
         return scores, cam, resolved
 
+    def resolve_target(self, scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Targets with -1 resolved to the arg-max (range-checked on eager calls)."""
+        return self.select(scores, target)[1]
+
     def metadata(self) -> dict[str, Any]:
-        return {"method": self.name, "layer": self.layer_name}
+        return {**super().metadata(), "fc": self.fc_name}
+
+
+__all__ = ["CAM", "CAMMethod", "GradCAM", "GradCAMPlusPlus", "GradientCAM", "HiResCAM", "LayerCAM",
+           "TokensToGrid", "XGradCAM", "fuse_maps"]

@@ -66,17 +66,19 @@ class ShapesBatch:
         return ShapesSample(self.images[index], self.labels[index], self.masks[index])
 
 
-def generate(n: int, seed: int, size: int = 64) -> ShapesBatch:
+def generate(n: int, seed: int, size: int = 64, *, start: int = 0) -> ShapesBatch:
     """Render ``n`` images of the shapes dataset.
 
-    The result is a pure function of ``(n, seed, size)``; image ``i`` is rendered from
-    ``np.random.default_rng([seed, i])`` and so equals image ``i`` of any longer batch with the
-    same seed and size.
+    The result is a pure function of ``(n, seed, size, start)``; image ``i`` of the stream is
+    rendered from ``np.random.default_rng([seed, i])``, so it equals image ``i`` of any longer batch
+    with the same seed and size, and ``generate(n, seed, start=s)`` is images ``s .. s+n-1`` of
+    ``generate(s + n, seed)`` (handy for rendering a large set in chunks).
 
     Args:
         n: number of images (>= 0).
         seed: non-negative integer seed.
         size: height and width in pixels (>= 32); object sizes scale with it.
+        start: index of the first image in the seed's stream (>= 0).
 
     Returns:
         A :class:`ShapesBatch` with images (n,size,size,3) uint8, labels (n,6) float32 and
@@ -94,13 +96,15 @@ def generate(n: int, seed: int, size: int = 64) -> ShapesBatch:
         raise ValueError(f"seed must be >= 0, got {seed}")
     if size < 32:
         raise ValueError(f"size must be >= 32, got {size}")
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
     images = np.empty((n, size, size, 3), dtype=np.uint8)
     labels = np.zeros((n, NUM_CLASSES), dtype=np.float32)
     masks = np.zeros((n, NUM_CLASSES, size, size), dtype=bool)
     coords = np.arange(size, dtype=np.float32) + 0.5  # pixel centres
     grid_y, grid_x = np.meshgrid(coords, coords, indexing="ij")
     for index in range(n):
-        rng = np.random.default_rng([seed, index])
+        rng = np.random.default_rng([seed, start + index])
         images[index] = _render_image(rng, grid_x, grid_y, masks[index])
         labels[index] = masks[index].any(axis=(1, 2))
     return ShapesBatch(images=images, labels=labels, masks=masks)

@@ -1,0 +1,139 @@
+"""ShapesNet: the small residual CNN that pyattr ships, trained on :mod:`pyattr.zoo.shapes`.
+
+Layout (ResNet-like, sized for 64x64 inputs; spatial sizes at 64x64)::
+
+    normalize (fixed mean/std buffers)                     (N, 3, 64, 64)
+    stem:   conv3x3(3->24) + BN + ReLU + max-pool 2x2      (N, 24, 32, 32)
+    layer1: BasicBlock(24->32)                             (N, 32, 32, 32)
+    layer2: BasicBlock(32->64, stride 2)                   (N, 64, 16, 16)
+    layer3: BasicBlock(64->128, stride 2)   <- default CAM layer (N, 128, 8, 8)
+    avgpool: global average pool (then flatten)            (N, 128, 1, 1)
+    fc:     Linear(128->6)                                 (N, 6) logits
+
+Every ReLU is out-of-place and the residual sum is a plain ``+`` so the graph is easy to trace and
+export. The head is global-average-pool + one linear layer, so CAM (Zhou et al. 2016) applies.
+
+Example:
+    >>> import torch
+    >>> model = load_builtin()
+    >>> images = torch.rand(2, 3, 64, 64)  # RGB in [0, 1]; no normalization needed
+    >>> model(images).shape
+    torch.Size([2, 6])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pyattr.zoo.shapes import NUM_CLASSES
+
+SHAPESNET_LAYER = "layer3"
+"""Name of the default explanation layer (the last conv stage: 8x8 maps at 64x64 input)."""
+
+WEIGHTS_PATH = Path(__file__).resolve().parent / "shapesnet.pt"
+"""Where the shipped weights live (a plain ``state_dict`` written by :mod:`pyattr.zoo.train`)."""
+
+# Per-channel mean/std of the training images, rounded (generate(2000, seed=0): mean 0.498, std 0.149).
+_INPUT_MEAN = (0.5, 0.5, 0.5)
+_INPUT_STD = (0.15, 0.15, 0.15)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv+BN layers with an identity (or 1x1 conv+BN) shortcut, as in torchvision's ResNet.
+
+    Shapes: (N, in_channels, H, W) -> (N, out_channels, H / stride, W / stride).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.relu1 = nn.ReLU(inplace=False)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu2 = nn.ReLU(inplace=False)
+        self.downsample: nn.Module
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+        else:
+            self.downsample = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(out + self.downsample(x))
+
+
+class ShapesNet(nn.Module):
+    """Multi-label classifier for the six shape classes.
+
+    Args:
+        num_classes: number of output logits (6 for :data:`pyattr.zoo.shapes.SHAPE_CLASSES`).
+        widths: channels of (stem, layer1, layer2, layer3).
+
+    Input: float (N, 3, H, W) RGB in [0, 1] (uint8 images divided by 255; normalization happens
+    inside, from the fixed ``mean``/``std`` buffers). Output: logits (N, num_classes); apply
+    ``sigmoid`` for per-class probabilities. ``layer3`` outputs (N, 128, H/8, W/8).
+
+    Example:
+        >>> import torch
+        >>> model = ShapesNet().eval()
+        >>> model(torch.rand(1, 3, 64, 64)).shape
+        torch.Size([1, 6])
+    """
+
+    def __init__(self, num_classes: int = NUM_CLASSES, widths: tuple[int, int, int, int] = (24, 32, 64, 128)):
+        super().__init__()
+        stem_width, width1, width2, width3 = widths
+        self.register_buffer("mean", torch.tensor(_INPUT_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(_INPUT_STD).view(1, 3, 1, 1))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, stem_width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(stem_width),
+            nn.ReLU(inplace=False),
+            nn.MaxPool2d(2),
+        )
+        self.layer1 = BasicBlock(stem_width, width1)
+        self.layer2 = BasicBlock(width1, width2, stride=2)
+        self.layer3 = BasicBlock(width2, width3, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width3, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        for module in self.modules():  # zero-init the last BN of each block: blocks start as identity
+            if isinstance(module, BasicBlock):
+                nn.init.zeros_(module.bn2.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean) / self.std
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def load_builtin(device: str | torch.device = "cpu") -> ShapesNet:
+    """Load the shipped ShapesNet weights, in eval mode, on ``device``.
+
+    Raises:
+        FileNotFoundError: when ``pyattr/zoo/shapesnet.pt`` is missing (train it with
+            ``python -m pyattr.zoo.train``).
+
+    Example:
+        >>> model = load_builtin()
+        >>> model.training
+        False
+    """
+    if not WEIGHTS_PATH.is_file():
+        raise FileNotFoundError(
+            f"ShapesNet weights not found at {WEIGHTS_PATH}; train them with `python -m pyattr.zoo.train`"
+        )
+    state_dict = torch.load(WEIGHTS_PATH, map_location="cpu", weights_only=True)
+    model = ShapesNet()
+    model.load_state_dict(state_dict)
+    return model.to(device).eval()
