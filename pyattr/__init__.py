@@ -17,6 +17,11 @@ _LAZY = {
     "METHODS": "pyattr.methods",
     "Saliency": "pyattr.methods",
     "GradCAM": "pyattr.methods",
+    "InputXGradient": "pyattr.methods",
+    "SmoothGrad": "pyattr.methods",
+    "IntegratedGradients": "pyattr.methods",
+    "GuidedBackprop": "pyattr.methods",
+    "DeconvNet": "pyattr.methods",
     "export": "pyattr.exporting",
     "read_metadata": "pyattr.exporting",
     "pointing_game": "pyattr.metrics",
@@ -29,10 +34,10 @@ _SUBMODULES = {"zoo", "render", "colormaps", "methods", "exporting", "metrics", 
                "postprocess", "errors"}
 
 __all__ = [
-    "METHODS", "Attribution", "AttributionMethod", "ExportError", "GradCAM", "InputError",
-    "LayerNotFoundError", "PyattrError", "Saliency", "__version__", "colormaps", "errors", "export",
-    "exporting", "figures", "methods", "metrics", "models", "pointing_game", "postprocess", "read_metadata",
-    "render", "zoo",
+    "METHODS", "Attribution", "AttributionMethod", "DeconvNet", "ExportError", "GradCAM", "GuidedBackprop",
+    "InputError", "InputXGradient", "IntegratedGradients", "LayerNotFoundError", "PyattrError", "Saliency",
+    "SmoothGrad", "__version__", "colormaps", "errors", "export", "exporting", "figures", "methods", "metrics",
+    "models", "pointing_game", "postprocess", "read_metadata", "render", "zoo",
 ]
 
 

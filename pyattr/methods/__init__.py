@@ -10,7 +10,7 @@ from ..errors import InputError
 from .base import Attribution, AttributionMethod
 from .cam import CAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, TokensToGrid, XGradCAM
 from .fullgrad import FullGrad
-from .gradient import Saliency
+from .gradient import DeconvNet, GuidedBackprop, InputXGradient, IntegratedGradients, Saliency, SmoothGrad
 from .scorecam import ScoreCAM
 
 METHODS: dict[str, type[AttributionMethod]] = {
@@ -23,6 +23,11 @@ METHODS: dict[str, type[AttributionMethod]] = {
     "hirescam": HiResCAM,
     "scorecam": ScoreCAM,
     "fullgrad": FullGrad,
+    "inputxgradient": InputXGradient,
+    "smoothgrad": SmoothGrad,
+    "integratedgradients": IntegratedGradients,
+    "guidedbackprop": GuidedBackprop,
+    "deconvnet": DeconvNet,
 }
 
 
@@ -47,6 +52,6 @@ def build_method(name: str, model: nn.Module, layer: str | None = None, **option
     return METHODS[name](model, **options)
 
 
-__all__ = ["CAM", "METHODS", "Attribution", "AttributionMethod", "FullGrad", "GradCAM", "GradCAMPlusPlus",
-           "HiResCAM", "LayerCAM", "Saliency", "ScoreCAM", "TokensToGrid", "XGradCAM", "build_method",
-           "needs_layer"]
+__all__ = ["CAM", "METHODS", "Attribution", "AttributionMethod", "DeconvNet", "FullGrad", "GradCAM",
+           "GradCAMPlusPlus", "GuidedBackprop", "HiResCAM", "InputXGradient", "IntegratedGradients", "LayerCAM",
+           "Saliency", "ScoreCAM", "SmoothGrad", "TokensToGrid", "XGradCAM", "build_method", "needs_layer"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -13,6 +14,10 @@ from ..errors import InputError
 from ..postprocess import normalize_minmax, resize_bilinear
 
 TargetLike = "int | list[int] | torch.Tensor | None"
+OutputSelector = int | str | Callable[[Any], torch.Tensor] | None
+
+LAYOUTS: dict[str, str] = {"image": "(N, C, H, W)", "signal": "(N, C, L)", "tabular": "(N, F)"}
+"""Input layouts and their shapes. Only images are resized; every layout is normalized per sample."""
 
 
 @dataclass
@@ -20,17 +25,33 @@ class Attribution:
     """The result of an attribution call.
 
     Attributes:
-        maps: (N, H, W) float maps at input resolution, min-max normalized per sample to [0, 1].
+        maps: the raw map resized to the input's resolution (images only) and min-max normalized
+            to [0, 1] per sample (per sample and target with several targets): (N, H, W) for images
+            (N, C, H, W with ``reduction="none"``), (N, L) or (N, C, L) for signals, (N, F) for tables.
         raw: the method's raw map before resizing and normalization (saliency: (N, H, W); CAMs:
             (N, h, w) at the layer's resolution).
         scores: (N, K) model outputs (logits) for the inputs.
-        target: (N,) long, the class explained for each sample (arg-max where none was given).
+        target: (N,) long, the class explained for each sample (arg-max where none was given);
+            (N, T) when several targets per input were asked for, and ``maps``/``raw`` are then
+            (N, T, ...).
+        completeness_error: for methods whose attributions should add up to a score difference
+            (Integrated Gradients: ``|sum(attr) - (F(x) - F(baseline))|``), that error per sample
+            (and target); ``None`` for the others. Eager calls only; not an output of exported graphs.
     """
 
     maps: torch.Tensor
     raw: torch.Tensor
     scores: torch.Tensor
     target: torch.Tensor
+    completeness_error: torch.Tensor | None = None
+
+
+def resolve_target(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Targets with -1 replaced by each sample's arg-max class. ``target``: (N,) or (N, T)."""
+    best = scores.argmax(1)
+    if target.dim() == 2:
+        best = best[:, None]
+    return torch.where(target < 0, best, target)
 
 
 def select_target(scores: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,8 +60,18 @@ def select_target(scores: torch.Tensor, target: torch.Tensor) -> tuple[torch.Ten
     Traceable: no Python branching on values. Summing over the batch gives each sample's
     gradient of its own score, since samples do not interact in eval mode.
     """
-    resolved = torch.where(target < 0, scores.argmax(1), target)
+    resolved = resolve_target(scores, target)
     return scores.gather(1, resolved[:, None]).sum(), resolved
+
+
+def select_output(output: Any, selector: Any) -> Any:
+    """Pick the scores out of a model's output: ``selector`` is ``None`` (the output itself),
+    an int (index into a tuple/list), a str (key of a dict) or a callable."""
+    if selector is None:
+        return output
+    if callable(selector):
+        return selector(output)
+    return output[selector]
 
 
 class AttributionMethod:
@@ -50,59 +81,142 @@ class AttributionMethod:
     :meth:`graph` is the single function that :func:`pyattr.export` traces into one graph.
     During a call the model is put in eval mode (every module's flag is restored after), no
     hook outlives the call, no parameter receives ``.grad`` and no weight is touched.
+
+    Args:
+        model: the module to explain.
+        output: which part of the model's output holds the (N, K) scores, for models that return a
+            tuple, list or dict: an index (``output=0``), a key (``output="logits"``) or a callable
+            (``output=lambda out: out.logits``). ``None``: the output is the scores.
+        layout: ``"image"`` (N, C, H, W; default), ``"signal"`` (N, C, L) or ``"tabular"`` (N, F),
+            for methods that accept non-image inputs.
+
+    Several targets per input: a (N, T) target tensor gives (N, T, ...) maps. Methods with
+    ``multi_target = True`` do one forward pass and T backward passes; the others run on the
+    batch repeated T times (``x.repeat_interleave(T, 0)``), which costs T forward passes.
     """
 
     name: ClassVar[str] = "method"
+    layouts: ClassVar[tuple[str, ...]] = ("image",)
+    multi_target: ClassVar[bool] = False
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, *, output: OutputSelector = None, layout: str = "image"):
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if layout not in self.layouts:
+            raise InputError(f"{type(self).__name__} explains inputs of layout {', '.join(self.layouts)}; "
+                             f"got layout={layout!r}")
+        if output is not None and not isinstance(output, (int, str)) and not callable(output):
+            raise InputError(f"output must be an int, a str, a callable or None, got {type(output).__name__}")
         self.model = model
+        self.output = output
+        self.layout = layout
         self._tracing = False
 
     # -- to implement --------------------------------------------------------------------------
     def attribute_raw(
         self, x: torch.Tensor, target: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return (scores (N,K), raw map, resolved target (N,)). ``target``: (N,) long, -1 = arg-max."""
+        """Return (scores (N,K), raw map, resolved target (N,)). ``target``: (N,) long, -1 = arg-max.
+
+        Methods with ``multi_target = True`` also take an (N, T) target and return an (N, T, ...)
+        raw map and an (N, T) resolved target.
+        """
         raise NotImplementedError
+
+    def attribute_with_diagnostics(
+        self, x: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`attribute_raw` plus per-sample diagnostics for eager calls (e.g. Integrated
+        Gradients' ``completeness_error``). Not part of the exported graph."""
+        scores, raw, resolved = self.attribute_raw(x, target)
+        return scores, raw, resolved, {}
 
     def metadata(self) -> dict[str, Any]:
         """What goes into an exported file's metadata (method name and options)."""
-        return {"method": self.name}
+        meta: dict[str, Any] = {"method": self.name}
+        if self.layout != "image":
+            meta["layout"] = self.layout
+        return meta
 
     # -- shared --------------------------------------------------------------------------------
+    def scores_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's (N, K) scores for ``x``, picked out of its output by ``output``.
+
+        Eager calls check the shape (skipped while tracing)."""
+        out = select_output(self.model(x), self.output)
+        if not self._tracing:
+            check_scores(out, x, self.output)
+        return out
+
     def select(self, scores: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`select_target`, plus a range check on eager calls (skipped while tracing)."""
         if not self._tracing:
             check_target_range(scores, target)
         return select_target(scores, target)
 
+    def resolve(self, scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """:func:`resolve_target`, plus a range check on eager calls (skipped while tracing)."""
+        if not self._tracing:
+            check_target_range(scores, target)
+        return resolve_target(scores, target)
+
+    def postprocess(self, raw: torch.Tensor, x: torch.Tensor, lead: int = 1) -> torch.Tensor:
+        """Raw maps -> maps: images are resized (bilinear) to the input's (H, W) when their last
+        two dims differ from it; then every map is min-max normalized. ``lead``: the number of
+        leading dims that index maps (1: (N, ...); 2: (N, T, ...))."""
+        maps = raw
+        if self.layout == "image" and raw.dim() >= lead + 2 and tuple(raw.shape[-2:]) != tuple(x.shape[-2:]):
+            flat = raw.reshape(-1, *raw.shape[-2:])
+            maps = resize_bilinear(flat, tuple(x.shape[-2:])).reshape(*raw.shape[:-2], *x.shape[-2:])
+        if lead == 1:
+            return normalize_minmax(maps)
+        return normalize_minmax(maps.flatten(0, lead - 1)).view_as(maps)
+
     def graph(
         self, x: torch.Tensor, target: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The whole traceable computation: (scores, resolved target, raw map, normalized maps)."""
+        scores, resolved, raw, maps, _ = self._compute(x, target, diagnostics=False)
+        return scores, resolved, raw, maps
+
+    def _compute(self, x: torch.Tensor, target: torch.Tensor, diagnostics: bool):
         with torch.enable_grad():
-            scores, raw, resolved = self.attribute_raw(x, target)
-        maps = normalize_minmax(resize_bilinear(raw, tuple(x.shape[-2:])))
-        return scores.detach(), resolved, raw.detach(), maps.detach()
+            if diagnostics:
+                scores, raw, resolved, extra = self.attribute_with_diagnostics(x, target)
+            else:
+                scores, raw, resolved = self.attribute_raw(x, target)
+                extra = {}
+        maps = self.postprocess(raw, x, lead=target.dim())
+        return scores.detach(), resolved, raw.detach(), maps.detach(), {k: v.detach() for k, v in extra.items()}
 
     def __call__(self, x: torch.Tensor, target: TargetLike = None) -> Attribution:
         x = self._check_input(x)
         t = self._check_target(target, x.shape[0], x.device)
         with eval_mode(self.model):
-            scores, resolved, raw, maps = self.graph(x, t)
-        return Attribution(maps=maps, raw=raw, scores=scores, target=resolved)
+            if t.dim() == 2 and not self.multi_target:
+                n, k = t.shape
+                scores, resolved, raw, maps, extra = self._compute(x.repeat_interleave(k, 0), t.reshape(-1), True)
+                scores = scores.view(n, k, -1)[:, 0]
+                resolved, raw, maps = (v.view(n, k, *v.shape[1:]) for v in (resolved, raw, maps))
+                extra = {key: v.view(n, k, *v.shape[1:]) for key, v in extra.items()}
+            else:
+                scores, resolved, raw, maps, extra = self._compute(x, t, True)
+        return Attribution(maps=maps, raw=raw, scores=scores, target=resolved,
+                           completeness_error=extra.get("completeness_error"))
 
     def _check_input(self, x: Any) -> torch.Tensor:
+        shape = LAYOUTS[self.layout]
         if not isinstance(x, torch.Tensor):
             raise InputError(
-                f"inputs must be a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}; "
+                f"inputs must be a torch.Tensor of shape {shape}, got {type(x).__name__}; "
                 "convert images with torch.as_tensor(...) and stack them into a batch"
             )
-        if x.dim() != 4:
-            hint = " (add a batch dimension with x[None])" if x.dim() == 3 else ""
-            raise InputError(f"inputs must have shape (N, C, H, W), got {tuple(x.shape)}{hint}")
+        rank = shape.count(",") + 1
+        if x.dim() != rank:
+            hint = " (add a batch dimension with x[None])" if x.dim() == rank - 1 else ""
+            if self.layout == "image" and x.dim() in (2, 3) and "signal" in self.layouts:
+                hint += "; for 1-D signals (N, C, L) pass layout='signal', for tables (N, F) layout='tabular'"
+            raise InputError(f"inputs must have shape {shape}, got {tuple(x.shape)}{hint}")
         if not x.is_floating_point():
             raise InputError(
                 f"inputs must be floating point, got {x.dtype}; convert uint8 images with x.float() / 255 "
@@ -134,9 +248,9 @@ class AttributionMethod:
             raise InputError(f"target must hold integer class indices, got dtype {t.dtype}")
         if t.dim() == 0:
             t = t.expand(n)
-        if t.shape != (n,):
-            raise InputError(f"target must be None, an int or a ({n},) tensor of class ids, got shape "
-                             f"{tuple(t.shape)}")
+        if not (t.shape == (n,) or (t.dim() == 2 and t.shape[0] == n and t.shape[1] > 0)):
+            raise InputError(f"target must be None, an int, an ({n}, T) tensor (T classes per input) or a "
+                             f"({n},) tensor of class ids, got shape {tuple(t.shape)}")
         if bool((t < -1).any()):
             raise InputError("target holds negative class ids (-1 alone means 'the arg-max class')")
         return t.long()
@@ -148,3 +262,18 @@ def check_target_range(scores: torch.Tensor, target: torch.Tensor) -> None:
     if bool((target >= k).any()):
         bad = int(target.max())
         raise InputError(f"target class {bad} is out of range: the model has {k} outputs (0..{k - 1})")
+
+
+def check_scores(scores: Any, x: torch.Tensor, selector: Any) -> None:
+    """Eager-only check that the (selected) model output is an (N, K) tensor (raises InputError)."""
+    if isinstance(scores, (tuple, list, dict)):
+        kind = type(scores).__name__
+        how = "output=0 (an index)" if not isinstance(scores, dict) else f"output={next(iter(scores), 'key')!r}"
+        raise InputError(f"the model returned a {kind}, not a tensor of scores; pick the scores with {how} "
+                         "or a callable output=...")
+    if not isinstance(scores, torch.Tensor):
+        raise InputError(f"the model's scores must be a tensor, got {type(scores).__name__}")
+    if scores.dim() != 2 or scores.shape[0] != x.shape[0]:
+        hint = "" if selector is None else f" (after output={selector!r})"
+        raise InputError(f"the model's scores must have shape (N, K) with N = {x.shape[0]} inputs, got "
+                         f"{tuple(scores.shape)}{hint}")
