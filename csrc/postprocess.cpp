@@ -6,9 +6,25 @@
 #include <cstring>
 #include <exception>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <system_error>
 #include <thread>
+#include <type_traits>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+// The few loops that touch every output pixel are compiled twice on x86-64 Linux (AVX2 and the
+// baseline) and picked at load time. The float operations and their rounding are the same in
+// both (IEEE, no FMA: -ffp-contract=off), so results do not depend on the CPU.
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__) && \
+    !defined(PYATTR_NO_CPU_DISPATCH)
+#define PYATTR_HOT __attribute__((target_clones("avx2", "default")))
+#else
+#define PYATTR_HOT
+#endif
 
 namespace pyattr {
 namespace {
@@ -174,13 +190,16 @@ void check_alpha(float alpha) {
 inline float load(const float* p, std::int64_t i) { return p[i]; }
 inline float load(const Half* p, std::int64_t i) { return half_to_float(p[i]); }
 
+// NaN and +/-inf fail the comparison (written so that the loops vectorize).
+inline bool finite(float v) { return std::fabs(v) <= FLT_MAX; }
+
 template <typename T>
 std::int64_t count_non_finite(const T* maps, std::int64_t count, int num_threads) {
-  std::vector<std::int64_t> per_chunk(static_cast<std::size_t>(std::max(1, resolve_num_threads(num_threads))));
   const int chunks = plan_threads(count, 1, num_threads);
+  std::vector<std::int64_t> per_chunk(static_cast<std::size_t>(std::max(chunks, 1)), 0);
   run_chunks(count, chunks, [&](int chunk, std::int64_t begin, std::int64_t end) {
     std::int64_t bad = 0;
-    for (std::int64_t i = begin; i < end; ++i) bad += !std::isfinite(load(maps, i));
+    for (std::int64_t i = begin; i < end; ++i) bad += !finite(load(maps, i));
     per_chunk[chunk] = bad;
   });
   std::int64_t total = 0;
@@ -194,8 +213,42 @@ void require_finite(const T* maps, std::int64_t count, int num_threads) {
   if (bad) throw NonFiniteError(bad);
 }
 
+// Pixels are processed in blocks: a vectorized pass computes LUT indices into a small buffer,
+// then a scalar pass looks the colors up.
+constexpr std::int64_t kBlock = 512;
+
+// min and max of v[0..count) (finite values, count >= 1) folded into mn / mx.
+inline void fold_minmax(const float* v, std::int64_t count, float& mn, float& mx) {
+  std::int64_t i = 0;
+  float lo = v[0], hi = v[0];
+#if defined(__SSE2__)
+  if (count >= 8) {
+    __m128 lo0 = _mm_loadu_ps(v), lo1 = _mm_loadu_ps(v + 4);
+    __m128 hi0 = lo0, hi1 = lo1;
+    for (i = 8; i + 8 <= count; i += 8) {
+      const __m128 a = _mm_loadu_ps(v + i), b = _mm_loadu_ps(v + i + 4);
+      lo0 = _mm_min_ps(lo0, a);
+      lo1 = _mm_min_ps(lo1, b);
+      hi0 = _mm_max_ps(hi0, a);
+      hi1 = _mm_max_ps(hi1, b);
+    }
+    alignas(16) float l[4], h[4];
+    _mm_store_ps(l, _mm_min_ps(lo0, lo1));
+    _mm_store_ps(h, _mm_max_ps(hi0, hi1));
+    lo = std::min(std::min(l[0], l[1]), std::min(l[2], l[3]));
+    hi = std::max(std::max(h[0], h[1]), std::max(h[2], h[3]));
+  }
+#endif
+  for (; i < count; ++i) {
+    lo = v[i] < lo ? v[i] : lo;
+    hi = v[i] > hi ? v[i] : hi;
+  }
+  mn = lo < mn ? lo : mn;
+  mx = hi > mx ? hi : mx;
+}
+
 // ---------------------------------------------------------------------------------------------
-// Colorize and overlay of maps in [0, 1]. Each kernel returns the number of NaN values it met.
+// Colorize and overlay of maps in [0, 1].
 
 // clip(v, 0, 1) with NaN -> 0 (both comparisons are false for NaN), then round to a LUT index.
 inline int lut_index(float v) {
@@ -204,94 +257,112 @@ inline int lut_index(float v) {
   return static_cast<int>(v * 255.0f + 0.5f);
 }
 
+// index[i] = lut_index(maps[i]); returns the number of NaN.
 template <typename T>
-std::int64_t colorize_pixels(const T* maps, std::int64_t pixels, const std::uint8_t* lut,
-                             std::uint8_t* out) {
-  std::int64_t nan = 0;
-  for (std::int64_t p = 0; p < pixels; ++p) {
-    const float v = load(maps, p);
-    nan += std::isnan(v);
-    const std::uint8_t* color = lut + 3 * lut_index(v);
-    out[3 * p] = color[0];
-    out[3 * p + 1] = color[1];
-    out[3 * p + 2] = color[2];
+std::int64_t lut_indices(const T* maps, std::int64_t count, int* index) {
+  int nan = 0;
+  for (std::int64_t i = 0; i < count; ++i) {
+    const float v = load(maps, i);
+    nan += v != v;
+    index[i] = lut_index(v);
   }
   return nan;
 }
 
-// image_term[v] = (1 - alpha) * v and color_term[3 i + c] = alpha * lut[3 i + c], rounded to
-// float: the same products, with the same rounding, as computing them per pixel.
-struct BlendTables {
-  float image_term[256];
-  float color_term[3 * kLutEntries];
+PYATTR_HOT std::int64_t lut_indices_f32(const float* maps, std::int64_t count, int* index) {
+  return lut_indices(maps, count, index);
+}
+inline std::int64_t lut_indices(const float* maps, std::int64_t count, int* index) {
+  return lut_indices_f32(maps, count, index);
+}
 
-  BlendTables(float alpha, const std::uint8_t* lut) {
-    const float beta = 1.0f - alpha;
-    for (int v = 0; v < 256; ++v) image_term[v] = beta * static_cast<float>(v);
-    for (int i = 0; i < 3 * kLutEntries; ++i) color_term[i] = alpha * static_cast<float>(lut[i]);
+// The LUT with each RGB entry in 4 bytes (the 4th is 0), so that a color is one load and one store.
+using Lut4 = std::array<std::uint32_t, kLutEntries>;
+
+Lut4 widen(const Lut& lut) {
+  Lut4 wide{};
+  for (int i = 0; i < kLutEntries; ++i) std::memcpy(&wide[i], lut.data() + 3 * i, 3);
+  return wide;
+}
+
+// out[3 x .. 3 x + 2] = lut[index[x]]: 4-byte stores, each overwriting the next pixel's first byte
+// before that pixel is written; the last pixel is stored with 3 bytes, so nothing past out is touched.
+inline void colors_row(const int* index, std::int64_t count, const Lut4& lut, std::uint8_t* out) {
+  if (count <= 0) return;
+  for (std::int64_t x = 0; x + 1 < count; ++x) std::memcpy(out + 3 * x, &lut[index[x]], 4);
+  std::memcpy(out + 3 * (count - 1), &lut[index[count - 1]], 3);
+}
+
+PYATTR_HOT void blend_bytes(const std::uint8_t* image, const std::uint8_t* colors, std::int64_t count, float alpha,
+                            float beta, std::uint8_t* out) {
+  for (std::int64_t i = 0; i < count; ++i) {
+    const float blended = beta * static_cast<float>(image[i]) + alpha * static_cast<float>(colors[i]);
+    out[i] = static_cast<std::uint8_t>(static_cast<int>(blended + 0.5f));
   }
+}
 
-  // (1 - alpha) * image + alpha * color, then + 0.5: each step rounded to float, as in NumPy
-  // (and no FMA: built with -ffp-contract=off). The sum lies in [0.5, 256), so truncation is floor.
-  inline void blend(int index, const std::uint8_t* image, std::uint8_t* out) const {
-    const float* color = color_term + 3 * index;
-    for (int c = 0; c < 3; ++c) {
-      const float blended = image_term[image[c]] + color[c];
-      out[c] = static_cast<std::uint8_t>(static_cast<int>(blended + 0.5f));
+// The alpha blend, per byte of RGB:
+//   (1 - alpha) * image + alpha * color, then + 0.5, each step rounded to float (no FMA: built
+//   with -ffp-contract=off), then truncated (the sum lies in [0.5, 256), so truncation is floor):
+// the same operations, with the same rounding, as the NumPy twin. The colors of a block are
+// looked up first, then the blend runs over contiguous bytes (a loop the compiler vectorizes).
+class Blender {
+ public:
+  Blender(float alpha, const Lut& lut) : alpha_(alpha), beta_(1.0f - alpha), lut_(widen(lut)) {}
+
+  void row(const int* index, const std::uint8_t* image, std::int64_t count, std::uint8_t* out) const {
+    std::uint8_t colors[3 * kBlock];
+    for (std::int64_t first = 0; first < count; first += kBlock) {
+      const std::int64_t len = std::min(kBlock, count - first);
+      colors_row(index + first, len, lut_, colors);
+      blend_bytes(image + 3 * first, colors, 3 * len, alpha_, beta_, out + 3 * first);
     }
   }
+
+ private:
+  float alpha_, beta_;
+  Lut4 lut_;
 };
 
+// colorize (blender == nullptr) or overlay of pixels [0, count); returns the number of NaN.
 template <typename T>
-std::int64_t overlay_pixels(const T* maps, const std::uint8_t* images, std::int64_t pixels,
-                            const BlendTables& tables, std::uint8_t* out) {
+std::int64_t color_pixels(const T* maps, const std::uint8_t* images, std::int64_t count, const Lut4& lut,
+                          const Blender* blender, std::uint8_t* out) {
+  int index[kBlock];
   std::int64_t nan = 0;
-  for (std::int64_t p = 0; p < pixels; ++p) {
-    const float v = load(maps, p);
-    nan += std::isnan(v);
-    tables.blend(lut_index(v), images + 3 * p, out + 3 * p);
+  for (std::int64_t first = 0; first < count; first += kBlock) {
+    const std::int64_t len = std::min(kBlock, count - first);
+    nan += lut_indices(maps + first, len, index);
+    if (blender) {
+      blender->row(index, images + 3 * first, len, out + 3 * first);
+    } else {
+      colors_row(index, len, lut, out + 3 * first);
+    }
   }
   return nan;
 }
 
 template <typename T>
-std::int64_t colorize_impl(const T* maps, std::int64_t n, std::int64_t h, std::int64_t w,
-                           const Lut& lut, std::uint8_t* out, int num_threads) {
+std::int64_t color_impl(const char* what, const T* maps, const std::uint8_t* images, std::int64_t n,
+                        std::int64_t h, std::int64_t w, const float* alpha, const Lut& lut, std::uint8_t* out,
+                        int num_threads) {
   check_dims(n, h, w);
   resolve_num_threads(num_threads);
+  if (alpha) check_alpha(*alpha);
   if (n * h * w == 0) return 0;
-  if (maps == nullptr || out == nullptr) throw std::invalid_argument("colorize: null data pointer");
-
-  const int chunks = plan_threads(n * h, w, num_threads);
-  std::vector<std::int64_t> nan(static_cast<std::size_t>(chunks), 0);
-  run_chunks(n * h, chunks, [&](int chunk, std::int64_t row_begin, std::int64_t row_end) {
-    const std::int64_t first = row_begin * w;
-    nan[chunk] = colorize_pixels(maps + first, (row_end - row_begin) * w, lut.data(), out + 3 * first);
-  });
-  std::int64_t total = 0;
-  for (std::int64_t c : nan) total += c;
-  return total;
-}
-
-template <typename T>
-std::int64_t overlay_impl(const T* maps, const std::uint8_t* images, std::int64_t n, std::int64_t h,
-                          std::int64_t w, float alpha, const Lut& lut, std::uint8_t* out,
-                          int num_threads) {
-  check_dims(n, h, w);
-  resolve_num_threads(num_threads);
-  check_alpha(alpha);
-  if (n * h * w == 0) return 0;
-  if (maps == nullptr || images == nullptr || out == nullptr) {
-    throw std::invalid_argument("overlay: null data pointer");
+  if (maps == nullptr || out == nullptr || (alpha && images == nullptr)) {
+    throw std::invalid_argument(std::string(what) + ": null data pointer");
   }
+  std::unique_ptr<Blender> blender;
+  if (alpha) blender = std::make_unique<Blender>(*alpha, lut);
+  const Lut4 wide = widen(lut);
 
-  const BlendTables tables(alpha, lut.data());
   const int chunks = plan_threads(n * h, w, num_threads);
   std::vector<std::int64_t> nan(static_cast<std::size_t>(chunks), 0);
   run_chunks(n * h, chunks, [&](int chunk, std::int64_t row_begin, std::int64_t row_end) {
     const std::int64_t first = row_begin * w;
-    nan[chunk] = overlay_pixels(maps + first, images + 3 * first, (row_end - row_begin) * w, tables,
-                                out + 3 * first);
+    nan[chunk] = color_pixels(maps + first, images ? images + 3 * first : nullptr, (row_end - row_begin) * w,
+                              wide, blender.get(), out + 3 * first);
   });
   std::int64_t total = 0;
   for (std::int64_t c : nan) total += c;
@@ -301,16 +372,28 @@ std::int64_t overlay_impl(const T* maps, const std::uint8_t* images, std::int64_
 // ---------------------------------------------------------------------------------------------
 // Normalization.
 
-inline float sign_transform(float v, Sign sign) {
+template <Sign S>
+inline float transform(float v) {
+  if constexpr (S == Sign::kAbsolute) return std::fabs(v);
+  if constexpr (S == Sign::kPositive) return v > 0.0f ? v : 0.0f;
+  if constexpr (S == Sign::kNegative) return v < 0.0f ? -v : 0.0f;
+  return v;  // all, centered
+}
+
+// fn(std::integral_constant<Sign, sign>{}): the sign as a compile-time constant.
+template <typename Fn>
+void with_sign(Sign sign, const Fn& fn) {
   switch (sign) {
     case Sign::kAbsolute:
-      return std::fabs(v);
+      return fn(std::integral_constant<Sign, Sign::kAbsolute>{});
     case Sign::kPositive:
-      return v > 0.0f ? v : 0.0f;
+      return fn(std::integral_constant<Sign, Sign::kPositive>{});
     case Sign::kNegative:
-      return v < 0.0f ? -v : 0.0f;
+      return fn(std::integral_constant<Sign, Sign::kNegative>{});
+    case Sign::kCentered:
+      return fn(std::integral_constant<Sign, Sign::kCentered>{});
     default:
-      return v;
+      return fn(std::integral_constant<Sign, Sign::kAll>{});
   }
 }
 
@@ -324,6 +407,11 @@ struct Affine {
     return x < 1.0f ? x : 1.0f;
   }
 };
+
+// index[i] = lut_index(a.apply(t[i])).
+PYATTR_HOT void affine_indices(const float* t, std::int64_t count, Affine a, int* index) {
+  for (std::int64_t i = 0; i < count; ++i) index[i] = lut_index(a.apply(t[i]));
+}
 
 Affine make_affine(float lo, float hi) {
   float k = 1.0f;
@@ -376,34 +464,32 @@ std::pair<float, float> sample_range(float mn, float mx, float* scratch, std::in
 
 bool needs_scratch(const Normalization& o) { return !o.fixed_range && o.outlier_perc > 0.0; }
 
-template <typename T>
-void normalize_impl(const T* maps, std::int64_t n, std::int64_t h, std::int64_t w,
-                    const Normalization& options, float* out, int num_threads) {
-  check_has_pixels(n, h, w);
-  check_normalization(options);
-  resolve_num_threads(num_threads);
-  if (n * h * w == 0) return;
-  if (maps == nullptr || out == nullptr) throw std::invalid_argument("normalize: null data pointer");
-
+template <Sign S, typename T>
+void normalize_signed(const T* maps, std::int64_t n, std::int64_t h, std::int64_t w, const Normalization& options,
+                      float* out, int num_threads) {
   const std::int64_t m = h * w;
-  const Sign sign = options.sign;
-  std::vector<float> mins(static_cast<std::size_t>(n)), maxs(static_cast<std::size_t>(n));
   std::vector<Affine> affine(static_cast<std::size_t>(n));
   std::vector<std::int64_t> bad(static_cast<std::size_t>(n), 0);
-  // Statistics, one sample per task: min, max, non-finite count, percentiles.
+  // Statistics, one sample per task: non-finite count, min, max, percentiles.
   parallel_for(n, m, num_threads, [&](std::int64_t s_begin, std::int64_t s_end) {
     std::vector<float> scratch(needs_scratch(options) ? static_cast<std::size_t>(m) : 0);
+    float block[kBlock];
     for (std::int64_t s = s_begin; s < s_end; ++s) {
       const T* sample = maps + s * m;
       float mn = INFINITY, mx = -INFINITY;
       std::int64_t non_finite = 0;
-      for (std::int64_t i = 0; i < m; ++i) {
-        const float v = load(sample, i);
-        non_finite += !std::isfinite(v);
-        const float t = sign_transform(v, sign);
-        mn = t < mn ? t : mn;
-        mx = t > mx ? t : mx;
-        if (!scratch.empty()) scratch[i] = t;
+      for (std::int64_t first = 0; first < m; first += kBlock) {
+        const std::int64_t len = std::min(kBlock, m - first);
+        int block_bad = 0;
+        for (std::int64_t i = 0; i < len; ++i) {
+          const float v = load(sample, first + i);
+          block_bad += !finite(v);
+          block[i] = transform<S>(v);
+        }
+        non_finite += block_bad;
+        if (block_bad) continue;
+        fold_minmax(block, len, mn, mx);
+        if (!scratch.empty()) std::copy(block, block + len, scratch.data() + first);
       }
       bad[s] = non_finite;
       if (non_finite) continue;
@@ -417,10 +503,24 @@ void normalize_impl(const T* maps, std::int64_t n, std::int64_t h, std::int64_t 
 
   parallel_for(n * h, w, num_threads, [&](std::int64_t row_begin, std::int64_t row_end) {
     for (std::int64_t row = row_begin; row < row_end; ++row) {
-      const Affine& a = affine[row / h];
-      const std::int64_t first = row * w;
-      for (std::int64_t i = first; i < first + w; ++i) out[i] = a.apply(sign_transform(load(maps, i), sign));
+      const Affine a = affine[row / h];
+      const T* in = maps + row * w;
+      float* o = out + row * w;
+      for (std::int64_t x = 0; x < w; ++x) o[x] = a.apply(transform<S>(load(in, x)));
     }
+  });
+}
+
+template <typename T>
+void normalize_impl(const T* maps, std::int64_t n, std::int64_t h, std::int64_t w,
+                    const Normalization& options, float* out, int num_threads) {
+  check_has_pixels(n, h, w);
+  check_normalization(options);
+  resolve_num_threads(num_threads);
+  if (n * h * w == 0) return;
+  if (maps == nullptr || out == nullptr) throw std::invalid_argument("normalize: null data pointer");
+  with_sign(options.sign, [&](auto sign) {
+    normalize_signed<decltype(sign)::value>(maps, n, h, w, options, out, num_threads);
   });
 }
 
@@ -463,28 +563,65 @@ AxisPlan plan_axis(std::int64_t in, std::int64_t out, bool align_corners) {
   return plan;
 }
 
-struct ResizePlan {
-  AxisPlan y, x;
-};
-
-// One output row of one map: top/bottom are scratch rows of out_w floats.
-template <typename T>
-void resize_row(const T* map, std::int64_t w, const ResizePlan& plan, std::int64_t y, float* top,
-                float* bottom, float* out) {
-  const std::int64_t out_w = static_cast<std::int64_t>(plan.x.i0.size());
-  const T* r0 = map + plan.y.i0[y] * w;
-  const T* r1 = map + plan.y.i1[y] * w;
-  const std::int64_t* x0 = plan.x.i0.data();
-  const std::int64_t* x1 = plan.x.i1.data();
-  const float* l0x = plan.x.l0.data();
-  const float* l1x = plan.x.l1.data();
-  for (std::int64_t x = 0; x < out_w; ++x) {
-    top[x] = l0x[x] * load(r0, x0[x]) + l1x[x] * load(r0, x1[x]);
-    bottom[x] = l0x[x] * load(r1, x0[x]) + l1x[x] * load(r1, x1[x]);
-  }
-  const float l0y = plan.y.l0[y], l1y = plan.y.l1[y];
-  for (std::int64_t x = 0; x < out_w; ++x) out[x] = l0y * top[x] + l1y * bottom[x];
+// out = l0 * top + l1 * bottom.
+PYATTR_HOT void blend_rows(const float* top, const float* bottom, std::int64_t count, float l0, float l1, float* out) {
+  for (std::int64_t x = 0; x < count; ++x) out[x] = l0 * top[x] + l1 * bottom[x];
 }
+
+// Resizes one map at a time. Output row y = l0y * top + l1y * bottom, with top/bottom the source
+// rows y0/y1 interpolated along x: l0x * m[r][x0] + l1x * m[r][x1]. When the map is enlarged
+// vertically (h <= 2 out_h), the h interpolated source rows are computed once per map (prepare);
+// otherwise each output row computes its two. The arithmetic is the same either way.
+class Resizer {
+ public:
+  Resizer(std::int64_t h, std::int64_t w, std::int64_t out_h, std::int64_t out_w, bool align_corners)
+      : h_(h), w_(w), out_w_(out_w), y_(plan_axis(h, out_h, align_corners)), x_(plan_axis(w, out_w, align_corners)),
+        cache_rows_(h <= 2 * out_h) {}
+
+  // Buffers of one thread: the cached source rows, or two scratch rows.
+  std::vector<float> buffer() const {
+    return std::vector<float>(static_cast<std::size_t>((cache_rows_ ? h_ : 2) * out_w_));
+  }
+
+  template <typename T>
+  void prepare(const T* map, float* buffer) const {
+    if (!cache_rows_) return;
+    for (std::int64_t r = 0; r < h_; ++r) source_row(map + r * w_, buffer + r * out_w_);
+  }
+
+  // Output row y of the map given to prepare (buffer shared by its rows when cached, else the
+  // thread's own).
+  template <typename T>
+  void row(const T* map, std::int64_t y, float* buffer, float* out) const {
+    const float *top, *bottom;
+    if (cache_rows_) {
+      top = buffer + y_.i0[y] * out_w_;
+      bottom = buffer + y_.i1[y] * out_w_;
+    } else {
+      source_row(map + y_.i0[y] * w_, buffer);
+      source_row(map + y_.i1[y] * w_, buffer + out_w_);
+      top = buffer;
+      bottom = buffer + out_w_;
+    }
+    blend_rows(top, bottom, out_w_, y_.l0[y], y_.l1[y], out);
+  }
+
+  bool cache_rows() const { return cache_rows_; }
+
+ private:
+  template <typename T>
+  void source_row(const T* in, float* out) const {
+    const std::int64_t* x0 = x_.i0.data();
+    const std::int64_t* x1 = x_.i1.data();
+    const float* l0x = x_.l0.data();
+    const float* l1x = x_.l1.data();
+    for (std::int64_t x = 0; x < out_w_; ++x) out[x] = l0x[x] * load(in, x0[x]) + l1x[x] * load(in, x1[x]);
+  }
+
+  std::int64_t h_, w_, out_w_;
+  AxisPlan y_, x_;
+  bool cache_rows_;
+};
 
 template <typename T>
 void resize_impl(const T* maps, std::int64_t n, std::int64_t h, std::int64_t w, std::int64_t out_h,
@@ -496,120 +633,118 @@ void resize_impl(const T* maps, std::int64_t n, std::int64_t h, std::int64_t w, 
   if (maps == nullptr || out == nullptr) throw std::invalid_argument("resize_bilinear: null data pointer");
   require_finite(maps, n * h * w, num_threads);
 
-  const ResizePlan plan{plan_axis(h, out_h, align_corners), plan_axis(w, out_w, align_corners)};
+  const Resizer resizer(h, w, out_h, out_w, align_corners);
   parallel_for(n * out_h, out_w, num_threads, [&](std::int64_t row_begin, std::int64_t row_end) {
-    std::vector<float> top(static_cast<std::size_t>(out_w)), bottom(static_cast<std::size_t>(out_w));
+    std::vector<float> buffer = resizer.buffer();
+    std::int64_t prepared = -1;
     for (std::int64_t row = row_begin; row < row_end; ++row) {
       const std::int64_t s = row / out_h;
-      resize_row(maps + s * h * w, w, plan, row % out_h, top.data(), bottom.data(), out + row * out_w);
+      const T* map = maps + s * h * w;
+      if (s != prepared) {
+        resizer.prepare(map, buffer.data());
+        prepared = s;
+      }
+      resizer.row(map, row % out_h, buffer.data(), out + row * out_w);
     }
   });
 }
 
 // ---------------------------------------------------------------------------------------------
-// The fused path. Per sample: resize into a float buffer (out_h x out_w) while taking the min and
-// max of the sign-transformed values, derive the range, then one pass over the output pixels:
-// normalize -> LUT index -> color or blend. Bit-identical to resize -> normalize -> colorize/overlay.
+// The fused path. Per sample: resize into a float buffer (out_h x out_w) holding the
+// sign-transformed values, with the min and max of each row; derive the range; then one pass over
+// the output pixels: normalize -> LUT index -> color or blend. Bit-identical to
+// resize -> normalize -> colorize / overlay.
 
-struct SampleBuffers {
-  std::vector<float> resized, top, bottom, scratch;
-  std::vector<float> row_min, row_max;
-  std::vector<int> index;
-};
-
-template <typename T>
+template <Sign S, typename T>
 class Renderer {
  public:
   Renderer(const T* maps, std::int64_t h, std::int64_t w, const std::uint8_t* images, std::int64_t out_h,
            std::int64_t out_w, const RenderOptions& options, const Lut& lut, std::uint8_t* out)
-      : maps_(maps), h_(h), w_(w), images_(images), out_h_(out_h), out_w_(out_w), options_(options),
-        lut_(lut), out_(out), plan_{plan_axis(h, out_h, options.align_corners), plan_axis(w, out_w, options.align_corners)},
-        tables_(images ? options.alpha : 1.0f, lut.data()) {}
+      : maps_(maps), h_(h), w_(w), images_(images), out_h_(out_h), out_w_(out_w), options_(options), lut_(lut),
+        out_(out), resizer_(h, w, out_h, out_w, options.align_corners), wide_(widen(lut)) {
+    if (images) blender_ = std::make_unique<Blender>(options.alpha, lut);
+  }
 
-  void allocate(SampleBuffers& b) const {
+  struct Buffers {
+    std::vector<float> values, resize, scratch, row_min, row_max;
+  };
+
+  Buffers buffers() const {
+    Buffers b;
     const auto pixels = static_cast<std::size_t>(out_h_ * out_w_);
-    b.resized.resize(pixels);
-    b.top.resize(static_cast<std::size_t>(out_w_));
-    b.bottom.resize(static_cast<std::size_t>(out_w_));
-    b.index.resize(static_cast<std::size_t>(out_w_));
+    b.values.resize(pixels);
+    b.resize = resizer_.buffer();
     b.row_min.resize(static_cast<std::size_t>(out_h_));
     b.row_max.resize(static_cast<std::size_t>(out_h_));
     if (needs_scratch(options_.normalization)) b.scratch.resize(pixels);
+    return b;
   }
 
-  // Resize rows [y_begin, y_end) of sample s into b.resized, with per-row min/max of t.
-  void resize_rows(std::int64_t s, std::int64_t y_begin, std::int64_t y_end, SampleBuffers& b,
-                   float* top, float* bottom) const {
-    const Sign sign = options_.normalization.sign;
+  // Sample s alone on this thread.
+  void sample(std::int64_t s, Buffers& b) const {
+    resizer_.prepare(map(s), b.resize.data());
+    resize_rows(s, 0, out_h_, b, b.resize.data());
+    const Affine a = range(b);
+    pixel_rows(s, 0, out_h_, b, a);
+  }
+
+  // Sample s with its rows split across threads.
+  void sample_parallel(std::int64_t s, Buffers& b, int num_threads) const {
+    resizer_.prepare(map(s), b.resize.data());
+    parallel_for(out_h_, out_w_, num_threads, [&](std::int64_t y_begin, std::int64_t y_end) {
+      std::vector<float> own = resizer_.cache_rows() ? std::vector<float>() : resizer_.buffer();
+      resize_rows(s, y_begin, y_end, b, resizer_.cache_rows() ? b.resize.data() : own.data());
+    });
+    const Affine a = range(b);
+    parallel_for(out_h_, out_w_, num_threads,
+                 [&](std::int64_t y_begin, std::int64_t y_end) { pixel_rows(s, y_begin, y_end, b, a); });
+  }
+
+ private:
+  const T* map(std::int64_t s) const { return maps_ + s * h_ * w_; }
+
+  // Rows [y_begin, y_end) of sample s into b.values (transformed), with per-row min / max.
+  void resize_rows(std::int64_t s, std::int64_t y_begin, std::int64_t y_end, Buffers& b, float* resize) const {
     for (std::int64_t y = y_begin; y < y_end; ++y) {
-      float* row = b.resized.data() + y * out_w_;
-      resize_row(maps_ + s * h_ * w_, w_, plan_, y, top, bottom, row);
+      float* row = b.values.data() + y * out_w_;
+      resizer_.row(map(s), y, resize, row);
+      for (std::int64_t x = 0; x < out_w_; ++x) row[x] = transform<S>(row[x]);
       float mn = INFINITY, mx = -INFINITY;
-      for (std::int64_t x = 0; x < out_w_; ++x) {
-        const float t = sign_transform(row[x], sign);
-        mn = t < mn ? t : mn;
-        mx = t > mx ? t : mx;
-      }
+      fold_minmax(row, out_w_, mn, mx);
       b.row_min[y] = mn;
       b.row_max[y] = mx;
     }
   }
 
-  Affine range(SampleBuffers& b) const {
+  Affine range(Buffers& b) const {
     float mn = INFINITY, mx = -INFINITY;
-    for (std::int64_t y = 0; y < out_h_; ++y) {
-      mn = std::min(mn, b.row_min[y]);
-      mx = std::max(mx, b.row_max[y]);
-    }
+    fold_minmax(b.row_min.data(), out_h_, mn, mx);
+    fold_minmax(b.row_max.data(), out_h_, mn, mx);
     const std::int64_t pixels = out_h_ * out_w_;
-    if (!b.scratch.empty()) {
-      const Sign sign = options_.normalization.sign;
-      for (std::int64_t i = 0; i < pixels; ++i) b.scratch[i] = sign_transform(b.resized[i], sign);
-    }
+    if (!b.scratch.empty()) std::copy(b.values.begin(), b.values.end(), b.scratch.begin());
     const auto r = sample_range(mn, mx, b.scratch.data(), pixels, options_.normalization);
     return make_affine(r.first, r.second);
   }
 
-  // Output rows [y_begin, y_end) of sample s; index is a scratch row of out_w ints.
-  void pixel_rows(std::int64_t s, std::int64_t y_begin, std::int64_t y_end, const SampleBuffers& b,
-                  const Affine& a, int* index) const {
-    const Sign sign = options_.normalization.sign;
+  // Output rows [y_begin, y_end) of sample s.
+  void pixel_rows(std::int64_t s, std::int64_t y_begin, std::int64_t y_end, const Buffers& b, const Affine& a) const {
+    int index[kBlock];
     for (std::int64_t y = y_begin; y < y_end; ++y) {
-      const float* row = b.resized.data() + y * out_w_;
-      for (std::int64_t x = 0; x < out_w_; ++x) index[x] = lut_index(a.apply(sign_transform(row[x], sign)));
+      const float* row = b.values.data() + y * out_w_;
       const std::int64_t first = (s * out_h_ + y) * out_w_;
-      std::uint8_t* o = out_ + 3 * first;
-      if (images_ == nullptr) {
-        const std::uint8_t* lut = lut_.data();
-        for (std::int64_t x = 0; x < out_w_; ++x) std::memcpy(o + 3 * x, lut + 3 * index[x], 3);
-      } else {
-        const std::uint8_t* img = images_ + 3 * first;
-        for (std::int64_t x = 0; x < out_w_; ++x) tables_.blend(index[x], img + 3 * x, o + 3 * x);
+      for (std::int64_t x0 = 0; x0 < out_w_; x0 += kBlock) {
+        const std::int64_t len = std::min(kBlock, out_w_ - x0);
+        affine_indices(row + x0, len, a, index);
+        std::uint8_t* o = out_ + 3 * (first + x0);
+        if (blender_) {
+          blender_->row(index, images_ + 3 * (first + x0), len, o);
+        } else {
+          colors_row(index, len, wide_, o);
+        }
       }
     }
   }
 
-  // Sample s alone on this thread.
-  void sample(std::int64_t s, SampleBuffers& b) const {
-    resize_rows(s, 0, out_h_, b, b.top.data(), b.bottom.data());
-    const Affine a = range(b);
-    pixel_rows(s, 0, out_h_, b, a, b.index.data());
-  }
-
-  // Sample s with its rows split across threads.
-  void sample_parallel(std::int64_t s, SampleBuffers& b, int num_threads) const {
-    parallel_for(out_h_, out_w_, num_threads, [&](std::int64_t y_begin, std::int64_t y_end) {
-      std::vector<float> top(static_cast<std::size_t>(out_w_)), bottom(static_cast<std::size_t>(out_w_));
-      resize_rows(s, y_begin, y_end, b, top.data(), bottom.data());
-    });
-    const Affine a = range(b);
-    parallel_for(out_h_, out_w_, num_threads, [&](std::int64_t y_begin, std::int64_t y_end) {
-      std::vector<int> index(static_cast<std::size_t>(out_w_));
-      pixel_rows(s, y_begin, y_end, b, a, index.data());
-    });
-  }
-
- private:
   const T* maps_;
   std::int64_t h_, w_;
   const std::uint8_t* images_;
@@ -617,8 +752,9 @@ class Renderer {
   const RenderOptions& options_;
   const Lut& lut_;
   std::uint8_t* out_;
-  ResizePlan plan_;
-  BlendTables tables_;
+  Resizer resizer_;
+  Lut4 wide_;
+  std::unique_ptr<Blender> blender_;
 };
 
 template <typename T>
@@ -634,21 +770,21 @@ void render_impl(const T* maps, std::int64_t n, std::int64_t h, std::int64_t w, 
   if (maps == nullptr || out == nullptr) throw std::invalid_argument("render: null data pointer");
   require_finite(maps, n * h * w, num_threads);
 
-  const Renderer<T> renderer(maps, h, w, images, out_h, out_w, options, lut, out);
-  const std::int64_t pixels = out_h * out_w;
-  if (n >= threads || plan_threads(out_h, out_w, num_threads) <= 1) {
-    // whole samples per thread, each thread with its own buffers
-    parallel_for(n, pixels, num_threads, [&](std::int64_t s_begin, std::int64_t s_end) {
-      SampleBuffers b;
-      renderer.allocate(b);
-      for (std::int64_t s = s_begin; s < s_end; ++s) renderer.sample(s, b);
-    });
-  } else {
-    // fewer samples than threads: split each sample's rows
-    SampleBuffers b;
-    renderer.allocate(b);
-    for (std::int64_t s = 0; s < n; ++s) renderer.sample_parallel(s, b, num_threads);
-  }
+  with_sign(options.normalization.sign, [&](auto sign) {
+    using R = Renderer<decltype(sign)::value, T>;
+    const R renderer(maps, h, w, images, out_h, out_w, options, lut, out);
+    if (n >= threads || plan_threads(out_h, out_w, num_threads) <= 1) {
+      // whole samples per thread, each thread with its own buffers
+      parallel_for(n, out_h * out_w, num_threads, [&](std::int64_t s_begin, std::int64_t s_end) {
+        auto b = renderer.buffers();
+        for (std::int64_t s = s_begin; s < s_end; ++s) renderer.sample(s, b);
+      });
+    } else {
+      // fewer samples than threads: split each sample's rows
+      auto b = renderer.buffers();
+      for (std::int64_t s = 0; s < n; ++s) renderer.sample_parallel(s, b, num_threads);
+    }
+  });
 }
 
 }  // namespace
@@ -750,20 +886,20 @@ void check_normalization(const Normalization& o) {
 
 std::int64_t colorize(const float* maps, std::int64_t n, std::int64_t h, std::int64_t w, const Lut& lut,
                       std::uint8_t* out, int num_threads) {
-  return colorize_impl(maps, n, h, w, lut, out, num_threads);
+  return color_impl("colorize", maps, nullptr, n, h, w, nullptr, lut, out, num_threads);
 }
 std::int64_t colorize(const Half* maps, std::int64_t n, std::int64_t h, std::int64_t w, const Lut& lut,
                       std::uint8_t* out, int num_threads) {
-  return colorize_impl(maps, n, h, w, lut, out, num_threads);
+  return color_impl("colorize", maps, nullptr, n, h, w, nullptr, lut, out, num_threads);
 }
 
 std::int64_t overlay(const float* maps, const std::uint8_t* images, std::int64_t n, std::int64_t h,
                      std::int64_t w, float alpha, const Lut& lut, std::uint8_t* out, int num_threads) {
-  return overlay_impl(maps, images, n, h, w, alpha, lut, out, num_threads);
+  return color_impl("overlay", maps, images, n, h, w, &alpha, lut, out, num_threads);
 }
 std::int64_t overlay(const Half* maps, const std::uint8_t* images, std::int64_t n, std::int64_t h,
                      std::int64_t w, float alpha, const Lut& lut, std::uint8_t* out, int num_threads) {
-  return overlay_impl(maps, images, n, h, w, alpha, lut, out, num_threads);
+  return color_impl("overlay", maps, images, n, h, w, &alpha, lut, out, num_threads);
 }
 
 void normalize(const float* maps, std::int64_t n, std::int64_t h, std::int64_t w, const Normalization& options,
