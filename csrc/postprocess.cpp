@@ -1,6 +1,7 @@
 #include "postprocess.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cfloat>
 #include <cmath>
 #include <cstring>
@@ -147,6 +148,19 @@ template <typename Fn>
 void parallel_for(std::int64_t count, std::int64_t work_per_item, int num_threads, const Fn& fn) {
   run_chunks(count, plan_threads(count, work_per_item, num_threads),
              [&](int, std::int64_t begin, std::int64_t end) { fn(begin, end); });
+}
+
+// fn(item, state) for every item of [0, count), items handed out one at a time to the threads
+// (a thread that is slowed down, e.g. on a busy machine, takes fewer); make_state() is called
+// once per thread.
+template <typename MakeState, typename Fn>
+void parallel_items(std::int64_t count, std::int64_t work_per_item, int num_threads, const MakeState& make_state,
+                    const Fn& fn) {
+  std::atomic<std::int64_t> next{0};
+  run_chunks(count, plan_threads(count, work_per_item, num_threads), [&](int, std::int64_t, std::int64_t) {
+    auto state = make_state();
+    for (std::int64_t item = next++; item < count; item = next++) fn(item, state);
+  });
 }
 
 void check_dims(std::int64_t n, std::int64_t h, std::int64_t w) {
@@ -775,10 +789,9 @@ void render_impl(const T* maps, std::int64_t n, std::int64_t h, std::int64_t w, 
     const R renderer(maps, h, w, images, out_h, out_w, options, lut, out);
     if (n >= threads || plan_threads(out_h, out_w, num_threads) <= 1) {
       // whole samples per thread, each thread with its own buffers
-      parallel_for(n, out_h * out_w, num_threads, [&](std::int64_t s_begin, std::int64_t s_end) {
-        auto b = renderer.buffers();
-        for (std::int64_t s = s_begin; s < s_end; ++s) renderer.sample(s, b);
-      });
+      parallel_items(
+          n, out_h * out_w, num_threads, [&] { return renderer.buffers(); },
+          [&](std::int64_t s, auto& b) { renderer.sample(s, b); });
     } else {
       // fewer samples than threads: split each sample's rows
       auto b = renderer.buffers();
