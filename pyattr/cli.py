@@ -180,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(xp)
     xp.add_argument("--format", choices=["onnx", "torchscript", "pt2"], help="override the format told by the suffix")
     xp.set_defaults(func=cmd_export)
+
+    # `pyattr run` is handled by pyattr.runtime.cli (torch-free); listed here for --help.
+    sub.add_parser("run", add_help=False, help="run an exported .onnx graph on images without torch "
+                                               "(pyattr run --help)")
     return parser
 
 
@@ -201,6 +205,11 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["run"]:  # before build_parser, which imports torch: `pyattr run` stays torch-free
+        from .runtime.cli import main as run_main
+
+        return run_main(argv[1:], prog="pyattr run")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
