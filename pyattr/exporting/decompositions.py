@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch._decomp import decomposition_table as _torch_table
 
@@ -119,6 +120,8 @@ def _source_index(i: int, n_in: int, n_out: int, align_corners: bool, scale: flo
 
 
 def _bilinear_rows(n_in, n_out, align_corners, scale):
+    if n_in == n_out:  # torch's kernels copy when the size is unchanged, whatever the scale says
+        return [[(i, 1.0)] for i in range(n_out)]
     rows = []
     for i in range(n_out):
         src = _source_index(i, n_in, n_out, align_corners, scale)
@@ -138,8 +141,14 @@ def upsample_bilinear2d_backward(grad_output, output_size, input_size, align_cor
 
 
 def _nearest_rows(n_in, n_out, scale):
-    ratio = 1.0 / scale if scale else n_in / n_out
-    return [[(min(math.floor(i * ratio), n_in - 1), 1.0)] for i in range(n_out)]
+    # As torch's nearest_idx: a copy at equal sizes, i >> 1 at twice the size, otherwise
+    # floorf(i * scale) with the scale rounded to float32 and the product taken in float32.
+    if n_out == n_in:
+        return [[(i, 1.0)] for i in range(n_out)]
+    if n_out == 2 * n_in:
+        return [[(i >> 1, 1.0)] for i in range(n_out)]
+    ratio = np.float32(1.0 / scale) if scale else np.float32(n_in) / np.float32(n_out)
+    return [[(min(math.floor(np.float32(i) * ratio), n_in - 1), 1.0)] for i in range(n_out)]
 
 
 def upsample_nearest2d_backward(grad_output, output_size, input_size, scales_h=None, scales_w=None):
