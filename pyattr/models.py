@@ -64,11 +64,15 @@ class ModelBundle:
 
 
 def find_default_layer(model: nn.Module, example: torch.Tensor) -> str | None:
-    """The last module, in execution order, whose output is (N, C, h, w) with h*w > 1."""
+    """The last module, in execution order, whose output is (N, C, h, w) with h*w > 1.
+
+    Adaptive pooling layers are skipped: they resample the features for the head (VGG's
+    ``avgpool`` turns 2x2 maps into 7x7 at 64x64 input) rather than compute new ones.
+    """
     last: list[str] = []
     handles = []
     for name, module in model.named_modules():
-        if not name:
+        if not name or isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
             continue
 
         def hook(_m, _i, out, name=name):

@@ -13,12 +13,14 @@ Score-CAM lives in :mod:`pyattr.methods.scorecam`, FullGrad in :mod:`pyattr.meth
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._capture import capture_outputs, eval_mode, find_layer
 from ..errors import InputError
@@ -80,6 +82,16 @@ def fuse_maps(maps: Sequence[torch.Tensor], fuse: str) -> torch.Tensor:
     size = (max(int(m.shape[-2]) for m in maps), max(int(m.shape[-1]) for m in maps))
     stacked = torch.stack([resize_bilinear(normalize_minmax(m), size) for m in maps])
     return stacked.mean(0) if fuse == "mean" else stacked.amax(0)
+
+
+def model_scores(method: AttributionMethod, x: torch.Tensor) -> torch.Tensor:
+    """The model's scores for ``x`` (through the base's output selection where it has one). While
+    tracing for export, attention runs in its math form, whose backward is made of forward ops
+    (the fused CPU/GPU kernels' backward ops have no export rule)."""
+    scores_of = getattr(method, "scores_of", None)
+    context = sdpa_kernel([SDPBackend.MATH]) if method._tracing else contextlib.nullcontext()
+    with context:
+        return scores_of(x) if scores_of is not None else method.model(x)
 
 
 def _layer_names(layer: Any) -> list[str] | None:
@@ -180,8 +192,7 @@ class CAMMethod(AttributionMethod):
         return scores, outputs
 
     def _scores(self, x: torch.Tensor) -> torch.Tensor:
-        scores_of = getattr(self, "scores_of", None)  # the base's output selection, where it has one
-        return scores_of(x) if scores_of is not None else self.model(x)
+        return model_scores(self, x)
 
     def as_map(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         """A layer output (or its gradient) as an (N, C, h, w) map (``reshape_transform`` applied)."""
@@ -305,8 +316,9 @@ class XGradCAM(GradientCAM):
     .. math:: w_k = \sum_{ij} \frac{A^k_{ij}}{\sum_{ab} A^k_{ab} + \epsilon}
               \frac{\partial S_t}{\partial A^k_{ij}}, \qquad L = \mathrm{ReLU}\Big(\sum_k w_k A^k\Big)
 
-    with :math:`\epsilon = 10^{-7}` (pytorch-grad-cam's; torchcam adds :math:`10^{-8}`). Args as
-    :class:`GradCAM`.
+    Args as :class:`GradCAM`, and ``eps`` (:math:`\epsilon`): :math:`10^{-7}` as pytorch-grad-cam;
+    torchcam adds :math:`10^{-8}`. Meant for non-negative (post-ReLU) activations: where a channel's
+    sum is near 0 (signed activations) the weight is ill-conditioned and depends on ``eps``.
 
     Example:
         >>> pyattr.methods.XGradCAM(model, "layer3")(torch.rand(2, 3, 64, 64)).raw.shape
@@ -314,10 +326,17 @@ class XGradCAM(GradientCAM):
     """
 
     name = "xgradcam"
-    eps = 1e-7
+
+    def __init__(self, model: nn.Module, layer: LayerSpec = None, *, eps: float = 1e-7, **options):
+        super().__init__(model, layer, **options)
+        self.eps = float(eps)
 
     def layer_map(self, act, grad):
-        weights = (grad * act).sum((2, 3)) / (act.sum((2, 3)) + self.eps)
+        den = act.sum((2, 3)) + self.eps
+        # never 0 in eager; in ONNX a "+ eps" of at most 1e-8 is optimized away (x + 0 -> x), and a dead
+        # channel would give 0 / 0: divide its zero numerator by 1 instead
+        den = torch.where(den == 0, torch.ones_like(den), den)
+        weights = (grad * act).sum((2, 3)) / den
         return weighted_sum(weights, act)
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import InputError
 from .base import AttributionMethod
+from .cam import model_scores
 
 VARIANTS = ("paper", "pytorch-grad-cam")
 
@@ -136,16 +137,12 @@ class FullGrad(AttributionMethod):
         self._bias_modules = [m for _, m in bias_layers(model, variant)]
 
     # -- the decomposition ------------------------------------------------------------------------
-    def _scores(self, x: torch.Tensor) -> torch.Tensor:
-        scores_of = getattr(self, "scores_of", None)
-        return scores_of(x) if scores_of is not None else self.model(x)
-
     def decompose(self, x: torch.Tensor, target: torch.Tensor):
         """(scores, resolved target, input term ``grad_x * (x - offset)`` (N, C, H, W), bias terms
         ``[(layer index, grad_z * b)]``, one per layer call, each (N, C_l, ...))."""
         x = x.detach().requires_grad_(True)
         with capture_fresh_outputs(self._bias_modules) as captured:
-            scores = self._scores(x)
+            scores = model_scores(self, x)
         score, resolved = self.select(scores, target)
         grads = torch.autograd.grad(score, [x] + [out for _, out in captured], allow_unused=True)
         offset = self.input_offset
