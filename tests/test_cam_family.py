@@ -8,6 +8,7 @@ the export contract (ONNX in onnxruntime, TorchScript, .pt2 vs eager, batch 1 an
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 
@@ -27,6 +28,7 @@ from pyattr.methods import (
     FullGrad,
     GradCAM,
     GradCAMPlusPlus,
+    GuidedGradCAM,
     HiResCAM,
     LayerCAM,
     ScoreCAM,
@@ -44,7 +46,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 logging.getLogger("torchcam").setLevel(logging.ERROR)
 RTOL = 1e-5
-CAM_NAMES = ("cam", "gradcam", "gradcampp", "xgradcam", "layercam", "hirescam", "scorecam", "fullgrad")
+CAM_NAMES = ("cam", "gradcam", "gradcampp", "xgradcam", "layercam", "hirescam", "scorecam", "fullgrad", "guidedgradcam")
 
 
 def assert_maps_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTOL) -> float:
@@ -336,6 +338,25 @@ def test_fullgrad_matches_the_papers_reference_implementation(models, model_name
     model = models(model_name)
     x, target = inputs()
     assert_maps_close(FullGrad(model)(x, target).raw, fullgrad_paper_reference(model, x, target))
+
+
+@pytest.mark.parametrize("model_name", ["resnet18", "vgg11"])
+def test_guided_gradcam_matches_pytorch_grad_cam(models, model_name):
+    """pytorch-grad-cam's recipe: its GuidedBackpropReLUModel (which swaps the ReLU modules, hence a copy
+    of the model) times its Grad-CAM map upsampled to the input; then the max of |.| over channels."""
+    from pytorch_grad_cam.guided_backprop import GuidedBackpropReLUModel
+
+    model = models(model_name)
+    layer = LAYERS[model_name]
+    x, target = inputs(3)
+    ours = GuidedGradCAM(model, layer)(x, target).raw
+    cam = pgc_raw(pgc.GradCAM, model, layer, x.clone(), target)
+    expected = []
+    for i in range(3):
+        guided = GuidedBackpropReLUModel(copy.deepcopy(model), "cpu")(x[i:i + 1].clone(), int(target[i]))
+        up = F.interpolate(cam[i:i + 1, None], size=(64, 64), mode="bilinear", align_corners=False)[0]
+        expected.append((torch.from_numpy(guided).permute(2, 0, 1) * up).abs().amax(0))
+    assert_maps_close(ours, torch.stack(expected))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..errors import InputError
 from .base import Attribution, AttributionMethod
-from .cam import CAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, TokensToGrid, XGradCAM
+from .cam import CAM, GradCAM, GradCAMPlusPlus, GuidedGradCAM, HiResCAM, LayerCAM, TokensToGrid, XGradCAM
 from .fullgrad import FullGrad
 from .gradient import DeconvNet, GuidedBackprop, InputXGradient, IntegratedGradients, Saliency, SmoothGrad
 from .scorecam import ScoreCAM
@@ -28,6 +28,7 @@ METHODS: dict[str, type[AttributionMethod]] = {
     "integratedgradients": IntegratedGradients,
     "guidedbackprop": GuidedBackprop,
     "deconvnet": DeconvNet,
+    "guidedgradcam": GuidedGradCAM,
 }
 
 
@@ -53,5 +54,5 @@ def build_method(name: str, model: nn.Module, layer: str | None = None, **option
 
 
 __all__ = ["CAM", "METHODS", "Attribution", "AttributionMethod", "DeconvNet", "FullGrad", "GradCAM",
-           "GradCAMPlusPlus", "GuidedBackprop", "HiResCAM", "InputXGradient", "IntegratedGradients", "LayerCAM",
+           "GradCAMPlusPlus", "GuidedBackprop", "GuidedGradCAM", "HiResCAM", "InputXGradient", "IntegratedGradients", "LayerCAM",
            "Saliency", "ScoreCAM", "SmoothGrad", "TokensToGrid", "XGradCAM", "build_method", "needs_layer"]

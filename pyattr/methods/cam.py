@@ -447,5 +447,48 @@ class CAM(CAMMethod):
         return {**super().metadata(), "fc": self.fc_name}
 
 
-__all__ = ["CAM", "CAMMethod", "GradCAM", "GradCAMPlusPlus", "GradientCAM", "HiResCAM", "LayerCAM",
+class GuidedGradCAM(CAMMethod):
+    r"""Guided Grad-CAM (Selvaraju et al. 2017, arXiv:1610.02391, sec. 3): Guided Backpropagation
+    multiplied element-wise by the Grad-CAM map upsampled to the input's size,
+
+    .. math:: A_{cij} = G_{cij} \cdot \mathrm{up}(L^{\mathrm{Grad	ext{-}CAM}})_{ij}
+
+    with :math:`G` the guided gradient (:class:`~pyattr.methods.gradient.GuidedBackprop`) and up the
+    bilinear resize (``align_corners=False``) of the un-normalized Grad-CAM map (several layers: their
+    fused map). Then the channel ``reduction`` (default: the max of :math:`|A|`, as Saliency). Two
+    forward passes: the plain one for Grad-CAM, one under the guided ReLU rule. Raw map (N, H, W).
+
+    Args:
+        model, layer, fuse, reshape_transform: as :class:`GradCAM`.
+        reduction: ``"max"`` (of absolute values, default), ``"sum"``, ``"l2"``, ``"mean"`` (signed).
+
+    Example:
+        >>> pyattr.methods.GuidedGradCAM(model, "layer3")(torch.rand(2, 3, 64, 64)).raw.shape
+        torch.Size([2, 64, 64])
+    """
+
+    name = "guidedgradcam"
+
+    def __init__(self, model: nn.Module, layer: LayerSpec = None, *, reduction: str = "max", **options):
+        from .gradient import GuidedBackprop
+
+        cam_options = {k: options.pop(k) for k in ("fuse", "reshape_transform") if k in options}
+        super().__init__(model, layer, **cam_options, **options)
+        self.guided = GuidedBackprop(model, reduction=reduction, **options)
+        self.reduction = reduction
+
+    def attribute_raw(self, x: torch.Tensor, target: torch.Tensor):
+        scores, acts, grads, resolved = self.activations_and_grads(x, target)
+        cam = fuse_maps([weighted_sum(g.mean((2, 3)), a) for a, g in zip(acts, grads)], self.fuse)
+        self.guided._tracing = self._tracing
+        _, guided, _ = self.guided.input_gradients(x, resolved[:, None])  # (N, 1, C, H, W)
+        attr = guided[:, 0] * resize_bilinear(cam, (int(x.shape[-2]), int(x.shape[-1])))[:, None]
+        attr = self.guided._abs(attr[:, None])  # (N, 1, C, H, W), |.| unless reduction="mean"
+        return scores, self.guided.reduce(attr)[:, 0], resolved
+
+    def metadata(self) -> dict[str, Any]:
+        return {**super().metadata(), "reduction": self.reduction}
+
+
+__all__ = ["CAM", "CAMMethod", "GradCAM", "GradCAMPlusPlus", "GradientCAM", "GuidedGradCAM", "HiResCAM", "LayerCAM",
            "TokensToGrid", "XGradCAM", "fuse_maps"]
