@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -723,3 +724,27 @@ C_FUSED_BAD_INPUTS = [  # (function of _C, args, kwargs, error, message)
 def test_cpp_fused_rejects_bad_input(C, name, args, kwargs, error, message):
     with pytest.raises(error, match=message):
         getattr(C, name)(*args, **kwargs)
+
+
+def test_gil_is_released(C):
+    """Another Python thread keeps running while the kernels work (a held GIL would stop it)."""
+    import threading
+
+    rng = np.random.default_rng(0)
+    maps = rng.random((48, 7, 7), dtype=np.float32)
+    images = rng.integers(0, 256, (48, 224, 224, 3), dtype=np.uint8)
+    done = threading.Event()
+
+    def work():
+        for _ in range(3):
+            C.render(maps, images, num_threads=1)
+        done.set()
+
+    worker = threading.Thread(target=work)
+    ticks = 0
+    worker.start()
+    while not done.is_set():
+        ticks += 1
+        time.sleep(0.0005)
+    worker.join()
+    assert ticks >= 10, ticks
