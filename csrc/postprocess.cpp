@@ -315,6 +315,31 @@ PYATTR_HOT void blend_bytes(const std::uint8_t* image, const std::uint8_t* color
   }
 }
 
+// The same blend when alpha = weight / 2^shift (shift <= 8: 0.5, 0.25, 0.375, ...): then every float
+// step above is exact (products of <= 16 significant bits, sums < 512 on a 2^-8 grid), so
+// floor(beta * v + alpha * c + 0.5) == (v * (2^shift - weight) + c * weight + half) >> shift, in 16 bits.
+PYATTR_HOT void blend_bytes_dyadic(const std::uint8_t* image, const std::uint8_t* colors, std::int64_t count,
+                                   std::uint16_t weight, int shift, std::uint8_t* out) {
+  const auto image_weight = static_cast<std::uint16_t>((1u << shift) - weight);
+  const auto half = static_cast<std::uint16_t>(shift ? 1u << (shift - 1) : 0u);
+  for (std::int64_t i = 0; i < count; ++i) {
+    const auto sum = static_cast<std::uint16_t>(image[i] * image_weight + colors[i] * weight + half);
+    out[i] = static_cast<std::uint8_t>(sum >> shift);
+  }
+}
+
+// alpha = weight / 2^shift with shift <= 8, if it is such a fraction.
+bool dyadic(float alpha, std::uint16_t& weight, int& shift) {
+  for (shift = 0; shift <= 8; ++shift) {
+    const float scaled = alpha * static_cast<float>(1 << shift);  // exact: a power-of-two scaling
+    if (scaled == std::floor(scaled)) {
+      weight = static_cast<std::uint16_t>(scaled);
+      return true;
+    }
+  }
+  return false;
+}
+
 // The alpha blend, per byte of RGB:
 //   (1 - alpha) * image + alpha * color, then + 0.5, each step rounded to float (no FMA: built
 //   with -ffp-contract=off), then truncated (the sum lies in [0.5, 256), so truncation is floor):
@@ -322,20 +347,28 @@ PYATTR_HOT void blend_bytes(const std::uint8_t* image, const std::uint8_t* color
 // looked up first, then the blend runs over contiguous bytes (a loop the compiler vectorizes).
 class Blender {
  public:
-  Blender(float alpha, const Lut& lut) : alpha_(alpha), beta_(1.0f - alpha), lut_(widen(lut)) {}
+  Blender(float alpha, const Lut& lut)
+      : alpha_(alpha), beta_(1.0f - alpha), lut_(widen(lut)), dyadic_(dyadic(alpha, weight_, shift_)) {}
 
   void row(const int* index, const std::uint8_t* image, std::int64_t count, std::uint8_t* out) const {
     std::uint8_t colors[3 * kBlock];
     for (std::int64_t first = 0; first < count; first += kBlock) {
       const std::int64_t len = std::min(kBlock, count - first);
       colors_row(index + first, len, lut_, colors);
-      blend_bytes(image + 3 * first, colors, 3 * len, alpha_, beta_, out + 3 * first);
+      if (dyadic_) {
+        blend_bytes_dyadic(image + 3 * first, colors, 3 * len, weight_, shift_, out + 3 * first);
+      } else {
+        blend_bytes(image + 3 * first, colors, 3 * len, alpha_, beta_, out + 3 * first);
+      }
     }
   }
 
  private:
   float alpha_, beta_;
   Lut4 lut_;
+  std::uint16_t weight_ = 0;  // alpha = weight_ / 2^shift_ when dyadic_
+  int shift_ = 0;
+  bool dyadic_;  // declared last: initialized after weight_ and shift_, which it sets
 };
 
 // colorize (blender == nullptr) or overlay of pixels [0, count); returns the number of NaN.

@@ -206,6 +206,21 @@ def test_overlay_all_image_color_pairs_agree(C, alpha):
     assert np.abs(cpp[..., 0] - np.floor(exact + 0.5)).max() <= 1  # float32 vs exact rounding
 
 
+DYADIC_ALPHAS = sorted({m / 2**k for k in range(6) for m in range(2**k + 1)} | {1 / 256, 77 / 256, 129 / 256, 255 / 256})
+
+
+def test_overlay_dyadic_alphas_exact(C):
+    """alpha = m / 2^k (k <= 8) takes the C++ core's integer blend: equal to the float formula for every
+    (image, color) pair."""
+    maps = np.broadcast_to(np.arange(256, dtype=np.float32) / 255, (256, 256))[None]
+    images = np.repeat(
+        np.broadcast_to(np.arange(256, dtype=np.uint8)[:, None], (256, 256))[None, ..., None], 3, -1
+    )
+    for alpha in DYADIC_ALPHAS:
+        cpp, ref = both(render.overlay, maps, images, alpha, "gray")
+        np.testing.assert_array_equal(cpp, ref, err_msg=f"alpha {alpha}")
+
+
 map_values = st.one_of(
     st.floats(0, 1, width=32),
     st.floats(allow_nan=False, allow_infinity=True, width=32),
