@@ -385,6 +385,29 @@ def test_fullgrad_completeness_on_the_builtin_model(builtin_model):
     assert float((score - total).abs().min()) > 1e-3  # without the offset, the normalization's share is missing
 
 
+class PatchMLP(nn.Module):
+    """Patches -> tokens (N, 16, 8) -> Linear + ReLU on the features (last dim) -> token mean -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 16, stride=16)
+        self.mlp = nn.Sequential(nn.Linear(8, 12), nn.ReLU(inplace=True), nn.Linear(12, 8))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        return self.head(self.mlp(tokens).mean(1))
+
+
+def test_fullgrad_completeness_with_linear_layers_on_tokens():
+    """Linear biases apply along the last dim (features), conv biases along dim 1 (channels)."""
+    model = _seeded(8, PatchMLP)
+    x = make_images(3, seed=9)
+    method = FullGrad(model)
+    assert completeness_error(method, x) < 1e-4
+    assert method(x).raw.shape == (3, 64, 64)  # the map: the input term and the patch conv's bias term
+
+
 def test_fullgrad_collects_every_bias(resnet18, vgg11):
     assert len(bias_layers(resnet18)) == 20 + 1  # 20 BatchNorm2d (incl. downsample) + fc
     assert len(bias_layers(vgg11)) == 8 + 3  # 8 conv + 3 linear, each with a bias
@@ -660,6 +683,15 @@ def test_export_contract_several_layers_and_automatic_layer(builtin_model, tmp_p
     method = GradCAMPlusPlus(builtin_model)  # layer chosen at export
     assert_export_contract(method, make_images(5, seed=52), tmp_path, num_classes=6, formats=("onnx",))
     assert pyattr.read_metadata(tmp_path / "gradcampp.onnx")["layer"] == "layer3"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gradcampp", "xgradcam", "layercam", "hirescam", "scorecam", "guidedgradcam",
+                                  "fullgrad"])
+def test_export_contract_vit_every_method(vit_tiny, name, tmp_path):
+    options = {} if name == "fullgrad" else {"reshape_transform": TokensToGrid()}
+    method = build_method(name, vit_tiny, VIT_TINY_LAYER, **options)
+    assert_export_contract(method, make_images(5, seed=54), tmp_path, num_classes=NUM_CLASSES_TORCHVISION)
 
 
 def test_export_contract_vit(vit_tiny, tmp_path):

@@ -481,7 +481,9 @@ class GuidedGradCAM(CAMMethod):
         scores, acts, grads, resolved = self.activations_and_grads(x, target)
         cam = fuse_maps([weighted_sum(g.mean((2, 3)), a) for a, g in zip(acts, grads)], self.fuse)
         self.guided._tracing = self._tracing
-        _, guided, _ = self.guided.input_gradients(x, resolved[:, None])  # (N, 1, C, H, W)
+        context = sdpa_kernel([SDPBackend.MATH]) if self._tracing else contextlib.nullcontext()
+        with context:
+            _, guided, _ = self.guided.input_gradients(x, resolved[:, None])  # (N, 1, C, H, W)
         attr = guided[:, 0] * resize_bilinear(cam, (int(x.shape[-2]), int(x.shape[-1])))[:, None]
         attr = self.guided._abs(attr[:, None])  # (N, 1, C, H, W), |.| unless reduction="mean"
         return scores, self.guided.reduce(attr)[:, 0], resolved

@@ -99,8 +99,8 @@ class FullGrad(AttributionMethod):
 
     where :math:`\psi` is the absolute value followed by a min-max rescaling per sample over
     (C, h, w) (``(m - min) / (max - min + 1e-6)``) and up is bilinear upsampling to the input's size
-    with ``align_corners=True``; only (N, C, h, w) bias-gradients enter the map (linear layers count
-    for completeness only). ``variant="pytorch-grad-cam"`` reproduces pytorch-grad-cam's FullGrad:
+    with ``align_corners=True``; only the (N, C, h, w) bias-gradients of convolutions and BatchNorms
+    enter the map (linear layers count for completeness only). ``variant="pytorch-grad-cam"`` reproduces pytorch-grad-cam's FullGrad:
     :math:`\psi` rescales each channel separately (``1e-7``), upsampling with ``align_corners=False``
     (its ``cv2.resize``), and only ``Conv2d``/``BatchNorm2d`` layers. Raw map: (N, H, W).
 
@@ -155,8 +155,13 @@ class FullGrad(AttributionMethod):
         for (i, out), grad in zip(captured, grads[1:]):
             if grad is None:  # the layer's output does not reach the score
                 continue
-            bias = effective_bias(self._bias_modules[i]).to(grad.dtype)
-            bias_terms.append((i, grad * bias.view(1, -1, *[1] * (grad.dim() - 2))))
+            module = self._bias_modules[i]
+            bias = effective_bias(module).to(grad.dtype)
+            if isinstance(module, nn.Linear):  # features last: (N, ..., F)
+                shape = [1] * (grad.dim() - 1) + [-1]
+            else:  # channels at dim 1: (N, C, ...)
+                shape = [1, -1] + [1] * (grad.dim() - 2)
+            bias_terms.append((i, grad * bias.view(shape)))
         return scores, resolved, input_term, bias_terms
 
     def completeness(self, x: torch.Tensor, target=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,8 +197,8 @@ class FullGrad(AttributionMethod):
         size = (int(x.shape[-2]), int(x.shape[-1]))
         align = self.variant == "paper"
         cam = self._rescale(input_term).sum(1)
-        for _, term in bias_terms:
-            if term.dim() != 4:
+        for i, term in bias_terms:
+            if term.dim() != 4 or isinstance(self._bias_modules[i], nn.Linear):  # (N, C, h, w) maps only
                 continue
             up = self._rescale(term)
             if tuple(up.shape[-2:]) != size:
