@@ -31,13 +31,13 @@ _LAZY = {
     "ExportError": "pyattr.errors",
 }
 _SUBMODULES = {"zoo", "render", "colormaps", "methods", "exporting", "metrics", "models", "figures",
-               "postprocess", "errors"}
+               "postprocess", "errors", "sanity"}
 
 __all__ = [
     "METHODS", "Attribution", "AttributionMethod", "DeconvNet", "ExportError", "GradCAM", "GuidedBackprop",
     "InputError", "InputXGradient", "IntegratedGradients", "LayerNotFoundError", "PyattrError", "Saliency",
     "SmoothGrad", "__version__", "colormaps", "errors", "export", "exporting", "figures", "methods", "metrics",
-    "models", "pointing_game", "postprocess", "read_metadata", "render", "zoo",
+    "models", "pointing_game", "postprocess", "read_metadata", "render", "sanity", "zoo",
 ]
 
 
