@@ -19,8 +19,9 @@ Variants, all in one run:
 
 Variants are interleaved in every repeat (so that a busy machine slows them alike); the table
 gives the median and interquartile range of the wall time, and the median CPU time of the
-process (all threads). The ratio printed last is OpenCV chain / pyattr fused (all cores), the
-issue's goal being >= 4x on a 2-core machine. A check line gives the largest difference
+process (all threads). The ratios printed last are OpenCV chain / pyattr fused (all cores, and
+one thread), the issue's goal being >= 4x on a 2-core machine; the CPU-time ratio does not
+depend on how many cores other jobs leave free. A check line gives the largest difference
 between pyattr (cmap ``jet_opencv``) and the OpenCV chain, in uint8 levels.
 """
 
@@ -133,11 +134,12 @@ def main() -> None:
     lines.append("")
     fused = "pyattr fused C++ (all cores)"
     if cv_name and fused in results:
-        ratio = np.median(results[cv_name][0]) / np.median(results[fused][0])
-        cpu_ratio = np.median(results[cv_name][1]) / np.median(results[fused][1])
-        verdict = "meets" if ratio >= 4 else "misses"
-        lines.append(f"ratio OpenCV chain / pyattr fused: {ratio:.1f}x wall ({verdict} the >= 4x goal), "
-                     f"{cpu_ratio:.1f}x CPU time")
+        for name in (fused, "pyattr fused C++ (1 thread)"):
+            ratio = np.median(results[cv_name][0]) / np.median(results[name][0])
+            cpu_ratio = np.median(results[cv_name][1]) / np.median(results[name][1])
+            verdict = "meets" if ratio >= 4 else "misses"
+            lines.append(f"ratio OpenCV chain / {name}: {ratio:.1f}x wall ({verdict} the >= 4x goal), "
+                         f"{cpu_ratio:.1f}x CPU time")
         ours = render.heatmap_overlay(maps, images, a, "jet_opencv")
         theirs = opencv_chain(maps, images[..., ::-1].copy(), a)[..., ::-1]  # OpenCV colors are BGR
         diff = np.abs(ours.astype(int) - theirs)
