@@ -71,7 +71,7 @@ def test_lut_within_one_level_of_matplotlib(C, name):
 
 
 def test_jet_opencv_within_one_level_of_opencv(C):
-    import cv2
+    cv2 = pytest.importorskip("cv2", reason="OpenCV (installed with the test extra's grad-cam) is the reference")
     bgr = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_JET)[:, 0]
     for table in (colormaps.lut("jet_opencv"), C.colormap_lut("jet_opencv")):
         assert np.abs(table.astype(int) - bgr[:, ::-1].astype(int)).max() <= 1
