@@ -31,13 +31,13 @@ _LAZY = {
     "ExportError": "pyattr.errors",
 }
 _SUBMODULES = {"zoo", "render", "colormaps", "methods", "exporting", "metrics", "models", "figures",
-               "postprocess", "errors", "sanity"}
+               "postprocess", "errors", "sanity", "runtime"}
 
 __all__ = [
     "METHODS", "Attribution", "AttributionMethod", "DeconvNet", "ExportError", "GradCAM", "GuidedBackprop",
     "InputError", "InputXGradient", "IntegratedGradients", "LayerNotFoundError", "PyattrError", "Saliency",
     "SmoothGrad", "__version__", "colormaps", "errors", "export", "exporting", "figures", "methods", "metrics",
-    "models", "pointing_game", "postprocess", "read_metadata", "render", "sanity", "zoo",
+    "models", "pointing_game", "postprocess", "read_metadata", "render", "runtime", "sanity", "zoo",
 ]
 
 
