@@ -1,0 +1,1 @@
+"""Helpers of benchmarks/run.py (timing, cases, peers, end to end, report)."""

@@ -1,0 +1,420 @@
+"""What is timed: models, inputs, the methods' settings, the bounds and pyattr's backends.
+
+Settings shared by pyattr, the peers and the bounds (so that all do the same work):
+
+==================== ===========================================================================
+method               work per image
+==================== ===========================================================================
+saliency             1 forward + 1 backward to the input; map: max over channels of |grad|
+integratedgradients  32 points (Gauss-Legendre), zero baseline; sum over channels
+smoothgrad           16 noisy samples (noise 0.15 x the input's range); max of |grad|
+gradcam, gradcampp   1 forward + 1 backward down to the layer
+scorecam             1 forward + C masked forwards (C channels of the layer)
+fullgrad             1 forward + 1 backward to the input and to every biased layer's output
+lrp                  EpsilonPlus rules; 1 forward + 1 modified backward to the input
+==================== ===========================================================================
+
+Batching of the repeated passes (the same for pyattr, the bound and the peers that can batch):
+:func:`points_per_pass` points / samples per input in one pass (16, fewer at large batches so that a
+pass holds at most 128 images), :func:`channels_per_pass` Score-CAM masks per input in one pass (32,
+at most 256 images a pass).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import pyattr
+from pyattr.methods import METHODS
+
+from .timing import Contender
+
+IG_STEPS, SG_SAMPLES, SG_NOISE = 32, 16, 0.15
+
+
+def points_per_pass(batch: int) -> int:
+    """Integration points / noisy samples per input in one batched pass (divides 16)."""
+    chunk = 16
+    while chunk > 1 and batch * chunk > 128:
+        chunk //= 2
+    return chunk
+
+
+def channels_per_pass(batch: int) -> int:
+    """Score-CAM channels per input in one masked pass."""
+    return max(1, min(32, 256 // batch))
+
+
+VIT_LAYER = "encoder.layers.encoder_layer_11.ln_1"
+METHOD_LABELS = {
+    "saliency": "Saliency", "integratedgradients": "Integrated Gradients (32)", "smoothgrad": "SmoothGrad (16)",
+    "gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "scorecam": "Score-CAM", "fullgrad": "FullGrad",
+    "lrp": "LRP (EpsilonPlus)",
+}
+ALL_METHODS = list(METHOD_LABELS)
+CAM_METHODS = ("gradcam", "gradcampp", "scorecam")
+ALL_MODELS = ["resnet50", "vgg16", "mobilenet_v3_large", "vit_b_16"]
+
+
+@dataclass
+class Setup:
+    """A model on its device with its input batch, fixed targets and the explained layer."""
+
+    name: str
+    model: nn.Module
+    x: torch.Tensor
+    target: torch.Tensor          # (N,) the arg-max classes, given explicitly to every library
+    layer_name: str | None        # CAM layer (None for models where none applies)
+    reshape: Callable | None      # tokens -> (N, C, h, w) for ViT, else None
+    device: torch.device
+
+    @property
+    def layer(self) -> nn.Module:
+        return dict(self.model.named_modules())[self.layer_name]
+
+
+def make_model(name: str, size: int, device: torch.device) -> nn.Module:
+    """A torchvision classifier with random (seeded) weights, in eval mode; nothing is downloaded."""
+    torch.manual_seed(0)
+    kwargs = {"image_size": size} if name.startswith("vit") else {}
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    return model.eval().to(device)
+
+
+def tokens_to_grid(tokens: torch.Tensor) -> torch.Tensor:
+    """ViT tokens (N, 1 + h*w, D) -> (N, D, h, w), as a plain function (for the peers)."""
+    n, p, d = tokens.shape
+    side = round((p - 1) ** 0.5)
+    return tokens[:, 1:].reshape(n, side, side, d).permute(0, 3, 1, 2)
+
+
+def make_setup(name: str, model: nn.Module, batch: int, size: int, device: torch.device) -> Setup:
+    g = torch.Generator().manual_seed(batch)
+    x = torch.rand(batch, 3, size, size, generator=g).to(device)
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    if name.startswith("vit"):
+        layer, reshape = VIT_LAYER, tokens_to_grid
+    else:
+        from pyattr.models import find_default_layer
+
+        layer, reshape = find_default_layer(model, x[:1]), None
+    return Setup(name, model, x, target, layer, reshape, device)
+
+
+def build_pyattr(method: str, s: Setup) -> pyattr.AttributionMethod:
+    """The pyattr method with the shared settings (module docstring)."""
+    m = s.model
+    if method == "saliency":
+        return pyattr.Saliency(m)
+    if method == "integratedgradients":
+        return pyattr.IntegratedGradients(m, steps=IG_STEPS, chunk_size=points_per_pass(len(s.x)))
+    if method == "smoothgrad":
+        return pyattr.SmoothGrad(m, "saliency", samples=SG_SAMPLES, noise_level=SG_NOISE,
+                                 chunk_size=points_per_pass(len(s.x)))
+    if method in CAM_METHODS:
+        options = {"reshape_transform": pyattr.methods.TokensToGrid(1)} if s.reshape is not None else {}
+        if method == "scorecam":
+            options["chunk_size"] = channels_per_pass(len(s.x))
+        return METHODS[method](m, s.layer_name, **options)
+    if method == "fullgrad":
+        return pyattr.methods.FullGrad(m)
+    if method in METHODS:  # e.g. "lrp" once it lands: its defaults
+        return pyattr.methods.build_method(method, m)
+    raise KeyError(f"pyattr has no method {method!r} (registered: {', '.join(METHODS)})")
+
+
+def pyattr_has(method: str) -> bool:
+    return method in METHODS
+
+
+# --- references: the bound and the forward pass ---------------------------------------------------
+
+
+def _select(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return scores.gather(1, target[:, None]).sum()
+
+
+def _input_grad(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    x = x.detach().requires_grad_(True)
+    return torch.autograd.grad(_select(model(x), target), x)[0]
+
+
+def _layer_grad(model: nn.Module, layer: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    captured = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        scores = model(x)
+    finally:
+        handle.remove()
+    return torch.autograd.grad(_select(scores, target), captured[-1])[0]
+
+
+def bound_fn(method: str, s: Setup) -> Callable[[], object]:
+    """The plain forward + backward (torch.autograd) the method needs, nothing else (no mapping, no
+    normalization, no parameter gradient)."""
+    model, x, t = s.model, s.x, s.target
+    n = x.shape[0]
+    if method in ("saliency", "fullgrad", "lrp"):
+        return lambda: _input_grad(model, x, t)
+    if method in ("gradcam", "gradcampp"):
+        layer = s.layer
+        return lambda: _layer_grad(model, layer, x, t)
+    if method in ("integratedgradients", "smoothgrad"):
+        passes = IG_STEPS if method == "integratedgradients" else SG_SAMPLES
+        chunk = points_per_pass(n)
+        scale = torch.linspace(0.1, 1.0, chunk, device=x.device).view(1, -1, 1, 1, 1)
+
+        def several():
+            for _ in range(passes // chunk):
+                points = (x[:, None] * scale).flatten(0, 1)
+                _input_grad(model, points, t.repeat_interleave(chunk))
+        return several
+    if method == "scorecam":
+        layer = s.layer
+
+        def masked_forwards():
+            with torch.no_grad():
+                captured = []
+                handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
+                try:
+                    model(x)
+                finally:
+                    handle.remove()
+                act = captured[-1] if s.reshape is None else s.reshape(captured[-1])
+                channels, chunk = act.shape[1], channels_per_pass(n)
+                for start in range(0, channels, chunk):
+                    c = min(chunk, channels - start)
+                    model(x.repeat_interleave(c, 0)).gather(1, t.repeat_interleave(c)[:, None])
+        return masked_forwards
+    raise KeyError(method)
+
+
+def forward_fn(s: Setup) -> Callable[[], object]:
+    def forward():
+        with torch.no_grad():
+            return s.model(s.x)
+    return forward
+
+
+def bound_label(method: str) -> str:
+    return {"saliency": "fwd + bwd to input", "fullgrad": "fwd + bwd to input", "lrp": "fwd + bwd to input",
+            "gradcam": "fwd + bwd to layer", "gradcampp": "fwd + bwd to layer",
+            "integratedgradients": f"{IG_STEPS} x (fwd + bwd to input)",
+            "smoothgrad": f"{SG_SAMPLES} x (fwd + bwd to input)",
+            "scorecam": "fwd + C masked fwds"}.get(method, "fwd + bwd")
+
+
+# --- pyattr's backends ----------------------------------------------------------------------------
+
+SUFFIX = {"torchscript": ".pt", "pt2": ".pt2", "onnx": ".onnx"}
+
+
+def _source_hash() -> str:
+    """A hash of pyattr's Python sources and of the torch version: an exported file is reused from
+    the cache only while both are unchanged."""
+    h = hashlib.sha1(torch.__version__.encode())
+    root = Path(pyattr.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def export_key(method: str, method_obj: pyattr.AttributionMethod, s: Setup) -> str:
+    """A file name for the exported graph: model, input size, method and a hash of its settings."""
+    settings = json.dumps(method_obj.metadata(), sort_keys=True, default=str)
+    return f"{s.name}-{s.x.shape[-1]}-{method}-{hashlib.sha1(settings.encode()).hexdigest()[:8]}"
+
+
+def export_all(method_obj: pyattr.AttributionMethod, key: str, s: Setup, formats: list[str], cache: Path,
+               log: Callable[[str], None]) -> dict[str, tuple[Path, float, bool]]:
+    """Export ``method_obj`` once per format (trace once, write each format from that graph, as
+    :func:`pyattr.export` does), cached under ``cache``. Returns {format: (path, seconds, cached)}."""
+    from pyattr.exporting import _write_onnx, _write_pt2, _write_torchscript, build_metadata
+    from pyattr.exporting.trace import example_batch, trace_graph
+
+    folder = cache / f"{_source_hash()}-{s.device.type}"
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict[str, tuple[Path, float, bool]] = {}
+    todo = []
+    for fmt in formats:
+        path = folder / f"{key}{SUFFIX[fmt]}"
+        info = path.with_suffix(path.suffix + ".json")
+        if path.exists() and info.exists():
+            out[fmt] = (path, json.loads(info.read_text())["seconds"], True)
+        else:
+            todo.append(fmt)
+    if not todo:
+        return out
+    example = method_obj._check_input(s.x[:1])
+    t0 = time.perf_counter()
+    gm = trace_graph(method_obj, example)
+    trace_s = time.perf_counter() - t0
+    x, t = example_batch(example)
+    meta = build_metadata(method_obj, example)
+    for fmt in todo:
+        path = folder / f"{key}{SUFFIX[fmt]}"
+        tmp = path.with_name("." + path.name)
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if fmt == "onnx":
+                _write_onnx(gm, x, t, tmp, meta)
+            elif fmt == "torchscript":
+                _write_torchscript(gm, tmp, meta)
+            else:
+                _write_pt2(gm, x, t, tmp, meta)
+        seconds = trace_s + time.perf_counter() - t0
+        os.replace(tmp, path)
+        path.with_suffix(path.suffix + ".json").write_text(json.dumps({"seconds": seconds}))
+        out[fmt] = (path, seconds, False)
+        log(f"    exported {fmt} in {seconds:.1f} s (trace {trace_s:.1f} s)")
+    return out
+
+
+def ort_session(path: Path, device: torch.device, threads: int, opt_level: str = "all"):
+    """An onnxruntime session on the benchmark's device (CUDA provider on CUDA when available)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads if device.type == "cpu" else 0
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = {
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[opt_level]
+    options.log_severity_level = 3
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise RuntimeError("this onnxruntime has no CUDAExecutionProvider "
+                               f"(providers: {', '.join(ort.get_available_providers())})")
+        providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+    else:
+        providers = ["CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def ort_runner(sess, s: Setup) -> Callable[[], object]:
+    """One call of the graph. CPU: NumPy in and out. CUDA: I/O binding on the torch tensors already
+    on the GPU, outputs left on the GPU (no host copy, as the torch backends)."""
+    x, t = s.x.contiguous(), s.target.contiguous()
+    if s.device.type != "cuda":
+        feeds = {"images": x.numpy(), "target": t.numpy()}
+        return lambda: sess.run(None, feeds)
+    import numpy as np
+
+    index = s.device.index or 0
+    names = [o.name for o in sess.get_outputs()]
+
+    def run():
+        binding = sess.io_binding()
+        binding.bind_input("images", "cuda", index, np.float32, list(x.shape), x.data_ptr())
+        binding.bind_input("target", "cuda", index, np.int64, list(t.shape), t.data_ptr())
+        for name in names:
+            binding.bind_output(name, "cuda", index)
+        sess.run_with_iobinding(binding)
+        return binding
+    return run
+
+
+def pyattr_contenders(method: str, s: Setup, backends: list[str], cache: Path, threads: int,
+                      log: Callable[[str], None]) -> tuple[list[Contender], dict[str, object]]:
+    """pyattr's contenders for ``backends`` (eager, torchscript, pt2, onnx, compile), and notes
+    (export and compile times, errors) for the results."""
+    notes: dict[str, object] = {}
+    method_obj = build_pyattr(method, s)
+    x, t = s.x, s.target
+    out = []
+    if "eager" in backends:
+        out.append(Contender("pyattr eager", "pyattr", "eager", "pyattr", lambda: method_obj(x, t), "e2e"))
+    formats = [f for f in ("torchscript", "pt2", "onnx") if f in backends]
+    if formats:
+        key = export_key(method, method_obj, s)
+        try:
+            files = export_all(method_obj, key, s, formats, cache, log)
+        except Exception as err:  # noqa: BLE001
+            notes["export_error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"
+            log(f"    ! export: {notes['export_error']}")
+            files = {}
+        notes["export_s"] = {fmt: round(sec, 1) for fmt, (_, sec, _) in files.items()}
+        if "torchscript" in files:
+            ts = torch.jit.load(str(files["torchscript"][0]), map_location=s.device)
+            out.append(Contender("pyattr TorchScript", "pyattr", "torchscript", "pyattr", lambda: ts(x, t), "e2e"))
+        if "pt2" in files:
+            ep = torch.export.load(str(files["pt2"][0]))
+            if s.device.type != "cpu":
+                from torch.export.passes import move_to_device_pass
+
+                ep = move_to_device_pass(ep, s.device)
+            pt2 = ep.module()
+            out.append(Contender("pyattr .pt2", "pyattr", "pt2", "pyattr", lambda: pt2(x, t), "e2e"))
+        if "onnx" in files:
+            try:
+                sess = ort_session(files["onnx"][0], s.device, threads)
+                name = f"pyattr ONNX (onnxruntime {s.device.type.upper()})"
+                out.append(Contender(name, "pyattr", f"onnxruntime-{s.device.type}", "pyattr", ort_runner(sess, s),
+                                     "e2e"))
+            except Exception as err:  # noqa: BLE001
+                notes["onnx_error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"
+                log(f"    ! onnxruntime: {notes['onnx_error']}")
+    if "compile" in backends:
+        from pyattr.exporting.trace import trace_graph
+
+        try:
+            gm = trace_graph(method_obj, method_obj._check_input(x[:1]))
+            compiled = torch.compile(gm, dynamic=False)
+            t0 = time.perf_counter()
+            compiled(x, t)
+            if s.device.type == "cuda":
+                torch.cuda.synchronize()
+            notes["compile_s"] = round(time.perf_counter() - t0, 1)
+            log(f"    torch.compile: first call {notes['compile_s']} s")
+            out.append(Contender("pyattr torch.compile", "pyattr", "compile", "pyattr", lambda: compiled(x, t), "e2e"))
+        except Exception as err:  # noqa: BLE001
+            notes["compile_error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"
+            log(f"    ! torch.compile: {notes['compile_error']}")
+    return out, notes
+
+
+def reference_contenders(method: str, s: Setup) -> list[Contender]:
+    return [Contender(f"bound: {bound_label(method)}", "reference", "eager", "bound", bound_fn(method, s)),
+            Contender("forward only", "reference", "eager", "forward", forward_fn(s))]
+
+
+# --- shared post-processing for the peers' "end to end" ------------------------------------------
+
+
+def minmax(maps: torch.Tensor) -> torch.Tensor:
+    flat = maps.flatten(1)
+    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
+    return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(maps)
+
+
+def to_input_size(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, h, w) or (N, 1, h, w) -> (N, H, W), bilinear (no-op at the input size)."""
+    if maps.dim() == 3:
+        maps = maps[:, None]
+    if tuple(maps.shape[-2:]) != tuple(size):
+        maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    return maps[:, 0]
+
+
+@contextlib.contextmanager
+def quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

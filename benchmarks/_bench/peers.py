@@ -1,0 +1,201 @@
+"""The same work done by captum, pytorch-grad-cam, torchcam and zennit, each used as its docs show.
+
+For every peer and method there is a *raw* contender (the library's call, returning what the
+library returns: captum's (N, C, H, W) gradients or (N, 1, h, w) layer maps, torchcam's
+normalized layer-resolution maps, zennit's relevance, pytorch-grad-cam's normalized input-size
+NumPy maps) and, unless the library already returns normalized maps at the input's size
+(pytorch-grad-cam), a *post* contender: the minimal torch post-processing on the device that
+turns that raw output into pyattr's ``maps`` (channel reduction as pyattr's, bilinear resize to the
+input size, per-sample min-max), timed on the cached raw output. "End to end" = raw + post.
+
+Settings as in :mod:`_bench.cases` (targets given explicitly, same steps / samples / batching).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+from .cases import (
+    IG_STEPS,
+    SG_NOISE,
+    SG_SAMPLES,
+    Setup,
+    channels_per_pass,
+    minmax,
+    points_per_pass,
+    to_input_size,
+)
+from .timing import Contender
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # pytorch-grad-cam's Score-CAM draws progress bars
+
+PEER_LIBRARIES = ("captum", "pytorch-grad-cam", "torchcam", "zennit")
+
+
+class _Last:
+    """Holds the last raw output of a peer, for its post-processing contender."""
+
+    value = None
+
+
+def _pair(name: str, library: str, raw: Callable[[], object], post: Callable[[object], torch.Tensor] | None,
+          after: Callable[[], object] | None = None) -> list[Contender]:
+    last = _Last()
+
+    def run():
+        last.value = raw()
+        return last.value
+
+    if post is None:  # already normalized maps at the input size
+        return [Contender(name, library, "eager", "peer", run, "e2e", after=after)]
+    return [Contender(name, library, "eager", "peer", run, "raw", after=after),
+            Contender(f"{name} + post", library, "eager", "post", lambda: post(last.value), "e2e", of=name)]
+
+
+def _free_grads(model: torch.nn.Module) -> Callable[[], None]:
+    return lambda: model.zero_grad(set_to_none=True)
+
+
+# --- captum -------------------------------------------------------------------------------------
+
+
+def captum(method: str, s: Setup) -> list[Contender]:
+    import captum.attr as ca
+
+    model, x, t = s.model, s.x, s.target
+    size = tuple(x.shape[-2:])
+    if method == "saliency":
+        sal = ca.Saliency(model)
+        return _pair("captum Saliency", "captum", lambda: sal.attribute(x, target=t, abs=True),
+                     lambda a: minmax(a.amax(1)))
+    if method == "integratedgradients":
+        ig = ca.IntegratedGradients(model)
+        batch = len(x) * points_per_pass(len(x))
+        return _pair("captum IntegratedGradients", "captum",
+                     lambda: ig.attribute(x, target=t, n_steps=IG_STEPS, method="gausslegendre",
+                                          internal_batch_size=batch),
+                     lambda a: minmax(a.sum(1)))
+    if method == "smoothgrad":
+        nt = ca.NoiseTunnel(ca.Saliency(model))
+        stdev = float(SG_NOISE * (x.max() - x.min()))
+        return _pair("captum NoiseTunnel(Saliency)", "captum",
+                     lambda: nt.attribute(x, nt_type="smoothgrad", nt_samples=SG_SAMPLES,
+                                          nt_samples_batch_size=points_per_pass(len(x)), stdevs=stdev, target=t,
+                                          abs=True),
+                     lambda a: minmax(a.amax(1)))
+    if method == "gradcam" and s.reshape is None:
+        gc = ca.LayerGradCam(model, s.layer)
+        return _pair("captum LayerGradCam", "captum", lambda: gc.attribute(x, target=t, relu_attributions=True),
+                     lambda a: minmax(to_input_size(a, size)))
+    if method == "lrp":
+        lrp = ca.LRP(model)
+        return _pair("captum LRP", "captum", lambda: lrp.attribute(x, target=t), lambda a: minmax(a.sum(1)))
+    return []
+
+
+# --- pytorch-grad-cam ----------------------------------------------------------------------------
+
+
+def pytorch_grad_cam(method: str, s: Setup) -> list[Contender]:
+    import pytorch_grad_cam as pgc
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    classes = {"gradcam": pgc.GradCAM, "gradcampp": pgc.GradCAMPlusPlus, "scorecam": pgc.ScoreCAM,
+               "fullgrad": pgc.FullGrad}
+    if method not in classes:
+        return []
+    cls = classes[method]
+    model, x = s.model, s.x
+    targets = [ClassifierOutputTarget(int(c)) for c in s.target.tolist()]
+    layers = [] if method == "fullgrad" else [s.layer]
+
+    def run():
+        with cls(model=model, target_layers=layers, reshape_transform=s.reshape) as cam:
+            if method == "scorecam":
+                cam.batch_size = channels_per_pass(len(x))
+            return cam(input_tensor=x, targets=targets)
+
+    return _pair(f"pytorch-grad-cam {cls.__name__}", "pytorch-grad-cam", run, None, after=_free_grads(model))
+
+
+# --- torchcam ------------------------------------------------------------------------------------
+
+
+def torchcam(method: str, s: Setup) -> list[Contender]:
+    import torchcam.methods as tcm
+
+    classes = {"gradcam": tcm.GradCAM, "gradcampp": tcm.GradCAMpp, "scorecam": tcm.ScoreCAM}
+    if method not in classes:
+        return []
+    cls = classes[method]
+    model, x = s.model, s.x
+    size = tuple(x.shape[-2:])
+    class_idx = [int(c) for c in s.target.tolist()]
+    options = {"reshape_transform": s.reshape} if s.reshape is not None else {}
+    if method == "scorecam":
+        options["batch_size"] = len(x) * channels_per_pass(len(x))
+
+    def run():
+        with cls(model, s.layer_name, input_shape=tuple(x.shape[1:]), **options) as extractor:
+            if method == "scorecam":
+                with torch.no_grad():
+                    model(x)
+                return extractor(class_idx=class_idx)
+            scores = model(x)
+            return extractor(class_idx=class_idx, scores=scores)
+
+    return _pair(f"torchcam {cls.__name__}", "torchcam", run, lambda cams: minmax(to_input_size(cams[0], size)))
+
+
+# --- zennit --------------------------------------------------------------------------------------
+
+
+def zennit(method: str, s: Setup) -> list[Contender]:
+    import zennit.attribution as za
+
+    model, x, t = s.model, s.x, s.target
+    with torch.no_grad():
+        classes = model(x[:1]).shape[1]
+    one_hot = torch.eye(classes, device=x.device)[t]
+    if method == "saliency":
+        attributor, reduce, name = za.Gradient(model=model), lambda r: r.abs().amax(1), "Gradient"
+    elif method == "integratedgradients":
+        attributor = za.IntegratedGradients(model=model, n_iter=IG_STEPS)
+        reduce, name = (lambda r: r.sum(1)), "IntegratedGradients"
+    elif method == "smoothgrad":
+        attributor = za.SmoothGrad(model=model, noise_level=SG_NOISE, n_iter=SG_SAMPLES)
+        reduce, name = (lambda r: r.abs().amax(1)), "SmoothGrad"
+    elif method == "lrp":
+        from zennit.composites import EpsilonPlus
+        from zennit.torchvision import ResNetCanonizer, VGGCanonizer
+
+        canonizers = [ResNetCanonizer()] if s.name.startswith("resnet") else (
+            [VGGCanonizer()] if s.name.startswith("vgg") else [])
+        attributor = za.Gradient(model=model, composite=EpsilonPlus(canonizers=canonizers))
+        reduce, name = (lambda r: r.sum(1)), "EpsilonPlus"
+    else:
+        return []
+
+    def run():
+        with attributor:
+            return attributor(x, one_hot)[1]
+
+    return _pair(f"zennit {name}", "zennit", run, lambda r: minmax(reduce(r)))
+
+
+PEERS: dict[str, Callable[[str, Setup], list[Contender]]] = {
+    "captum": captum, "pytorch-grad-cam": pytorch_grad_cam, "torchcam": torchcam, "zennit": zennit,
+}
+
+
+def peer_contenders(method: str, s: Setup, libraries: list[str], log: Callable[[str], None]) -> list[Contender]:
+    out = []
+    for library in libraries:
+        try:
+            out += PEERS[library](method, s)
+        except Exception as err:  # noqa: BLE001 -- a peer that cannot be set up is reported and skipped
+            log(f"    ! {library}: {type(err).__name__}: {str(err).strip().splitlines()[0][:200]}")
+    return out
