@@ -14,11 +14,13 @@ import warnings
 
 import numpy as np
 import pytest
+import test_methods
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import NUM_CLASSES_TORCHVISION, make_images
+from conftest import NUM_CLASSES_TORCHVISION, _seeded, make_images
 from contract import assert_export_contract
+from test_methods import ConvGapLinear, assert_maps_close, assert_untouched, snapshot
 from torch import nn
 
 import pyattr
@@ -38,39 +40,16 @@ from pyattr.methods import (
 )
 from pyattr.methods.cam import fuse_maps
 from pyattr.methods.fullgrad import bias_layers
-from pyattr.zoo import ShapesNet
 
 pgc = pytest.importorskip("pytorch_grad_cam")
 tcm = pytest.importorskip("torchcam.methods")
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 logging.getLogger("torchcam").setLevel(logging.ERROR)
-RTOL = 1e-5
 CAM_NAMES = ("cam", "gradcam", "gradcampp", "xgradcam", "layercam", "hirescam", "scorecam", "fullgrad", "guidedgradcam")
 
 
-def assert_maps_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTOL) -> float:
-    """Per sample, max |actual - expected| <= rtol * max |expected|; returns the worst relative error.
-    At least one expected map must be non-zero (otherwise the comparison proves nothing)."""
-    actual, expected = actual.detach().double(), expected.detach().double()
-    assert actual.shape == expected.shape, (tuple(actual.shape), tuple(expected.shape))
-    scale = expected.flatten(1).abs().amax(1)
-    error = (actual - expected).flatten(1).abs().amax(1)
-    assert bool((scale > 0).any()), "every reference map is zero: the comparison is vacuous"
-    worst = 0.0
-    for i in range(len(scale)):
-        assert float(error[i]) <= rtol * float(scale[i]), f"sample {i}: error {float(error[i]):.3g} > {rtol} * {float(scale[i]):.3g}"
-        worst = max(worst, float(error[i] / scale[i]) if scale[i] > 0 else 0.0)
-    return worst
-
-
-def _seeded(seed: int, build) -> nn.Module:
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        return build().eval()
-    finally:
-        torch.random.set_rng_state(state)
+fresh_shapesnet = test_methods.fresh_shapesnet  # fixture: a random-init ShapesNet with non-trivial BatchNorms
 
 
 @pytest.fixture(scope="session")
@@ -419,20 +398,6 @@ def test_fullgrad_collects_every_bias(resnet18, vgg11):
 # --------------------------------------------------------------------------------------------------
 
 
-class ConvGapLinear(nn.Module):
-    """conv -> ReLU -> global average pool -> linear: the CAM architecture of Zhou et al. 2016."""
-
-    def __init__(self, channels: int = 8, num_classes: int = 4):
-        super().__init__()
-        self.conv = nn.Conv2d(3, channels, 3, stride=2, padding=1)
-        self.act = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(channels, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(self.act(self.conv(x))).flatten(1))
-
-
 @pytest.fixture(scope="module")
 def gap_model() -> nn.Module:
     return _seeded(7, ConvGapLinear)
@@ -528,19 +493,20 @@ def test_automatic_layer_of_the_builtin_model(builtin_model):
     assert GradCAM(builtin_model).resolve_layer(make_images(1)) == pyattr.zoo.SHAPESNET_LAYER
 
 
+def pgc_vit_reshape(tokens: torch.Tensor) -> torch.Tensor:
+    """pytorch-grad-cam's ViT recipe (its tutorial's reshape_transform) for a 4x4 patch grid."""
+    return tokens[:, 1:, :].reshape(tokens.size(0), 4, 4, tokens.size(2)).transpose(2, 3).transpose(1, 2)
+
+
 @pytest.mark.parametrize("method", tuple(PGC))
 def test_vit_b_16_matches_pytorch_grad_cam(vit_b_16, method):
     """Grad-CAM-style methods on the class-token model: the last block's ``ln_1`` tokens laid out on the
     4x4 patch grid (pytorch-grad-cam's own ``reshape_transform`` recipe)."""
     x, target = inputs()
-
-    def reshape(t):  # pytorch-grad-cam's tutorial transform
-        return t[:, 1:, :].reshape(t.size(0), 4, 4, t.size(2)).transpose(2, 3).transpose(1, 2)
-
     result = OURS[method](vit_b_16, VIT_LAYER, reshape_transform=TokensToGrid(prefix_tokens=1))(x, target)
     assert result.raw.shape == (2, 4, 4)
     assert_maps_close(result.raw, pgc_raw(getattr(pgc, PGC[method]), vit_b_16, VIT_LAYER, x.clone(), target,
-                                          reshape_transform=reshape))
+                                          reshape_transform=pgc_vit_reshape))
 
 
 def test_vit_scorecam_matches_pytorch_grad_cam(vit_tiny):
@@ -548,12 +514,8 @@ def test_vit_scorecam_matches_pytorch_grad_cam(vit_tiny):
     max, so float32 summation order alone (numpy's vs torch's; float64 sits between them) moves the map by
     ~3e-5 of its max. Hence 1e-4 here."""
     x, target = inputs(1)
-
-    def reshape(t):
-        return t[:, 1:, :].reshape(t.size(0), 4, 4, t.size(2)).transpose(2, 3).transpose(1, 2)
-
     ours = ScoreCAM(vit_tiny, VIT_TINY_LAYER, reshape_transform=TokensToGrid(), align_corners=True)(x, target).raw
-    assert_maps_close(ours, pgc_raw(pgc.ScoreCAM, vit_tiny, VIT_TINY_LAYER, x.clone(), target, reshape_transform=reshape,
+    assert_maps_close(ours, pgc_raw(pgc.ScoreCAM, vit_tiny, VIT_TINY_LAYER, x.clone(), target, reshape_transform=pgc_vit_reshape,
                                     batch_size=64), rtol=1e-4)
 
 
@@ -580,19 +542,6 @@ def make(name: str, model: nn.Module, layer: str = "layer3", **options) -> pyatt
     return build_method(name, model, layer, **options)
 
 
-@pytest.fixture
-def fresh_shapesnet() -> nn.Module:
-    torch.manual_seed(6)
-    model = ShapesNet()
-    for m in model.modules():  # non-trivial BN statistics and residual branches
-        if isinstance(m, nn.BatchNorm2d):
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.normal_(m.bias, 0, 0.1)
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
-
-
 @pytest.mark.parametrize("name", CAM_NAMES)
 def test_batch_equals_samples_alone(fresh_shapesnet, name):
     method = make(name, fresh_shapesnet)
@@ -604,24 +553,6 @@ def test_batch_equals_samples_alone(fresh_shapesnet, name):
         alone = method(x[i:i + 1], target[i:i + 1])
         assert torch.equal(alone.target, batch.target[i:i + 1])
         assert_maps_close(alone.raw, batch.raw[i:i + 1], rtol=1e-4)  # batched convolutions round differently
-
-
-HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-
-
-def snapshot(model: nn.Module) -> dict:
-    return {"hooks": {(n, a): list(getattr(m, a)) for n, m in model.named_modules() for a in HOOK_DICTS},
-            "training": {n: m.training for n, m in model.named_modules()},
-            "state": {k: v.clone() for k, v in model.state_dict().items()}}
-
-
-def assert_untouched(model: nn.Module, before: dict) -> None:
-    after = snapshot(model)
-    assert after["hooks"] == before["hooks"], "a hook outlived the call"
-    assert after["training"] == before["training"], "a module's training flag changed"
-    for k, v in before["state"].items():
-        assert torch.equal(v, after["state"][k]), f"{k} changed"
-    assert all(p.grad is None for p in model.parameters()), "a parameter received .grad"
 
 
 @pytest.mark.parametrize("name", CAM_NAMES)

@@ -85,13 +85,15 @@ def fuse_maps(maps: Sequence[torch.Tensor], fuse: str) -> torch.Tensor:
 
 
 def model_scores(method: AttributionMethod, x: torch.Tensor) -> torch.Tensor:
-    """The model's scores for ``x`` (through the base's output selection where it has one). While
-    tracing for export, attention runs in its math form, whose backward is made of forward ops
-    (the fused CPU/GPU kernels' backward ops have no export rule)."""
-    scores_of = getattr(method, "scores_of", None)
-    context = sdpa_kernel([SDPBackend.MATH]) if method._tracing else contextlib.nullcontext()
-    with context:
-        return scores_of(x) if scores_of is not None else method.model(x)
+    """``method.scores_of(x)``; while tracing for export, attention runs in its math form, whose
+    backward is made of forward ops (the fused CPU/GPU kernels' backward ops have no export rule)."""
+    with math_attention_while_tracing(method):
+        return method.scores_of(x)
+
+
+def math_attention_while_tracing(method: AttributionMethod):
+    """``sdpa_kernel(SDPBackend.MATH)`` while ``method`` is being traced, else a no-op context."""
+    return sdpa_kernel([SDPBackend.MATH]) if method._tracing else contextlib.nullcontext()
 
 
 def _layer_names(layer: Any) -> list[str] | None:
@@ -429,7 +431,7 @@ class CAM(CAMMethod):
         with torch.no_grad():
             scores, (out,) = self.forward_with_layers(x)
             act = self.as_map(out, self.layer_names[0])
-            resolved = self.resolve_target(scores, target)
+            resolved = self.resolve(scores, target)
             weight = self.fc.weight.detach()
             if act.shape[1] != weight.shape[1]:
                 raise InputError(
@@ -438,10 +440,6 @@ class CAM(CAMMethod):
                     "the layer (use Grad-CAM for other heads)")
             cam = (weight[resolved][:, :, None, None] * act).sum(1)
         return scores, cam, resolved
-
-    def resolve_target(self, scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Targets with -1 resolved to the arg-max (range-checked on eager calls)."""
-        return self.select(scores, target)[1]
 
     def metadata(self) -> dict[str, Any]:
         return {**super().metadata(), "fc": self.fc_name}
@@ -481,8 +479,7 @@ class GuidedGradCAM(CAMMethod):
         scores, acts, grads, resolved = self.activations_and_grads(x, target)
         cam = fuse_maps([weighted_sum(g.mean((2, 3)), a) for a, g in zip(acts, grads)], self.fuse)
         self.guided._tracing = self._tracing
-        context = sdpa_kernel([SDPBackend.MATH]) if self._tracing else contextlib.nullcontext()
-        with context:
+        with math_attention_while_tracing(self):
             _, guided, _ = self.guided.input_gradients(x, resolved[:, None])  # (N, 1, C, H, W)
         attr = guided[:, 0] * resize_bilinear(cam, (int(x.shape[-2]), int(x.shape[-1])))[:, None]
         attr = self.guided._abs(attr[:, None])  # (N, 1, C, H, W), |.| unless reduction="mean"
