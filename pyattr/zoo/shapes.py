@@ -1,4 +1,4 @@
-"""Procedural "shapes" dataset with ground-truth masks (NumPy only).
+"""Procedural "shapes" dataset with ground-truth masks, and the mAP metric used to score it (NumPy only).
 
 Each image shows 1-3 objects of *different* classes from :data:`SHAPE_CLASSES`, placed at random
 positions with random scale, rotation and saturated colour, on a textured background (smooth colour
@@ -87,7 +87,7 @@ def generate(n: int, seed: int, size: int = 64, *, start: int = 0) -> ShapesBatc
     Example:
         >>> batch = generate(2, seed=1, size=64)
         >>> image, label, mask = batch[0]
-        >>> image.dtype, label.sum() >= 1, mask.shape
+        >>> image.dtype, int(label.sum()) >= 1, mask.shape
         (dtype('uint8'), True, (6, 64, 64))
     """
     if n < 0:
@@ -108,6 +108,56 @@ def generate(n: int, seed: int, size: int = 64, *, start: int = 0) -> ShapesBatc
         images[index] = _render_image(rng, grid_x, grid_y, masks[index])
         labels[index] = masks[index].any(axis=(1, 2))
     return ShapesBatch(images=images, labels=labels, masks=masks)
+
+
+def mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+    """Macro mean average precision of multi-label scores.
+
+    Per class k, AP is the area under the precision-recall step curve, as in scikit-learn's
+    ``average_precision_score``: ``AP = sum_n (R_n - R_{n-1}) * P_n`` over the distinct score
+    thresholds, taken from the highest score down (tied scores form one threshold). A class without
+    positives has AP ``nan`` and is left out of the mean.
+
+    Args:
+        scores: (N, C) real-valued scores (logits or probabilities; only the order matters).
+        labels: (N, C) binary ground truth (bool, int or float 0/1).
+
+    Returns:
+        ``(mAP, per_class)`` with ``per_class`` float64 of shape (C,).
+
+    Example:
+        >>> scores = np.array([[0.9, 0.1], [0.8, 0.7], [0.2, 0.6]])
+        >>> labels = np.array([[1, 0], [0, 1], [1, 1]])
+        >>> mAP, per_class = mean_average_precision(scores, labels)
+        >>> per_class.round(4).tolist()
+        [0.8333, 1.0]
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels)
+    if scores.ndim == 1:
+        scores, labels = scores[:, None], labels[:, None]
+    if scores.shape != labels.shape or scores.ndim != 2:
+        raise ValueError(f"scores and labels must both be (N, C); got {scores.shape} and {labels.shape}")
+    positives = labels.astype(bool)
+    per_class = np.full(scores.shape[1], np.nan)
+    for class_index in range(scores.shape[1]):
+        class_scores = scores[:, class_index]
+        class_positives = positives[:, class_index]
+        num_positives = int(class_positives.sum())
+        if num_positives == 0:
+            continue
+        order = np.argsort(-class_scores, kind="stable")
+        sorted_scores = class_scores[order]
+        true_positives = np.cumsum(class_positives[order])
+        # Last index of each run of tied scores: the operating points of the PR curve.
+        threshold_ends = np.r_[np.flatnonzero(np.diff(sorted_scores)), sorted_scores.size - 1]
+        true_positives = true_positives[threshold_ends]
+        precision = true_positives / (threshold_ends + 1)
+        recall = true_positives / num_positives
+        per_class[class_index] = float(np.sum(np.diff(recall, prepend=0.0) * precision))
+    valid = ~np.isnan(per_class)
+    mean_ap = float(per_class[valid].mean()) if valid.any() else float("nan")
+    return mean_ap, per_class
 
 
 # --------------------------------------------------------------------------------------------------
