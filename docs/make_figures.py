@@ -1,0 +1,49 @@
+"""Make the README's figure: one generated image with three shapes, each class explained by several methods.
+
+    python docs/make_figures.py      # writes docs/builtin_methods.png
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+import pyattr
+from pyattr import render
+from pyattr.figures import _font
+from pyattr.methods import build_method
+from pyattr.zoo import SHAPE_CLASSES, SHAPESNET_LAYER, generate, load_builtin
+
+METHODS = ["gradcam", "gradcampp", "scorecam", "saliency", "integratedgradients", "guidedbackprop"]
+SEED, INDEX, CELL = 30_000, 3, 160
+
+
+def main() -> None:
+    model = load_builtin()
+    data = generate(INDEX + 1, seed=SEED)
+    image = data.images[INDEX]
+    classes = [int(k) for k in np.flatnonzero(data.labels[INDEX])]
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    head, left = 28, 90
+    fig = Image.new("RGB", (left + CELL * (len(METHODS) + 1), head + CELL * len(classes)), "white")
+    draw = ImageDraw.Draw(fig)
+    for j, name in enumerate(["image", *METHODS]):
+        draw.text((left + j * CELL + 6, 6), name, fill="black", font=_font(14))
+    for i, k in enumerate(classes):
+        y = head + i * CELL
+        draw.text((6, y + CELL // 2 - 8), SHAPE_CLASSES[k], fill="black", font=_font(14))
+        fig.paste(Image.fromarray(image).resize((CELL, CELL), Image.NEAREST), (left, y))
+        for j, name in enumerate(METHODS, start=1):
+            maps = build_method(name, model, SHAPESNET_LAYER)(x, target=k).maps.numpy()
+            over = render.overlay(maps, image[None], alpha=0.5, cmap="jet")[0]
+            fig.paste(Image.fromarray(over).resize((CELL, CELL), Image.NEAREST), (left + j * CELL, y))
+    out = Path(__file__).parent / "builtin_methods.png"
+    fig.save(out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
