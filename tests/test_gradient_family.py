@@ -382,15 +382,19 @@ def test_integrated_gradients_chunking_and_baselines(fresh_model):
     assert 0 <= float(unit[0].min()) and float(unit[0].max()) < 1 and float(unit[0].std()) > 0.25
 
 
-@pytest.mark.parametrize("rule", ["gausslegendre", "riemann_trapezoid"])
+@pytest.mark.parametrize("rule", ["riemann_trapezoid", "riemann_middle"])
 def test_integrated_gradients_completeness_on_the_builtin_model(builtin_model, rule):
-    batch = pyattr.zoo.generate(6, seed=50_000)
+    """64 steps from the zero baseline: |sum(A) - (S(x) - S(0))| / |S(x) - S(0)| is 3e-3 on average
+    (24 images, docs/gradient_methods.md); a path that crosses many ReLU kinks reaches ~1e-2."""
+    batch = pyattr.zoo.generate(8, seed=50_000)
     x = torch.from_numpy(batch.images).permute(0, 3, 1, 2).float() / 255
     result = IntegratedGradients(builtin_model, steps=64, rule=rule, chunk_size=32)(x)
     with torch.no_grad():
         gap = (builtin_model(x) - builtin_model(torch.zeros_like(x))).gather(1, result.target[:, None])[:, 0]
+    assert float(gap.abs().min()) > 1.0  # a real score difference to complete
     relative = result.completeness_error / gap.abs()
-    assert float(relative.max()) < 1e-2, relative
+    assert float(relative.mean()) < 1e-2, relative
+    assert float(relative.max()) < 2e-2, relative
 
 
 # --------------------------------------------------------------------------------------------------
@@ -444,7 +448,7 @@ def test_several_targets_for_methods_without_native_support(fresh_model):
     method = pyattr.GradCAM(fresh_model, "layer3")
     x, targets = make_images(2, seed=81), torch.tensor([[1, 2], [0, -1]])
     result = method(x, targets)
-    assert result.raw.shape == (2, 2, 8, 8) and result.maps.shape == (2, 2, 64, 64)
+    assert result.raw.shape == (2, 2, 16, 16) and result.maps.shape == (2, 2, 64, 64)
     for j in range(2):
         alone = method(x, targets[:, j])
         assert torch.equal(alone.target, result.target[:, j])

@@ -85,14 +85,18 @@ def test_the_users_model_and_random_state_are_untouched(builtin_model):
 
 def test_guided_backprop_fails_the_check_on_the_builtin_model(builtin_model):
     """Guided Backprop's maps hardly change when the classifier and the last block are re-initialized
-    (Adebayo et al. 2018); gradients and Integrated Gradients do change."""
+    (Adebayo et al. 2018): on the built-in model they stay the most correlated of the family (0.90 and
+    0.80 on these images; Saliency 0.78 and 0.65, Integrated Gradients 0.66 and 0.47)."""
     batch = pyattr.zoo.generate(4, seed=61_000)
     x = torch.from_numpy(batch.images).permute(0, 3, 1, 2).float() / 255
     layers = ["fc", "layer3"]
     gbp = dict(model_randomization(lambda m: pyattr.GuidedBackprop(m), builtin_model, x, layers=layers))
     sal = dict(model_randomization(lambda m: pyattr.Saliency(m), builtin_model, x, layers=layers))
-    assert gbp["fc"] > 0.6 and gbp["layer3"] > 0.5, gbp
-    assert sal["layer3"] < gbp["layer3"] - 0.2, (sal, gbp)
+    ig = dict(model_randomization(lambda m: pyattr.IntegratedGradients(m, steps=8), builtin_model, x, layers=layers))
+    assert gbp["fc"] > 0.8 and gbp["layer3"] > 0.7, gbp
+    for layer in layers:
+        assert gbp[layer] > sal[layer] + 0.08 and gbp[layer] > ig[layer] + 0.15, (layer, gbp, sal, ig)
+    assert ig["layer3"] < ig["fc"] and sal["layer3"] < sal["fc"]  # the cascade keeps decorrelating
 
 
 def test_cascade_keeps_targets_and_maps_and_draws_a_figure(builtin_model):
