@@ -75,9 +75,60 @@ def trace_graph(method: AttributionMethod, example: torch.Tensor) -> fx.GraphMod
     for name, param in list(gm.named_parameters(recurse=False)):
         delattr(gm, name)
         gm.register_buffer(name, param.detach())
+    fold_constants(gm)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
+
+
+# layout ops computed at export time when all their inputs are constants; only the results of
+# ``flip`` (the spatially flipped, channel-swapped weights of a convolution's input gradient, see
+# decompositions.convolution_backward) become new constants, the ops before them are folded into them
+_LAYOUT_OPS = frozenset({aten.transpose.int, aten.permute.default, aten.t.default, aten.view.default,
+                         aten._unsafe_view.default, aten.reshape.default, aten.clone.default, aten.flip.default})
+
+
+def fold_constants(gm: fx.GraphModule) -> int:
+    """Replace every ``flip`` whose input is a chain of layout ops on a constant of ``gm`` by a new
+    buffer holding its result; returns how many were folded. Ops left without users are removed,
+    and so are buffers no node uses any more. (The forward pass keeps using the original weight,
+    so a folded convolution weight is held twice.)"""
+    values: dict[fx.Node, torch.Tensor] = {}
+    folded = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr":
+            value = gm
+            for part in node.target.split("."):
+                value = getattr(value, part, None)
+            if isinstance(value, torch.Tensor):
+                values[node] = value
+        elif node.op == "call_function" and node.target in _LAYOUT_OPS:
+            inputs = node.all_input_nodes
+            if not inputs or not all(n in values for n in inputs):
+                continue
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
+            with torch.no_grad():
+                values[node] = node.target(*args, **kwargs)
+            if node.target != aten.flip.default:
+                continue
+            name = f"_folded_constant{folded}"
+            while hasattr(gm, name):
+                name += "_"
+            gm.register_buffer(name, values[node].contiguous())
+            with gm.graph.inserting_before(node):
+                constant = gm.graph.get_attr(name)
+            constant.meta = dict(node.meta)
+            node.replace_all_uses_with(constant)
+            gm.graph.erase_node(node)
+            values[constant] = getattr(gm, name)
+            folded += 1
+    if folded:
+        gm.graph.eliminate_dead_code()
+        used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+        for name, _ in list(gm.named_buffers(recurse=False)):
+            if name not in used:
+                delattr(gm, name)
+    return folded
 
 
 class GraphModule(torch.nn.Module):
