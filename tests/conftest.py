@@ -45,6 +45,17 @@ def make_images(n: int, seed: int = 0, size: int = IMAGE_SIZE, channels: int = 3
     return torch.rand(n, channels, size, size, generator=generator)
 
 
+def make_shapes(n: int, seed: int = 0) -> torch.Tensor:
+    """(n, 3, 64, 64) float32 images of the built-in model's shapes dataset, RGB in [0, 1] (contiguous)."""
+    batch = pyattr.zoo.generate(n, seed=seed)
+    return (torch.from_numpy(batch.images).permute(0, 3, 1, 2).float() / 255.0).contiguous()
+
+
+def inputs_for(model_name: str, n: int, seed: int = 0) -> torch.Tensor:
+    """Inputs that mean something to the model: shapes images for the built-in model, noise otherwise."""
+    return make_shapes(n, seed) if model_name == "builtin" else make_images(n, seed)
+
+
 def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
     state = torch.random.get_rng_state()
     try:

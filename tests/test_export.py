@@ -25,7 +25,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MODEL_NAMES, make_images
+from conftest import MODEL_NAMES, inputs_for, make_images
 from torch import nn
 
 import pyattr
@@ -48,6 +48,7 @@ OUTPUTS = ("scores", "explained_class", "raw", "maps")
 @dataclass
 class Exported:
     path: Path
+    model_name: str
     method: pyattr.AttributionMethod
     num_classes: int
     class_names: list[str]
@@ -77,20 +78,25 @@ def exported(export_cache, model_case):
         key = (kind, model_name, suffix)
         if key not in cache:
             case = model_case(model_name)
-            method = pyattr.Saliency(case.model) if kind == "saliency" else pyattr.GradCAM(case.model, case.layer)
+            if kind == "saliency":
+                method = pyattr.Saliency(case.model)
+            else:
+                method = pyattr.GradCAM(case.model, case.layer)
             names = class_names_of(model_name, case.num_classes)
             start = time.perf_counter()
-            path = pyattr.export(method, make_images(1, seed=100), folder / f"{kind}_{model_name}{suffix}",
+            path = pyattr.export(method, inputs_for(model_name, 1, seed=100),
+                                 folder / f"{kind}_{model_name}{suffix}",
                                  class_names=names, preprocessing={"scale": "rgb in [0, 1]"})
-            cache[key] = Exported(Path(path), method, case.num_classes, names, time.perf_counter() - start)
+            cache[key] = Exported(Path(path), model_name, method, case.num_classes, names,
+                                  time.perf_counter() - start)
         return cache[key]
 
     return get
 
 
-def batch_case(b: int, num_classes: int, first_explicit: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_case(model_name: str, b: int, num_classes: int, first_explicit: bool = False):
     """The seeded inputs and mixed targets that every format is run on at batch size ``b``."""
-    return make_images(b, seed=200 + b), mixed_targets(b, num_classes, first_explicit)
+    return inputs_for(model_name, b, seed=200 + b), mixed_targets(b, num_classes, first_explicit)
 
 
 @pytest.fixture
@@ -100,9 +106,9 @@ def eager_reference(export_cache):
     _, _, cache = export_cache
 
     def get(item: Exported, b: int, first_explicit: bool = False):
-        key = (item.method.name, item.path.stem, b, first_explicit)
+        key = (item.method.name, item.model_name, b, first_explicit)
         if key not in cache:
-            x, t = batch_case(b, item.num_classes, first_explicit)
+            x, t = batch_case(item.model_name, b, item.num_classes, first_explicit)
             cache[key] = (x, t, item.method(x, t))
         return cache[key]
 
@@ -144,7 +150,8 @@ def assert_outputs_match(outs: list[torch.Tensor], ref: pyattr.Attribution, what
     assert maps.shape == ref.maps.shape == (n, 64, 64), f"{what}: maps shape {tuple(maps.shape)}"
     assert raw.shape == ref.raw.shape, f"{what}: raw shape {tuple(raw.shape)}"
     assert explained.dtype == torch.int64, f"{what}: explained_class dtype {explained.dtype}"
-    assert torch.equal(explained, ref.target), f"{what}: explained {explained.tolist()} != {ref.target.tolist()}"
+    assert torch.equal(explained, ref.target), (
+        f"{what}: explained {explained.tolist()} != {ref.target.tolist()}")
     score_scale = ref.scores.abs().amax(1, keepdim=True).clamp_min(1e-12)
     score_err = float(((scores - ref.scores).abs() / score_scale).max())
     assert score_err <= 1e-4, f"{what}: scores differ by {score_err:.2e} relative"
@@ -167,7 +174,8 @@ def test_exported_graph_matches_eager(exported, eager_reference, kind, model_nam
             x, t, ref = eager_reference(item, b, first_explicit)
             seen_argmax |= bool((t == -1).any())
             seen_explicit |= bool((t >= 0).any())
-            assert_outputs_match(run_file(item.path, x, t, runners), ref, f"{item.path.name} batch {b} target {t.tolist()}")
+            outs = run_file(item.path, x, t, runners)
+            assert_outputs_match(outs, ref, f"{item.path.name} batch {b} target {t.tolist()}")
     assert seen_argmax and seen_explicit
 
 
@@ -189,7 +197,8 @@ def test_onnx_graph_is_inference_only_with_symbolic_batch(exported, kind, model_
     training_ops = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node
                            if n.op_type == "Gradient" or n.domain not in ("", "ai.onnx")})
     assert training_ops == []
-    assert all("backward" not in n.op_type.lower() and "grad" not in n.op_type.lower() for n in model.graph.node)
+    op_types = {n.op_type.lower() for n in model.graph.node}
+    assert not [op for op in op_types if "backward" in op or "grad" in op]
     assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
     inputs = {v.name: v for v in model.graph.input}
     outputs = {v.name: v for v in model.graph.output}
@@ -207,7 +216,8 @@ def test_onnx_graph_is_inference_only_with_symbolic_batch(exported, kind, model_
     assert dims(outputs["scores"])[1:] == [item.num_classes]
 
 
-METADATA_CASES = [  # every ONNX file; TorchScript and .pt2 on the two smaller models (VGG's take ~2 s to load)
+# every ONNX file; TorchScript and .pt2 on the two smaller models (VGG's take ~2 s to load)
+METADATA_CASES = [
     (kind, model_name, suffix)
     for kind in METHOD_KINDS
     for model_name in MODEL_NAMES
@@ -260,7 +270,8 @@ FRESH_PROCESS = textwrap.dedent(
 
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
 @pytest.mark.parametrize("kind", METHOD_KINDS)
-def test_torchscript_runs_in_a_fresh_process_without_pyattr(exported, eager_reference, kind, model_name, tmp_path):
+def test_torchscript_runs_in_a_fresh_process_without_pyattr(exported, eager_reference, kind, model_name,
+                                                           tmp_path):
     item = exported(kind, model_name, ".pt")
     x, t, ref = eager_reference(item, 5)
     in_process = run_file(item.path, x, t, {})
@@ -277,7 +288,8 @@ def test_torchscript_runs_in_a_fresh_process_without_pyattr(exported, eager_refe
     child = torch.load(tmp_path / "out.pt")
     assert len(child) == 4
     for name, mine, theirs in zip(OUTPUTS, in_process, child):
-        torch.testing.assert_close(theirs, mine, rtol=1e-6, atol=1e-6, msg=f"{name} differs from the parent's")
+        torch.testing.assert_close(theirs, mine, rtol=1e-6, atol=1e-6,
+                                   msg=f"{name} differs from the parent's")
     assert_outputs_match(child, ref, f"fresh-process {item.path.name}")
 
 
@@ -406,10 +418,12 @@ CONV_CASES = {
     "stride2-even": {"cin": 3, "cout": 4, "k": 3, "s": 2, "p": 1, "d": 1, "g": 1, "size": (8, 8)},
     "dilation": {"cin": 4, "cout": 6, "k": 3, "s": 1, "p": 2, "d": 2, "g": 1, "size": (9, 8)},
     "depthwise": {"cin": 6, "cout": 6, "k": 3, "s": 2, "p": 1, "d": 1, "g": 6, "size": (9, 7)},
-    "grouped-dilated-stride3": {"cin": 4, "cout": 8, "k": 5, "s": 3, "p": 0, "d": 2, "g": 2, "size": (16, 14)},
+    "grouped-dilated-stride3": {"cin": 4, "cout": 8, "k": 5, "s": 3, "p": 0, "d": 2, "g": 2,
+                                "size": (16, 14)},
     "dilated-stride2": {"cin": 3, "cout": 4, "k": 3, "s": 2, "p": 2, "d": 2, "g": 1, "size": (9, 10)},
     "1x1-stride3": {"cin": 3, "cout": 5, "k": 1, "s": 3, "p": 0, "d": 1, "g": 1, "size": (8, 9)},
-    "asymmetric": {"cin": 3, "cout": 5, "k": (3, 1), "s": (2, 1), "p": (1, 0), "d": 1, "g": 1, "size": (8, 9)},
+    "asymmetric": {"cin": 3, "cout": 5, "k": (3, 1), "s": (2, 1), "p": (1, 0), "d": 1, "g": 1,
+                   "size": (8, 9)},
     "conv1d": {"cin": 3, "cout": 4, "k": 3, "s": 2, "p": 1, "d": 1, "g": 1, "size": (10,)},
     "conv1d-depthwise": {"cin": 4, "cout": 4, "k": 5, "s": 3, "p": 2, "d": 1, "g": 4, "size": (13,)},
 }
@@ -471,13 +485,16 @@ AVG_POOL_CASES = {
 def test_avg_pool2d_backward_rule(name):
     size, kernel, stride, padding, ceil_mode, include, divisor = AVG_POOL_CASES[name]
     x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(12))
-    _, g, dx = input_grad(lambda t: aten.avg_pool2d(t, kernel, stride, padding, ceil_mode, include, divisor), x)
+    def pool(t):
+        return aten.avg_pool2d(t, kernel, stride, padding, ceil_mode, include, divisor)
+
+    _, g, dx = input_grad(pool, x)
     rule = decompositions.avg_pool2d_backward(g, x, kernel, stride, padding, ceil_mode, include, divisor)
     assert_rel_close(rule, dx)
 
 
-@pytest.mark.parametrize("size, out", [((8, 8), (1, 1)), ((5, 5), (3, 3)), ((7, 10), (3, 4)), ((2, 2), (7, 7)),
-                                       ((3, 5), (5, 3))])
+@pytest.mark.parametrize("size, out", [((8, 8), (1, 1)), ((5, 5), (3, 3)), ((7, 10), (3, 4)),
+                                       ((2, 2), (7, 7)), ((3, 5), (5, 3))])
 def test_adaptive_avg_pool2d_backward_rule(size, out):
     x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(13))
     _, g, dx = input_grad(lambda t: aten._adaptive_avg_pool2d(t, list(out)), x)
@@ -573,7 +590,8 @@ TRACED_CASES = {
     "conv-dilation": (lambda: nn.Conv2d(2, 4, 3, padding=2, dilation=2), (2, 9, 8), "convolution_backward"),
     "conv-dilation-stride2": (lambda: nn.Conv2d(2, 4, 3, stride=2, padding=2, dilation=2), (2, 9, 10),
                               "convolution_backward"),
-    "conv-depthwise": (lambda: nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4), (4, 9, 7), "convolution_backward"),
+    "conv-depthwise": (lambda: nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4), (4, 9, 7),
+                       "convolution_backward"),
     "conv1d": (lambda: Conv1dOnRows(2 * 3), (2, 3, 10), "convolution_backward"),
     "conv-transpose": (lambda: nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1), (2, 5, 6),
                        "convolution_backward"),
