@@ -424,7 +424,11 @@ CONV_CASES = {
     "1x1-stride3": {"cin": 3, "cout": 5, "k": 1, "s": 3, "p": 0, "d": 1, "g": 1, "size": (8, 9)},
     "asymmetric": {"cin": 3, "cout": 5, "k": (3, 1), "s": (2, 1), "p": (1, 0), "d": 1, "g": 1,
                    "size": (8, 9)},
+    "depthwise-stride1": {"cin": 6, "cout": 6, "k": 3, "s": 1, "p": 1, "d": 1, "g": 6, "size": (7, 9)},
+    "grouped-stride1-dilated": {"cin": 4, "cout": 6, "k": 3, "s": 1, "p": 1, "d": 2, "g": 2, "size": (9, 8)},
+    "1x1-padded": {"cin": 3, "cout": 4, "k": 1, "s": 1, "p": 1, "d": 1, "g": 1, "size": (6, 5)},
     "conv1d": {"cin": 3, "cout": 4, "k": 3, "s": 2, "p": 1, "d": 1, "g": 1, "size": (10,)},
+    "conv1d-stride1": {"cin": 3, "cout": 4, "k": 5, "s": 1, "p": 1, "d": 1, "g": 1, "size": (10,)},
     "conv1d-depthwise": {"cin": 4, "cout": 4, "k": 5, "s": 3, "p": 2, "d": 1, "g": 4, "size": (13,)},
 }
 
@@ -465,6 +469,29 @@ def test_transposed_convolution_backward_rule():
     with pytest.raises(pyattr.ExportError, match="weight gradients"):
         decompositions.convolution_backward(g, x, deconv.weight.detach(), [6], [2, 2], [1, 1], [1, 1], True,
                                             [1, 1], 1, [False, True, False])
+
+
+def test_threshold_backward_rule():
+    """ReLU's backward as the table has it (torch's own or pyattr's), at zero, negative and positive values."""
+    rule = decompositions.decomposition_table()[aten.threshold_backward.default]
+    out = torch.tensor([[-1.0, 0.0, -0.0, 1e-30, 2.0, 3.5, -1e-30, 0.5]]).repeat(3, 1)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(19))
+    for threshold in (0.0, 0.5):
+        expected = aten.threshold_backward(g, out, threshold)
+        torch.testing.assert_close(rule(g, out, threshold), expected, rtol=0, atol=0)
+
+
+RULES_TESTED = {"convolution_backward", "adaptive_avg_pool2d_backward", "avg_pool2d_backward",
+                "upsample_bilinear2d_backward", "upsample_nearest2d_backward", "threshold_backward"}
+
+
+def test_every_rule_of_the_table_is_tested_here():
+    """pyattr's own rules in the decomposition table: each one needs a test in this file."""
+    table = decompositions.decomposition_table()
+    own = {fn.__name__ for fn in table.values() if getattr(fn, "__module__", None) == decompositions.__name__}
+    assert {"convolution_backward", "avg_pool2d_backward"} <= own
+    assert own <= RULES_TESTED, f"rules without a test: {sorted(own - RULES_TESTED)}"
+    assert all("backward" in op.name() for op in table), "the table holds a forward op"
 
 
 AVG_POOL_CASES = {
