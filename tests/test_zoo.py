@@ -193,7 +193,7 @@ def test_builtin_layers_and_cam_layer_shape(builtin: ShapesNet) -> None:
     finally:
         handle.remove()
     assert logits.shape == (2, 6)
-    assert captured["maps"].shape == (2, builtin.fc.in_features, 8, 8)
+    assert captured["maps"].shape == (2, builtin.fc.in_features, 16, 16)
 
 
 def test_builtin_info_describes_the_shipped_model() -> None:

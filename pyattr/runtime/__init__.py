@@ -64,7 +64,7 @@ class GraphOutputs(NamedTuple):
 
     scores: np.ndarray  # (N, K) float32
     explained_class: np.ndarray  # (N,) int64
-    raw: np.ndarray  # the method's raw map, e.g. (N, 8, 8) for Grad-CAM
+    raw: np.ndarray  # the method's raw map, e.g. (N, 16, 16) for Grad-CAM on the built-in model
     maps: np.ndarray  # (N, H, W) float32 in [0, 1] at the model's input size
 
 
@@ -79,7 +79,7 @@ class Explanation:
         score: the model's score (logit) for that class.
         predicted_class: the arg-max of the scores.
         scores: (K,) all scores.
-        raw: the method's raw map (e.g. (8, 8) for Grad-CAM).
+        raw: the method's raw map (e.g. (16, 16) for Grad-CAM on the built-in model).
         map: (H, W) float32 in [0, 1], at the model's input size.
         overlay: (H0, W0, 3) uint8, the heatmap over the image at its own size.
     """
