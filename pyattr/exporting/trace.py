@@ -24,7 +24,7 @@ def example_batch(example: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     other input dimension (equal sizes would be merged into one symbol)."""
     b = next(k for k in range(2, 64) if k not in tuple(example.shape[1:]))
     idx = torch.arange(b, device=example.device) % example.shape[0]
-    x = example.detach()[idx].clone()
+    x = example.detach()[idx].contiguous()  # channels-last examples export as NCHW-contiguous
     return x, torch.full((b,), -1, dtype=torch.long, device=example.device)
 
 
