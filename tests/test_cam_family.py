@@ -617,8 +617,8 @@ def test_export_contract_several_layers_and_automatic_layer(builtin_model, tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["gradcampp", "xgradcam", "layercam", "hirescam", "scorecam", "guidedgradcam",
-                                  "fullgrad"])
+@pytest.mark.parametrize("name", ["gradcam", "gradcampp", "xgradcam", "layercam", "hirescam", "scorecam",
+                                  "guidedgradcam", "fullgrad"])
 def test_export_contract_vit_every_method(vit_tiny, name, tmp_path):
     options = {} if name == "fullgrad" else {"reshape_transform": TokensToGrid()}
     method = build_method(name, vit_tiny, VIT_TINY_LAYER, **options)
@@ -629,4 +629,5 @@ def test_export_contract_vit(vit_tiny, tmp_path):
     """A ViT exports once attention is traced in its math form (done while tracing): the graph holds
     MatMul / Softmax for the attention and its backward."""
     method = GradCAM(vit_tiny, VIT_TINY_LAYER, reshape_transform=TokensToGrid())
-    assert_export_contract(method, make_images(5, seed=53), tmp_path, num_classes=NUM_CLASSES_TORCHVISION)
+    assert_export_contract(method, make_images(5, seed=53), tmp_path, num_classes=NUM_CLASSES_TORCHVISION,
+                           formats=("onnx",))  # every format and method: test_export_contract_vit_every_method
