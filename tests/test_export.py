@@ -679,3 +679,16 @@ def test_traced_graph_gradient_matches_autograd(name, rule_calls):
     torch.testing.assert_close(scores, reference.scores, rtol=1e-5, atol=1e-6)
     for i in range(3):
         assert_rel_close(raw[i], reference.raw[i])
+
+
+def test_channels_last_example_exports(tmp_path, builtin_model):
+    """An example built the usual way from HWC images (a permuted, non-contiguous view) exports."""
+    import onnxruntime as ort
+
+    hwc = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(3))
+    example = hwc.permute(0, 3, 1, 2)
+    method = pyattr.GradCAM(builtin_model, "layer3")
+    path = pyattr.export(method, example[:1], tmp_path / "cl.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    maps = sess.run(None, {"images": example.contiguous().numpy(), "target": np.full(2, -1, np.int64)})[3]
+    assert np.abs(maps - method(example).maps.numpy()).max() < 1e-4
