@@ -11,6 +11,7 @@ import numpy as np
 
 from . import __version__
 from .errors import InputError, PyattrError
+from .runtime.cli import unique_stems
 
 SAMPLE_SEED = 30_000  # generated samples come from seeds never used to train the built-in model
 
@@ -36,16 +37,6 @@ def load_images(paths: list[str]) -> list[tuple[str, np.ndarray]]:
         except (UnidentifiedImageError, OSError) as err:
             raise InputError(f"{p} is not an image that Pillow can read ({type(err).__name__})") from err
     return images
-
-
-def _unique_stems(stems: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    for s in stems:
-        n = seen.get(s, 0)
-        seen[s] = n + 1
-        out.append(s if n == 0 else f"{s}_{n}")
-    return out
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -77,7 +68,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stems = _unique_stems([s for s, _ in images])
+    stems = unique_stems([s for s, _ in images])
     h, w = bundle.input_size
     from tqdm import tqdm
 
