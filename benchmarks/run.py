@@ -221,7 +221,9 @@ def run_e2e(args, device, threads, log) -> dict:
         if m.times:
             q1, med, q3 = quartiles(m.times)
             row.update(median_ms=round(med * 1e3, 1), iqr_ms=round((q3 - q1) * 1e3, 1),
-                       images_per_s=round(n / med, 2), x_pyattr_eager=paired_ratio(m.times, eager))
+                       images_per_s=round(n / med, 2), x_pyattr_eager=paired_ratio(m.times, eager),
+                       cpu_median_ms=round(sorted(m.cpu_times)[len(m.cpu_times) // 2] * 1e3, 1),
+                       times_ms=[round(v * 1e3, 1) for v in m.times])
             log(f"    {row['name']:<50} {med:8.2f} s  {n / med:6.1f} img/s")
         rows.append(row)
     return {"images": n, "batch": batch, "model": model_name, "formats": "JPEG + PNG, mixed sizes", "rows": rows}

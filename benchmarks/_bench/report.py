@@ -43,7 +43,8 @@ def rows_of(measured: list[Measured], batch: int) -> list[dict]:
                 e2e = []
             q1, med, q3 = quartiles(m.times)
             row.update(median_ms=round(med * 1e3, 3), q1_ms=round(q1 * 1e3, 3), q3_ms=round(q3 * 1e3, 3),
-                       iqr_ms=round((q3 - q1) * 1e3, 3), images_per_s=round(batch / med, 3))
+                       iqr_ms=round((q3 - q1) * 1e3, 3), images_per_s=round(batch / med, 3),
+                       cpu_median_ms=round(statistics.median(m.cpu_times) * 1e3, 3), times_ms=_ms_list(m.times))
             row["x_bound"] = _round(paired_ratio(m.times, bound), 3) if c.role != "bound" else 1.0
             if c.output != "none" and e2e:
                 q1, med, q3 = quartiles(e2e)
@@ -55,6 +56,10 @@ def rows_of(measured: list[Measured], batch: int) -> list[dict]:
                 row["x_forward"] = _round(paired_ratio(m.times, forward), 3)
         rows.append(row)
     return rows
+
+
+def _ms_list(values: list[float]) -> list[float]:
+    return [round(v * 1e3, 3) for v in values]
 
 
 def _round(v, n):
@@ -85,12 +90,12 @@ def config_table(cfg: dict) -> str:
     lines = [f"#### {cfg['model']} · {METHOD_LABELS.get(cfg['method'], cfg['method'])} · batch {cfg['batch']}"
              + (f" · layer `{cfg['layer']}`" if cfg.get("layer") and cfg["method"] in
                 ("gradcam", "gradcampp", "scorecam") else ""), ""]
-    lines.append("| contender | output | raw ms (IQR) | end-to-end ms | img/s (e2e) | × bound | × forward "
+    lines.append("| contender | output | raw ms (IQR) | CPU ms | end-to-end ms | img/s (e2e) | × bound | × forward "
                  "| × pyattr eager | peak MiB |")
-    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in cfg["rows"]:
         if r.get("error"):
-            lines.append(f"| {r['name']} | error | {r['error'][:90]} | | | | | | |")
+            lines.append(f"| {r['name']} | error | {r['error'][:90]} | | | | | | | |")
             continue
         if r.get("median_ms") is None:
             continue
@@ -99,7 +104,7 @@ def config_table(cfg: dict) -> str:
         ips = f"{r.get('e2e_images_per_s', r.get('images_per_s')):.1f}"
         name = f"**{r['name']}**" if r["library"] == "pyattr" else r["name"]
         out = {"e2e": "maps", "raw": "raw", "none": "—"}[r["output"]]
-        lines.append(f"| {name} | {out} | {raw} | {e2e} | {ips} | {_x(r.get('x_bound'))} | {_x(r.get('x_forward'))} "
+        lines.append(f"| {name} | {out} | {raw} | {_ms(r.get('cpu_median_ms'))} | {e2e} | {ips} | {_x(r.get('x_bound'))} | {_x(r.get('x_forward'))} "
                      f"| {_x(r.get('x_pyattr_eager'))} | {_ms(r.get('peak_mib'))} |")
     notes = []
     if cfg.get("export_s"):
@@ -198,7 +203,8 @@ def markdown(results: dict) -> str:
         ("Times are medians over interleaved rounds (IQR in brackets); ratios are medians of per-round "
         "ratios. *raw*: the library's own output; *end to end*: normalized maps at the input size "
         "(pyattr always returns both; a peer's post-processing is timed separately and added). "
-        "× bound uses the raw time (pyattr: its full call). Peak MiB: memory the call added "
+        "× bound uses the raw time (pyattr: its full call). CPU ms: the process's CPU time per call, all "
+        "threads (spin-waiting included). Peak MiB: memory the call added "
         "(CPU: peak RSS above the level before the call; CUDA: max allocated above it)."), "",
         "## Goals", "", goal_md, "", "## Summary", "", summary_table(results["configs"]), "",
     ]

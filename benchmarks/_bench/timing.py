@@ -143,22 +143,24 @@ class PeakMemory:
 @dataclass
 class Measured:
     contender: Contender
-    times: list[float] = field(default_factory=list)  # seconds, one per round (None-free)
+    times: list[float] = field(default_factory=list)  # wall seconds, one per round
+    cpu_times: list[float] = field(default_factory=list)  # process CPU seconds (all threads), one per round
     warmup_s: list[float] = field(default_factory=list)
     peak_mib: float | None = None
     total_mib: float | None = None
     error: str | None = None
 
 
-def _call(c: Contender, device: torch.device) -> float:
+def _call(c: Contender, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
     synchronize(device)
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     c.fn()
     synchronize(device)
-    dt = time.perf_counter() - t0
+    dt, dc = time.perf_counter() - t0, time.process_time() - c0
     if c.after is not None:
         c.after()
-    return dt
+    return dt, dc
 
 
 def _first_line(err: BaseException) -> str:
@@ -179,7 +181,7 @@ def measure(contenders: list[Contender], device: torch.device, *, warmup: int = 
         try:
             for _ in range(max(1, warmup)):
                 with PeakMemory(device) as mem:
-                    m.warmup_s.append(_call(c, device))
+                    m.warmup_s.append(_call(c, device)[0])
                 m.peak_mib, m.total_mib = mem.peak_mib, mem.total_mib
                 if m.warmup_s[-1] > slow_s:  # one warm-up call is enough for slow work
                     break
@@ -196,7 +198,9 @@ def measure(contenders: list[Contender], device: torch.device, *, warmup: int = 
         shift = r % len(alive)
         for m in alive[shift:] + alive[:shift]:
             try:
-                m.times.append(_call(m.contender, device))
+                wall, cpu = _call(m.contender, device)
+                m.times.append(wall)
+                m.cpu_times.append(cpu)
             except Exception as err:  # noqa: BLE001
                 m.error = _first_line(err)
                 log(f"    ! {m.contender.name}: {m.error}")
