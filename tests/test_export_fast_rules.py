@@ -137,3 +137,32 @@ def test_fold_constants_leaves_inputs_alone_and_counts():
     gm.recompile()
     assert _ops(gm)[aten.flip.default] == 1
     torch.testing.assert_close(gm(x), expected)
+
+
+class _Attention(nn.Module):
+    """Patch embedding + one self-attention layer (scaled_dot_product_attention) + a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 4, stride=4)
+        self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        out, _ = self.attention(tokens, tokens, tokens, need_weights=False)
+        return self.head(out.mean(1))
+
+
+def test_attention_is_traced_in_math_form_for_every_method():
+    torch.manual_seed(6)
+    model = _Attention().eval()
+    method = pyattr.Saliency(model)  # a method that does not ask for the math form itself
+    gm = trace_graph(method, torch.randn(1, 3, 16, 16))
+    assert not [n for n in gm.graph.nodes if "backward" in str(n.target)]
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    target = torch.tensor([0, -1, 3])
+    _, explained, raw, _ = gm(x, target)
+    ref = method(x, target)
+    assert torch.equal(explained, ref.target)
+    torch.testing.assert_close(raw, ref.raw, rtol=1e-4, atol=1e-5 * float(ref.raw.abs().max()))

@@ -8,6 +8,7 @@ import warnings
 import torch
 from torch import fx
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._capture import eval_mode
 from ..errors import ExportError
@@ -50,7 +51,9 @@ def trace_graph(method: AttributionMethod, example: torch.Tensor) -> fx.GraphMod
 
     method._tracing = True
     try:
-        with eval_mode(method.model), warnings.catch_warnings():
+        # attention in its math form: the fused kernels' backward ops have no export rule (every method,
+        # not only those that ask for it, e.g. Saliency on a ViT)
+        with eval_mode(method.model), warnings.catch_warnings(), sdpa_kernel([SDPBackend.MATH]):
             warnings.simplefilter("ignore")
             gm = make_fx(attribution_graph, decomposition_table=decomposition_table(),
                          tracing_mode="symbolic", _allow_non_fake_inputs=True)(x, t)
