@@ -222,6 +222,7 @@ def markdown(results: dict) -> str:
 def chart(results: dict, path: Path) -> None:
     """One panel per configuration: end-to-end time of each contender relative to the bound (log)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -246,13 +247,18 @@ def chart(results: dict, path: Path) -> None:
         ax.barh([i[0] for i in items], [i[1] for i in items], color=[colors.get(i[2], "#333") for i in items])
         ax.axvline(1.0, color="k", lw=0.8)
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+        for y, item in enumerate(items):
+            ax.text(item[1], y, f" {item[1]:.2f}", va="center", fontsize=6)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.invert_yaxis()
         ax.tick_params(labelsize=6)
         ax.set_title(f"{cfg['model']} {cfg['method']} b{cfg['batch']}", fontsize=8)
     for ax in list(axes.flat)[len(configs):]:
         ax.axis("off")
     meta = results["metadata"]
-    fig.suptitle(f"time / bound (end to end, log scale) — {meta['device_name']}, torch {meta['torch']}", fontsize=9)
+    fig.suptitle(f"median time / median bound (end to end, log scale) — {meta['device_name']}, torch {meta['torch']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
