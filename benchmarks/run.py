@@ -104,7 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=224, help="input side (default 224)")
     p.add_argument("--threads", type=int, default=0, help="torch and onnxruntime threads (0: all cores)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up calls per contender (1 when a call > 10 s)")
-    p.add_argument("--min-rounds", type=int, help="fewest timed rounds (default 5; 3 in --full on CPU)")
+    p.add_argument("--min-rounds", type=int, help="fewest timed rounds (default 5; --quick 9; 3 in --full on CPU)")
     p.add_argument("--max-rounds", type=int, default=30)
     p.add_argument("--budget", type=float, help="seconds of timed rounds per configuration (quick 20, full 60)")
     p.add_argument("--e2e-images", type=int, help="images in the end-to-end folder (quick 16, full 48; 0: skip)")
@@ -169,7 +169,8 @@ def run_config(model_name: str, model, method: str, batch: int, args, device, ba
         contenders += peer_contenders(method, s, args.peers, log)
     cfg.update(notes)
     budget = args.budget if args.budget is not None else (20.0 if args.quick else 60.0)
-    min_rounds = args.min_rounds or (3 if (not args.quick and device.type == "cpu") else 5)
+    # --quick: 9 rounds of few configurations (its ratios decide goals); --full on CPU: at least 3 of many
+    min_rounds = args.min_rounds or (9 if args.quick else (3 if device.type == "cpu" else 5))
     with cases.quiet():
         measured = measure(contenders, device, warmup=args.warmup, min_rounds=min_rounds, max_rounds=args.max_rounds,
                            budget_s=budget, log=log)
