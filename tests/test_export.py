@@ -365,6 +365,18 @@ def test_failure_at_the_last_step_removes_the_temp_file(tmp_path, tiny_method, s
     assert pyattr.read_metadata(target)["method"] == "saliency"
 
 
+def test_export_under_inference_mode(tmp_path, tiny_method):
+    x = make_images(3, seed=64)
+    target = torch.tensor([2, -1, 0])
+    with torch.inference_mode():
+        pyattr.export(tiny_method, x[:1].clone(), tmp_path / "m.pt")
+    _, explained, raw, maps = torch.jit.load(str(tmp_path / "m.pt"))(x, target)
+    ref = tiny_method(x, target)
+    assert torch.equal(explained, ref.target)
+    torch.testing.assert_close(raw, ref.raw, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(maps, ref.maps, rtol=0, atol=1e-6)
+
+
 def test_bad_paths_and_formats(tmp_path, tiny_method):
     x = make_images(1, seed=63)
     with pytest.raises(pyattr.InputError, match=r"'x\.txt'.*\.onnx.*\.pt.*\.pt2"):

@@ -412,6 +412,24 @@ def test_works_under_no_grad_and_with_frozen_parameters(fresh_shapesnet, kind):
     assert float(reference.raw.abs().amax()) > 0
 
 
+@pytest.mark.parametrize("kind", ["saliency", "gradcam"])
+def test_works_under_inference_mode(fresh_shapesnet, kind):
+    model = fresh_shapesnet
+    x, target = make_images(2, seed=45), torch.tensor([3, -1])
+    reference = make_method(kind, model, "layer3")(x, target)
+    with torch.inference_mode():
+        xi, ti = x.clone(), target.clone()  # inference tensors
+        result = make_method(kind, model, "layer3")(xi, ti)
+        assert torch.is_inference_mode_enabled()  # the call does not leak its inference_mode(False)
+    for name in ("maps", "raw", "scores", "target"):
+        assert torch.equal(getattr(result, name), getattr(reference, name)), name
+    with torch.inference_mode():
+        built_there = copy.deepcopy(model)  # its parameters are inference tensors
+    assert all(p.is_inference() for p in built_there.parameters())
+    with pytest.raises(pyattr.InputError, match="created under torch.inference_mode"):
+        make_method(kind, built_there, "layer3")(x, target)
+
+
 def test_input_tensor_is_not_modified_nor_given_grad(fresh_shapesnet):
     x = make_images(2, seed=45).requires_grad_(True)
     copy_of_x = x.detach().clone()

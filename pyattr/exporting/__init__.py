@@ -118,6 +118,13 @@ def export(method: AttributionMethod, example_input: torch.Tensor, path: str | o
         >>> pyattr.export(pyattr.GradCAM(model, "layer3"), torch.rand(1, 3, 64, 64), "gradcam.onnx")
         PosixPath('gradcam.onnx')
     """
+    if torch.is_inference_mode_enabled() or (
+        isinstance(example_input, torch.Tensor) and example_input.is_inference()
+    ):  # tracing needs autograd: leave inference mode, on a normal copy of the example
+        with torch.inference_mode(False):
+            example = example_input.clone() if isinstance(example_input, torch.Tensor) else example_input
+            return export(method, example, path, format=format, class_names=class_names,
+                          preprocessing=preprocessing, metadata=metadata)
     path = Path(path)
     fmt = _format_of(path, format)
     if not isinstance(method, AttributionMethod):

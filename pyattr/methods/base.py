@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -190,6 +191,19 @@ class AttributionMethod:
         return scores.detach(), resolved, raw.detach(), maps.detach(), {k: v.detach() for k, v in extra.items()}
 
     def __call__(self, x: torch.Tensor, target: TargetLike = None) -> Attribution:
+        if any(p.is_inference() for p in itertools.chain(self.model.parameters(), self.model.buffers())):
+            raise InputError(
+                "the model's parameters or buffers were created under torch.inference_mode(), so autograd cannot "
+                "differentiate through them; build or load the model outside inference_mode"
+            )
+        if torch.is_inference_mode_enabled() or (isinstance(x, torch.Tensor) and x.is_inference()):
+            # Attribution needs autograd: leave inference mode for this call, on normal copies of the inputs.
+            with torch.inference_mode(False):
+                if isinstance(x, torch.Tensor) and x.is_inference():
+                    x = x.clone()
+                if isinstance(target, torch.Tensor) and target.is_inference():
+                    target = target.clone()
+                return self(x, target)
         x = self._check_input(x)
         t = self._check_target(target, x.shape[0], x.device)
         with eval_mode(self.model):
