@@ -31,6 +31,7 @@ _LAZY = {
     "FullGrad": "pyattr.methods",
     "GuidedGradCAM": "pyattr.methods",
     "TokensToGrid": "pyattr.methods",
+    "LRP": "pyattr.methods",
     "export": "pyattr.exporting",
     "read_metadata": "pyattr.exporting",
     "pointing_game": "pyattr.metrics",
@@ -39,11 +40,12 @@ _LAZY = {
     "LayerNotFoundError": "pyattr.errors",
     "ExportError": "pyattr.errors",
 }
-_SUBMODULES = {"zoo", "render", "colormaps", "methods", "exporting", "metrics", "models", "figures",
+_SUBMODULES = {"zoo", "render", "colormaps", "methods", "exporting", "metrics", "models", "figures", "lrp",
                "postprocess", "errors", "sanity", "runtime"}
 
 __all__ = [
     "CAM",
+    "LRP",
     "METHODS",
     "Attribution",
     "AttributionMethod",
@@ -72,6 +74,7 @@ __all__ = [
     "export",
     "exporting",
     "figures",
+    "lrp",
     "methods",
     "metrics",
     "models",

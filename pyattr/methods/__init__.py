@@ -11,6 +11,7 @@ from .base import Attribution, AttributionMethod
 from .cam import CAM, GradCAM, GradCAMPlusPlus, GuidedGradCAM, HiResCAM, LayerCAM, TokensToGrid, XGradCAM
 from .fullgrad import FullGrad
 from .gradient import DeconvNet, GuidedBackprop, InputXGradient, IntegratedGradients, Saliency, SmoothGrad
+from .lrp import LRP, LRPEpsilonAlpha2Beta1, LRPEpsilonGammaBox, LRPEpsilonPlus, LRPEpsilonPlusFlat
 from .scorecam import ScoreCAM
 
 METHODS: dict[str, type[AttributionMethod]] = {
@@ -29,6 +30,10 @@ METHODS: dict[str, type[AttributionMethod]] = {
     "guidedbackprop": GuidedBackprop,
     "deconvnet": DeconvNet,
     "guidedgradcam": GuidedGradCAM,
+    "lrp_epsilon_plus": LRPEpsilonPlus,
+    "lrp_epsilon_gamma_box": LRPEpsilonGammaBox,
+    "lrp_epsilon_plus_flat": LRPEpsilonPlusFlat,
+    "lrp_epsilon_alpha2_beta1": LRPEpsilonAlpha2Beta1,
 }
 
 
@@ -53,6 +58,27 @@ def build_method(name: str, model: nn.Module, layer: str | None = None, **option
     return METHODS[name](model, **options)
 
 
-__all__ = ["CAM", "METHODS", "Attribution", "AttributionMethod", "DeconvNet", "FullGrad", "GradCAM",
-           "GradCAMPlusPlus", "GuidedBackprop", "GuidedGradCAM", "HiResCAM", "InputXGradient", "IntegratedGradients", "LayerCAM",
-           "Saliency", "ScoreCAM", "SmoothGrad", "TokensToGrid", "XGradCAM", "build_method", "needs_layer"]
+__all__ = [
+    "CAM",
+    "LRP",
+    "METHODS",
+    "Attribution",
+    "AttributionMethod",
+    "DeconvNet",
+    "FullGrad",
+    "GradCAM",
+    "GradCAMPlusPlus",
+    "GuidedBackprop",
+    "GuidedGradCAM",
+    "HiResCAM",
+    "InputXGradient",
+    "IntegratedGradients",
+    "LayerCAM",
+    "Saliency",
+    "ScoreCAM",
+    "SmoothGrad",
+    "TokensToGrid",
+    "XGradCAM",
+    "build_method",
+    "needs_layer",
+]

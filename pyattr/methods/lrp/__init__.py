@@ -1,0 +1,75 @@
+"""Layer-wise Relevance Propagation: rules (:mod:`.rules`), composites (:mod:`.composites`),
+canonizers (:mod:`.canonizers`) and the method (:mod:`.method`). See ``docs/lrp.md``."""
+
+from __future__ import annotations
+
+from .canonizers import merge_batch_norm, residual_sum
+from .composites import (
+    COMPOSITES,
+    Composite,
+    EpsilonAlpha2Beta1,
+    EpsilonGammaBox,
+    EpsilonPlus,
+    EpsilonPlusFlat,
+)
+from .method import (
+    LRP,
+    LRPEpsilonAlpha2Beta1,
+    LRPEpsilonGammaBox,
+    LRPEpsilonPlus,
+    LRPEpsilonPlusFlat,
+    NoRuleError,
+)
+from .rules import (
+    LRP0,
+    Alpha1Beta0,
+    Alpha2Beta1,
+    AlphaBeta,
+    Epsilon,
+    Flat,
+    Gamma,
+    Gradient,
+    LinearRule,
+    Norm,
+    Pass,
+    Rule,
+    Stabilizer,
+    Term,
+    WSquare,
+    ZBox,
+    ZPlus,
+)
+
+__all__ = [
+    "COMPOSITES",
+    "LRP",
+    "LRP0",
+    "Alpha1Beta0",
+    "Alpha2Beta1",
+    "AlphaBeta",
+    "Composite",
+    "Epsilon",
+    "EpsilonAlpha2Beta1",
+    "EpsilonGammaBox",
+    "EpsilonPlus",
+    "EpsilonPlusFlat",
+    "Flat",
+    "Gamma",
+    "Gradient",
+    "LRPEpsilonAlpha2Beta1",
+    "LRPEpsilonGammaBox",
+    "LRPEpsilonPlus",
+    "LRPEpsilonPlusFlat",
+    "LinearRule",
+    "NoRuleError",
+    "Norm",
+    "Pass",
+    "Rule",
+    "Stabilizer",
+    "Term",
+    "WSquare",
+    "ZBox",
+    "ZPlus",
+    "merge_batch_norm",
+    "residual_sum",
+]

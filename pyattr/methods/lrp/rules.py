@@ -1,0 +1,278 @@
+"""LRP rules, composed from small parts: input modifiers, parameter modifiers, a stabilizer.
+
+Conventions (those of zennit, Anders et al. 2021, arXiv:2106.13200): the gradient that flows between
+layers *is* the relevance. For a layer ``z = f(x; w, b)`` that is linear in ``x`` (convolution,
+linear, average pooling), a rule is a list of :class:`Term`, each a modified copy of the layer
+``z_i = f(in_i(x); W_i(w), B_i(b))``. Terms are grouped; each group ``g`` has the denominator
+``D_g = sum_{i in g} sign_i z_i`` and the relevance that reaches the layer's input is
+
+    R_in = sum_i coef_i * sign_i * in_i(x) * J_i^T (gate_g * R_out / stabilize(D_g))
+
+where ``J_i^T`` is the transposed Jacobian of ``z_i`` with respect to its input (a transposed
+convolution, a matrix product; computed with ``torch.autograd.grad``) and ``gate_g`` an optional
+mask on the sign of the unmodified output. Every rule below is one choice of terms:
+
+==============  =================================================================================
+rule            terms (input, weight, bias) [sign, coef, group]
+==============  =================================================================================
+Epsilon(eps)    (x, w, b); LRP-0 is ``Epsilon(0)`` (Bach et al. 2015)
+Gamma(gamma)    generalized gamma (Montavon et al. 2019; Andeol et al. 2021): positive group
+                (x+, w + g w+, b + g b+), (x-, w + g w-, 0) gated by z > 0; negative group
+                (x+, w + g w-, b + g b-), (x-, w + g w+, 0) gated by z < 0
+ZPlus           (x+, w+, b+), (x-, w-, 0): alpha=1, beta=0 with negative inputs allowed
+AlphaBeta(a,b)  (x+, w+, b+), (x-, w-, 0) [coef a, group 0]; (x+, w-, b-), (x-, w+, 0) [coef -b, group 1]
+ZBox(lo, hi)    z^B (Montavon et al. 2017): (x, w, b), (lo, w+, b+) [sign -1], (hi, w-, b-) [sign -1]
+Flat            (1, 1, 0) (Lapuschkin et al. 2019)
+WSquare         (1, w^2, 0) (Montavon et al. 2017)
+Norm            (x) for parameter-free linear layers (average pooling); = Epsilon without params
+==============  =================================================================================
+
+``Pass`` passes the relevance through unchanged (element-wise activations, an unmerged BatchNorm);
+``Gradient`` keeps the layer's own gradient (e.g. max-pooling: winner takes all).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+Modifier = Callable[[torch.Tensor], torch.Tensor]
+LayerFunction = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
+
+
+# -- parts ---------------------------------------------------------------------------------------
+def identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def positive(t: torch.Tensor) -> torch.Tensor:
+    return t.clamp(min=0)
+
+
+def negative(t: torch.Tensor) -> torch.Tensor:
+    return t.clamp(max=0)
+
+
+def ones(t: torch.Tensor) -> torch.Tensor:
+    return torch.ones_like(t)
+
+
+def square(t: torch.Tensor) -> torch.Tensor:
+    return t * t
+
+
+def gamma_mod(gamma: float, sign: str) -> Modifier:
+    """``p + gamma * p+`` (``sign="+"``) or ``p + gamma * p-`` (``sign="-"``)."""
+    part = positive if sign == "+" else negative
+
+    def modifier(p: torch.Tensor) -> torch.Tensor:
+        return p + gamma * part(p)
+
+    return modifier
+
+
+def constant(value: float | torch.Tensor) -> Modifier:
+    """An input modifier that replaces the input by ``value`` (broadcast to its shape)."""
+    value = torch.as_tensor(value, dtype=torch.float32)
+
+    def modifier(x: torch.Tensor) -> torch.Tensor:
+        v = value.to(device=x.device, dtype=x.dtype)
+        if v.dim() > 0 and v.dim() < x.dim():
+            v = v.reshape(1, *v.shape, *[1] * (x.dim() - 1 - v.dim()))
+        return v.expand_as(x)
+
+    return modifier
+
+
+@dataclass(frozen=True)
+class Stabilizer:
+    """``z + epsilon * sign(z)`` with sign(0) = +1 (zennit's convention). ``epsilon=0`` gives the
+    unstabilized LRP-0, where exact zeros are divided by 1 instead (their relevance is 0 anyway)."""
+
+    epsilon: float = 1e-6
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        if self.epsilon == 0:
+            return torch.where(z == 0, torch.ones_like(z), z)
+        sign = (z == 0).to(z) + z.sign()
+        return z + sign * self.epsilon
+
+
+@dataclass(frozen=True)
+class Term:
+    """One modified copy of the layer. ``bias=None`` drops the bias."""
+
+    input: Modifier = identity
+    weight: Modifier = identity
+    bias: Modifier | None = identity
+    sign: float = 1.0
+    coef: float = 1.0
+    group: int = 0
+
+
+# -- rules ---------------------------------------------------------------------------------------
+class Rule:
+    """Base of all rules. ``Rule.kind`` says how the layer's backward changes:
+    ``"linear"`` (terms below), ``"pass"`` (identity) or ``"gradient"`` (unchanged)."""
+
+    kind = "linear"
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+@dataclass(frozen=True, repr=False)
+class LinearRule(Rule):
+    """A rule made of :class:`Term` s, a stabilizer and optional per-group gates
+    (``gates[g]`` = ``"positive"`` / ``"negative"``: keep the relevance of outputs whose
+    unmodified value has that sign)."""
+
+    terms: Sequence[Term] = (Term(),)
+    stabilizer: Stabilizer = field(default_factory=Stabilizer)
+    gates: dict[int, str] | None = None
+    label: str = "LinearRule"
+
+    def __repr__(self) -> str:
+        return self.label
+
+    def describe(self) -> str:
+        return self.label
+
+    def relevance(
+        self,
+        layer: LayerFunction,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        relevance_out: torch.Tensor,
+    ) -> torch.Tensor:
+        """The relevance at the layer's input, for ``relevance_out`` at its output."""
+        x = x.detach()
+        relevance_out = relevance_out.detach()
+        with torch.enable_grad():
+            inputs, outputs = [], []
+            for term in self.terms:
+                xi = term.input(x).detach().requires_grad_(True)
+                wi = None if weight is None else term.weight(weight)
+                bi = None if (bias is None or term.bias is None) else term.bias(bias)
+                inputs.append(xi)
+                outputs.append(layer(xi, wi, bi))
+        groups = sorted({t.group for t in self.terms})
+        scaled = {}
+        reference = None
+        for g in groups:
+            denominator = sum(t.sign * z.detach() for t, z in zip(self.terms, outputs) if t.group == g)
+            s = relevance_out / self.stabilizer(denominator)
+            gate = (self.gates or {}).get(g)
+            if gate is not None:
+                if reference is None:
+                    with torch.no_grad():
+                        reference = layer(x, weight, bias)
+                mask = reference > 0 if gate == "positive" else reference < 0
+                s = s * mask.to(s)
+            scaled[g] = s
+        grads = torch.autograd.grad(outputs, inputs, grad_outputs=[scaled[t.group] for t in self.terms])
+        result = None
+        for term, xi, gi in zip(self.terms, inputs, grads):
+            part = (term.coef * term.sign) * (xi.detach() * gi)
+            result = part if result is None else result + part
+        return result
+
+
+def Epsilon(epsilon: float = 1e-6) -> LinearRule:
+    """LRP-epsilon: ``R_i = sum_j x_i w_ij / (z_j + eps sign(z_j)) R_j``; ``epsilon=0`` is LRP-0."""
+    return LinearRule((Term(),), Stabilizer(epsilon), label=f"Epsilon(epsilon={epsilon})")
+
+
+def LRP0() -> LinearRule:
+    """LRP-0 (Bach et al. 2015): ``R_i = sum_j x_i w_ij / z_j R_j``."""
+    return LinearRule((Term(),), Stabilizer(0.0), label="LRP0()")
+
+
+def Gamma(gamma: float = 0.25, stabilizer: float = 1e-6) -> LinearRule:
+    """Generalized LRP-gamma (zennit's form; equal to Montavon et al. 2019 for positive inputs)."""
+    terms = (
+        Term(positive, gamma_mod(gamma, "+"), gamma_mod(gamma, "+"), group=0),
+        Term(negative, gamma_mod(gamma, "-"), None, group=0),
+        Term(positive, gamma_mod(gamma, "-"), gamma_mod(gamma, "-"), group=1),
+        Term(negative, gamma_mod(gamma, "+"), None, group=1),
+    )
+    return LinearRule(
+        terms, Stabilizer(stabilizer), {0: "positive", 1: "negative"}, label=f"Gamma(gamma={gamma})"
+    )
+
+
+def AlphaBeta(alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6) -> LinearRule:
+    """LRP-alpha-beta (Bach et al. 2015): ``alpha * R+ - beta * R-``, ``alpha - beta = 1``."""
+    if alpha < 0 or beta < 0 or abs(alpha - beta - 1) > 1e-12:
+        raise ValueError(
+            f"AlphaBeta needs alpha, beta >= 0 and alpha - beta = 1, got alpha={alpha}, beta={beta}"
+        )
+    terms = (
+        Term(positive, positive, positive, coef=alpha, group=0),
+        Term(negative, negative, None, coef=alpha, group=0),
+        Term(positive, negative, negative, coef=-beta, group=1),
+        Term(negative, positive, None, coef=-beta, group=1),
+    )
+    return LinearRule(terms, Stabilizer(stabilizer), label=f"AlphaBeta(alpha={alpha}, beta={beta})")
+
+
+def Alpha1Beta0(stabilizer: float = 1e-6) -> LinearRule:
+    """alpha=1, beta=0 (its positive group only)."""
+    return AlphaBeta(1.0, 0.0, stabilizer)
+
+
+def Alpha2Beta1(stabilizer: float = 1e-6) -> LinearRule:
+    return AlphaBeta(2.0, 1.0, stabilizer)
+
+
+def ZPlus(stabilizer: float = 1e-6) -> LinearRule:
+    """LRP-z+: positive contributions only (x+ w+ and x- w-), the bias's positive part."""
+    terms = (Term(positive, positive, positive), Term(negative, negative, None))
+    return LinearRule(terms, Stabilizer(stabilizer), label="ZPlus()")
+
+
+def ZBox(low: float | torch.Tensor, high: float | torch.Tensor, stabilizer: float = 1e-6) -> LinearRule:
+    """z^B for inputs bounded in [low, high] (the first layer; bounds in the layer's input space,
+    e.g. ``(0 - mean) / std`` and ``(1 - mean) / std`` per channel for normalized images)."""
+    terms = (
+        Term(identity, identity, identity),
+        Term(constant(low), positive, positive, sign=-1.0),
+        Term(constant(high), negative, negative, sign=-1.0),
+    )
+    return LinearRule(terms, Stabilizer(stabilizer), label="ZBox()")
+
+
+def Flat(stabilizer: float = 1e-6) -> LinearRule:
+    """Flat: relevance spread uniformly over each output's receptive field."""
+    return LinearRule((Term(ones, ones, None),), Stabilizer(stabilizer), label="Flat()")
+
+
+def WSquare(stabilizer: float = 1e-6) -> LinearRule:
+    """w^2: relevance spread in proportion to the squared weights (no bias)."""
+    return LinearRule((Term(ones, square, None),), Stabilizer(stabilizer), label="WSquare()")
+
+
+def Norm(stabilizer: float = 1e-6) -> LinearRule:
+    """Epsilon for a parameter-free linear layer (average pooling)."""
+    return LinearRule((Term(),), Stabilizer(stabilizer), label="Norm()")
+
+
+class Pass(Rule):
+    """The relevance passes through unchanged (element-wise layers: activations, BatchNorm)."""
+
+    kind = "pass"
+
+    def __repr__(self) -> str:
+        return "Pass()"
+
+
+class Gradient(Rule):
+    """The layer keeps its own gradient (max-pooling: winner takes all; dropout, flatten)."""
+
+    kind = "gradient"
+
+    def __repr__(self) -> str:
+        return "Gradient()"
