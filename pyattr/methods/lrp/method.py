@@ -96,6 +96,7 @@ class LRP(AttributionMethod):
         reduction: how the input relevance (N, C, H, W) becomes a map: ``"sum"`` (default:
             relevance adds up), ``"max"``, ``"mean"``, ``"l2"`` or ``"none"`` (keep channels).
         output: which part of the model's output holds the scores (see :class:`AttributionMethod`).
+        layout: ``"image"`` (N, C, H, W), ``"signal"`` (N, C, L) or ``"tabular"`` (N, F; no reduction).
 
     ``raw`` is the signed relevance map (N, H, W); with LRP-0 / a small epsilon and zero biases
     it sums to the target's score. ``maps`` is it min-max normalized (render ``raw`` with a
@@ -110,6 +111,7 @@ class LRP(AttributionMethod):
     """
 
     name: ClassVar[str] = "lrp"
+    layouts: ClassVar[tuple[str, ...]] = ("image", "signal", "tabular")
     default_composite: ClassVar[str] = "epsilon_plus"
 
     def __init__(
@@ -123,8 +125,9 @@ class LRP(AttributionMethod):
         canonize: bool = True,
         reduction: str = "sum",
         output: OutputSelector = None,
+        layout: str = "image",
     ):
-        super().__init__(model, output=output)
+        super().__init__(model, output=output, layout=layout)
         composite = self.default_composite if composite is None else composite
         if isinstance(composite, str):
             if composite not in COMPOSITES:
@@ -324,6 +327,8 @@ class LRP(AttributionMethod):
 
     def attribute_raw(self, x: torch.Tensor, target: torch.Tensor):
         scores, resolved, relevance, _ = self._relevance(x, target)
+        if self.layout == "tabular":  # (N, F): no channel dim
+            return scores, relevance, resolved
         return scores, reduce_channel_dim(relevance, self.reduction, 1), resolved
 
     def relevances(
