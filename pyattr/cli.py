@@ -39,6 +39,17 @@ def load_images(paths: list[str]) -> list[tuple[str, np.ndarray]]:
     return images
 
 
+def method_options(name: str, bundle) -> dict:
+    """Options a method takes from the model bundle: the input bounds of LRP's z^B rule (first layer) for
+    models normalized outside (the built-in model normalizes inside; LRP reads its bounds itself)."""
+    if name == "lrp_epsilon_gamma_box" and bundle.name != "builtin":
+        import torch
+
+        mean, std = torch.tensor(bundle.mean), torch.tensor(bundle.std)
+        return {"low": (0 - mean) / std, "high": (1 - mean) / std}
+    return {}
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
@@ -61,7 +72,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         truth = batch.labels
 
     layer = args.layer or (bundle.default_layer if needs_layer(args.method) else None)
-    method = build_method(args.method, bundle.model, layer)
+    method = build_method(args.method, bundle.model, layer, **method_options(args.method, bundle))
     n_classes = len(bundle.class_names) if bundle.class_names else None
     if args.target is not None and n_classes is not None and not 0 <= args.target < n_classes:
         raise InputError(f"--target {args.target} is out of range: the model has {n_classes} classes (0..{n_classes - 1})")
@@ -116,7 +127,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise InputError(f"name the output .onnx, .pt or .pt2 (or pass --format), got {path.name!r}")
     bundle = load_model(args.model, args.device, args.size)
     layer = args.layer or (bundle.default_layer if needs_layer(args.method) else None)
-    method = build_method(args.method, bundle.model, layer)
+    method = build_method(args.method, bundle.model, layer, **method_options(args.method, bundle))
     h, w = bundle.input_size
     example = bundle.normalize(torch.rand(1, 3, h, w, device=args.device))
     export(method, example, path, format=args.format, class_names=bundle.class_names,

@@ -437,7 +437,7 @@ def vgg16_bn():
     [
         "vgg11",
         pytest.param("vgg16_bn", marks=pytest.mark.slow),
-        pytest.param("resnet18", marks=pytest.mark.slow),
+        "resnet18",
         "builtin",
     ],
 )
@@ -685,3 +685,32 @@ def test_export_contract_resnet18(resnet18, tmp_path):
         num_classes=NUM_CLASSES_TORCHVISION,
         formats=("onnx", "torchscript"),
     )
+
+
+def test_cli_explains_with_lrp_and_passes_zbox_bounds(tmp_path):
+    from pyattr.cli import main, method_options
+    from pyattr.models import ModelBundle
+
+    assert (
+        main(
+            [
+                "explain",
+                "--samples",
+                "2",
+                "--method",
+                "lrp_epsilon_gamma_box",
+                "--out",
+                str(tmp_path),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert len(list(tmp_path.glob("*lrp_epsilon_gamma_box_overlay.png"))) == 2
+    bundle = ModelBundle(
+        nn.Identity(), "torchvision:vgg11", (64, 64), mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5)
+    )
+    options = method_options("lrp_epsilon_gamma_box", bundle)
+    assert torch.allclose(options["low"], torch.tensor([-2.5, -1.6, -0.6]))
+    assert torch.allclose(options["high"], torch.tensor([2.5, 2.4, 1.4]))
+    assert method_options("lrp_epsilon_plus", bundle) == {}
