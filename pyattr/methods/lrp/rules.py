@@ -75,7 +75,9 @@ def gamma_mod(gamma: float, sign: str) -> Modifier:
 
 def constant(value: float | torch.Tensor) -> Modifier:
     """An input modifier that replaces the input by ``value`` (broadcast to its shape)."""
-    value = torch.as_tensor(value, dtype=torch.float32)
+    value = torch.as_tensor(value)
+    if not value.is_floating_point():
+        value = value.float()
 
     def modifier(x: torch.Tensor) -> torch.Tensor:
         v = value.to(device=x.device, dtype=x.dtype)
