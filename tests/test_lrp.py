@@ -645,6 +645,9 @@ def test_registry_and_metadata(builtin_model):
         assert type(method) is METHODS[f"lrp_{composite}"] and method.name == f"lrp_{composite}"
         assert method.metadata()["composite"] == composite
     assert pyattr.LRP(builtin_model, "epsilon_plus_flat").name == "lrp_epsilon_plus_flat"
+    generic = build_method("lrp", builtin_model, composite="epsilon_gamma_box")
+    assert type(generic) is pyattr.LRP and generic.composite.name == "epsilon_gamma_box"
+    assert build_method("lrp", builtin_model).name == "lrp_epsilon_plus"
 
 
 @pytest.mark.parametrize("composite", COMPOSITE_NAMES)
@@ -656,10 +659,18 @@ def test_export_contract_builtin(composite, builtin_model, tmp_path):
         # float32 map itself is only good to ~3e-3 (eager float32 vs float64; see the next test), beyond the
         # contract's 1e-4. The contract is held with a stabilizer that keeps float32 exact to ~1e-5.
         method = lrp.LRP(builtin_model, lrp.EpsilonAlpha2Beta1(stabilizer=1e-2))
-    formats = ("onnx", "torchscript", "pt2") if composite == "epsilon_gamma_box" else ("onnx", "torchscript")
-    assert_export_contract(method, make_images(5, seed=90), tmp_path, num_classes=6, formats=formats)
+    assert_export_contract(
+        method, make_images(5, seed=90), tmp_path, num_classes=6, formats=("onnx", "torchscript")
+    )
 
 
+@pytest.mark.slow
+def test_export_contract_builtin_pt2(builtin_model, tmp_path):
+    method = build_method("lrp_epsilon_gamma_box", builtin_model)
+    assert_export_contract(method, make_images(5, seed=90), tmp_path, num_classes=6, formats=("pt2",))
+
+
+@pytest.mark.slow
 def test_export_alpha2_beta1_default_is_as_exact_as_eager_float32(builtin_model, tmp_path):
     """The registry's lrp_epsilon_alpha2_beta1 (stabilizer 1e-6) in onnxruntime: its distance to the float64
     result is of the order of eager float32's own distance to it."""

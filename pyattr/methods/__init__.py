@@ -30,6 +30,7 @@ METHODS: dict[str, type[AttributionMethod]] = {
     "guidedbackprop": GuidedBackprop,
     "deconvnet": DeconvNet,
     "guidedgradcam": GuidedGradCAM,
+    "lrp": LRP,  # epsilon_plus unless composite=... is given
     "lrp_epsilon_plus": LRPEpsilonPlus,
     "lrp_epsilon_gamma_box": LRPEpsilonGammaBox,
     "lrp_epsilon_plus_flat": LRPEpsilonPlusFlat,
