@@ -56,6 +56,15 @@ def inputs_for(model_name: str, n: int, seed: int = 0) -> torch.Tensor:
     return make_shapes(n, seed) if model_name == "builtin" else make_images(n, seed)
 
 
+def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|, per sample, the worst sample."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    assert actual.shape == expected.shape, f"{tuple(actual.shape)} != {tuple(expected.shape)}"
+    scale = expected.flatten(1).abs().amax(1)
+    assert bool((scale > 0).all()), "a reference map is all zeros: the comparison proves nothing"
+    return float(((actual - expected).flatten(1).abs().amax(1) / scale).max())
+
+
 def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
     state = torch.random.get_rng_state()
     try:
@@ -63,6 +72,9 @@ def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
         return build().eval()
     finally:
         torch.random.set_rng_state(state)
+
+
+seeded = _seeded  # a module built under torch.manual_seed(seed), in eval mode, the global RNG untouched
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from captum.attr import InputXGradient as CaptumInputXGradient
 from captum.attr import IntegratedGradients as CaptumIntegratedGradients
 from captum.attr import NoiseTunnel as CaptumNoiseTunnel
 from captum.attr import Saliency as CaptumSaliency
-from conftest import NUM_CLASSES_TORCHVISION, make_images
+from conftest import NUM_CLASSES_TORCHVISION, make_images, max_relative_error, seeded
 from contract import assert_export_contract
 from torch import nn
 
@@ -41,27 +41,10 @@ REFERENCE_RTOL = 1e-5
 GRADIENT_METHODS = ("saliency", "inputxgradient", "smoothgrad", "integratedgradients", "guidedbackprop", "deconvnet")
 
 
-def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected|, per sample, the worst sample."""
-    actual, expected = actual.detach().double(), expected.detach().double()
-    assert actual.shape == expected.shape, f"{tuple(actual.shape)} != {tuple(expected.shape)}"
-    scale = expected.flatten(1).abs().amax(1)
-    assert bool((scale > 0).all()), "a reference map is all zeros: the comparison proves nothing"
-    return float(((actual - expected).flatten(1).abs().amax(1) / scale).max())
-
-
 def assert_maps_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = REFERENCE_RTOL) -> None:
     err = max_relative_error(actual, expected)
     assert err <= rtol, f"relative error {err:.3g} > {rtol:g}"
 
-
-def seeded(seed: int, build) -> nn.Module:
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        return build().eval()
-    finally:
-        torch.random.set_rng_state(state)
 
 
 @pytest.fixture(scope="session")

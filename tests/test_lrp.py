@@ -16,7 +16,7 @@ import torch
 import torchvision
 from captum.attr import LRP as CaptumLRP
 from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule, GammaRule
-from conftest import NUM_CLASSES_TORCHVISION, make_images, make_shapes
+from conftest import NUM_CLASSES_TORCHVISION, make_images, make_shapes, max_relative_error, seeded
 from contract import assert_export_contract, run_exported
 from torch import nn
 from zennit import composites as zc
@@ -40,24 +40,6 @@ from pyattr.zoo.model import BasicBlock as ShapesBasicBlock
 
 REFERENCE_RTOL = 1e-5
 COMPOSITE_NAMES = ("epsilon_plus", "epsilon_gamma_box", "epsilon_plus_flat", "epsilon_alpha2_beta1")
-
-
-def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected|, per sample, the worst sample."""
-    actual, expected = actual.detach().double(), expected.detach().double()
-    assert actual.shape == expected.shape, f"{tuple(actual.shape)} != {tuple(expected.shape)}"
-    scale = expected.flatten(1).abs().amax(1)
-    assert bool((scale > 0).all()), "a reference map is all zeros: the comparison proves nothing"
-    return float(((actual - expected).flatten(1).abs().amax(1) / scale).max())
-
-
-def seeded(seed: int, build) -> nn.Module:
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        return build().eval()
-    finally:
-        torch.random.set_rng_state(state)
 
 
 def model_state(model: nn.Module) -> dict:
