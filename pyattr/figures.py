@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from . import render
+from ._files import publish, temp_beside
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -50,11 +50,10 @@ def save_png_atomic(picture: Image.Image | np.ndarray, path: str | os.PathLike) 
     path = Path(path)
     if isinstance(picture, np.ndarray):
         picture = Image.fromarray(picture)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    tmp = temp_beside(path, ".png")
     try:
         picture.save(tmp, format="PNG")
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
     return path

@@ -377,6 +377,20 @@ def test_export_under_inference_mode(tmp_path, tiny_method):
     torch.testing.assert_close(maps, ref.maps, rtol=0, atol=1e-6)
 
 
+def test_written_files_get_the_usual_permissions(tmp_path, tiny_method):
+    """The atomic writes go through mkstemp (mode 0600); the published files are readable like any other."""
+    from pyattr.figures import save_png_atomic
+
+    mask = os.umask(0o022)
+    try:
+        pyattr.export(tiny_method, make_images(1, seed=65), tmp_path / "m.pt")
+        save_png_atomic(np.zeros((4, 4, 3), np.uint8), tmp_path / "p.png")
+    finally:
+        os.umask(mask)
+    for name in ("m.pt", "p.png"):
+        assert oct((tmp_path / name).stat().st_mode & 0o777) == oct(0o644), name
+
+
 def test_bad_paths_and_formats(tmp_path, tiny_method):
     x = make_images(1, seed=63)
     with pytest.raises(pyattr.InputError, match=r"'x\.txt'.*\.onnx.*\.pt.*\.pt2"):

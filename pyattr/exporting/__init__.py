@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 
 from .. import __version__
+from .._files import publish, temp_beside
 from ..errors import ExportError, InputError
 from ..methods.base import AttributionMethod
 from .trace import INPUT_NAMES, OUTPUT_NAMES, GraphModule, scriptable, trace_graph
@@ -137,9 +137,7 @@ def export(method: AttributionMethod, example_input: torch.Tensor, path: str | o
     from .trace import example_batch
 
     x, t = example_batch(example)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = temp_beside(path, f".tmp{path.suffix}")
     try:
         if fmt == "onnx":
             _write_onnx(gm, x, t, tmp, meta)
@@ -147,7 +145,7 @@ def export(method: AttributionMethod, example_input: torch.Tensor, path: str | o
             _write_torchscript(gm, tmp, meta)
         else:
             _write_pt2(gm, x, t, tmp, meta)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
