@@ -77,6 +77,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.target is not None and n_classes is not None and not 0 <= args.target < n_classes:
         raise InputError(f"--target {args.target} is out of range: the model has {n_classes} classes (0..{n_classes - 1})")
 
+    signed = args.method.startswith("lrp")  # LRP's signed relevance
+    cmap = args.cmap or ("seismic" if signed else "jet")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stems = unique_stems([s for s, _ in images])
@@ -97,13 +99,18 @@ def cmd_explain(args: argparse.Namespace) -> int:
             i = start + j
             pred = int(result.scores[j].argmax())
             explained = int(result.target[j])
-            heat = resize_bilinear(result.maps[j:j + 1], original.shape[:2])[0].clamp(0, 1).cpu().numpy()
-            over = overlay_image(original, heat, alpha=args.alpha, cmap=args.cmap)
+            if signed:  # relevance: 0 at the middle of a diverging colormap, +-max|R| at its ends
+                raw = result.raw[j:j + 1]
+                unit = 0.5 + 0.5 * raw / raw.abs().amax().clamp_min(torch.finfo(raw.dtype).tiny)
+            else:
+                unit = result.maps[j:j + 1]
+            heat = resize_bilinear(unit, original.shape[:2])[0].clamp(0, 1).cpu().numpy()
+            over = overlay_image(original, heat, alpha=args.alpha, cmap=cmap)
             title = (f"{args.method}: explains {bundle.class_name(explained)} | predicted "
                      f"{bundle.class_name(pred)} ({float(probs[j, pred]):.2f})")
             base = out / f"{stems[i]}_{args.method}"
             save_png_atomic(over, f"{base}_overlay.png")
-            save_png_atomic(side_by_side(original, heat, over, title, cmap=args.cmap), f"{base}_figure.png")
+            save_png_atomic(side_by_side(original, heat, over, title, cmap=cmap), f"{base}_figure.png")
             written.append(f"{base}_figure.png")
             line = f"{stems[i]}: {title} -> {base}_figure.png"
             if truth is not None:
@@ -171,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--samples", type=int, default=6, help="generated samples when no image is given (default 6)")
     ex.add_argument("--batch-size", type=int, default=16)
     ex.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in the overlay (default 0.5)")
-    ex.add_argument("--cmap", default="jet", help="colormap (default jet)")
+    ex.add_argument("--cmap", help="colormap (default jet; for LRP's signed relevance seismic, white at zero)")
     ex.add_argument("--quiet", action="store_true", help="print only the summary line")
     ex.set_defaults(func=cmd_explain)
 

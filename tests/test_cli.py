@@ -66,6 +66,25 @@ def test_overlay_matches_api(tmp_path, image_files):
     assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
 
 
+def test_lrp_overlay_is_signed_relevance_on_a_diverging_colormap(tmp_path, image_files):
+    """LRP's relevance is signed: 0 sits at the white middle of seismic, +-max|R| at its ends."""
+    import torch
+
+    import pyattr
+    from pyattr import render
+
+    out = tmp_path / "out"
+    assert main(["explain", image_files[0], "--method", "lrp_epsilon_plus", "--out", str(out), "--quiet"]) == 0
+    image = np.asarray(Image.open(image_files[0]).convert("RGB"))
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    raw = pyattr.LRP(pyattr.zoo.load_builtin(), "epsilon_plus")(x).raw
+    assert float(raw.min()) < 0 < float(raw.max())
+    unit = (0.5 + 0.5 * raw / raw.abs().amax()).numpy()
+    expected = render.overlay(unit, image[None], alpha=0.5, cmap="seismic")[0]
+    got = np.asarray(Image.open(out / "img0_lrp_epsilon_plus_overlay.png"))
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
