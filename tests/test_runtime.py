@@ -266,3 +266,24 @@ def test_missing_preprocessing_warns(setup, tmp_path):
     x = runtime.preprocess([setup["images"][0]])
     rgb = np.asarray(Image.open(setup["images"][0]).convert("RGB"))
     np.testing.assert_allclose(x[0], rgb.transpose(2, 0, 1) / 255, rtol=0, atol=1e-6)
+
+
+def test_lrp_graphs_are_drawn_signed_by_default(setup, tmp_path, capsys):
+    """An exported LRP graph's relevance is drawn from the raw map, centered, on seismic (as `pyattr explain`
+    does); other graphs keep the normalized maps on jet."""
+    from pyattr.cli import main
+
+    torch.manual_seed(0)
+    path = tmp_path / "lrp.onnx"
+    pyattr.export(pyattr.LRP(ShapesNet().eval(), "epsilon_plus"), torch.rand(1, 3, 64, 64), path,
+                  class_names=SHAPE_CLASSES, preprocessing=PREPROCESSING)
+    file = setup["images"][1]
+    assert main(["run", str(path), str(file), "--out", str(tmp_path / "o"), "--alpha", "0.6"]) == 0
+    capsys.readouterr()
+    runtime = AttributionRuntime(path)
+    raw = runtime.run(runtime.preprocess([file])).raw[0]
+    assert raw.min() < 0 < raw.max()
+    image = np.asarray(Image.open(file).convert("RGB"))
+    expected = render.heatmap_overlay(raw, image, 0.6, "seismic", sign="centered")
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o" / f"{file.stem}_{runtime.method}_overlay.png")),
+                                  expected)

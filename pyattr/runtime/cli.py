@@ -28,10 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="pyattr_run", help="output folder (default pyattr_run)")
     parser.add_argument("--target", help="class to explain, id or name (default: each image's top class)")
     parser.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity (default 0.5)")
-    parser.add_argument("--cmap", default="jet", help="colormap (default jet)")
-    parser.add_argument("--source", choices=["maps", "raw"], default="maps",
-                        help="draw the graph's normalized maps (default) or its raw maps normalized here")
-    parser.add_argument("--sign", default="all", help="with --source raw: all, absolute, positive, negative, centered")
+    parser.add_argument("--cmap", help="colormap (default jet; seismic for LRP graphs)")
+    parser.add_argument("--source", choices=["maps", "raw"],
+                        help="draw the graph's normalized maps (default) or its raw maps normalized here "
+                             "(default for LRP graphs: signed relevance)")
+    parser.add_argument("--sign", help="with --source raw: all, absolute, positive, negative, centered "
+                                       "(default all; centered for LRP graphs)")
     parser.add_argument("--outlier-perc", type=float, default=0.0,
                         help="with --source raw: percent of extreme values clipped (default 0)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per graph run (default 16)")
@@ -53,15 +55,20 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--batch-size must be at least 1")
     if not 0.0 <= args.alpha <= 1.0:
         raise InputError("--alpha must be in [0, 1]")
-    if args.cmap not in COLORMAPS:
+    if args.cmap is not None and args.cmap not in COLORMAPS:
         raise InputError(f"unknown colormap {args.cmap!r}; available: {', '.join(COLORMAPS)}")
-    if args.sign not in SIGNS:
+    if args.sign is not None and args.sign not in SIGNS:
         raise InputError(f"unknown --sign {args.sign!r}; use one of {', '.join(SIGNS)}")
     if not 0.0 <= args.outlier_perc < 50.0:
         raise InputError("--outlier-perc must be in [0, 50)")
     images = expand_images(args.images)
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     runtime = AttributionRuntime(args.model, providers=providers, num_threads=args.threads)
+    # LRP's relevance is signed: by default drawn from the raw map, 0 at the middle of a diverging colormap.
+    signed = str(runtime.method).startswith("lrp")
+    args.cmap = args.cmap or ("seismic" if signed else "jet")
+    args.source = args.source or ("raw" if signed else "maps")
+    args.sign = args.sign or ("centered" if signed and args.source == "raw" else "all")
     target = runtime.class_index(args.target) if args.target is not None else None
 
     out = Path(args.out)
