@@ -54,6 +54,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
+    from . import render
     from .figures import overlay_image, save_png_atomic, side_by_side
     from .methods import build_method, needs_layer
     from .models import load_model
@@ -77,8 +78,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.target is not None and n_classes is not None and not 0 <= args.target < n_classes:
         raise InputError(f"--target {args.target} is out of range: the model has {n_classes} classes (0..{n_classes - 1})")
 
-    signed = args.method.startswith("lrp")  # LRP's signed relevance
-    cmap = args.cmap or ("seismic" if signed else "jet")
+    cmap = args.cmap or ("seismic" if method.signed else "jet")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stems = unique_stems([s for s, _ in images])
@@ -99,9 +99,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
             i = start + j
             pred = int(result.scores[j].argmax())
             explained = int(result.target[j])
-            if signed:  # relevance: 0 at the middle of a diverging colormap, +-max|R| at its ends
-                raw = result.raw[j:j + 1]
-                unit = 0.5 + 0.5 * raw / raw.abs().amax().clamp_min(torch.finfo(raw.dtype).tiny)
+            if method.signed:  # relevance: 0 at the middle of a diverging colormap, +-max|R| at its ends
+                unit = torch.from_numpy(render.normalize(result.raw[j:j + 1].cpu().numpy(), sign="centered"))
             else:
                 unit = result.maps[j:j + 1]
             heat = resize_bilinear(unit, original.shape[:2])[0].clamp(0, 1).cpu().numpy()

@@ -626,6 +626,8 @@ def test_registry_and_metadata(builtin_model):
         method = build_method(f"lrp_{composite}", builtin_model)
         assert type(method) is METHODS[f"lrp_{composite}"] and method.name == f"lrp_{composite}"
         assert method.metadata()["composite"] == composite
+        assert method.metadata()["signed"] is True  # pyattr run draws it centered on a diverging colormap
+    assert "signed" not in build_method("saliency", builtin_model).metadata()
     assert pyattr.LRP(builtin_model, "epsilon_plus_flat").name == "lrp_epsilon_plus_flat"
     generic = build_method("lrp", builtin_model, composite="epsilon_gamma_box")
     assert type(generic) is pyattr.LRP and generic.composite.name == "epsilon_gamma_box"

@@ -99,6 +99,9 @@ class AttributionMethod:
     name: ClassVar[str] = "method"
     layouts: ClassVar[tuple[str, ...]] = ("image",)
     multi_target: ClassVar[bool] = False
+    signed: ClassVar[bool] = False
+    """True when the raw map is signed evidence (LRP's relevance), drawn centered on a diverging colormap:
+    ``pyattr explain`` does, and exported files record it (``"signed"``) for ``pyattr run``."""
 
     def __init__(self, model: nn.Module, *, output: OutputSelector = None, layout: str = "image"):
         if not isinstance(model, nn.Module):
@@ -137,6 +140,8 @@ class AttributionMethod:
         meta: dict[str, Any] = {"method": self.name}
         if self.layout != "image":
             meta["layout"] = self.layout
+        if self.signed:
+            meta["signed"] = True
         return meta
 
     # -- shared --------------------------------------------------------------------------------

@@ -64,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
     images = expand_images(args.images)
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     runtime = AttributionRuntime(args.model, providers=providers, num_threads=args.threads)
-    # LRP's relevance is signed: by default drawn from the raw map, 0 at the middle of a diverging colormap.
-    signed = str(runtime.method).startswith("lrp")
+    # Signed relevance (LRP): by default drawn from the raw map, 0 at the middle of a diverging colormap.
+    signed = bool(runtime.metadata.get("signed", False))
     args.cmap = args.cmap or ("seismic" if signed else "jet")
     args.source = args.source or ("raw" if signed else "maps")
     args.sign = args.sign or ("centered" if signed and args.source == "raw" else "all")

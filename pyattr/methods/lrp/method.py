@@ -111,6 +111,7 @@ class LRP(AttributionMethod):
     """
 
     name: ClassVar[str] = "lrp"
+    signed: ClassVar[bool] = True
     layouts: ClassVar[tuple[str, ...]] = ("image", "signal", "tabular")
     default_composite: ClassVar[str] = "epsilon_plus"
 
