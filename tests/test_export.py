@@ -10,6 +10,7 @@ never imports pyattr, failed exports leave no file behind, and every backward ru
 from __future__ import annotations
 
 import collections
+import copy
 import json
 import os
 import shutil
@@ -375,6 +376,11 @@ def test_export_under_inference_mode(tmp_path, tiny_method):
     assert torch.equal(explained, ref.target)
     torch.testing.assert_close(raw, ref.raw, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(maps, ref.maps, rtol=0, atol=1e-6)
+    with torch.inference_mode():
+        built_there = pyattr.Saliency(copy.deepcopy(tiny_method.model))  # inference-tensor parameters
+    with pytest.raises(pyattr.InputError, match="created under torch.inference_mode"):
+        pyattr.export(built_there, x[:1], tmp_path / "n.pt")
+    assert not (tmp_path / "n.pt").exists()
 
 
 def test_written_files_get_the_usual_permissions(tmp_path, tiny_method):

@@ -13,7 +13,7 @@ import torch
 from .. import __version__
 from .._files import publish, temp_beside
 from ..errors import ExportError, InputError
-from ..methods.base import AttributionMethod
+from ..methods.base import AttributionMethod, in_inference_mode, normal_copies
 from .trace import INPUT_NAMES, OUTPUT_NAMES, GraphModule, scriptable, trace_graph
 
 FORMATS = {".onnx": "onnx", ".pt": "torchscript", ".pt2": "pt2"}
@@ -118,12 +118,9 @@ def export(method: AttributionMethod, example_input: torch.Tensor, path: str | o
         >>> pyattr.export(pyattr.GradCAM(model, "layer3"), torch.rand(1, 3, 64, 64), "gradcam.onnx")
         PosixPath('gradcam.onnx')
     """
-    if torch.is_inference_mode_enabled() or (
-        isinstance(example_input, torch.Tensor) and example_input.is_inference()
-    ):  # tracing needs autograd: leave inference mode, on a normal copy of the example
+    if in_inference_mode(example_input):  # tracing needs autograd
         with torch.inference_mode(False):
-            example = example_input.clone() if isinstance(example_input, torch.Tensor) else example_input
-            return export(method, example, path, format=format, class_names=class_names,
+            return export(method, *normal_copies(example_input), path, format=format, class_names=class_names,
                           preprocessing=preprocessing, metadata=metadata)
     path = Path(path)
     fmt = _format_of(path, format)

@@ -47,6 +47,20 @@ class Attribution:
     completeness_error: torch.Tensor | None = None
 
 
+def in_inference_mode(*values: Any) -> bool:
+    """Whether autograd is blocked: ``torch.inference_mode()`` is on, or a value is an inference tensor.
+    Attribution and export need autograd; they then leave inference mode for the call
+    (``with torch.inference_mode(False)``) and work on :func:`normal_copies` of their inputs."""
+    return torch.is_inference_mode_enabled() or any(
+        isinstance(v, torch.Tensor) and v.is_inference() for v in values
+    )
+
+
+def normal_copies(*values: Any) -> tuple[Any, ...]:
+    """``values`` with every inference tensor cloned (call outside inference mode)."""
+    return tuple(v.clone() if isinstance(v, torch.Tensor) and v.is_inference() else v for v in values)
+
+
 def resolve_target(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Targets with -1 replaced by each sample's arg-max class. ``target``: (N,) or (N, T)."""
     best = scores.argmax(1)
@@ -196,19 +210,9 @@ class AttributionMethod:
         return scores.detach(), resolved, raw.detach(), maps.detach(), {k: v.detach() for k, v in extra.items()}
 
     def __call__(self, x: torch.Tensor, target: TargetLike = None) -> Attribution:
-        if any(p.is_inference() for p in itertools.chain(self.model.parameters(), self.model.buffers())):
-            raise InputError(
-                "the model's parameters or buffers were created under torch.inference_mode(), so autograd cannot "
-                "differentiate through them; build or load the model outside inference_mode"
-            )
-        if torch.is_inference_mode_enabled() or (isinstance(x, torch.Tensor) and x.is_inference()):
-            # Attribution needs autograd: leave inference mode for this call, on normal copies of the inputs.
+        if in_inference_mode(x, target):
             with torch.inference_mode(False):
-                if isinstance(x, torch.Tensor) and x.is_inference():
-                    x = x.clone()
-                if isinstance(target, torch.Tensor) and target.is_inference():
-                    target = target.clone()
-                return self(x, target)
+                return self(*normal_copies(x, target))
         x = self._check_input(x)
         t = self._check_target(target, x.shape[0], x.device)
         with eval_mode(self.model):
@@ -250,6 +254,11 @@ class AttributionMethod:
         if param is not None and param.device != x.device:
             raise InputError(
                 f"inputs are on {x.device} but the model is on {param.device}; move one with .to(device)"
+            )
+        if any(p.is_inference() for p in itertools.chain(self.model.parameters(), self.model.buffers())):
+            raise InputError(
+                "the model's parameters or buffers were created under torch.inference_mode(), so autograd cannot "
+                "differentiate through them; build or load the model outside inference_mode"
             )
         return x.detach()
 
