@@ -5,13 +5,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-import pyattr
 from pyattr import render
 from pyattr.figures import _font
 from pyattr.methods import build_method
@@ -21,28 +21,38 @@ METHODS = ["gradcam", "gradcampp", "scorecam", "saliency", "integratedgradients"
 SEED, INDEX, CELL = 30_000, 3, 160
 
 
-def main() -> None:
-    model = load_builtin()
+def class_grid(columns: list[str], cell: Callable[[str, torch.Tensor, np.ndarray, int], Image.Image],
+               out: Path, header_size: int = 14) -> None:
+    """The generated image (seed ``SEED``, index ``INDEX``), one row per class it holds: the image, then
+    ``cell(column, x, image, class)`` (a ``CELL`` x ``CELL`` picture) for each column; saved to ``out``."""
     data = generate(INDEX + 1, seed=SEED)
     image = data.images[INDEX]
     classes = [int(k) for k in np.flatnonzero(data.labels[INDEX])]
     x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
     head, left = 28, 90
-    fig = Image.new("RGB", (left + CELL * (len(METHODS) + 1), head + CELL * len(classes)), "white")
+    fig = Image.new("RGB", (left + CELL * (len(columns) + 1), head + CELL * len(classes)), "white")
     draw = ImageDraw.Draw(fig)
-    for j, name in enumerate(["image", *METHODS]):
-        draw.text((left + j * CELL + 6, 6), name, fill="black", font=_font(14))
+    for j, name in enumerate(["image", *columns]):
+        draw.text((left + j * CELL + 6, 6), name, fill="black", font=_font(header_size))
     for i, k in enumerate(classes):
         y = head + i * CELL
         draw.text((6, y + CELL // 2 - 8), SHAPE_CLASSES[k], fill="black", font=_font(14))
         fig.paste(Image.fromarray(image).resize((CELL, CELL), Image.NEAREST), (left, y))
-        for j, name in enumerate(METHODS, start=1):
-            maps = build_method(name, model, SHAPESNET_LAYER)(x, target=k).maps.numpy()
-            over = render.overlay(maps, image[None], alpha=0.5, cmap="jet")[0]
-            fig.paste(Image.fromarray(over).resize((CELL, CELL), Image.NEAREST), (left + j * CELL, y))
-    out = Path(__file__).parent / "builtin_methods.png"
+        for j, name in enumerate(columns, start=1):
+            fig.paste(cell(name, x, image, k), (left + j * CELL, y))
     fig.save(out)
     print(f"wrote {out}")
+
+
+def main() -> None:
+    model = load_builtin()
+
+    def overlay(name: str, x: torch.Tensor, image: np.ndarray, k: int) -> Image.Image:
+        maps = build_method(name, model, SHAPESNET_LAYER)(x, target=k).maps.numpy()
+        over = render.overlay(maps, image[None], alpha=0.5, cmap="jet")[0]
+        return Image.fromarray(over).resize((CELL, CELL), Image.NEAREST)
+
+    class_grid(METHODS, overlay, Path(__file__).parent / "builtin_methods.png")
 
 
 if __name__ == "__main__":

@@ -10,41 +10,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from make_figures import CELL, class_grid
+from PIL import Image
 
 from pyattr import render
-from pyattr.figures import _font
 from pyattr.methods import build_method
-from pyattr.zoo import SHAPE_CLASSES, generate, load_builtin
+from pyattr.zoo import load_builtin
 
 COMPOSITES = ["epsilon_plus", "epsilon_gamma_box", "epsilon_plus_flat", "epsilon_alpha2_beta1"]
-SEED, INDEX, CELL = 30_000, 3, 160  # the image of docs/builtin_methods.png
 
 
 def main() -> None:
     model = load_builtin()
-    data = generate(INDEX + 1, seed=SEED)
-    image = data.images[INDEX]
-    classes = [int(k) for k in np.flatnonzero(data.labels[INDEX])]
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
-    head, left = 28, 90
-    fig = Image.new("RGB", (left + CELL * (len(COMPOSITES) + 1), head + CELL * len(classes)), "white")
-    draw = ImageDraw.Draw(fig)
-    for j, name in enumerate(["image", *COMPOSITES]):
-        draw.text((left + j * CELL + 6, 6), name, fill="black", font=_font(12))
-    for i, k in enumerate(classes):
-        y = head + i * CELL
-        draw.text((6, y + CELL // 2 - 8), SHAPE_CLASSES[k], fill="black", font=_font(14))
-        fig.paste(Image.fromarray(image).resize((CELL, CELL), Image.NEAREST), (left, y))
-        for j, name in enumerate(COMPOSITES, start=1):
-            raw = build_method(f"lrp_{name}", model)(x, target=k).raw.numpy()
-            colored = render.heatmap(raw, (CELL, CELL), cmap="seismic", sign="centered", outlier_perc=0.5)[0]
-            fig.paste(Image.fromarray(colored), (left + j * CELL, y))
-    out = Path(__file__).parent / "lrp_builtin.png"
-    fig.save(out)
-    print(f"wrote {out}")
+
+    def relevance(name: str, x: torch.Tensor, _image, k: int) -> Image.Image:
+        raw = build_method(f"lrp_{name}", model)(x, target=k).raw.numpy()
+        return Image.fromarray(render.heatmap(raw, (CELL, CELL), cmap="seismic", sign="centered", outlier_perc=0.5)[0])
+
+    class_grid(COMPOSITES, relevance, Path(__file__).parent / "lrp_builtin.png", header_size=12)
 
 
 if __name__ == "__main__":
