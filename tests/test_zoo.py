@@ -196,6 +196,19 @@ def test_builtin_layers_and_cam_layer_shape(builtin: ShapesNet) -> None:
     assert captured["maps"].shape == (2, builtin.fc.in_features, 16, 16)
 
 
+def test_blur_is_the_fixed_binomial_filter(builtin: ShapesNet) -> None:
+    blur = builtin.layer3.blur
+    assert isinstance(blur, zoo_model.Blur2d) and not blur.weight.requires_grad
+    taps = torch.tensor([1.0, 2.0, 1.0])
+    expected = (torch.outer(taps, taps) / 16).expand(blur.in_channels, 1, 3, 3)
+    torch.testing.assert_close(blur.weight, expected, rtol=0, atol=0)  # shipped weights hold it exactly
+    # On a constant map the filter is the identity inside and loses the padded taps at the border.
+    out = blur(torch.ones(1, blur.in_channels, 5, 5))[0, 0]
+    assert out[1:4, 1:4].eq(1).all() and out[0, 2] == 0.75 and out[0, 0] == 0.5625
+    for name in ("layer1", "layer2"):  # only the CAM layer is low-passed
+        assert isinstance(builtin.get_submodule(name).blur, torch.nn.Identity)
+
+
 def test_builtin_info_describes_the_shipped_model() -> None:
     assert BUILTIN_INFO["classes"] == SHAPE_CLASSES
     assert BUILTIN_INFO["input_size"] == 64
@@ -257,6 +270,7 @@ def test_quick_training_run_writes_loadable_state_dict(
     model = ShapesNet()
     model.load_state_dict(state_dict)
     assert set(state_dict) == set(ShapesNet().state_dict())
+    torch.testing.assert_close(state_dict["layer3.blur.weight"], ShapesNet().layer3.blur.weight)  # not trained
 
 
 def test_training_refuses_the_heldout_seed(tmp_path: Path) -> None:

@@ -1,11 +1,24 @@
 """Train the shipped ShapesNet weights: ``python -m pyattr.zoo.train``.
 
 Multi-label training (``BCEWithLogitsLoss``) on a fixed set of 24,000 images rendered by
-:func:`pyattr.zoo.shapes.generate` from ``--seed`` (default 0), with random flips and transposes
+:func:`pyattr.zoo.shapes.generate` from ``--seed`` (default :data:`DEFAULT_SEED`), with random flips and transposes
 (the dihedral group of the square: no class changes under them), AdamW (peak lr 5e-3, weight
 decay 5e-4), batch 32 and a one-cycle schedule over 4 epochs (3000 steps, 96k samples). After every
 epoch the script prints the training loss and the macro mean average precision on 2000 held-out
 images rendered from seed 10_000, a seed never used for training.
+
+The fixed low-pass filter at the end of ``layer3`` (:class:`pyattr.zoo.model.Blur2d`) is switched off
+while training and on for the held-out score and the saved model. It has no trainable weight, and the
+global average pool of a blurred map equals that of the unblurred one up to the border, so the objective
+barely changes; but in four runs trained *with* it, the network learnt to put a ring's evidence in the
+ring's hole (which the blur then made the map's maximum: Grad-CAM hit rings 5-62% on the validation
+images), while the five runs trained without it and blurred afterwards hit rings 58-80%.
+
+The training seed: runs differ a lot in where their evidence sits (Grad-CAM's pointing game on the
+validation images, seed 45,000, ranged from 90.0% to 94.3% over seeds 0 and 2-5, and from 75.6% to 90.2%
+without the blur), so :data:`DEFAULT_SEED` is the seed of the best of those runs on the *validation*
+images; the README reports the test images (seed 40,000). ``benchmarks/results/seed_selection.md`` has
+every run.
 
 The network sits on a plateau (held-out mAP ~0.5) until it has learnt rotation-invariant corner
 features; with this recipe it leaves it after ~25-30k samples and reaches mAP > 0.999 by ~50k. Short
@@ -43,6 +56,9 @@ from pyattr.zoo.shapes import SHAPE_CLASSES, generate, mean_average_precision
 
 HELDOUT_SEED = 10_000
 """Seed of the held-out evaluation images; training refuses to use it."""
+
+DEFAULT_SEED = 3
+"""Training seed of the shipped weights: the best of seeds 0 and 2-5 on the validation pointing game (see above)."""
 
 _GENERATE_CHUNK = 2000  # render in chunks and drop the masks, which training does not need
 
@@ -109,7 +125,7 @@ def save_state_dict_atomically(model: nn.Module, out_path: Path) -> None:
 def train(
     out_path: Path = WEIGHTS_PATH,
     epochs: int = 4,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
     train_size: int = 24_000,
     heldout_size: int = 2000,
     batch_size: int = 32,
@@ -156,6 +172,8 @@ def _train(
     )
 
     model = ShapesNet().to(memory_format=torch.channels_last)  # ~10% faster convolutions on CPU
+    blur = model.layer3.blur
+    model.layer3.blur = nn.Identity()  # trained without the fixed low-pass; see the module docstring
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(train_images) / batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -189,9 +207,12 @@ def _train(
             flush=True,
         )
 
+    model.layer3.blur = blur  # the shipped model: scored and saved with the low-pass on
+    logits = predict_logits(model, heldout_images)
+    mean_ap, per_class = mean_average_precision(logits.numpy(), heldout_labels.numpy())
     save_state_dict_atomically(model, out_path)
     per_class_text = ", ".join(f"{name} {ap:.4f}" for name, ap in zip(SHAPE_CLASSES, per_class))
-    print(f"held-out mAP {mean_ap:.4f} ({per_class_text})")
+    print(f"held-out mAP {mean_ap:.4f} with the layer3 blur ({per_class_text})")
     print(f"wrote {out_path} in {time.perf_counter() - start_time:.0f} s total", flush=True)
     return mean_ap, per_class
 
@@ -202,7 +223,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--epochs", type=int, default=None, help="number of epochs (default 4; 1 with --quick)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="training data and initialization seed")
+    parser.add_argument(
+        "--seed", type=int, default=DEFAULT_SEED, help=f"training data and initialization seed (default {DEFAULT_SEED})"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny run (seconds) for smoke testing")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     args = parser.parse_args(argv)

@@ -111,7 +111,7 @@ def _torchvision_bottleneck(self, x: torch.Tensor) -> torch.Tensor:
 def _shapesnet_basic_block(self, x: torch.Tensor) -> torch.Tensor:
     out = self.relu1(self.bn1(self.conv1(x)))
     out = self.bn2(self.conv2(out))
-    return self.relu2(residual_sum(out, self.downsample(x)))
+    return self.blur(self.relu2(residual_sum(out, self.downsample(x))))
 
 
 def _block_forwards() -> list[tuple[type, object]]:
