@@ -545,7 +545,8 @@ def make(name: str, model: nn.Module, layer: str = "layer3", **options) -> pyatt
 @pytest.mark.parametrize("name", CAM_NAMES)
 def test_batch_equals_samples_alone(fresh_shapesnet, name):
     method = make(name, fresh_shapesnet)
-    x, target = make_images(3, seed=20), torch.tensor([-1, 1, 5])
+    # Class 1's Grad-CAM is zero everywhere on this random net (negative evidence only), so not target 1.
+    x, target = make_images(3, seed=20), torch.tensor([-1, 3, 5])
     batch = method(x, target)
     assert batch.maps.shape == (3, 64, 64)
     assert float(batch.raw.abs().amax()) > 0

@@ -342,7 +342,7 @@ class _ShapesBlockCanonizer(AttributeCanonizer):
     def forward(block, x):
         out = block.relu1(block.bn1(block.conv1(x)))
         out = block.bn2(block.conv2(out))
-        return block.relu2(block.canonizer_sum(torch.stack([out, block.downsample(x)], dim=-1)))
+        return block.blur(block.relu2(block.canonizer_sum(torch.stack([out, block.downsample(x)], dim=-1))))
 
 
 class _ExactMergeBatchNorm(SequentialMergeBatchNorm):
