@@ -200,10 +200,13 @@ class FullGrad(AttributionMethod):
         for i, term in bias_terms:
             if term.dim() != 4 or isinstance(self._bias_modules[i], nn.Linear):  # (N, C, h, w) maps only
                 continue
-            up = self._rescale(term)
+            # Summed over channels before the resize: bilinear resizing is linear with the same weights for
+            # every channel, so this is the same map as resizing each channel and summing, for 1/C of the work
+            # (vgg16 at 224x224: the exported graph spent 6x eager's time gathering every channel's pixels).
+            up = self._rescale(term).sum(1, keepdim=True)
             if tuple(up.shape[-2:]) != size:
                 up = F.interpolate(up, size=size, mode="bilinear", align_corners=align)
-            cam = cam + up.sum(1)
+            cam = cam + up[:, 0]
         return scores, cam, resolved
 
     def metadata(self) -> dict[str, Any]:
