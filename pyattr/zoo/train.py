@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -51,6 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pyattr._files import publish, temp_beside
 from pyattr.zoo.model import WEIGHTS_PATH, ShapesNet
 from pyattr.zoo.shapes import SHAPE_CLASSES, generate, mean_average_precision
 
@@ -105,21 +104,17 @@ def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 250
 
 
 def save_state_dict_atomically(model: nn.Module, out_path: Path) -> None:
-    """Write ``model.state_dict()`` to a temp file next to ``out_path``, then ``os.replace`` it."""
+    """Write ``model.state_dict()`` to a temp file next to ``out_path``, then publish it in one rename
+    (:mod:`pyattr._files`, as exported graphs and PNGs are written)."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # contiguous(): plain NCHW tensors whatever memory format the model was trained in.
     state_dict = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    file_descriptor, temp_name = tempfile.mkstemp(
-        prefix=out_path.name + ".", suffix=".tmp", dir=out_path.parent
-    )
+    tmp = temp_beside(out_path, ".tmp")
     try:
-        with os.fdopen(file_descriptor, "wb") as handle:
-            torch.save(state_dict, handle)
-        os.chmod(temp_name, 0o644)  # mkstemp creates 0600; the weights are a shipped, world-readable file
-        os.replace(temp_name, out_path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+        torch.save(state_dict, tmp)
+        publish(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def train(
