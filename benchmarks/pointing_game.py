@@ -23,23 +23,14 @@ import torch
 
 import pyattr
 from pyattr.methods import METHODS, build_method
-from pyattr.zoo import SHAPE_CLASSES, SHAPESNET_LAYER, ShapesNet, generate, load_builtin
+from pyattr.zoo import SHAPE_CLASSES, SHAPESNET_LAYER, generate, load_builtin
 
 EVAL_SEED = 40_000  # never used for training (train seeds < 10_000, held-out mAP 10_000, CLI samples 30_000)
 VALIDATION_SEED = 45_000  # model selection only (the shipped training seed); never reported as the result
 
 
-def load_model(weights: str | None) -> torch.nn.Module:
-    """The built-in model, or ShapesNet with the state_dict in ``weights`` (a ``pyattr.zoo.train`` output)."""
-    if weights is None:
-        return load_builtin()
-    model = ShapesNet()
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    return model.eval()
-
-
 def evaluate(method_name: str, n: int, seed: int, batch_size: int = 64, weights: str | None = None) -> dict:
-    model = load_model(weights)
+    model = load_builtin(weights=weights)
     method = build_method(method_name, model, SHAPESNET_LAYER)
     data = generate(n, seed=seed)
     pairs = [(i, k) for i in range(n) for k in np.flatnonzero(data.labels[i])]
@@ -73,7 +64,8 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=500, help="images (default 500)")
-    parser.add_argument("--seed", type=int, default=EVAL_SEED)
+    parser.add_argument("--seed", type=int, default=EVAL_SEED,
+                        help=f"image seed (default {EVAL_SEED}, the test set; {VALIDATION_SEED}: the validation set)")
     parser.add_argument("--methods", default="all", help="comma-separated method names, or all")
     parser.add_argument("--weights", default=None,
                         help="a ShapesNet state_dict to score instead of the built-in model (model selection)")

@@ -243,6 +243,19 @@ def test_builtin_model_accuracy_on_fresh_images(builtin: ShapesNet) -> None:
     assert exact_match >= 0.8, exact_match
 
 
+def test_load_builtin_loads_other_weights(builtin: ShapesNet, tmp_path: Path) -> None:
+    torch.manual_seed(5)
+    other = ShapesNet()
+    torch.save(other.state_dict(), tmp_path / "run.pt")
+    loaded = load_builtin(weights=tmp_path / "run.pt")
+    assert not loaded.training
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, other.state_dict()[name]), name
+    assert not torch.equal(loaded.fc.weight, builtin.fc.weight)
+    with pytest.raises(FileNotFoundError, match=r"missing\.pt.*python -m pyattr\.zoo\.train"):
+        load_builtin(weights=tmp_path / "missing.pt")
+
+
 def test_load_builtin_missing_weights_says_how_to_train(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

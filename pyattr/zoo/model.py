@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -157,11 +158,16 @@ class ShapesNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def load_builtin(device: str | torch.device = "cpu") -> ShapesNet:
+def load_builtin(device: str | torch.device = "cpu", weights: str | os.PathLike | None = None) -> ShapesNet:
     """Load the shipped ShapesNet weights, in eval mode, on ``device``.
 
+    Args:
+        device: where the model goes.
+        weights: another ShapesNet ``state_dict`` file to load instead (``python -m pyattr.zoo.train
+            --out FILE`` writes one), e.g. to score a retrained candidate.
+
     Raises:
-        FileNotFoundError: when ``pyattr/zoo/shapesnet.pt`` is missing (train it with
+        FileNotFoundError: when ``pyattr/zoo/shapesnet.pt`` (or ``weights``) is missing (train it with
             ``python -m pyattr.zoo.train``).
 
     Example:
@@ -169,11 +175,12 @@ def load_builtin(device: str | torch.device = "cpu") -> ShapesNet:
         >>> model.training
         False
     """
-    if not WEIGHTS_PATH.is_file():
+    path = WEIGHTS_PATH if weights is None else Path(weights)
+    if not path.is_file():
         raise FileNotFoundError(
-            f"ShapesNet weights not found at {WEIGHTS_PATH}; train them with `python -m pyattr.zoo.train`"
+            f"ShapesNet weights not found at {path}; train them with `python -m pyattr.zoo.train`"
         )
-    state_dict = torch.load(WEIGHTS_PATH, map_location="cpu", weights_only=True)
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
     model = ShapesNet()
     model.load_state_dict(state_dict)
     return model.to(device).eval()
