@@ -65,7 +65,8 @@ def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float(((actual - expected).flatten(1).abs().amax(1) / scale).max())
 
 
-def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+def seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+    """A module built under ``torch.manual_seed(seed)``, in eval mode, the global RNG untouched."""
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
@@ -74,17 +75,14 @@ def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
         torch.random.set_rng_state(state)
 
 
-seeded = _seeded  # a module built under torch.manual_seed(seed), in eval mode, the global RNG untouched
-
-
 @pytest.fixture(scope="session")
 def resnet18() -> nn.Module:
-    return _seeded(0, lambda: torchvision.models.resnet18(num_classes=NUM_CLASSES_TORCHVISION))
+    return seeded(0, lambda: torchvision.models.resnet18(num_classes=NUM_CLASSES_TORCHVISION))
 
 
 @pytest.fixture(scope="session")
 def vgg11() -> nn.Module:
-    return _seeded(1, lambda: torchvision.models.vgg11(num_classes=NUM_CLASSES_TORCHVISION))
+    return seeded(1, lambda: torchvision.models.vgg11(num_classes=NUM_CLASSES_TORCHVISION))
 
 
 @pytest.fixture(scope="session")

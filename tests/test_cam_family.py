@@ -18,7 +18,7 @@ import test_methods
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import NUM_CLASSES_TORCHVISION, _seeded, make_images
+from conftest import NUM_CLASSES_TORCHVISION, make_images, seeded
 from contract import assert_export_contract
 from test_methods import ConvGapLinear, assert_maps_close, assert_untouched, snapshot
 from torch import nn
@@ -54,17 +54,17 @@ fresh_shapesnet = test_methods.fresh_shapesnet  # fixture: a random-init ShapesN
 
 @pytest.fixture(scope="session")
 def densenet121() -> nn.Module:
-    return _seeded(2, lambda: torchvision.models.densenet121(num_classes=NUM_CLASSES_TORCHVISION))
+    return seeded(2, lambda: torchvision.models.densenet121(num_classes=NUM_CLASSES_TORCHVISION))
 
 
 @pytest.fixture(scope="session")
 def mobilenet_v3_small() -> nn.Module:
-    return _seeded(3, lambda: torchvision.models.mobilenet_v3_small(num_classes=NUM_CLASSES_TORCHVISION))
+    return seeded(3, lambda: torchvision.models.mobilenet_v3_small(num_classes=NUM_CLASSES_TORCHVISION))
 
 
 @pytest.fixture(scope="session")
 def vgg11_bn() -> nn.Module:
-    return _seeded(4, lambda: torchvision.models.vgg11_bn(num_classes=NUM_CLASSES_TORCHVISION))
+    return seeded(4, lambda: torchvision.models.vgg11_bn(num_classes=NUM_CLASSES_TORCHVISION))
 
 
 def _vit(**kwargs) -> nn.Module:
@@ -77,13 +77,13 @@ def _vit(**kwargs) -> nn.Module:
 @pytest.fixture(scope="session")
 def vit_b_16() -> nn.Module:
     """torchvision's vit_b_16 (12 layers, 768 wide) at 64x64: a 4x4 grid of patches + the class token."""
-    return _seeded(5, lambda: _vit(num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072))
+    return seeded(5, lambda: _vit(num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072))
 
 
 @pytest.fixture(scope="session")
 def vit_tiny() -> nn.Module:
     """The same VisionTransformer class, 2 layers 64 wide: for the export and Score-CAM checks."""
-    return _seeded(6, lambda: _vit(num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128))
+    return seeded(6, lambda: _vit(num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128))
 
 
 @pytest.fixture(scope="session")
@@ -380,7 +380,7 @@ class PatchMLP(nn.Module):
 
 def test_fullgrad_completeness_with_linear_layers_on_tokens():
     """Linear biases apply along the last dim (features), conv biases along dim 1 (channels)."""
-    model = _seeded(8, PatchMLP)
+    model = seeded(8, PatchMLP)
     x = make_images(3, seed=9)
     method = FullGrad(model)
     assert completeness_error(method, x) < 1e-4
@@ -400,7 +400,7 @@ def test_fullgrad_collects_every_bias(resnet18, vgg11):
 
 @pytest.fixture(scope="module")
 def gap_model() -> nn.Module:
-    return _seeded(7, ConvGapLinear)
+    return seeded(7, ConvGapLinear)
 
 
 def test_cam_on_gap_linear_head(gap_model):
