@@ -1,17 +1,90 @@
-"""Atomic file writes: a temporary file beside the target, then a rename (torch-free)."""
+"""Atomic file writes: a temporary file beside the target, then a rename (torch-free).
+
+Temporary files and staging folders carry the host name and process id of their writer
+(``.<stem>.pyattr-<host>-<pid>-<random>``). A writer that is stopped by SIGTERM removes its own
+(:func:`terminate_cleanly` turns SIGTERM into an exception, so ``finally`` blocks run); one killed
+by SIGKILL cannot, and the next writer into the same folder removes what it left
+(:func:`sweep_stale`: entries of this host whose process no longer exists).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import shutil
+import signal
+import socket
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+
+from .errors import PyattrError
+
+
+class Terminated(PyattrError):
+    """Raised in the main thread when the process receives SIGTERM inside :func:`terminate_cleanly`
+    (a :class:`PyattrError`: the CLIs report it as one ``pyattr: error:`` line and exit code 2)."""
+
+
+def _tag() -> str:
+    host = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:32] or "host"
+    return f"pyattr-{host}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists, owned by someone else (or cannot tell): leave its files alone
+    return True
+
+
+def sweep_stale(folder: Path) -> list[Path]:
+    """Remove the hidden temporary files and staging folders in ``folder`` that a pyattr process of this
+    host left when it was killed (its process id no longer runs). Returns what was removed."""
+    host = re.escape(_tag().split("-")[1])
+    pattern = re.compile(rf"^\..*\.pyattr-{host}-(\d+)-[^/]*$")
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry)
+        except OSError:
+            pass
+    return removed
 
 
 def temp_beside(path: Path, suffix: str) -> Path:
-    """An empty temporary file in ``path``'s folder (hidden, named after it), for :func:`publish`."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
+    """An empty temporary file in ``path``'s folder (hidden, named after it), for :func:`publish`.
+    Stale temporary files of killed writers in that folder are swept first."""
+    path = Path(path)
+    sweep_stale(path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.{_tag()}", suffix=suffix, dir=path.parent)
     os.close(fd)
     return Path(name)
+
+
+def staging_folder(folder: Path, name: str = "run") -> Path:
+    """A new hidden folder inside ``folder`` to write a command's outputs into before they are moved
+    into place (:func:`publish`); stale staging folders of killed writers are swept first."""
+    sweep_stale(folder)
+    return Path(tempfile.mkdtemp(prefix=f".{name}.{_tag()}", dir=folder))
 
 
 def publish(tmp: Path, path: Path) -> None:
@@ -21,3 +94,22 @@ def publish(tmp: Path, path: Path) -> None:
     os.umask(mask)
     os.chmod(tmp, 0o666 & ~mask)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def terminate_cleanly() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` in the main thread (instead of ending the
+    process on the spot), so ``finally`` blocks remove temporary files. Does nothing outside the main
+    thread. The previous handler is restored on exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated("terminated by SIGTERM; temporary files removed, nothing partial left")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

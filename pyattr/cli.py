@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from ._files import terminate_cleanly
 from .errors import InputError, PyattrError
 from .runtime.cli import unique_stems
 
@@ -226,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _warn_line
     try:
         _check_args(args)
-        return args.func(args)
+        with terminate_cleanly():  # SIGTERM -> Terminated (a PyattrError): temp files removed in finally
+            return args.func(args)
     except PyattrError as err:
         print(f"pyattr: error: {err}", file=sys.stderr)
         return 2

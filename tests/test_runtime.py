@@ -166,11 +166,11 @@ def test_pyattr_run_subcommand(setup, tmp_path, capsys):
     assert [(line["image"], line["class_name"]) for line in lines] == [("img0", "star"), ("img1", "star")]
 
     assert main(["run", str(setup["path"]), str(tmp_path / "missing.png")]) == 2
-    assert "pyattr run: error: no such file" in capsys.readouterr().err
+    assert "pyattr: error: no such file" in capsys.readouterr().err
     assert main(["run", str(setup["images"][0]), str(setup["images"][0])]) == 2
     assert "the runtime runs ONNX graphs (.onnx)" in capsys.readouterr().err
     assert main(["run", str(setup["path"]), str(setup["images"][0]), "--target", "dog"]) == 2
-    assert "unknown class name 'dog'; known: circle, square" in capsys.readouterr().err
+    assert "unknown class name 'dog'; the graph has 6 classes, e.g. 'circle', 'square'" in capsys.readouterr().err
     assert main(["run", str(setup["path"]), str(setup["images"][0]), "--cmap", "nope"]) == 2
     assert "unknown colormap 'nope'" in capsys.readouterr().err
 

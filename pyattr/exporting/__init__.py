@@ -14,6 +14,8 @@ from .. import __version__
 from .._files import publish, temp_beside
 from ..errors import ExportError, InputError
 from ..methods.base import AttributionMethod, in_inference_mode, normal_copies
+from ..runtime.metadata import read_metadata as _read_metadata
+from ..runtime.metadata import validate_metadata
 from .trace import INPUT_NAMES, OUTPUT_NAMES, GraphModule, scriptable, trace_graph
 
 FORMATS = {".onnx": "onnx", ".pt": "torchscript", ".pt2": "pt2"}
@@ -35,7 +37,28 @@ def _format_of(path: Path, fmt: str | None) -> str:
 
 def build_metadata(method: AttributionMethod, example: torch.Tensor, class_names=None, preprocessing=None,
                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The metadata stored in every exported file (a JSON object)."""
+    """The metadata stored in every exported file (a JSON object), checked before anything is traced.
+
+    Raises :class:`InputError` for a float64 example (onnxruntime could not run the graph), class
+    names that are not a list of strings (e.g. one string), ``extra`` that is not a JSON object of
+    JSON values or that overrides pyattr's own keys, and metadata that fails
+    :func:`pyattr.runtime.metadata.validate_metadata` (e.g. a preprocessing size other than the example's).
+    """
+    if example.dtype == torch.float64:
+        raise InputError("the example input is float64: exported graphs are float32 (onnxruntime cannot run a "
+                         "graph that mixes float64 inputs with float32 weights); pass example.float()")
+    if class_names is not None:
+        if isinstance(class_names, (str, bytes)) or not hasattr(class_names, "__iter__"):
+            raise InputError(f"class_names must be a list of strings, one per class; got {type(class_names).__name__}"
+                             + (f" {class_names[:40]!r}" if isinstance(class_names, str) else ""))
+        class_names = list(class_names)
+        bad = next((n for n in class_names if not isinstance(n, str)), None)
+        if bad is not None:
+            raise InputError(f"class_names must be a list of strings, one per class; it holds {bad!r} "
+                             f"({type(bad).__name__})")
+    if preprocessing is not None and not isinstance(preprocessing, dict):
+        raise InputError(f"preprocessing must be a dict (color, scale, mean, std, size, resize, layout); "
+                         f"got {type(preprocessing).__name__}")
     meta: dict[str, Any] = {
         "pyattr_version": __version__,
         **method.metadata(),
@@ -43,12 +66,45 @@ def build_metadata(method: AttributionMethod, example: torch.Tensor, class_names
         "inputs": list(INPUT_NAMES),
         "outputs": list(OUTPUT_NAMES),
         "target_convention": "target is an int64 (N,) tensor of class ids; -1 explains the arg-max class",
-        "preprocessing": preprocessing or {},
-        "class_names": list(class_names) if class_names is not None else None,
+        "preprocessing": dict(preprocessing) if preprocessing else {},
+        "class_names": class_names,
     }
     if extra:
+        if not isinstance(extra, dict):
+            raise InputError(f"metadata must be a dict of JSON values; got {type(extra).__name__}")
+        taken = sorted(k for k in extra if k in meta)
+        if taken:
+            raise InputError(f"metadata keys {taken} are pyattr's own; name yours differently")
         meta.update(extra)
+    try:
+        json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        bad = next((k for k in meta if not _json_ok(meta[k])), "?")
+        raise InputError(f"the metadata is not JSON: field {bad!r} ({err}); export stores it as JSON, so give "
+                         "str, int, float, bool, None, lists and dicts only") from err
+    validate_metadata(meta, input_shape=[None, *meta["input_shape"]] if example.dim() == 4 else None)
     return meta
+
+
+def _json_ok(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def check_class_names(meta: dict[str, Any], gm) -> None:
+    """After the trace: ``class_names`` must hold one name per score of the traced graph."""
+    names = meta.get("class_names")
+    if names is None:
+        return
+    scores = gm.graph.output_node().args[0][0]
+    shape = getattr(scores, "meta", {}).get("val")
+    k = shape.shape[-1] if shape is not None else None
+    if isinstance(k, int) and len(names) != k:
+        raise InputError(f"class_names holds {len(names)} names but the model scores {k} classes: "
+                         "give one name per class")
 
 
 def _dynamic_shapes():
@@ -131,6 +187,7 @@ def export(method: AttributionMethod, example_input: torch.Tensor, path: str | o
         raise InputError(f"the folder {str(path.parent)!r} does not exist; create it first")
     meta = build_metadata(method, example, class_names, preprocessing, metadata)
     gm = trace_graph(method, example)
+    check_class_names(meta, gm)
     from .trace import example_batch
 
     x, t = example_batch(example)
@@ -149,23 +206,17 @@ def export(method: AttributionMethod, example_input: torch.Tensor, path: str | o
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The pyattr metadata of an exported file (any of the three formats)."""
-    path = Path(path)
-    fmt = _format_of(path, None)
-    if fmt == "onnx":
-        import onnx
+    """The pyattr metadata of an exported file (any of the three formats), read as data: nothing in
+    the file is unpickled or run (see :func:`pyattr.runtime.metadata.read_metadata`).
 
-        model = onnx.load(str(path), load_external_data=False)
-        for entry in model.metadata_props:
-            if entry.key == METADATA_KEY:
-                return json.loads(entry.value)
-        raise InputError(f"{path} holds no pyattr metadata (was it written by pyattr.export?)")
-    files = {f"{METADATA_KEY}.json": ""}
-    if fmt == "torchscript":
-        torch.jit.load(str(path), _extra_files=files, map_location="cpu")
-    else:
-        torch.export.load(str(path), extra_files=files)
-    return json.loads(files[f"{METADATA_KEY}.json"])
+    Raises :class:`InputError` for a missing or corrupt file, one without pyattr metadata, or metadata
+    that fails the schema.
+
+    Example:
+        >>> pyattr.read_metadata("gradcam.pt2")["method"]           # doctest: +SKIP
+        'gradcam'
+    """
+    return _read_metadata(path)
 
 
 __all__ = ["FORMATS", "build_metadata", "export", "read_metadata"]

@@ -31,8 +31,9 @@ Steps, for each batch of images:
 
 from __future__ import annotations
 
-import json
+import difflib
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,12 +44,15 @@ import numpy as np
 from pyattr import render
 from pyattr.errors import InputError
 
+from .metadata import parse_metadata, validate_metadata
+
 __all__ = [
     "AttributionRuntime",
     "Explanation",
     "GraphOutputs",
     "default_providers",
     "load_image",
+    "max_threads",
     "read_onnx_metadata",
 ]
 
@@ -57,6 +61,11 @@ IMAGE_INPUT, TARGET_INPUT = "images", "target"
 OUTPUTS = ("scores", "explained_class", "raw", "maps")
 
 ImageLike = Any  # a path, a PIL image, or an (H, W, 3) / (H, W) uint8 array
+
+# Limits on what a caller or a file can make the runtime allocate (see SECURITY.md).
+MAX_IMAGE_PIXELS = 100_000_000  # W * H of one image, checked from its header before it is decoded
+MAX_BATCH = 4096  # images per graph run (the export's dynamic batch goes to 4096)
+MAX_CLASSES_SHOWN = 5  # close class names suggested for an unknown --target
 
 
 class GraphOutputs(NamedTuple):
@@ -77,6 +86,8 @@ class Explanation:
         explained_class: the class the map explains (the target, or the arg-max).
         class_name: its name from the metadata (``"class <k>"`` without names).
         score: the model's score (logit) for that class.
+        probability: its probability: softmax over the scores (sigmoid for graphs whose metadata says
+            ``"multilabel": true``).
         predicted_class: the arg-max of the scores.
         scores: (K,) all scores.
         raw: the method's raw map (e.g. (16, 16) for Grad-CAM on the built-in model).
@@ -88,6 +99,7 @@ class Explanation:
     explained_class: int
     class_name: str
     score: float
+    probability: float
     predicted_class: int
     scores: np.ndarray
     raw: np.ndarray
@@ -97,7 +109,7 @@ class Explanation:
     def summary(self) -> dict[str, Any]:
         """A JSON-ready dict (without the arrays)."""
         return {"image": self.name, "explained_class": self.explained_class, "class_name": self.class_name,
-                "score": self.score, "predicted_class": self.predicted_class}
+                "score": self.score, "probability": self.probability, "predicted_class": self.predicted_class}
 
 
 def default_providers() -> list[str]:
@@ -123,9 +135,33 @@ def _nvidia_driver_present() -> bool:
 
 
 def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The pyattr metadata of an ``.onnx`` file, read with onnxruntime (no onnx package needed)."""
-    session = _open_session(Path(path), ["CPUExecutionProvider"], None)
-    return _metadata_of(session, Path(path))
+    """The pyattr metadata of an ``.onnx`` file, read as data and checked against the schema
+    (:func:`pyattr.runtime.metadata.read_metadata`)."""
+    from .metadata import read_metadata
+
+    if Path(path).suffix.lower() != ".onnx":
+        raise InputError(f"{Path(path).name} is not an .onnx file")
+    return read_metadata(path)
+
+
+def max_threads() -> int:
+    """The most threads the runtime accepts: the CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def check_num_threads(num_threads: Any) -> int:
+    """``num_threads`` as an int from 0 (all cores) to :func:`max_threads`, else an :class:`InputError`
+    (onnxruntime crashes or hangs when asked for more threads than it can create)."""
+    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)):
+        raise InputError(f"num_threads must be an int, got {type(num_threads).__name__} {num_threads!r}")
+    n, limit = int(num_threads), max_threads()
+    if not 0 <= n <= limit:
+        raise InputError(f"num_threads must be from 0 (all cores) to {limit} (the CPUs this process may use), "
+                         f"got {n}")
+    return n
 
 
 def load_image(image: ImageLike) -> np.ndarray:
@@ -138,10 +174,12 @@ def load_image(image: ImageLike) -> np.ndarray:
             raise InputError(f"no such image file: {image}")
         try:
             with Image.open(path) as im:
+                check_image_size(im.size, str(image))  # from the header, before decoding
                 return np.asarray(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as err:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError, SyntaxError) as err:
             raise InputError(f"{image} is not an image that Pillow can read ({type(err).__name__})") from err
     if isinstance(image, Image.Image):
+        check_image_size(image.size, "the image")
         return np.asarray(image.convert("RGB"))
     array = np.asarray(image)
     if array.dtype != np.uint8:
@@ -151,6 +189,15 @@ def load_image(image: ImageLike) -> np.ndarray:
     if array.ndim != 3 or array.shape[-1] != 3:
         raise InputError(f"image arrays must have shape (H, W, 3) or (H, W), got {array.shape}")
     return array
+
+
+def check_image_size(size: tuple[int, int], name: str) -> None:
+    """An :class:`InputError` for images of more than :data:`MAX_IMAGE_PIXELS` pixels (decompression
+    bombs: a few kB of PNG can declare gigapixels); ``size`` is Pillow's (W, H)."""
+    w, h = size
+    if w * h > MAX_IMAGE_PIXELS:
+        raise InputError(f"{name} is {w}x{h} = {w * h} pixels, over the limit of {MAX_IMAGE_PIXELS} "
+                         "(a decompression bomb?); resize it first")
 
 
 class AttributionRuntime:
@@ -180,11 +227,10 @@ class AttributionRuntime:
         if not self.path.is_file():
             raise InputError(f"no such model file: {path}")
         if self.path.suffix != ".onnx":
-            raise InputError(f"{self.path.name}: the runtime runs ONNX graphs (.onnx); for .pt use libtorch "
-                             "(see export/README.md), for .pt2 torch.export.load")
-        self.num_threads = int(num_threads)
-        if self.num_threads < 0:
-            raise InputError(f"num_threads must be >= 0 (0 = all cores), got {num_threads}")
+            raise InputError(f"{self.path.name}: the runtime runs ONNX graphs (.onnx) only. TorchScript (.pt) and "
+                             ".pt2 files execute code when loaded: load them with libtorch / torch.export.load "
+                             "only if you trust their source (see SECURITY.md)")
+        self.num_threads = check_num_threads(num_threads)
         self.session = _open_session(self.path, list(providers) if providers else default_providers(),
                                      self.num_threads)
         self.providers = self.session.get_providers()
@@ -194,9 +240,15 @@ class AttributionRuntime:
         if names != {IMAGE_INPUT, TARGET_INPUT} or outputs != list(OUTPUTS):
             raise InputError(f"{self.path.name} is not a pyattr attribution graph: inputs {sorted(names)}, "
                              f"outputs {outputs} (expected {IMAGE_INPUT}, {TARGET_INPUT} -> {', '.join(OUTPUTS)})")
+        validate_metadata(self.metadata, input_shape=self.session.get_inputs()[0].shape,
+                          num_classes=self._graph_classes())
         self.preprocessing = _preprocessing(self.metadata, self.session)
         self.input_size: tuple[int, int] = tuple(self.preprocessing["size"])  # type: ignore[assignment]
         self.class_names: list[str] | None = self.metadata.get("class_names")
+
+    def _graph_classes(self) -> int | None:
+        shape = self.session.get_outputs()[0].shape
+        return shape[-1] if shape and isinstance(shape[-1], int) else None
 
     @property
     def method(self) -> str:
@@ -207,22 +259,37 @@ class AttributionRuntime:
         return names[k] if names is not None and 0 <= k < len(names) else f"class {k}"
 
     def class_index(self, target: int | str) -> int:
-        """A class id from an id or a class name of the metadata."""
-        if isinstance(target, str) and not target.lstrip("-").isdigit():
-            if not self.class_names or target not in self.class_names:
-                known = ", ".join(self.class_names or []) or "none in the metadata"
-                raise InputError(f"unknown class name {target!r}; known: {known}")
-            return self.class_names.index(target)
-        k = int(target)
+        """A class id from an id (an int, or a string of digits) or a class name of the metadata;
+        -1 = each image's arg-max. Floats and bools are refused, not truncated."""
+        if isinstance(target, str):
+            text = target.strip()
+            if self.class_names and text in self.class_names:
+                return self.class_names.index(text)
+            if re.fullmatch(r"[+-]?\d+", text):
+                return self._check_id(int(text))
+            if not self.class_names:
+                raise InputError(f"unknown class {target!r}: this graph's metadata holds no class names; "
+                                 "give a class id")
+            close = difflib.get_close_matches(text, self.class_names, n=MAX_CLASSES_SHOWN, cutoff=0.6)
+            hint = (f"did you mean {', '.join(map(repr, close))}?" if close
+                    else f"the graph has {len(self.class_names)} classes, e.g. "
+                         f"{', '.join(map(repr, self.class_names[:MAX_CLASSES_SHOWN]))}")
+            raise InputError(f"unknown class name {target!r}; {hint}")
+        if isinstance(target, (bool, np.bool_)) or not isinstance(target, (int, np.integer)):
+            raise InputError(f"a target must be a class id (int) or a class name (str); got "
+                             f"{type(target).__name__} {target!r}")
+        return self._check_id(int(target))
+
+    def _check_id(self, k: int) -> int:
         n = self._num_classes()
         if k != -1 and not (0 <= k < n):
             raise InputError(f"target {k} is out of range: the model has {n} classes (0..{n - 1}; -1 = arg-max)")
         return k
 
     def _num_classes(self) -> int:
-        shape = self.session.get_outputs()[0].shape
-        if isinstance(shape[-1], int):
-            return shape[-1]
+        k = self._graph_classes()
+        if k is not None:
+            return k
         return len(self.class_names) if self.class_names else 2**31
 
     # --- the three steps -------------------------------------------------------------------------
@@ -262,9 +329,10 @@ class AttributionRuntime:
     def _targets(self, target, n: int) -> np.ndarray:
         if target is None:
             return np.full(n, -1, np.int64)
-        if isinstance(target, (int, str, np.integer)):
+        if isinstance(target, (int, str, float, np.integer, np.floating, np.bool_)):
             return np.full(n, self.class_index(target), np.int64)
-        ids = np.asarray([self.class_index(t) for t in np.asarray(target).ravel().tolist()], np.int64)
+        values = np.asarray(target, dtype=object).ravel().tolist()
+        ids = np.asarray([self.class_index(t) for t in values], np.int64)
         if len(ids) != n:
             raise InputError(f"give one target per image: {len(ids)} targets for {n} images")
         return ids
@@ -289,29 +357,42 @@ class AttributionRuntime:
         """
         if source not in ("maps", "raw"):
             raise InputError(f"source must be 'maps' or 'raw', got {source!r}")
-        if batch_size < 1:
-            raise InputError("batch_size must be at least 1")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+                or not 1 <= batch_size <= MAX_BATCH:
+            raise InputError(f"batch_size must be an int from 1 to {MAX_BATCH}, got {batch_size!r}")
         images = list(images)
         names = list(names) if names is not None else [_name_of(image, i) for i, image in enumerate(images)]
         if len(names) != len(images):
             raise InputError(f"give one name per image: {len(names)} names for {len(images)} images")
-        targets = None if target is None or isinstance(target, (int, str, np.integer)) else list(target)
-        if targets is not None and len(targets) != len(images):
-            raise InputError(f"give one target per image: {len(targets)} targets for {len(images)} images")
+        single = target is None or isinstance(target, (int, str, float, np.integer, np.floating, np.bool_))
+        targets = None if single else list(self._targets(target, len(images)))
+        if single and target is not None:
+            target = self.class_index(target)
         results: list[Explanation] = []
         for start in range(0, len(images), batch_size):
             chunk = [load_image(image) for image in images[start:start + batch_size]]
             batch_target = target if targets is None else targets[start:start + batch_size]
             out = self.run(np.stack([self._preprocess_one(rgb) for rgb in chunk]), batch_target)
             overlays = self._overlays(out, chunk, alpha, cmap, source, sign, outlier_perc)
+            probabilities = self.probabilities(out.scores)
             for j, rgb in enumerate(chunk):
                 k = int(out.explained_class[j])
                 results.append(Explanation(
                     name=names[start + j], explained_class=k, class_name=self.class_name(k),
-                    score=float(out.scores[j, k]), predicted_class=int(out.scores[j].argmax()),
+                    score=float(out.scores[j, k]), probability=float(probabilities[j, k]),
+                    predicted_class=int(out.scores[j].argmax()),
                     scores=out.scores[j], raw=out.raw[j], map=out.maps[j], overlay=overlays[j],
                 ))
         return results
+
+    def probabilities(self, scores: np.ndarray) -> np.ndarray:
+        """(N, K) scores -> probabilities: softmax over K, or sigmoid for multi-label graphs
+        (metadata ``"multilabel": true``); computed in float64, returned as float32."""
+        s = np.asarray(scores, np.float64)
+        if self.metadata.get("multilabel", False):
+            return (0.5 * (1.0 + np.tanh(0.5 * s))).astype(np.float32)
+        e = np.exp(s - s.max(axis=-1, keepdims=True))
+        return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
     def _overlays(self, out: GraphOutputs, images: list[np.ndarray], alpha, cmap, source, sign, outlier_perc):
         maps = out.maps if source == "maps" else out.raw
@@ -357,10 +438,7 @@ def _metadata_of(session, path: Path) -> dict[str, Any]:
     text = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     if text is None:
         raise InputError(f"{path.name} holds no pyattr metadata (was it written by pyattr.export?)")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path.name}: its pyattr metadata is not valid JSON ({err})") from err
+    return parse_metadata(text, path.name)
 
 
 def _preprocessing(metadata: dict[str, Any], session) -> dict[str, Any]:
@@ -373,7 +451,10 @@ def _preprocessing(metadata: dict[str, Any], session) -> dict[str, Any]:
     if not given:
         warnings.warn("the graph's metadata holds no preprocessing: images are scaled to [0, 1] and not "
                       "normalized (export with preprocessing=... to record it)", stacklevel=3)
-    size = given.get("size") or [s for s in shape[2:4]]
+    size = given.get("size") or list(shape[2:4])
+    if len(shape) != 4 or not all(isinstance(s, int) and s > 0 for s in size):
+        raise InputError(f"metadata field 'preprocessing.size' is needed: the graph's input {shape} has no fixed "
+                         "(H, W)")
     p = {
         "color": given.get("color", "RGB"),
         "scale": float(given.get("scale", 1 / 255)),
