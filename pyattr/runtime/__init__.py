@@ -34,6 +34,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,7 @@ OUTPUTS = ("scores", "explained_class", "raw", "maps")
 ImageLike = Any  # a path, a PIL image, or an (H, W, 3) / (H, W) uint8 array
 
 # Limits on what a caller or a file can make the runtime allocate (see SECURITY.md).
-MAX_IMAGE_PIXELS = 100_000_000  # W * H of one image, checked from its header before it is decoded
+MAX_IMAGE_PIXELS = 89_478_485  # W * H of one image (Pillow's default limit), checked from its header
 MAX_BATCH = 4096  # images per graph run (the export's dynamic batch goes to 4096)
 MAX_CLASSES_SHOWN = 5  # close class names suggested for an unknown --target
 
@@ -173,10 +174,15 @@ def load_image(image: ImageLike) -> np.ndarray:
         if not path.is_file():
             raise InputError(f"no such image file: {image}")
         try:
-            with Image.open(path) as im:
+            with warnings.catch_warnings(), Image.open(path) as im:
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked here instead
                 check_image_size(im.size, str(image))  # from the header, before decoding
                 return np.asarray(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError, SyntaxError) as err:
+        except InputError:
+            raise
+        except Image.DecompressionBombError as err:
+            raise InputError(f"{image}: {err} -- over the limit (a decompression bomb?)") from err
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
             raise InputError(f"{image} is not an image that Pillow can read ({type(err).__name__})") from err
     if isinstance(image, Image.Image):
         check_image_size(image.size, "the image")

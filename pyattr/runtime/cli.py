@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +76,6 @@ def run(args: argparse.Namespace) -> int:
     images = expand_images(args.images)
     for image in images:  # headers only: a bad file stops the run before any work
         check_image_header(image, check_image_size)
-    out = prepare_output_folder(Path(args.out))
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     runtime = AttributionRuntime(args.model, providers=providers, num_threads=args.threads)
     # Signed relevance (LRP): by default drawn from the raw map, 0 at the middle of a diverging colormap.
@@ -84,8 +84,9 @@ def run(args: argparse.Namespace) -> int:
     args.source = args.source or ("raw" if signed else "maps")
     args.sign = args.sign or ("centered" if signed and args.source == "raw" else "all")
     target = runtime.class_index(args.target) if args.target is not None else None
+    out = prepare_output_folder(Path(args.out))  # the first write, after every check
 
-    names = unique_stems([p.stem for p in images])
+    names = unique_stems([p.stem.lstrip(".") or "image" for p in images])  # outputs are never hidden files
     method = runtime.method  # validated: a safe file-name part
     planned = [output_path(out, f"{name}_{method}", "_overlay.png") for name in names]
     lines: list[dict] = []
@@ -156,9 +157,14 @@ def check_image_header(path: Path, check_size) -> None:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings(), Image.open(path) as im:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked here instead
             check_size(im.size, str(path))
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError, SyntaxError) as err:
+    except InputError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise InputError(f"{path}: {err} -- over the limit (a decompression bomb?)") from err
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise InputError(f"{path} is not an image that Pillow can read ({type(err).__name__})") from err
 
 
