@@ -87,7 +87,7 @@ def exported(export_cache, model_case):
             start = time.perf_counter()
             path = pyattr.export(method, inputs_for(model_name, 1, seed=100),
                                  folder / f"{kind}_{model_name}{suffix}",
-                                 class_names=names, preprocessing={"scale": "rgb in [0, 1]"})
+                                 class_names=names, preprocessing={"scale": 1.0})
             cache[key] = Exported(Path(path), model_name, method, case.num_classes, names,
                                   time.perf_counter() - start)
         return cache[key]
@@ -235,7 +235,7 @@ def test_metadata_round_trips(exported, kind, model_name, suffix):
     assert meta["method"] == kind
     assert meta["input_shape"] == [3, 64, 64]
     assert meta["class_names"] == item.class_names
-    assert meta["preprocessing"] == {"scale": "rgb in [0, 1]"}
+    assert meta["preprocessing"] == {"scale": 1.0}
     assert meta["inputs"] == ["images", "target"]
     assert meta["outputs"] == list(OUTPUTS)
     if kind == "gradcam":

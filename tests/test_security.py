@@ -32,10 +32,9 @@ from runtime_graphs import good_metadata, scores_of, write_graph
 import pyattr
 from pyattr import _files
 from pyattr.errors import InputError
-from pyattr.runtime import AttributionRuntime, max_threads
+from pyattr.runtime import AttributionRuntime
 from pyattr.runtime.cli import main as run_main
 from pyattr.runtime.cli import unique_stems
-from pyattr.runtime.metadata import MAX_METADATA_BYTES, read_metadata, validate_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,6 +123,9 @@ def test_read_metadata_of_a_hostile_pt2_runs_no_code(tmp_path):
     meta = good_metadata()
     path = hostile_pt2(tmp_path / "evil.pt2", marker, meta)
     assert pyattr.read_metadata(path) == meta
+    assert not marker.exists()
+    from pyattr.runtime.metadata import read_metadata  # the torch-free reader
+
     assert read_metadata(path) == meta
     assert not marker.exists()
     # the file really is hostile: loading the program (what read_metadata did before) runs the payload
@@ -158,6 +160,8 @@ def test_read_metadata_of_missing_or_corrupt_files(tmp_path, suffix):
 
 
 def test_zip_metadata_limits_and_json(tmp_path):
+    from pyattr.runtime.metadata import MAX_METADATA_BYTES
+
     path = tmp_path / "big.pt2"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:  # 5 MB of spaces compress to a few kB
         z.writestr("a/extra/pyattr.json", "{" + " " * (MAX_METADATA_BYTES + 10) + "}")
@@ -291,6 +295,8 @@ def test_export_rejects_class_names_of_the_wrong_length(tmp_path):
 @pytest.mark.parametrize("threads", ["100000", "1000", "-1"])
 def test_thread_counts_are_bounded(graph, tmp_path, threads):
     """Subprocess: before the bound, 100000 threads segfaulted onnxruntime and 1000 hung it."""
+    from pyattr.runtime import max_threads
+
     image = write_images(tmp_path / "img", ["a.png"])[0]
     result = subprocess.run([sys.executable, "-m", "pyattr", "run", str(graph), str(image), "--out",
                              str(tmp_path / "out"), "--threads", threads], check=False, capture_output=True, text=True,
@@ -566,4 +572,6 @@ def test_validate_metadata_accepts_what_export_writes(tmp_path):
     meta = pyattr.read_metadata(path)
     assert meta["class_names"] == list("abcd") and meta["model"] == "tiny"
     runtime = AttributionRuntime(path)
+    from pyattr.runtime.metadata import validate_metadata
+
     assert validate_metadata(meta, input_shape=runtime.session.get_inputs()[0].shape, num_classes=4) is meta
