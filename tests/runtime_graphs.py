@@ -13,6 +13,7 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 WEIGHTS_SEED = 0
+GOOD = object()  # write_graph's default: good_metadata()
 
 
 def weights(k: int) -> np.ndarray:
@@ -67,11 +68,11 @@ def good_metadata(k: int = 4, size: tuple[int, int] = (8, 8)) -> dict[str, Any]:
     }
 
 
-def write_graph(path: Path, metadata: Any = None, *, k: int = 4, size: tuple[int, int] = (8, 8),
+def write_graph(path: Path, metadata: Any = GOOD, *, k: int = 4, size: tuple[int, int] = (8, 8),
                 raw_text: str | None = None) -> Path:
     """An ONNX file with the given metadata (a JSON-able value, or ``raw_text`` stored verbatim)."""
     model = graph_model(k, size)
-    text = raw_text if raw_text is not None else json.dumps(good_metadata(k, size) if metadata is None else metadata)
+    text = raw_text if raw_text is not None else json.dumps(good_metadata(k, size) if metadata is GOOD else metadata)
     model.metadata_props.add(key="pyattr", value=text)
     path.write_bytes(model.SerializeToString())
     return path

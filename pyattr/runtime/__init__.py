@@ -429,6 +429,12 @@ class AttributionRuntime:
 def _open_session(path: Path, providers: list[str], num_threads: int | None):
     import onnxruntime as ort
 
+    available = ort.get_available_providers()
+    unknown = [p for p in providers if p not in available]
+    if unknown or not providers:
+        raise InputError(f"unknown onnxruntime provider(s) {unknown or providers}; this onnxruntime has "
+                         f"{', '.join(available)}")
+
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: no provider chatter on CPU-only machines
     if num_threads:

@@ -77,7 +77,7 @@ def parse_metadata(text: str | bytes, name: str) -> dict[str, Any]:
         raise InputError(f"{name}: its pyattr metadata is {len(text)} bytes, over the limit of {MAX_METADATA_BYTES}")
     try:
         meta = json.loads(text, parse_constant=_reject_constant)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, ints of > 4300 digits
         raise InputError(f"{name}: its pyattr metadata is not valid JSON ({err})") from err
     if not isinstance(meta, dict):
         raise InputError(f"{name}: its pyattr metadata must be a JSON object, got {type(meta).__name__}")
@@ -168,11 +168,12 @@ def validate_metadata(meta: Any, *, input_shape: Sequence[Any] | None = None,
     """
     if not isinstance(meta, dict):
         raise InputError(f"pyattr metadata must be a JSON object, got {type(meta).__name__}")
-    if "method" in meta:
-        method = meta["method"]
-        if not isinstance(method, str) or not SAFE_NAME.match(method):
-            raise _field("method", method, "a name of 1-64 letters, digits, '_', '.', '+' or '-' "
-                                           "starting with a letter or digit (it is used in output file names)")
+    if "method" not in meta:
+        raise InputError("metadata field 'method' is missing (every pyattr export names its method)")
+    method = meta["method"]
+    if not isinstance(method, str) or not SAFE_NAME.match(method):
+        raise _field("method", method, "a name of 1-64 letters, digits, '_', '.', '+' or '-' "
+                                       "starting with a letter or digit (it is used in output file names)")
     for key in ("pyattr_version", "target_convention", "model"):
         if key in meta and not (isinstance(meta[key], str) and len(meta[key]) <= 1000):
             raise _field(key, meta[key], "a string of at most 1000 characters")
