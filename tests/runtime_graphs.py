@@ -25,15 +25,18 @@ def scores_of(x: np.ndarray, k: int) -> np.ndarray:
     return x.mean(axis=(2, 3)) @ weights(k)
 
 
-def graph_model(k: int = 4, size: tuple[int, int] = (8, 8), batch: Any = "batch"):
+def graph_model(k: int = 4, size: tuple[int, int] = (8, 8), batch: Any = "batch", broken: str | None = None):
+    """``broken``: ``"class"`` makes explained_class 10 past the arg-max (out of range); ``"run"`` makes the
+    graph fail when run (a Reshape to an impossible shape)."""
     h, w = size
     nodes = [
         helper.make_node("ReduceMean", ["images"], ["pooled"], axes=[2, 3], keepdims=0),
         helper.make_node("MatMul", ["pooled", "W"], ["scores"]),
         helper.make_node("ArgMax", ["scores"], ["argmax"], axis=1, keepdims=0),
         helper.make_node("Less", ["target", "zero"], ["negative"]),
-        helper.make_node("Where", ["negative", "argmax", "target"], ["explained_class"]),
-        helper.make_node("ReduceMean", ["images"], ["raw"], axes=[1], keepdims=0),
+        helper.make_node("Where", ["negative", "argmax", "target"],
+                         ["explained_class" if broken != "class" else "explained_ok"]),
+        helper.make_node("ReduceMean", ["images"], ["raw" if broken != "run" else "raw_ok"], axes=[1], keepdims=0),
         helper.make_node("ReduceMin", ["raw"], ["low"], axes=[1, 2], keepdims=1),
         helper.make_node("ReduceMax", ["raw"], ["high"], axes=[1, 2], keepdims=1),
         helper.make_node("Sub", ["raw", "low"], ["shifted"]),
@@ -43,6 +46,12 @@ def graph_model(k: int = 4, size: tuple[int, int] = (8, 8), batch: Any = "batch"
     ]
     init = [numpy_helper.from_array(weights(k), "W"), numpy_helper.from_array(np.array(0, np.int64), "zero"),
             numpy_helper.from_array(np.array(1e-12, np.float32), "eps")]
+    if broken == "class":
+        nodes.append(helper.make_node("Add", ["explained_ok", "ten"], ["explained_class"]))
+        init.append(numpy_helper.from_array(np.array(10, np.int64), "ten"))
+    if broken == "run":
+        nodes.append(helper.make_node("Reshape", ["raw_ok", "bad_shape"], ["raw"]))
+        init.append(numpy_helper.from_array(np.array([-1, 7, 5], np.int64), "bad_shape"))
     graph = helper.make_graph(
         nodes, "pyattr_test_graph",
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, [batch, 3, h, w]),
@@ -69,9 +78,9 @@ def good_metadata(k: int = 4, size: tuple[int, int] = (8, 8)) -> dict[str, Any]:
 
 
 def write_graph(path: Path, metadata: Any = GOOD, *, k: int = 4, size: tuple[int, int] = (8, 8),
-                raw_text: str | None = None) -> Path:
+                raw_text: str | None = None, broken: str | None = None) -> Path:
     """An ONNX file with the given metadata (a JSON-able value, or ``raw_text`` stored verbatim)."""
-    model = graph_model(k, size)
+    model = graph_model(k, size, broken=broken)
     text = raw_text if raw_text is not None else json.dumps(good_metadata(k, size) if metadata is GOOD else metadata)
     model.metadata_props.add(key="pyattr", value=text)
     path.write_bytes(model.SerializeToString())

@@ -347,6 +347,19 @@ def test_batch_size_is_bounded(graph, tmp_path, capsys):
         AttributionRuntime(graph).explain([image], batch_size=10**9)
 
 
+@pytest.mark.parametrize("broken,message", [("class", "explained_class values outside 0..3"),
+                                            ("run", "onnxruntime failed running broken.onnx")])
+def test_graph_outputs_are_checked(tmp_path, capsys, broken, message):
+    """A crafted graph that returns out-of-range classes (used to index the scores) or fails when run."""
+    path = write_graph(tmp_path / "broken.onnx", broken=broken)
+    image = write_images(tmp_path / "img", ["a.png"])[0]
+    with pytest.raises(InputError, match=message):
+        AttributionRuntime(path).explain([image])
+    code, out, err = run_cli([path, image, "--out", tmp_path / "out"], capsys)
+    assert code == 2 and out == "" and message in one_error_line(err)
+    assert listing(tmp_path / "out") == []
+
+
 # --- 3. nothing outside --out ----------------------------------------------------------------------
 
 

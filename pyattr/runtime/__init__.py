@@ -328,9 +328,34 @@ class AttributionRuntime:
         if batch.ndim != 4 or any(isinstance(e, int) and e != s for e, s in zip(expected, batch.shape[1:])):
             raise InputError(f"the graph takes images of shape (N, {', '.join(map(str, expected))}), "
                              f"got {batch.shape}")
+        if len(batch) > MAX_BATCH:
+            raise InputError(f"at most {MAX_BATCH} images per graph run, got {len(batch)}; run them in batches")
         targets = self._targets(target, len(batch))
-        outputs = self.session.run(list(OUTPUTS), {IMAGE_INPUT: batch, TARGET_INPUT: targets})
-        return GraphOutputs(*[np.asarray(o) for o in outputs])
+        try:
+            outputs = self.session.run(list(OUTPUTS), {IMAGE_INPUT: batch, TARGET_INPUT: targets})
+        except Exception as err:  # onnxruntime's own types: a graph that fails or cannot allocate
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise InputError(f"onnxruntime failed running {self.path.name}: {first[:300]}") from err
+        return self._checked(GraphOutputs(*[np.asarray(o) for o in outputs]), len(batch))
+
+    def _checked(self, out: GraphOutputs, n: int) -> GraphOutputs:
+        """The graph's outputs must have the documented shapes and types (a foreign or crafted graph may
+        return anything): scores (N, K) float, explained_class (N,) ints in [0, K), maps (N, ...) floats."""
+        k = out.scores.shape[-1] if out.scores.ndim == 2 else 0
+        problems = []
+        if out.scores.ndim != 2 or out.scores.shape[0] != n or k < 1 or out.scores.dtype.kind != "f":
+            problems.append(f"scores {out.scores.dtype} {out.scores.shape}, expected float (N={n}, K)")
+        if out.explained_class.shape != (n,) or out.explained_class.dtype.kind not in "iu":
+            problems.append(f"explained_class {out.explained_class.dtype} {out.explained_class.shape}, expected "
+                            f"int ({n},)")
+        elif k and not np.all((out.explained_class >= 0) & (out.explained_class < k)):
+            problems.append(f"explained_class values outside 0..{k - 1}")
+        for name, value in (("raw", out.raw), ("maps", out.maps)):
+            if value.ndim < 1 or value.shape[0] != n or value.dtype.kind != "f":
+                problems.append(f"{name} {value.dtype} {value.shape}, expected float (N={n}, ...)")
+        if problems:
+            raise InputError(f"{self.path.name} returned outputs that are not a pyattr graph's: {'; '.join(problems)}")
+        return out
 
     def _targets(self, target, n: int) -> np.ndarray:
         if target is None:
