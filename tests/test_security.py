@@ -196,6 +196,25 @@ def test_runtime_refuses_code_formats(tmp_path, capsys):
     assert not marker.exists() and listing(tmp_path / "out") == []
 
 
+def test_onnx_external_data_cannot_reach_outside_the_model_folder(tmp_path, capsys):
+    """ONNX tensors may name an external data file; one outside the model's folder is refused by onnxruntime
+    (so a graph cannot read /etc/... into its outputs), reported as one error line."""
+    import onnx
+    from onnx import TensorProto
+
+    model = onnx.load_from_string(write_graph(tmp_path / "g.onnx").read_bytes())
+    weights = next(t for t in model.graph.initializer if t.name == "W")
+    weights.ClearField("raw_data")
+    weights.ClearField("float_data")
+    weights.data_location = TensorProto.EXTERNAL
+    weights.external_data.add(key="location", value="../../../../../etc/hostname")
+    path = tmp_path / "leak.onnx"
+    path.write_bytes(model.SerializeToString())
+    image = write_images(tmp_path / "img", ["a.png"])[0]
+    code, out, err = run_cli([path, image, "--out", tmp_path / "out"], capsys)
+    assert code == 2 and out == "" and "External data path" in one_error_line(err)
+
+
 HOSTILE = [  # (field path, value, message part)
     (("method",), "../../escape", "metadata field 'method'"),
     (("method",), "a/b", "metadata field 'method'"),
