@@ -174,10 +174,11 @@ def load_image(image: ImageLike) -> np.ndarray:
         if not path.is_file():
             raise InputError(f"no such image file: {image}")
         try:
-            with warnings.catch_warnings(), Image.open(path) as im:
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked here instead
-                check_image_size(im.size, str(image))  # from the header, before decoding
-                return np.asarray(im.convert("RGB"))
+                with Image.open(path) as im:
+                    check_image_size(im.size, str(image))  # from the header, before decoding
+                    return np.asarray(im.convert("RGB"))
         except InputError:
             raise
         except Image.DecompressionBombError as err:

@@ -157,9 +157,10 @@ def check_image_header(path: Path, check_size) -> None:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with warnings.catch_warnings(), Image.open(path) as im:
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked here instead
-            check_size(im.size, str(path))
+            with Image.open(path) as im:
+                check_size(im.size, str(path))
     except InputError:
         raise
     except Image.DecompressionBombError as err:
