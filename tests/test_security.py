@@ -221,6 +221,7 @@ HOSTILE = [  # (field path, value, message part)
     (("method",), ".hidden", "metadata field 'method'"),
     (("method",), 7, "metadata field 'method'"),
     (("layer",), {"x": 1}, "metadata field 'layer'"),
+    (("layer",), ["layer2", 3], "metadata field 'layer'"),
     (("signed",), "yes", "metadata field 'signed'"),
     (("input_shape",), [3, 9, 8], "metadata field 'input_shape'"),
     (("preprocessing", "size"), [60000, 60000], "metadata field 'preprocessing.size'"),
@@ -627,3 +628,5 @@ def test_validate_metadata_accepts_what_export_writes(tmp_path):
     from pyattr.runtime.metadata import validate_metadata
 
     assert validate_metadata(meta, input_shape=runtime.session.get_inputs()[0].shape, num_classes=4) is meta
+    for layer in ("layer3", ["layer2", "layer3"], None):  # CAM metadata: one layer, several, none
+        assert validate_metadata({**meta, "layer": layer}) is not None

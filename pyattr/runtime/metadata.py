@@ -177,8 +177,11 @@ def validate_metadata(meta: Any, *, input_shape: Sequence[Any] | None = None,
     for key in ("pyattr_version", "target_convention", "model"):
         if key in meta and not (isinstance(meta[key], str) and len(meta[key]) <= 1000):
             raise _field(key, meta[key], "a string of at most 1000 characters")
-    if meta.get("layer") is not None and not _printable(meta["layer"], 1000):
-        raise _field("layer", meta["layer"], "a module name: a string of at most 1000 printable characters, or null")
+    layer = meta.get("layer")
+    if layer is not None and not _printable(layer, 1000) and not (
+            isinstance(layer, list) and 1 <= len(layer) <= 64 and all(_printable(v, 1000) for v in layer)):
+        raise _field("layer", layer, "a module name (a string of at most 1000 printable characters), a list of "
+                                     "up to 64 of them (CAM on several layers), or null")
     if "signed" in meta and not isinstance(meta["signed"], bool):
         raise _field("signed", meta["signed"], "true or false")
     if "multilabel" in meta and not isinstance(meta["multilabel"], bool):
