@@ -401,6 +401,19 @@ def test_output_names_stay_inside_out(graph, tmp_path, capsys):
     assert Path(line["overlay"]).parent == out and listing(out) == ["weird name_saliency_overlay.png"]
 
 
+@pytest.mark.parametrize("method", ["/../../../../escaped", "../x", "a\nb"])
+def test_triton_generator_keeps_the_repository_inside(tmp_path, method):
+    """export/triton/make_model_repository.py names the model folder after the metadata's method."""
+    graph = write_graph(tmp_path / "g.onnx", {**good_metadata(), "method": method})
+    repository = tmp_path / "deep" / "er" / "repo"
+    result = subprocess.run([sys.executable, str(ROOT / "export" / "triton" / "make_model_repository.py"),
+                             str(graph), "--repository", str(repository)], capture_output=True, text=True,
+                            check=False, timeout=120)
+    assert result.returncode == 1 and "its metadata's method must be a name" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["g.onnx"]
+
+
 # --- 4. targets ------------------------------------------------------------------------------------
 
 

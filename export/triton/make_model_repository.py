@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -31,6 +32,22 @@ from pathlib import Path
 DTYPES = {"tensor(float)": "TYPE_FP32", "tensor(float16)": "TYPE_FP16", "tensor(int64)": "TYPE_INT64",
           "tensor(int32)": "TYPE_INT32"}
 INPUTS, OUTPUTS = ("images", "target"), ("scores", "explained_class", "raw", "maps")
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")  # as pyattr.runtime.metadata: a folder name
+
+
+def read_pyattr_metadata(text: str | None, onnx_path: Path) -> dict:
+    """The graph's pyattr metadata as a dict; its ``method`` names the model folder, so it must be a plain
+    name (a file may come from anyone: ``../`` must not place the repository elsewhere)."""
+    if text is None:
+        raise SystemExit(f"{onnx_path.name} holds no pyattr metadata (export it with pyattr.export)")
+    try:
+        meta = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise SystemExit(f"{onnx_path.name}: its pyattr metadata is not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("method"), str) or not SAFE_NAME.match(meta["method"]):
+        raise SystemExit(f"{onnx_path.name}: its metadata's method must be a name of letters, digits, '_', '.', "
+                         "'+' or '-' (it names the model folder)")
+    return meta
 
 
 def tensor_entry(name: str, dtype: str, shape: list) -> str:
@@ -58,9 +75,8 @@ def make_config(onnx_path: Path, name: str, max_batch_size: int, preferred: list
     if tuple(inputs) != INPUTS or tuple(outputs) != OUTPUTS:
         raise SystemExit(f"{onnx_path.name} is not a pyattr attribution graph: inputs {list(inputs)}, "
                          f"outputs {list(outputs)}")
-    metadata = session.get_modelmeta().custom_metadata_map.get("pyattr")
-    if metadata is None:
-        raise SystemExit(f"{onnx_path.name} holds no pyattr metadata (export it with pyattr.export)")
+    meta = read_pyattr_metadata(session.get_modelmeta().custom_metadata_map.get("pyattr"), onnx_path)
+    metadata = json.dumps(meta)  # one line: no raw newline from the file reaches the config
     if any(b > max_batch_size for b in preferred):
         raise SystemExit(f"preferred batch sizes {preferred} exceed --max-batch-size {max_batch_size}")
 
@@ -69,7 +85,7 @@ def make_config(onnx_path: Path, name: str, max_batch_size: int, preferred: list
 
     escaped = metadata.replace("\\", "\\\\").replace('"', '\\"')
     return "\n".join([
-        (f"# Triton model configuration for a pyattr attribution graph ({json.loads(metadata).get('method')}), "
+        (f"# Triton model configuration for a pyattr attribution graph ({meta['method']}), "
          "made by export/triton/make_model_repository.py"),
         f'name: "{name}"',
         'backend: "onnxruntime"',
@@ -113,9 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     preferred = [int(b) for b in args.preferred_batch_sizes.split(",") if b.strip()]
     import onnxruntime as ort
 
-    meta = ort.InferenceSession(str(args.model), providers=["CPUExecutionProvider"]).get_modelmeta()
-    method = json.loads(meta.custom_metadata_map.get("pyattr", "{}")).get("method", "graph")
+    try:
+        session = ort.InferenceSession(str(args.model), providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime's own types
+        raise SystemExit(f"onnxruntime cannot load {args.model.name}: {str(err).strip()[:300]}") from err
+    method = read_pyattr_metadata(session.get_modelmeta().custom_metadata_map.get("pyattr"), args.model)["method"]
     name = args.name or f"pyattr_{method}"
+    if not SAFE_NAME.match(name):
+        raise SystemExit(f"--name {name!r} must be a plain folder name (letters, digits, '_', '.', '+', '-')")
     config = make_config(args.model, name, args.max_batch_size, preferred, args.max_queue_delay_us, args.kind,
                          args.count)
     folder = args.repository / name
