@@ -70,11 +70,24 @@ def sweep_stale(folder: Path) -> list[Path]:
     return removed
 
 
+_SWEPT: set[str] = set()  # folders this process has swept (once each: a folder of 10k outputs is listed once)
+_SWEPT_LOCK = threading.Lock()
+
+
+def _sweep_once(folder: Path) -> None:
+    key = os.path.abspath(folder)
+    with _SWEPT_LOCK:
+        if key in _SWEPT:
+            return
+        _SWEPT.add(key)
+    sweep_stale(folder)
+
+
 def temp_beside(path: Path, suffix: str) -> Path:
     """An empty temporary file in ``path``'s folder (hidden, named after it), for :func:`publish`.
-    Stale temporary files of killed writers in that folder are swept first."""
+    Stale temporary files of killed writers in that folder are swept first (once per folder and process)."""
     path = Path(path)
-    sweep_stale(path.parent)
+    _sweep_once(path.parent)
     fd, name = tempfile.mkstemp(prefix=f".{path.stem}.{_tag()}", suffix=suffix, dir=path.parent)
     os.close(fd)
     return Path(name)
@@ -83,7 +96,7 @@ def temp_beside(path: Path, suffix: str) -> Path:
 def staging_folder(folder: Path, name: str = "run") -> Path:
     """A new hidden folder inside ``folder`` to write a command's outputs into before they are moved
     into place (:func:`publish`); stale staging folders of killed writers are swept first."""
-    sweep_stale(folder)
+    _sweep_once(folder)
     return Path(tempfile.mkdtemp(prefix=f".{name}.{_tag()}", dir=folder))
 
 

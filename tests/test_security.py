@@ -496,6 +496,11 @@ def test_stale_temp_files_of_killed_writers_are_swept(tmp_path):
     user_file.write_text("keep")
     tmp = _files.temp_beside(tmp_path / "model.onnx", ".tmp.onnx")
     assert not stale.exists() and not stale_dir.exists()
+    later = tmp_path / f".other.pyattr-{host}-{dead}-jkl.tmp.png"  # swept once per folder and process
+    later.write_bytes(b"half")
+    _files.temp_beside(tmp_path / "other.png", ".png").unlink()
+    assert later.exists()
+    assert _files.sweep_stale(tmp_path) == [later] and not later.exists()
     assert alive.exists() and other_host.exists() and user_file.exists() and tmp.exists()
 
 
