@@ -35,6 +35,16 @@ INPUTS, OUTPUTS = ("images", "target"), ("scores", "explained_class", "raw", "ma
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")  # as pyattr.runtime.metadata: a folder name
 
 
+def check_interface(session, onnx_path: Path) -> tuple[dict, dict]:
+    """The graph's inputs and outputs by name; a SystemExit unless they are a pyattr graph's."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    if tuple(inputs) != INPUTS or tuple(outputs) != OUTPUTS:
+        raise SystemExit(f"{onnx_path.name} is not a pyattr attribution graph: inputs {list(inputs)}, "
+                         f"outputs {list(outputs)}")
+    return inputs, outputs
+
+
 def read_pyattr_metadata(text: str | None, onnx_path: Path) -> dict:
     """The graph's pyattr metadata as a dict; its ``method`` names the model folder, so it must be a plain
     name (a file may come from anyone: ``../`` must not place the repository elsewhere)."""
@@ -70,11 +80,7 @@ def make_config(onnx_path: Path, name: str, max_batch_size: int, preferred: list
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    inputs = {i.name: i for i in session.get_inputs()}
-    outputs = {o.name: o for o in session.get_outputs()}
-    if tuple(inputs) != INPUTS or tuple(outputs) != OUTPUTS:
-        raise SystemExit(f"{onnx_path.name} is not a pyattr attribution graph: inputs {list(inputs)}, "
-                         f"outputs {list(outputs)}")
+    inputs, outputs = check_interface(session, onnx_path)
     meta = read_pyattr_metadata(session.get_modelmeta().custom_metadata_map.get("pyattr"), onnx_path)
     metadata = json.dumps(meta)  # one line: no raw newline from the file reaches the config
     if any(b > max_batch_size for b in preferred):
@@ -133,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         session = ort.InferenceSession(str(args.model), providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime's own types
         raise SystemExit(f"onnxruntime cannot load {args.model.name}: {str(err).strip()[:300]}") from err
+    check_interface(session, args.model)
     method = read_pyattr_metadata(session.get_modelmeta().custom_metadata_map.get("pyattr"), args.model)["method"]
     name = args.name or f"pyattr_{method}"
     if not SAFE_NAME.match(name):
