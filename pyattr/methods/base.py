@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .._capture import eval_mode
+from .._callview import active_view, call_view, is_tracing, set_tracing
 from ..errors import InputError
 from ..postprocess import normalize_minmax, resize_bilinear
 
@@ -94,8 +94,15 @@ class AttributionMethod:
 
     Calling the method (``method(x, target)``) runs it eagerly and returns an :class:`Attribution`;
     :meth:`graph` is the single function that :func:`pyattr.export` traces into one graph.
-    During a call the model is put in eval mode (every module's flag is restored after), no
-    hook outlives the call, no parameter receives ``.grad`` and no weight is touched.
+
+    Thread safety: every call runs on its own view of the model (:mod:`pyattr._callview`): a copy of
+    the module tree that shares the model's tensors, in eval mode, on which the call's hooks and
+    LRP's canonical forwards live. The user's modules are never changed, not even during the call
+    (training flags, hooks, attributes, weights; no parameter receives ``.grad``), and the state of a
+    call (captured activations, whether it is being traced) belongs to it. One method object, or one
+    per thread, may therefore be called from many threads at once on one model, in eval or training
+    mode, and each call returns what it would return alone. Inside a call ``self.model`` is the
+    call's view (in the calling thread only); outside, the model given.
 
     Args:
         model: the module to explain.
@@ -125,10 +132,36 @@ class AttributionMethod:
                              f"got layout={layout!r}")
         if output is not None and not isinstance(output, (int, str)) and not callable(output):
             raise InputError(f"output must be an int, a str, a callable or None, got {type(output).__name__}")
-        self.model = model
+        self._model = model
         self.output = output
         self.layout = layout
-        self._tracing = False
+
+    @property
+    def model(self) -> nn.Module:
+        """The explained model; within a call of this method (in the calling thread), its per-call view."""
+        view = active_view(self._model)
+        return self._model if view is None else view.root
+
+    @model.setter
+    def model(self, model: nn.Module) -> None:
+        self._model = model
+
+    @property
+    def _tracing(self) -> bool:
+        """Whether the calling thread is tracing for export (eager-only checks are skipped then).
+        Per thread, not per method: setting it affects only the calling thread."""
+        return is_tracing()
+
+    @_tracing.setter
+    def _tracing(self, value: bool) -> None:
+        set_tracing(value)
+
+    def in_call(self, module: nn.Module) -> nn.Module:
+        """The current call's view of ``module`` (a module of the model, e.g. a layer resolved when the
+        method was made); ``module`` itself outside a call. Raises :class:`InputError` for a module that
+        pyattr cannot hook (a TorchScript module shared by the view)."""
+        view = active_view(self._model)
+        return module if view is None else view.hookable(module)
 
     # -- to implement --------------------------------------------------------------------------
     def attribute_raw(
@@ -195,8 +228,11 @@ class AttributionMethod:
     def graph(
         self, x: torch.Tensor, target: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The whole traceable computation: (scores, resolved target, raw map, normalized maps)."""
-        scores, resolved, raw, maps, _ = self._compute(x, target, diagnostics=False)
+        """The whole traceable computation: (scores, resolved target, raw map, normalized maps).
+
+        Runs on a per-call view of the model (the enclosing call's when there is one)."""
+        with call_view(self._model):
+            scores, resolved, raw, maps, _ = self._compute(x, target, diagnostics=False)
         return scores, resolved, raw, maps
 
     def _compute(self, x: torch.Tensor, target: torch.Tensor, diagnostics: bool):
@@ -213,9 +249,9 @@ class AttributionMethod:
         if in_inference_mode(x, target):
             with torch.inference_mode(False):
                 return self(*normal_copies(x, target))
-        x = self._check_input(x)
-        t = self._check_target(target, x.shape[0], x.device)
-        with eval_mode(self.model):
+        with call_view(self._model):
+            x = self._check_input(x)
+            t = self._check_target(target, x.shape[0], x.device)
             if t.dim() == 2 and not self.multi_target:
                 n, k = t.shape
                 scores, resolved, raw, maps, extra = self._compute(x.repeat_interleave(k, 0), t.reshape(-1), True)
