@@ -18,8 +18,9 @@ module tree, built by :func:`call_view`:
 - plain attributes that refer to modules of the tree (a list of blocks kept outside ``_modules``,
   a bound method such as an instance ``forward``) are redirected to their views.
 
-A view costs a few microseconds per module (see the report in ``tests/test_concurrency.py``): about
-1 ms for a ResNet-50, far below one forward pass. The view lives for one call; nothing of it is kept.
+A view costs 10-35 microseconds of CPU time per module: measured on one thread, 1.9 ms for torchvision's
+resnet50 (151 modules; 1.3% of one 224x224 forward pass of one image) and 9 ms for timm's
+vit_base_patch16_224 (276 modules; 1.6%). The view lives for one call; nothing of it is kept.
 
 What cannot be viewed: a TorchScript module (``torch.jit.ScriptModule``) keeps its state in C++,
 so it is shared as is. That is safe only in eval mode: a call raises :class:`InputError` when a
