@@ -123,8 +123,10 @@ class AttributionMethod:
     (training flags, hooks, attributes, weights; no parameter receives ``.grad``), and the state of a
     call (captured activations, whether it is being traced) belongs to it. One method object, or one
     per thread, may therefore be called from many threads at once on one model, in eval or training
-    mode, and each call returns what it would return alone. Inside a call ``self.model`` is the
-    call's view (in the calling thread only); outside, the model given.
+    mode, and each call returns what it would return alone (bit for bit in ``tests/test_concurrency.py``,
+    8 threads, one intra-op thread each). Inside a call ``self.model`` is the call's view (in the
+    calling thread only); outside, the model given. (Not covered: ``torch.backends`` settings are
+    process-wide, e.g. the attention kernel that export tracing selects with ``sdpa_kernel``.)
 
     Args:
         model: the module to explain.
