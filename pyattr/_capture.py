@@ -1,4 +1,6 @@
-"""Scoped access to a model's internals, undone on exit (also when the body raises)."""
+"""Scoped access to a model's internals, undone on exit (also when the body raises).
+
+Hooks are put on the modules of a per-call view (:mod:`pyattr._callview`), never on the user's modules."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .errors import LayerNotFoundError
+from ._callview import CallView, call_view, is_view
+from .errors import InputError, LayerNotFoundError
 
 
 def find_layer(model: nn.Module, name: str) -> nn.Module:
@@ -34,8 +37,9 @@ def find_layer(model: nn.Module, name: str) -> nn.Module:
 def capture_outputs(layers: Sequence[nn.Module]) -> Iterator[list[torch.Tensor | None]]:
     """Record the output of each of ``layers`` during the body's forward pass.
 
-    Yields a list filled in place (one entry per layer, the last call's output).
-    Hooks live only inside the ``with`` block.
+    ``layers`` must be modules of a per-call view (:func:`pyattr._callview.call_view`), so that the
+    hooks see this call's forward pass only. Yields a list filled in place (one entry per layer, the
+    last call's output). Hooks live only inside the ``with`` block.
     """
     captured: list[torch.Tensor | None] = [None] * len(layers)
     handles = []
@@ -47,6 +51,10 @@ def capture_outputs(layers: Sequence[nn.Module]) -> Iterator[list[torch.Tensor |
 
     try:
         for i, layer in enumerate(layers):
+            if not is_view(layer):
+                raise InputError(
+                    f"cannot capture the output of a {type(layer).__name__} that is not part of a per-call view "
+                    "(a TorchScript module, or a call outside a method call)")
             handles.append(layer.register_forward_hook(make_hook(i)))
         yield captured
     finally:
@@ -55,12 +63,9 @@ def capture_outputs(layers: Sequence[nn.Module]) -> Iterator[list[torch.Tensor |
 
 
 @contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every module of ``model`` in eval mode for the body; restore each one's flag after."""
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
+def eval_mode(model: nn.Module) -> Iterator[CallView]:
+    """Within the body, pyattr's methods on ``model`` (in this thread) run in eval mode on one per-call
+    view of it (:func:`pyattr._callview.call_view`): the model's own training flags are never changed,
+    so other threads that use it meanwhile see it as it is. Yields the :class:`CallView`."""
+    with call_view(model) as view:
+        yield view

@@ -68,23 +68,30 @@ def find_default_layer(model: nn.Module, example: torch.Tensor) -> str | None:
 
     Adaptive pooling layers are skipped: they resample the features for the head (VGG's
     ``avgpool`` turns 2x2 maps into 7x7 at 64x64 input) rather than compute new ones.
+    The probe runs in eval mode on a per-call view of ``model`` (:mod:`pyattr._callview`): the model
+    itself gets no hook and keeps its training flags, so other threads may use it meanwhile.
+    TorchScript submodules (shared by the view, their hooks would be seen by other threads) are not
+    candidates.
     """
+    from ._callview import call_view, is_view
+
     last: list[str] = []
     handles = []
-    for name, module in model.named_modules():
-        if not name or isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
-            continue
+    with call_view(model) as view:
+        for name, module in view.root.named_modules():
+            if not name or not is_view(module) or isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+                continue
 
-        def hook(_m, _i, out, name=name):
-            if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[2] * out.shape[3] > 1:
-                last.append(name)
-        handles.append(module.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
+            def hook(_m, _i, out, name=name):
+                if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[2] * out.shape[3] > 1:
+                    last.append(name)
+            handles.append(module.register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                view.root(example)
+        finally:
+            for h in handles:
+                h.remove()
     return last[-1] if last else None
 
 

@@ -3,23 +3,44 @@
 The host-side twin (NumPy / C++ ``pyattr._C``) lives in :mod:`pyattr.render`; both use the
 same conventions: bilinear resize with ``align_corners=False`` and per-sample min-max
 normalization ``(m - min) / max(max - min, tiny)`` with ``tiny`` the smallest normal float32,
-so a constant map becomes all zeros.
+so a constant map becomes all zeros, and a map with a NaN or infinite value becomes all NaN.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
 TINY = float(torch.finfo(torch.float32).tiny)
 
 
+def nan_like(values: torch.Tensor) -> torch.Tensor:
+    """A 0-dim NaN of ``values``' dtype and device, made outside any tracing in progress: a traced graph
+    holds it as a constant (TorchScript cannot write a NaN literal, so ``full_like(x, nan)`` would not
+    script)."""
+    with unset_fake_temporarily(), disable_proxy_modes_tracing():
+        return torch.tensor(float("nan"), dtype=values.dtype, device=values.device)
+
+
 def normalize_minmax(maps: torch.Tensor) -> torch.Tensor:
-    """Per-sample min-max normalization of (N, ...) maps to [0, 1]."""
+    """Per-sample min-max normalization of (N, ...) maps to [0, 1].
+
+    A map that holds any NaN or infinity becomes all NaN (never a normal-looking map: an infinite
+    value would otherwise squash every other value to 0).
+
+    Example:
+        >>> normalize_minmax(torch.tensor([[1.0, 3.0], [0.0, float("inf")]]))
+        tensor([[0., 1.],
+                [nan, nan]])
+    """
     flat = maps.flatten(1)
     lo = flat.amin(1, keepdim=True)
     hi = flat.amax(1, keepdim=True)
-    return ((flat - lo) / (hi - lo).clamp_min(TINY)).view_as(maps)
+    scaled = (flat - lo) / (hi - lo).clamp_min(TINY)
+    finite = torch.isfinite(flat).all(1, keepdim=True)
+    return torch.where(finite, scaled, nan_like(scaled)).view_as(maps)
 
 
 def resize_bilinear(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -10,9 +10,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .._capture import eval_mode
+from .._callview import active_view, call_view, is_tracing, set_tracing
 from ..errors import InputError
-from ..postprocess import normalize_minmax, resize_bilinear
+from ..postprocess import nan_like, normalize_minmax, resize_bilinear
 
 TargetLike = "int | list[int] | torch.Tensor | None"
 OutputSelector = int | str | Callable[[Any], torch.Tensor] | None
@@ -34,7 +34,8 @@ class Attribution:
         scores: (N, K) model outputs (logits) for the inputs.
         target: (N,) long, the class explained for each sample (arg-max where none was given);
             (N, T) when several targets per input were asked for, and ``maps``/``raw`` are then
-            (N, T, ...).
+            (N, T, ...). In exported graphs -1 marks a sample that has no valid map (its ``maps`` and
+            ``raw`` are NaN): a non-finite input or score, or a target that is not a class id.
         completeness_error: for methods whose attributions should add up to a score difference
             (Integrated Gradients: ``|sum(attr) - (F(x) - F(baseline))|``), that error per sample
             (and target); ``None`` for the others. Eager calls only; not an output of exported graphs.
@@ -62,11 +63,32 @@ def normal_copies(*values: Any) -> tuple[Any, ...]:
 
 
 def resolve_target(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Targets with -1 replaced by each sample's arg-max class. ``target``: (N,) or (N, T)."""
+    """Targets with -1 replaced by each sample's arg-max class. ``target``: (N,) or (N, T).
+
+    An id that is not a class (< -1 or >= K, which eager calls reject and an exported graph cannot)
+    is replaced by the arg-max too, so that every index stays in range; :func:`valid_samples` marks
+    such samples and the graph's outputs for them are made visibly invalid (see
+    :class:`AttributionMethod`)."""
     best = scores.argmax(1)
     if target.dim() == 2:
         best = best[:, None]
-    return torch.where(target < 0, best, target)
+    in_range = (target >= 0) & (target < scores.shape[1])
+    return torch.where(in_range, target, best)
+
+
+def valid_samples(x: torch.Tensor, scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Which (sample, target) pairs can have a meaningful map: the sample's input and scores are all
+    finite and the target is -1 or a class id in [0, K). Shape of ``target``: (N,) or (N, T). Traceable."""
+    finite = torch.isfinite(x.flatten(1)).all(1) & torch.isfinite(scores.flatten(1)).all(1)
+    if target.dim() == 2:
+        finite = finite[:, None]
+    return finite & (target >= -1) & (target < scores.shape[1])
+
+
+def mark_invalid(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``values`` (N, ...) or (N, T, ...) with the entries of invalid samples set to NaN."""
+    mask = valid.reshape(*valid.shape, *[1] * (values.dim() - valid.dim()))
+    return torch.where(mask, values, nan_like(values))
 
 
 def select_target(scores: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,8 +116,17 @@ class AttributionMethod:
 
     Calling the method (``method(x, target)``) runs it eagerly and returns an :class:`Attribution`;
     :meth:`graph` is the single function that :func:`pyattr.export` traces into one graph.
-    During a call the model is put in eval mode (every module's flag is restored after), no
-    hook outlives the call, no parameter receives ``.grad`` and no weight is touched.
+
+    Thread safety: every call runs on its own view of the model (:mod:`pyattr._callview`): a copy of
+    the module tree that shares the model's tensors, in eval mode, on which the call's hooks and
+    LRP's canonical forwards live. The user's modules are never changed, not even during the call
+    (training flags, hooks, attributes, weights; no parameter receives ``.grad``), and the state of a
+    call (captured activations, whether it is being traced) belongs to it. One method object, or one
+    per thread, may therefore be called from many threads at once on one model, in eval or training
+    mode, and each call returns what it would return alone (bit for bit in ``tests/test_concurrency.py``,
+    8 threads, one intra-op thread each). Inside a call ``self.model`` is the call's view (in the
+    calling thread only); outside, the model given. (Not covered: ``torch.backends`` settings are
+    process-wide, e.g. the attention kernel that export tracing selects with ``sdpa_kernel``.)
 
     Args:
         model: the module to explain.
@@ -104,6 +135,14 @@ class AttributionMethod:
             (``output=lambda out: out.logits``). ``None``: the output is the scores.
         layout: ``"image"`` (N, C, H, W; default), ``"signal"`` (N, C, L) or ``"tabular"`` (N, F),
             for methods that accept non-image inputs.
+
+    Inputs that cannot give a meaningful map: eager calls raise :class:`~pyattr.errors.InputError` for
+    inputs that hold NaN or infinity, for models whose scores are not finite, and for targets that are
+    not class ids (floats, bools, ids < -1 or >= K). An exported graph cannot raise: for such a sample
+    (a non-finite input or score, a target < -1 or >= K) it returns ``maps`` and ``raw`` full of NaN and
+    ``explained_class`` -1, while the other samples of the batch get their usual results (``scores``
+    are the model's, whatever they are). A map that comes out non-finite for another reason (e.g. a
+    NaN gradient) is NaN as a whole after normalization (:func:`~pyattr.postprocess.normalize_minmax`).
 
     Several targets per input: a (N, T) target tensor gives (N, T, ...) maps. Methods with
     ``multi_target = True`` do one forward pass and T backward passes; the others run on the
@@ -125,10 +164,36 @@ class AttributionMethod:
                              f"got layout={layout!r}")
         if output is not None and not isinstance(output, (int, str)) and not callable(output):
             raise InputError(f"output must be an int, a str, a callable or None, got {type(output).__name__}")
-        self.model = model
+        self._model = model
         self.output = output
         self.layout = layout
-        self._tracing = False
+
+    @property
+    def model(self) -> nn.Module:
+        """The explained model; within a call of this method (in the calling thread), its per-call view."""
+        view = active_view(self._model)
+        return self._model if view is None else view.root
+
+    @model.setter
+    def model(self, model: nn.Module) -> None:
+        self._model = model
+
+    @property
+    def _tracing(self) -> bool:
+        """Whether the calling thread is tracing for export (eager-only checks are skipped then).
+        Per thread, not per method: setting it affects only the calling thread."""
+        return is_tracing()
+
+    @_tracing.setter
+    def _tracing(self, value: bool) -> None:
+        set_tracing(value)
+
+    def in_call(self, module: nn.Module) -> nn.Module:
+        """The current call's view of ``module`` (a module of the model, e.g. a layer resolved when the
+        method was made); ``module`` itself outside a call. Raises :class:`InputError` for a module that
+        pyattr cannot hook (a TorchScript module shared by the view)."""
+        view = active_view(self._model)
+        return module if view is None else view.hookable(module)
 
     # -- to implement --------------------------------------------------------------------------
     def attribute_raw(
@@ -195,8 +260,11 @@ class AttributionMethod:
     def graph(
         self, x: torch.Tensor, target: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The whole traceable computation: (scores, resolved target, raw map, normalized maps)."""
-        scores, resolved, raw, maps, _ = self._compute(x, target, diagnostics=False)
+        """The whole traceable computation: (scores, resolved target, raw map, normalized maps).
+
+        Runs on a per-call view of the model (the enclosing call's when there is one)."""
+        with call_view(self._model):
+            scores, resolved, raw, maps, _ = self._compute(x, target, diagnostics=False)
         return scores, resolved, raw, maps
 
     def _compute(self, x: torch.Tensor, target: torch.Tensor, diagnostics: bool):
@@ -207,15 +275,20 @@ class AttributionMethod:
                 scores, raw, resolved = self.attribute_raw(x, target)
                 extra = {}
         maps = self.postprocess(raw, x, lead=target.dim())
-        return scores.detach(), resolved, raw.detach(), maps.detach(), {k: v.detach() for k, v in extra.items()}
+        # what eager calls reject (non-finite inputs or scores, target ids that are not classes) an exported
+        # graph cannot: its outputs for those samples are made visibly invalid instead of plausible
+        valid = valid_samples(x, scores.detach(), target)
+        resolved = torch.where(valid, resolved, torch.full_like(resolved, -1))
+        raw, maps = mark_invalid(raw.detach(), valid), mark_invalid(maps.detach(), valid)
+        return scores.detach(), resolved, raw, maps, {k: v.detach() for k, v in extra.items()}
 
     def __call__(self, x: torch.Tensor, target: TargetLike = None) -> Attribution:
         if in_inference_mode(x, target):
             with torch.inference_mode(False):
                 return self(*normal_copies(x, target))
-        x = self._check_input(x)
-        t = self._check_target(target, x.shape[0], x.device)
-        with eval_mode(self.model):
+        with call_view(self._model):
+            x = self._check_input(x)
+            t = self._check_target(target, x.shape[0], x.device)
             if t.dim() == 2 and not self.multi_target:
                 n, k = t.shape
                 scores, resolved, raw, maps, extra = self._compute(x.repeat_interleave(k, 0), t.reshape(-1), True)
@@ -247,6 +320,14 @@ class AttributionMethod:
             )
         if x.shape[0] == 0:
             raise InputError("inputs hold no sample (batch size 0)")
+        finite = torch.isfinite(x.detach().flatten(1)).all(1)
+        if not bool(finite.all()):
+            bad = torch.nonzero(~finite).flatten().tolist()
+            shown = ", ".join(str(i) for i in bad[:8]) + (", ..." if len(bad) > 8 else "")
+            raise InputError(
+                f"inputs hold NaN or infinite values (sample{'s' if len(bad) > 1 else ''} {shown}): no attribution "
+                "map of them has a meaning; fix or drop those inputs (e.g. torch.nan_to_num for a few bad pixels)"
+            )
         try:
             param = next(self.model.parameters())
         except StopIteration:
@@ -293,7 +374,7 @@ def check_target_range(scores: torch.Tensor, target: torch.Tensor) -> None:
 
 
 def check_scores(scores: Any, x: torch.Tensor, selector: Any) -> None:
-    """Eager-only check that the (selected) model output is an (N, K) tensor (raises InputError)."""
+    """Eager-only check that the (selected) model output is an (N, K) tensor of finite scores (raises InputError)."""
     if isinstance(scores, (tuple, list, dict)):
         kind = type(scores).__name__
         how = "output=0 (an index)" if not isinstance(scores, dict) else f"output={next(iter(scores), 'key')!r}"
@@ -305,3 +386,10 @@ def check_scores(scores: Any, x: torch.Tensor, selector: Any) -> None:
         hint = "" if selector is None else f" (after output={selector!r})"
         raise InputError(f"the model's scores must have shape (N, K) with N = {x.shape[0]} inputs, got "
                          f"{tuple(scores.shape)}{hint}")
+    finite = torch.isfinite(scores.detach()).all(1)
+    if not bool(finite.all()):
+        count = int((~finite).sum())
+        raise InputError(
+            f"the model's scores are NaN or infinite for {count} of {x.shape[0]} inputs (finite inputs): the "
+            "target score has no gradient that means anything; check the model (overflow in float16? a division "
+            "by zero?) and the inputs' range and normalization")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,13 +23,15 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .._capture import capture_outputs, eval_mode, find_layer
+from .._callview import call_view
+from .._capture import capture_outputs, find_layer
 from ..errors import InputError
 from ..postprocess import normalize_minmax, resize_bilinear
 from .base import AttributionMethod
 
 LayerSpec = "str | Sequence[str] | None"
 FUSIONS = ("mean", "max")
+_RESOLVE_LOCK = threading.Lock()  # the automatic layer choice is made once, also when threads race to it
 
 
 class TokensToGrid:
@@ -163,13 +166,16 @@ class CAMMethod(AttributionMethod):
         if self.layer_names is None:
             from ..models import find_default_layer
 
-            with eval_mode(self.model):
-                name = find_default_layer(self.model, example[:1].detach())
-            if name is None:
-                raise InputError(
-                    f"no layer of the model outputs an (N, C, h, w) map with h*w > 1 for inputs of shape "
-                    f"{tuple(example.shape[1:])}; name the layer for {type(self).__name__}")
-            self.layer_names, self.layers = [name], [find_layer(self.model, name)]
+            with _RESOLVE_LOCK:
+                if self.layer_names is None:
+                    with call_view(self._model):  # the enclosing call's view, or one of its own
+                        name = find_default_layer(self._model, example[:1].detach())
+                    if name is None:
+                        raise InputError(
+                            f"no layer of the model outputs an (N, C, h, w) map with h*w > 1 for inputs of shape "
+                            f"{tuple(example.shape[1:])}; name the layer for {type(self).__name__}")
+                    self.layers = [find_layer(self._model, name)]  # before the names: they mark it resolved
+                    self.layer_names = [name]
         return self.layer_name
 
     def _require_layers(self) -> list[nn.Module]:
@@ -180,10 +186,12 @@ class CAMMethod(AttributionMethod):
 
     # -- capture ---------------------------------------------------------------------------------
     def forward_with_layers(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Forward pass with each layer's output captured: (scores, outputs as the layers returned them)."""
-        layers = self._require_layers()
-        with capture_outputs(layers) as captured:
-            scores = self._scores(x)
+        """Forward pass with each layer's output captured: (scores, outputs as the layers returned them).
+        The activations are captured on this call's view of the layers: other calls do not see them."""
+        with call_view(self._model):  # the call's view (or, called alone, one of its own)
+            layers = [self.in_call(m) for m in self._require_layers()]
+            with capture_outputs(layers) as captured:
+                scores = self._scores(x)
         outputs = []
         for name, out in zip(self.layer_names, captured):
             if out is None:
@@ -478,7 +486,6 @@ class GuidedGradCAM(CAMMethod):
     def attribute_raw(self, x: torch.Tensor, target: torch.Tensor):
         scores, acts, grads, resolved = self.activations_and_grads(x, target)
         cam = fuse_maps([weighted_sum(g.mean((2, 3)), a) for a, g in zip(acts, grads)], self.fuse)
-        self.guided._tracing = self._tracing
         with math_attention_while_tracing(self):
             _, guided, _ = self.guided.input_gradients(x, resolved[:, None])  # (N, 1, C, H, W)
         attr = guided[:, 0] * resize_bilinear(cam, (int(x.shape[-2]), int(x.shape[-1])))[:, None]

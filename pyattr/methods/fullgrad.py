@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._callview import call_view, is_view
 from ..errors import InputError
 from .base import AttributionMethod
 from .cam import model_scores
@@ -63,7 +64,7 @@ def capture_fresh_outputs(layers: list[nn.Module]) -> Iterator[list[tuple[int, t
     """Record (layer index, output) for every call of each layer during the body. The model goes on
     with a copy of each output, so that an in-place op after the layer (``ReLU(inplace=True)``) does
     not overwrite the recorded tensor: gradients taken with respect to it are those of the layer's
-    own output. Hooks live only inside the ``with`` block."""
+    own output. ``layers``: modules of a per-call view. Hooks live only inside the ``with`` block."""
     captured: list[tuple[int, torch.Tensor]] = []
     handles = []
 
@@ -75,6 +76,8 @@ def capture_fresh_outputs(layers: list[nn.Module]) -> Iterator[list[tuple[int, t
 
     try:
         for i, layer in enumerate(layers):
+            if not is_view(layer):
+                raise InputError(f"cannot capture the output of a {type(layer).__name__} outside a per-call view")
             handles.append(layer.register_forward_hook(make_hook(i)))
         yield captured
     finally:
@@ -141,7 +144,7 @@ class FullGrad(AttributionMethod):
         """(scores, resolved target, input term ``grad_x * (x - offset)`` (N, C, H, W), bias terms
         ``[(layer index, grad_z * b)]``, one per layer call, each (N, C_l, ...))."""
         x = x.detach().requires_grad_(True)
-        with capture_fresh_outputs(self._bias_modules) as captured:
+        with call_view(self._model), capture_fresh_outputs([self.in_call(m) for m in self._bias_modules]) as captured:
             scores = model_scores(self, x)
         score, resolved = self.select(scores, target)
         grads = torch.autograd.grad(score, [x] + [out for _, out in captured], allow_unused=True)
@@ -168,11 +171,9 @@ class FullGrad(AttributionMethod):
         """(the target score (N,), the sum of the input-gradient term and of every bias-gradient term
         (N,)): equal for piecewise-linear networks whose every bias is held by a Conv/Linear/BatchNorm
         (relative 1e-4 in float32). The model runs in eval mode for the check."""
-        from .._capture import eval_mode
-
-        x = self._check_input(x)
-        t = self._check_target(target, x.shape[0], x.device)
-        with eval_mode(self.model), torch.enable_grad():
+        with call_view(self._model), torch.enable_grad():
+            x = self._check_input(x)
+            t = self._check_target(target, x.shape[0], x.device)
             scores, resolved, input_term, bias_terms = self.decompose(x, t)
             total = input_term.flatten(1).sum(1)
             for _, term in bias_terms:

@@ -166,10 +166,11 @@ class GradientMethod(AttributionMethod):
     def constant(self, kind: str, shape: tuple[int, ...], seed: int, like: torch.Tensor) -> torch.Tensor:
         """:func:`seeded_tensor`, cached per (kind, shape, seed, device, dtype) on this method."""
         key = (kind, tuple(int(s) for s in shape), int(seed), like.device, like.dtype)
-        if key not in self._constants:
-            self._constants.clear()  # hold one set of constants at a time
-            self._constants[key] = seeded_tensor(kind, shape, seed, like)
-        return self._constants[key]
+        value = self._constants.get(key)
+        if value is None:
+            value = seeded_tensor(kind, shape, seed, like)
+            self._constants = {key: value}  # one set of constants at a time; replaced whole (threads)
+        return value
 
     def metadata(self) -> dict[str, Any]:
         return {**super().metadata(), "reduction": self.reduction, "absolute": self.absolute}
@@ -365,16 +366,6 @@ class SmoothGrad(GradientMethod):
         self.variant = variant
         self.seed = int(seed)
         self.chunk_size = chunk_size
-
-    @property
-    def _tracing(self) -> bool:  # the inner method checks targets eagerly, not while tracing
-        return self.__dict__.get("_tracing_flag", False)
-
-    @_tracing.setter
-    def _tracing(self, value: bool) -> None:
-        self.__dict__["_tracing_flag"] = value
-        if "inner" in self.__dict__:
-            self.inner._tracing = value
 
     def reduce(self, attr: torch.Tensor) -> torch.Tensor:
         return self.inner.reduce(attr)

@@ -10,8 +10,10 @@
 - :func:`out_of_place_activations`: in-place activations (``nn.ReLU(inplace=True)``) run out of
   place, so that their input keeps its own relevance.
 
-Every temporary change (a forward set on a block instance, an ``inplace`` flag) is undone when the
-``with`` block exits, also when it raises.
+The changes (a forward set on a block instance, an ``inplace`` flag) are made only on the modules of
+a per-call view (:mod:`pyattr._callview`), never on the user's modules (which other threads may be
+running); they are undone when the ``with`` block exits, also when it raises, and the view is dropped
+after the call anyway. Modules that are not views (a shared TorchScript module) are left alone.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..._callview import is_view
 from .rules import Stabilizer
 
 LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -137,15 +140,23 @@ def canonical_forward(module: nn.Module):
     return None
 
 
+def _require_view(model: nn.Module) -> None:
+    if not is_view(model):
+        raise RuntimeError("LRP canonizers change modules: they act on a per-call view of the model only "
+                           "(pyattr._callview.call_view), never on the model itself")
+
+
 @contextmanager
 def canonical_blocks(model: nn.Module) -> Iterator[list[str]]:
-    """Known residual blocks of ``model`` use their canonical forward in the body. Yields their names."""
+    """Known residual blocks of ``model`` (a per-call view) use their canonical forward in the body.
+    Yields their names."""
+    _require_view(model)
     changed: list[tuple[nn.Module, bool, object]] = []
     names = []
     try:
         for name, module in model.named_modules():
             forward = canonical_forward(module)
-            if forward is not None:
+            if forward is not None and is_view(module):
                 had = "forward" in module.__dict__
                 changed.append((module, had, module.__dict__.get("forward")))
                 module.forward = types.MethodType(forward, module)
@@ -161,11 +172,13 @@ def canonical_blocks(model: nn.Module) -> Iterator[list[str]]:
 
 @contextmanager
 def out_of_place_activations(model: nn.Module) -> Iterator[None]:
-    """Modules with ``inplace=True`` (activations, dropout) run out of place in the body."""
+    """Modules of ``model`` (a per-call view) with ``inplace=True`` (activations, dropout) run out of
+    place in the body."""
+    _require_view(model)
     changed = []
     try:
         for module in model.modules():
-            if getattr(module, "inplace", False) is True:
+            if is_view(module) and getattr(module, "inplace", False) is True:
                 changed.append(module)
                 module.inplace = False
         yield

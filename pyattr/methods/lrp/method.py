@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..._callview import CallView, call_view
 from ..._capture import find_layer
 from ...errors import InputError
 from ..base import AttributionMethod, OutputSelector
@@ -92,7 +93,8 @@ class LRP(AttributionMethod):
             per-channel tensors, in the space the first layer sees: ``(0 - mean) / std`` for images
             normalized outside [0, 1]); taken from the model for pyattr's built-in ShapesNet.
         canonize: merge BatchNorms into the preceding layer, canonical residual blocks and
-            out-of-place activations (default True; all undone after each call).
+            out-of-place activations (default True; applied to the call's view of the model only,
+            never to the model itself).
         reduction: how the input relevance (N, C, H, W) becomes a map: ``"sum"`` (default:
             relevance adds up), ``"max"``, ``"mean"``, ``"l2"`` or ``"none"`` (keep channels).
         output: which part of the model's output holds the scores (see :class:`AttributionMethod`).
@@ -224,12 +226,18 @@ class LRP(AttributionMethod):
 
     @contextmanager
     def applied(self, watch: tuple[str, ...] = ()) -> Iterator[dict[str, torch.Tensor]]:
-        """Within the block the model's forward carries the rules (hooks, canonical blocks,
-        out-of-place activations; all removed on exit, also on error). Yields a dict filled with
-        the input tensors of the modules named in ``watch`` (relevance at a layer's input is the
-        gradient with respect to that tensor)."""
+        """Within the block the forward of this call's view of the model (``self.model``, see
+        :mod:`pyattr._callview`) carries the rules: hooks, canonical blocks and out-of-place activations,
+        all on the view, so the user's modules and other threads' calls never see them. Yields a dict
+        filled with the input tensors of the modules named in ``watch`` (relevance at a layer's input is
+        the gradient with respect to that tensor)."""
+        with call_view(self._model) as view, self._applied(view, watch) as watched:
+            yield watched
+
+    @contextmanager
+    def _applied(self, view: CallView, watch: tuple[str, ...]) -> Iterator[dict[str, torch.Tensor]]:
         assigned, merged = self.assign_rules()
-        named = dict(self.model.named_modules())
+        named = dict(self.model.named_modules())  # modules of the view
         merged_layers = {layer: bn for bn, layer in merged.items()}
         stored: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         watched: dict[str, torch.Tensor] = {}
@@ -291,9 +299,13 @@ class LRP(AttributionMethod):
                 stack.enter_context(canonical_blocks(self.model))
             try:
                 for name in watch:
-                    handles.append(find_layer(self.model, name).register_forward_pre_hook(watch_hook(name)))
+                    layer = view.hookable(find_layer(self.model, name), name)
+                    handles.append(layer.register_forward_pre_hook(watch_hook(name)))
                 for name, module in named.items():
                     rule = assigned.get(name)
+                    if name in merged_layers or name in merged or isinstance(rule, LinearRule) or (
+                            rule is not None and rule.kind == "pass"):
+                        module = view.hookable(module, name)  # not a shared TorchScript module
                     if name in merged_layers:
                         handles.append(module.register_forward_hook(capture(name)))
                     elif name in merged:
@@ -340,11 +352,9 @@ class LRP(AttributionMethod):
     ) -> dict[str, torch.Tensor]:
         """Eager: the relevance at the input of each named layer, plus ``""`` for the model's input
         (all with the shape of those inputs) and ``"score"`` (the (N,) explained scores)."""
-        from ..._capture import eval_mode
-
-        x = self._check_input(x)
-        t = self._check_target(target, x.shape[0], x.device)
-        with eval_mode(self.model), torch.enable_grad():
+        with call_view(self._model), torch.enable_grad():
+            x = self._check_input(x)
+            t = self._check_target(target, x.shape[0], x.device)
             scores, resolved, relevance, at = self._relevance(x, t, tuple(layers))
         out = {name: r.detach() for name, r in at.items()}
         out[""] = relevance.detach()
