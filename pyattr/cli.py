@@ -21,22 +21,11 @@ def _warn_line(message, category, filename, lineno, file=None, line=None):
 
 
 def load_images(paths: list[str]) -> list[tuple[str, np.ndarray]]:
-    """Read every image first (RGB uint8); any bad file stops the run before anything is written."""
-    from PIL import Image, UnidentifiedImageError
+    """Read every image first (RGB uint8, :func:`pyattr.runtime.images.read_image`); any bad file stops
+    the run before anything is written."""
+    from .runtime.images import read_image
 
-    images = []
-    for p in paths:
-        path = Path(p)
-        if not path.exists():
-            raise InputError(f"no such file: {p}")
-        if not path.is_file():
-            raise InputError(f"not a file: {p}")
-        try:
-            with Image.open(path) as im:
-                images.append((path.stem, np.asarray(im.convert("RGB"))))
-        except (UnidentifiedImageError, OSError) as err:
-            raise InputError(f"{p} is not an image that Pillow can read ({type(err).__name__})") from err
-    return images
+    return [(Path(p).stem, read_image(p)) for p in paths]
 
 
 def method_options(name: str, bundle) -> dict:

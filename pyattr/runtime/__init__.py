@@ -42,6 +42,7 @@ import numpy as np
 
 from pyattr import render
 from pyattr.errors import InputError
+from pyattr.runtime.images import ImageLike, load_image
 
 __all__ = [
     "AttributionRuntime",
@@ -55,8 +56,6 @@ __all__ = [
 METADATA_KEY = "pyattr"
 IMAGE_INPUT, TARGET_INPUT = "images", "target"
 OUTPUTS = ("scores", "explained_class", "raw", "maps")
-
-ImageLike = Any  # a path, a PIL image, or an (H, W, 3) / (H, W) uint8 array
 
 
 class GraphOutputs(NamedTuple):
@@ -126,31 +125,6 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The pyattr metadata of an ``.onnx`` file, read with onnxruntime (no onnx package needed)."""
     session = _open_session(Path(path), ["CPUExecutionProvider"], None)
     return _metadata_of(session, Path(path))
-
-
-def load_image(image: ImageLike) -> np.ndarray:
-    """An image as RGB uint8 (H, W, 3): a file path, a PIL image, or a uint8 array (H, W, 3) / (H, W)."""
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise InputError(f"no such image file: {image}")
-        try:
-            with Image.open(path) as im:
-                return np.asarray(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as err:
-            raise InputError(f"{image} is not an image that Pillow can read ({type(err).__name__})") from err
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
-    array = np.asarray(image)
-    if array.dtype != np.uint8:
-        raise InputError(f"image arrays must be uint8 RGB, got dtype {array.dtype}")
-    if array.ndim == 2:
-        return np.repeat(array[..., None], 3, axis=-1)
-    if array.ndim != 3 or array.shape[-1] != 3:
-        raise InputError(f"image arrays must have shape (H, W, 3) or (H, W), got {array.shape}")
-    return array
 
 
 class AttributionRuntime:
