@@ -241,6 +241,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     method = build_method(args.method, bundle.model, layer, **options)
     signed = bool(method.signed)
     cmap = args.cmap or ("bwr" if signed else "jet")
+    alpha = args.alpha if args.alpha is not None else (1.0 if signed else 0.5)
     stems = unique_stems([s for s, _ in images])
     names = [f"{stem}_{args.method}_{kind}.png" for stem in stems for kind in ("overlay", "figure")]
     for name in names:
@@ -277,9 +278,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
                     unit = result.maps[j:j + 1]
                 heat = resize_bilinear(unit.cpu(), original.shape[:2])[0].clamp(0, 1).numpy()
                 if signed:
-                    over = signed_overlay_image(original, heat, alpha=args.alpha, cmap=cmap)
+                    over = signed_overlay_image(original, heat, alpha=alpha, cmap=cmap)
                 else:
-                    over = overlay_image(original, heat, alpha=args.alpha, cmap=cmap)
+                    over = overlay_image(original, heat, alpha=alpha, cmap=cmap)
                 score, probability = float(logits[j, explained]), float(probs[j, explained])
                 title = (f"{args.method}: explains {bundle.class_name(explained)} (score {score:.2f}, "
                          f"probability {probability:.2f}) | predicted {bundle.class_name(pred)}")
@@ -449,9 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--internal-batch", type=_int_in("--internal-batch", 1, MAX_INTERNAL_BATCH), default=16,
                     help="model inputs per forward/backward pass of the multi-pass methods (Integrated Gradients' "
                          "steps, SmoothGrad's samples, Score-CAM's masks), which bounds their memory (default 16)")
-    ex.add_argument("--alpha", type=_float_in("--alpha", 0.0, 1.0), default=0.5,
+    ex.add_argument("--alpha", type=_float_in("--alpha", 0.0, 1.0),
                     help="heatmap opacity in the overlay (default 0.5; for signed methods the opacity at the "
-                         "largest |attribution|, fading to 0 at zero)")
+                         "largest |attribution|, fading to 0 at zero, default 1)")
     ex.add_argument("--cmap", type=_cmap_name,
                     help="colormap (default jet; bwr for signed methods, white at zero)")
     ex.add_argument("--quiet", action="store_true", help="print only the summary line, no progress bar")

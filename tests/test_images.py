@@ -145,7 +145,7 @@ def test_corrupt_files_name_the_file(tmp_path, content):
 
 
 def test_missing_and_folder(tmp_path):
-    with pytest.raises(InputError, match="no such image file"):
+    with pytest.raises(InputError, match="no such file"):
         read_image(tmp_path / "nope.png")
     with pytest.raises(InputError, match="not a file"):
         read_image(tmp_path)

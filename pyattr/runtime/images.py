@@ -92,7 +92,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
     path = Path(path)
     if not path.exists():
-        raise InputError(f"no such image file: {path}")
+        raise InputError(f"no such file: {path}")
     if not path.is_file():
         raise InputError(f"not a file: {path}")
     try:
