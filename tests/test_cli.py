@@ -98,26 +98,6 @@ def test_signed_overlay_is_centred_and_keeps_the_photo(tmp_path, image_files, na
     assert (color[0] > 200 and color[1] < 60) if raw[0][strongest] > 0 else (color[2] > 200 and color[1] < 60)
 
 
-def test_signed_overlay_backends_agree_and_analytic():
-    from pyattr import render
-
-    rng = np.random.default_rng(3)
-    maps = rng.random((3, 9, 7)).astype(np.float32)
-    maps[0, 0, 0] = 0.5
-    images = rng.integers(0, 256, (3, 9, 7, 3), dtype=np.uint8)
-    ref = render.overlay_signed(maps, images, 0.7, "bwr", backend="numpy")
-    if render.HAVE_C:
-        np.testing.assert_array_equal(render.overlay_signed(maps, images, 0.7, "bwr", backend="C++"), ref)
-    assert ref[0, 0, 0].tolist() == images[0, 0, 0].tolist()  # zero leaves the photo
-    a = 0.7 * np.abs(2 * maps - 1)[..., None]
-    colors = render.colorize(maps, "bwr", backend="numpy").astype(np.float64)
-    assert np.abs(ref - ((1 - a) * images + a * colors)).max() <= 1.0
-    raw = rng.normal(size=(2, 4, 5))
-    fused = render.heatmap_overlay_signed(raw, images[:2], 0.7)
-    steps = render.overlay_signed(render.normalize(render.resize(raw, (9, 7)), sign="centered"), images[:2], 0.7)
-    np.testing.assert_array_equal(fused, steps)
-
-
 @pytest.mark.parametrize(
     ("args", "message"),
     [
