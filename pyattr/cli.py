@@ -166,30 +166,37 @@ class _Progress:
         self.bar.close()
 
 
-def prepare_out(out: Path) -> bool:
-    """Check that ``out`` can be the output folder (create it); True when it was created here."""
+def prepare_out(out: Path) -> list[Path]:
+    """Check that ``out`` can be the output folder and create it; returns the folders created here
+    (innermost first), for :func:`_remove_created` when the run fails."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file, not a folder; give a folder name")
-    created = not out.exists()
+    created = []
+    folder = out
+    while not folder.exists() and folder != folder.parent:
+        created.append(folder)
+        folder = folder.parent
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
+        _remove_created(created)
         raise InputError(f"cannot create the output folder {out} ({err.strerror or type(err).__name__})") from None
     try:
         with tempfile.NamedTemporaryFile(dir=out, prefix=".pyattr-probe-"):
             pass
     except OSError as err:
-        if created:
-            _remove_empty(out)
+        _remove_created(created)
         raise InputError(f"cannot write to the output folder {out} ({err.strerror or type(err).__name__})") from None
     return created
 
 
-def _remove_empty(folder: Path) -> None:
-    try:
-        folder.rmdir()
-    except OSError:
-        pass
+def _remove_created(folders: list[Path]) -> None:
+    """Remove the folders a failed run created, innermost first, as long as they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def unique_stems(stems: list[str]) -> list[str]:
@@ -254,6 +261,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     h, w = bundle.input_size
     lines = []
     progress = _Progress(bundle.model, len(images), args.method, disable=args.quiet)
+    published = False
     try:
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
@@ -296,13 +304,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
         progress.close()
         for name in names:
             os.replace(staging / name, out / name)
+        published = True
     except OSError as err:
         raise InputError(f"cannot write to {out}: {err.strerror or err}") from None
     finally:
         progress.close()
         shutil.rmtree(staging, ignore_errors=True)
-        if created and not any(out.iterdir()):
-            _remove_empty(out)
+        if not published:
+            _remove_created(created)
     if not args.quiet:
         for line in lines:
             print(line)
