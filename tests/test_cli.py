@@ -246,6 +246,12 @@ def test_run_with_non_json_metadata_is_one_line(tmp_path, image_files, capsys):
 
     graph = tmp_path / "g.onnx"
     assert main(["export", str(graph), "--method", "gradcam"]) == 0
+    # on the way: `pyattr run` and `pyattr explain` report the same score (the logit) for the same image
+    assert main(["run", str(graph), image_files[0], "--out", str(tmp_path / "run"), "--target", "1"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["explain", image_files[0], "--out", str(tmp_path / "explain"), "--target", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert f"score {record['score']:.2f}," in printed, (record, printed)
     model = onnx.load(str(graph))
     for prop in model.metadata_props:
         if prop.key == "pyattr":
