@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -190,6 +192,42 @@ def prepare_out(out: Path) -> list[Path]:
     return created
 
 
+STAGING_PREFIX = ".pyattr-staging-"
+
+
+def sweep_stale_staging(out: Path) -> list[Path]:
+    """Remove staging folders left in ``out`` by runs that were killed (SIGKILL, power loss): those whose
+    process id (in the name) no longer runs. Returns what was removed."""
+    removed = []
+    for folder in out.glob(f"{STAGING_PREFIX}*-*"):
+        pid_text = folder.name[len(STAGING_PREFIX):].split("-", 1)[0]
+        if not folder.is_dir() or not pid_text.isdigit() or _process_alive(int(pid_text)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, OverflowError):
+        return True
+    return True
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like Ctrl-C so that staging folders are removed."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
 def _remove_created(folders: list[Path]) -> None:
     """Remove the folders a failed run created, innermost first, as long as they are empty."""
     for folder in folders:
@@ -257,7 +295,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     # 2. the work, written to a staging folder inside --out; published only when every image is done
     created = prepare_out(out)
-    staging = Path(tempfile.mkdtemp(prefix=".pyattr-staging-", dir=out))
+    sweep_stale_staging(out)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=out))
     h, w = bundle.input_size
     lines = []
     progress = _Progress(bundle.model, len(images), args.method, disable=args.quiet)
@@ -504,6 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     """The ``pyattr`` command; returns the exit code (0, 2 on any error, 130 on Ctrl-C). Every error is
     one line ``pyattr: error: <message>`` on stderr."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if argv[:1] == ["run"]:  # before build_parser, which imports torch: `pyattr run` stays torch-free
             from .runtime.cli import main as run_main
@@ -530,11 +572,20 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
         return 130
+    except Terminated:
+        try:
+            print("pyattr: terminated", file=sys.stderr)
+        except OSError:
+            pass
+        return 143
     except Exception as err:  # last resort: one line, never a traceback
         if os.environ.get("PYATTR_TRACEBACK"):
             raise
         return _error(f"unexpected {type(err).__name__}: {err} (set PYATTR_TRACEBACK=1 to see where; "
                       "please report it)")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -383,3 +383,38 @@ def test_progress_from_the_first_image_with_passes(tmp_path, image_files, capsys
     assert "1/1" in err and "model pass" in err
     passes = max(int(n) for n in __import__("re").findall(r"model pass (\d+)", err))
     assert passes >= 2  # Score-CAM: one pass for the scores, then its masked passes
+
+
+def test_sigterm_mid_run_leaves_nothing(tmp_path):
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "pyattr", "explain", "--samples", "300", "--batch-size", "1",
+                             "--method", "saliency", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(out.glob(".pyattr-staging-*/*.png")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "pyattr: terminated" in err
+    assert not out.exists()
+
+
+def test_staging_left_by_a_killed_run_is_swept(tmp_path, image_files, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    stale = out / f".pyattr-staging-{dead.pid}-abc"
+    stale.mkdir(parents=True)
+    (stale / "x_gradcam_overlay.png").write_bytes(b"partial")
+    alive = out / ".pyattr-staging-1-abc"  # pid 1 runs: another run's staging is left alone
+    alive.mkdir()
+    assert main(["explain", image_files[0], "--out", str(out), "--quiet"]) == 0
+    assert not stale.exists() and alive.exists()
+    assert sorted(p.name for p in out.iterdir()) == [".pyattr-staging-1-abc", "img0_gradcam_figure.png",
+                                                     "img0_gradcam_overlay.png"]
