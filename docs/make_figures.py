@@ -1,5 +1,10 @@
 """Make the README's figure: one generated image with three shapes, each class explained by several methods.
 
+Unsigned methods (CAMs, saliency, guided backprop): the normalized map on ``jet``, opacity 0.5.
+Signed methods (Integrated Gradients): the raw attribution centred on ``bwr`` (red for the class, blue
+against, zero at the white middle), with an opacity proportional to ``|A|`` (full at the 99th percentile of ``|A|``, captum's ``outlier_perc``), so that the image
+shows through unchanged where the attribution is zero -- what ``pyattr explain`` draws.
+
     python docs/make_figures.py      # writes docs/builtin_methods.png
 """
 
@@ -48,8 +53,13 @@ def main() -> None:
     model = load_builtin()
 
     def overlay(name: str, x: torch.Tensor, image: np.ndarray, k: int) -> Image.Image:
-        maps = build_method(name, model, SHAPESNET_LAYER)(x, target=k).maps.numpy()
-        over = render.overlay(maps, image[None], alpha=0.5, cmap="jet")[0]
+        method = build_method(name, model, SHAPESNET_LAYER)
+        result = method(x, target=k)
+        if method.signed:
+            over = render.heatmap_overlay_signed(result.raw.numpy(), image[None], alpha=1.0, cmap="bwr",
+                                                  outlier_perc=1.0)[0]
+        else:
+            over = render.overlay(result.maps.numpy(), image[None], alpha=0.5, cmap="jet")[0]
         return Image.fromarray(over).resize((CELL, CELL), Image.NEAREST)
 
     class_grid(METHODS, overlay, Path(__file__).parent / "builtin_methods.png")

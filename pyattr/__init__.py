@@ -2,11 +2,20 @@
 
 Names are imported lazily, so that torch-free parts (``pyattr.render``, ``pyattr.colormaps``)
 load without torch.
+
+Running from a source checkout after ``pip install .``: the checkout's ``pyattr/`` has no compiled
+core (``pyattr._C`` is built into site-packages), so ``import pyattr._C`` falls back to the
+installed one (a finder placed after Python's own, used only when the checkout has none).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+from pathlib import Path
 from typing import Any
 
 __version__ = "0.1.0"
@@ -86,6 +95,40 @@ __all__ = [
     "sanity",
     "zoo",
 ]
+
+
+def _installed_core() -> Path | None:
+    """An installed ``pyattr/_C`` extension elsewhere on ``sys.path`` (site-packages), for a source tree
+    that has none of its own; None when this package has one or none is found."""
+    here = Path(__file__).resolve().parent
+    suffixes = importlib.machinery.EXTENSION_SUFFIXES
+    if any((here / f"_C{suffix}").is_file() for suffix in suffixes):
+        return None
+    for entry in sys.path:
+        folder = Path(entry or ".") / "pyattr"
+        try:
+            if folder.resolve() == here:
+                continue
+            for suffix in suffixes:
+                if (folder / f"_C{suffix}").is_file():
+                    return folder / f"_C{suffix}"
+        except OSError:
+            continue
+    return None
+
+
+class _InstalledCoreFinder(importlib.abc.MetaPathFinder):
+    """Finds ``pyattr._C`` in site-packages when the imported ``pyattr`` (a source checkout) lacks it."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "pyattr._C":
+            return None
+        core = _installed_core()
+        return importlib.util.spec_from_file_location(fullname, core) if core is not None else None
+
+
+if not any(isinstance(f, _InstalledCoreFinder) for f in sys.meta_path):
+    sys.meta_path.append(_InstalledCoreFinder())
 
 
 def __getattr__(name: str) -> Any:

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import signal
 import sys
+import tempfile
+import threading
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
-from ._files import terminate_cleanly
 from .errors import InputError, PyattrError
-from .runtime.cli import unique_stems
 
 SAMPLE_SEED = 30_000  # generated samples come from seeds never used to train the built-in model
 
@@ -22,22 +25,11 @@ def _warn_line(message, category, filename, lineno, file=None, line=None):
 
 
 def load_images(paths: list[str]) -> list[tuple[str, np.ndarray]]:
-    """Read every image first (RGB uint8); any bad file stops the run before anything is written."""
-    from PIL import Image, UnidentifiedImageError
+    """Read every image first (RGB uint8, :func:`pyattr.runtime.images.read_image`); any bad file stops
+    the run before anything is written."""
+    from .runtime.images import read_image
 
-    images = []
-    for p in paths:
-        path = Path(p)
-        if not path.exists():
-            raise InputError(f"no such file: {p}")
-        if not path.is_file():
-            raise InputError(f"not a file: {p}")
-        try:
-            with Image.open(path) as im:
-                images.append((path.stem, np.asarray(im.convert("RGB"))))
-        except (UnidentifiedImageError, OSError) as err:
-            raise InputError(f"{p} is not an image that Pillow can read ({type(err).__name__})") from err
-    return images
+    return [(Path(p).stem, read_image(p)) for p in paths]
 
 
 def method_options(name: str, bundle) -> dict:
@@ -51,19 +43,234 @@ def method_options(name: str, bundle) -> dict:
     return {}
 
 
+def _check_device(device: str) -> None:
+    """A torch device that exists here; else an InputError that says which do."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: no CUDA GPU is usable here (torch.cuda.is_available() is "
+                             "False); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices "
+                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+        return
+    if dev.type == "mps" and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return
+    raise InputError(f"--device {device}: not usable here; use --device cpu (or cuda on a machine with a GPU)")
+
+
+def resolve_target(target: str | None, bundle) -> int | None:
+    """``--target``: a class id or a class name (exact, then case-insensitive) of the model; None = top class."""
+    if target is None:
+        return None
+    names = bundle.class_names
+    text = target.strip()
+    if text.lstrip("-").isdigit():
+        k = int(text)
+        if names is not None and not 0 <= k < len(names):
+            raise InputError(f"--target {k} is out of range: the model has {len(names)} classes "
+                             f"(0..{len(names) - 1})")
+        if k < 0:
+            raise InputError(f"--target must be a class id >= 0 or a class name, got {k}")
+        return k
+    if not names:
+        raise InputError(f"--target {target!r}: this model has no class names; give a class id")
+    if text in names:
+        return names.index(text)
+    folded = [n.casefold() for n in names]
+    if text.casefold() in folded:
+        return folded.index(text.casefold())
+    raise InputError(f"--target: unknown class name {target!r}.{_did_you_mean(text, names)}")
+
+
+def _did_you_mean(word: str, choices) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.5)
+    if not close:
+        folded = {c.casefold(): c for c in choices}
+        close = [folded[c] for c in difflib.get_close_matches(word.casefold(), list(folded), n=3, cutoff=0.5)]
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _multi_pass_options(name: str, args: argparse.Namespace, batch: int) -> dict:
+    """Memory-bounded passes for the multi-pass methods: about ``--internal-batch`` model inputs per
+    forward/backward pass (Integrated Gradients' points, SmoothGrad's samples, Score-CAM's masks);
+    ``--steps`` for Integrated Gradients."""
+    import inspect
+
+    from .methods import METHODS
+
+    params = inspect.signature(METHODS[name].__init__).parameters
+    options = {}
+    if "chunk_size" in params:
+        options["chunk_size"] = max(1, args.internal_batch // max(1, batch))
+    if args.steps is not None:
+        if "steps" not in params:
+            raise InputError(f"--steps is an option of integratedgradients, not of {name}")
+        options["steps"] = args.steps
+    return options
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, MemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
+                                              or "cannot allocate memory" in text)
+
+
+def _memory_hint(name: str, args: argparse.Namespace) -> str:
+    hint = f"lower --batch-size (now {args.batch_size})"
+    if name in ("integratedgradients", "smoothgrad", "scorecam"):
+        hint += f" or --internal-batch (now {args.internal_batch}, model inputs per pass)"
+    if name == "integratedgradients":
+        hint += f", or --steps (now {args.steps or 'the default 32'})"
+    return hint
+
+
+class _Progress:
+    """A tqdm bar over images on stderr, shown from the first image, with the model's passes counted
+    through a forward pre-hook on the CLI's own model (removed on exit), so that multi-pass methods
+    (Score-CAM, Integrated Gradients, SmoothGrad) show progress within a batch."""
+
+    def __init__(self, model, total: int, desc: str, disable: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="image", disable=disable, file=sys.stderr,
+                        dynamic_ncols=True)
+        self.passes = 0
+        self.handle = None
+        if not disable:
+            try:
+                self.handle = model.register_forward_pre_hook(self._count)
+            except (AttributeError, RuntimeError, NotImplementedError):  # e.g. some TorchScript modules
+                self.handle = None
+
+    def _count(self, *_):
+        self.passes += 1
+        self.bar.set_postfix_str(f"model pass {self.passes}", refresh=True)
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+        self.bar.close()
+
+
+def prepare_out(out: Path) -> list[Path]:
+    """Check that ``out`` can be the output folder and create it; returns the folders created here
+    (innermost first), for :func:`_remove_created` when the run fails."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder; give a folder name")
+    created = []
+    folder = out
+    while not folder.exists() and folder != folder.parent:
+        created.append(folder)
+        folder = folder.parent
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        _remove_created(created)
+        raise InputError(f"cannot create the output folder {out} ({err.strerror or type(err).__name__})") from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".pyattr-probe-"):
+            pass
+    except OSError as err:
+        _remove_created(created)
+        raise InputError(f"cannot write to the output folder {out} ({err.strerror or type(err).__name__})") from None
+    return created
+
+
+STAGING_PREFIX = ".pyattr-staging-"
+
+
+def sweep_stale_staging(out: Path) -> list[Path]:
+    """Remove staging folders left in ``out`` by runs that were killed (SIGKILL, power loss): those whose
+    process id (in the name) no longer runs. Returns what was removed."""
+    removed = []
+    for folder in out.glob(f"{STAGING_PREFIX}*-*"):
+        pid_text = folder.name[len(STAGING_PREFIX):].split("-", 1)[0]
+        if not folder.is_dir() or not pid_text.isdigit() or _process_alive(int(pid_text)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, OverflowError):
+        return True
+    return True
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like Ctrl-C so that staging folders are removed."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
+def _remove_created(folders: list[Path]) -> None:
+    """Remove the folders a failed run created, innermost first, as long as they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def unique_stems(stems: list[str]) -> list[str]:
+    """One distinct name per image: repeated stems get ``_1``, ``_2``, ... skipping any name already
+    taken, so that ``a.png``, ``a.jpg``, ``a_1.png`` become ``a``, ``a_2``, ``a_1``."""
+    taken = set(stems)
+    seen: set[str] = set()
+    out = []
+    for s in stems:
+        name, n = s, 0
+        while name in seen or (n and name in taken):
+            n += 1
+            name = f"{s}_{n}"
+        seen.add(name)
+        out.append(name)
+    return out
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
     from . import render
-    from .figures import overlay_image, save_png_atomic, side_by_side
+    from .figures import overlay_image, save_png_atomic, side_by_side, signed_overlay_image
     from .methods import build_method, needs_layer
     from .models import load_model
     from .postprocess import resize_bilinear
 
+    # 1. every input checked before anything is written
+    _check_device(args.device)
     images = load_images(args.images) if args.images else []
     if not images and args.model != "builtin":
         raise InputError("give image files to explain (only the built-in model can generate its own samples)")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder; give a folder name")
     bundle = load_model(args.model, args.device, args.size)
     truth = None
     if not images:
@@ -72,53 +279,82 @@ def cmd_explain(args: argparse.Namespace) -> int:
         batch = generate(args.samples, seed=SAMPLE_SEED)
         images = [(f"sample_{i:02d}", batch.images[i]) for i in range(args.samples)]
         truth = batch.labels
-
+    target = resolve_target(args.target, bundle)
     layer = args.layer or (bundle.default_layer if needs_layer(args.method) else None)
-    method = build_method(args.method, bundle.model, layer, **method_options(args.method, bundle))
-    n_classes = len(bundle.class_names) if bundle.class_names else None
-    if args.target is not None and n_classes is not None and not 0 <= args.target < n_classes:
-        raise InputError(f"--target {args.target} is out of range: the model has {n_classes} classes (0..{n_classes - 1})")
-
-    cmap = args.cmap or ("seismic" if method.signed else "jet")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    batch_size = min(args.batch_size, len(images))
+    options = {**method_options(args.method, bundle), **_multi_pass_options(args.method, args, batch_size)}
+    method = build_method(args.method, bundle.model, layer, **options)
+    signed = bool(method.signed)
+    cmap = args.cmap or ("bwr" if signed else "jet")
+    alpha = args.alpha if args.alpha is not None else (1.0 if signed else 0.5)
     stems = unique_stems([s for s, _ in images])
-    h, w = bundle.input_size
-    from tqdm import tqdm
+    names = [f"{stem}_{args.method}_{kind}.png" for stem in stems for kind in ("overlay", "figure")]
+    for name in names:
+        if (out / name).is_dir():
+            raise InputError(f"cannot write {out / name}: a folder of that name is in the way")
 
-    batches = range(0, len(images), args.batch_size)
-    bar = tqdm(batches, desc=f"{args.method}", unit="batch", disable=len(batches) < 3 or args.quiet,
-               file=sys.stderr)
-    written = []
-    for start in bar:
-        chunk = images[start:start + args.batch_size]
-        resized = np.stack([np.asarray(Image.fromarray(a).resize((w, h), Image.BILINEAR)) for _, a in chunk])
-        x = torch.from_numpy(resized).to(args.device).permute(0, 3, 1, 2).float() / 255
-        result = method(bundle.normalize(x), target=args.target)
-        probs = bundle.probabilities(result.scores)
-        for j, (_, original) in enumerate(chunk):
-            i = start + j
-            pred = int(result.scores[j].argmax())
-            explained = int(result.target[j])
-            if method.signed:  # relevance: 0 at the middle of a diverging colormap, +-max|R| at its ends
-                unit = torch.from_numpy(render.normalize(result.raw[j:j + 1].cpu().numpy(), sign="centered"))
-            else:
-                unit = result.maps[j:j + 1]
-            heat = resize_bilinear(unit, original.shape[:2])[0].clamp(0, 1).cpu().numpy()
-            over = overlay_image(original, heat, alpha=args.alpha, cmap=cmap)
-            title = (f"{args.method}: explains {bundle.class_name(explained)} | predicted "
-                     f"{bundle.class_name(pred)} ({float(probs[j, pred]):.2f})")
-            base = out / f"{stems[i]}_{args.method}"
-            save_png_atomic(over, f"{base}_overlay.png")
-            save_png_atomic(side_by_side(original, heat, over, title, cmap=cmap), f"{base}_figure.png")
-            written.append(f"{base}_figure.png")
-            line = f"{stems[i]}: {title} -> {base}_figure.png"
-            if truth is not None:
-                present = [bundle.class_name(k) for k in np.flatnonzero(truth[i])]
-                line += f"  [contains: {', '.join(present)}]"
-            if not args.quiet:
-                tqdm.write(line, file=sys.stdout)
-    print(f"wrote {2 * len(written)} files to {out}/")
+    # 2. the work, written to a staging folder inside --out; published only when every image is done
+    created = prepare_out(out)
+    sweep_stale_staging(out)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=out))
+    h, w = bundle.input_size
+    lines = []
+    progress = _Progress(bundle.model, len(images), args.method, disable=args.quiet)
+    published = False
+    try:
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            resized = np.stack([np.asarray(Image.fromarray(a).resize((w, h), Image.BILINEAR)) for _, a in chunk])
+            x = torch.from_numpy(resized).to(args.device).permute(0, 3, 1, 2).float() / 255
+            try:
+                result = method(bundle.normalize(x), target=target)
+            except (MemoryError, RuntimeError) as err:
+                if _is_out_of_memory(err):
+                    raise InputError(f"out of memory running {args.method} on {len(chunk)} images of "
+                                     f"{h}x{w}: {_memory_hint(args.method, args)}") from None
+                raise
+            logits = result.scores.detach().float().cpu()
+            probs = torch.softmax(logits, 1)
+            for j, (_, original) in enumerate(chunk):
+                i = start + j
+                pred = int(logits[j].argmax())
+                explained = int(result.target[j])
+                if signed:  # evidence for (+) and against (-): 0 at the middle of a diverging colormap
+                    unit = torch.from_numpy(render.normalize(result.raw[j:j + 1].cpu().numpy(), sign="centered"))
+                else:
+                    unit = result.maps[j:j + 1]
+                heat = resize_bilinear(unit.cpu(), original.shape[:2])[0].clamp(0, 1).numpy()
+                if signed:
+                    over = signed_overlay_image(original, heat, alpha=alpha, cmap=cmap)
+                else:
+                    over = overlay_image(original, heat, alpha=alpha, cmap=cmap)
+                score, probability = float(logits[j, explained]), float(probs[j, explained])
+                title = (f"{args.method}: explains {bundle.class_name(explained)} (score {score:.2f}, "
+                         f"probability {probability:.2f}) | predicted {bundle.class_name(pred)}")
+                base = f"{stems[i]}_{args.method}"
+                save_png_atomic(over, staging / f"{base}_overlay.png")
+                save_png_atomic(side_by_side(original, heat, over, title, cmap=cmap), staging / f"{base}_figure.png")
+                line = f"{stems[i]}: {title} -> {out / base}_figure.png"
+                if truth is not None:
+                    present = [bundle.class_name(k) for k in np.flatnonzero(truth[i])]
+                    line += f"  [contains: {', '.join(present)}]"
+                lines.append(line)
+            progress.update(len(chunk))
+        progress.close()
+        for name in names:
+            os.replace(staging / name, out / name)
+        published = True
+    except OSError as err:
+        raise InputError(f"cannot write to {out}: {err.strerror or err}") from None
+    finally:
+        progress.close()
+        shutil.rmtree(staging, ignore_errors=True)
+        if not published:
+            _remove_created(created)
+    if not args.quiet:
+        for line in lines:
+            print(line)
+    print(f"wrote {len(names)} files to {out}/", flush=True)
     return 0
 
 
@@ -132,22 +368,94 @@ def cmd_export(args: argparse.Namespace) -> int:
     path = Path(args.output)
     if args.format is None and path.suffix not in FORMATS:
         raise InputError(f"name the output .onnx, .pt or .pt2 (or pass --format), got {path.name!r}")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; give the file to write, e.g. {path / ('graph' + (path.suffix or '.onnx'))}")
+    parent = path.parent
+    if not parent.is_dir():
+        raise InputError(f"cannot write {path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {path}: the folder {parent} is not writable")
+    _check_device(args.device)
     bundle = load_model(args.model, args.device, args.size)
     layer = args.layer or (bundle.default_layer if needs_layer(args.method) else None)
     method = build_method(args.method, bundle.model, layer, **method_options(args.method, bundle))
     h, w = bundle.input_size
     example = bundle.normalize(torch.rand(1, 3, h, w, device=args.device))
-    export(method, example, path, format=args.format, class_names=bundle.class_names,
-           preprocessing=bundle.preprocessing(), metadata={"model": bundle.name})
+    try:
+        export(method, example, path, format=args.format, class_names=bundle.class_names,
+               preprocessing=bundle.preprocessing(), metadata={"model": bundle.name})
+    except OSError as err:
+        raise InputError(f"cannot write {path}: {err.strerror or err}") from None
     print(f"wrote {path} ({args.method}{' on ' + layer if layer else ''}, model {bundle.name}, input 3x{h}x{w}, "
           "dynamic batch)")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+MAX_SIZE = 4096
+"""Largest ``--size`` (pixels per side): a 4096 x 4096 input already takes minutes and gigabytes."""
+MAX_INTERNAL_BATCH = 4096
+
+
+class UsageError(Exception):
+    """A command-line mistake found by argparse (printed as one ``pyattr: error:`` line)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``pyattr: error: <message>`` and exit code 2, never a usage dump."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(message)
+
+
+def _method_name(value: str) -> str:
     from .methods import METHODS
 
-    parser = argparse.ArgumentParser(
+    if value in METHODS:
+        return value
+    folded = {k.replace("_", "").replace("-", ""): k for k in METHODS}
+    key = value.lower().replace("_", "").replace("-", "").replace(" ", "")
+    if key in folded:
+        return folded[key]
+    raise argparse.ArgumentTypeError(f"unknown method {value!r}.{_did_you_mean(value, METHODS)} "
+                                     f"Methods: {', '.join(sorted(METHODS))}")
+
+
+def _int_in(name: str, low: int, high: int | None = None):
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {value!r}") from None
+        if n < low or (high is not None and n > high):
+            bound = f"in [{low}, {high}]" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{name} must be {bound}, got {n}")
+        return n
+    return parse
+
+
+def _float_in(name: str, low: float, high: float):
+    def parse(value: str) -> float:
+        try:
+            x = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {value!r}") from None
+        if not low <= x <= high:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{name} must be in [{low:g}, {high:g}], got {value}")
+        return x
+    return parse
+
+
+def _cmap_name(value: str) -> str:
+    from .colormaps import COLORMAPS
+
+    if value in COLORMAPS:
+        return value
+    raise argparse.ArgumentTypeError(f"unknown colormap {value!r}.{_did_you_mean(value, COLORMAPS)} "
+                                     f"Colormaps: {', '.join(COLORMAPS)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
         prog="pyattr",
         description="Explain the decisions of PyTorch vision models, and export each explanation as one graph.",
         epilog="Examples:\n  pyattr explain                       # generated samples, built-in model\n"
@@ -160,26 +468,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", default="builtin",
-                       help="builtin (default) | torchvision:NAME[:WEIGHTS.pth] | FILE.pt (TorchScript)")
-        p.add_argument("--method", default="gradcam", choices=sorted(METHODS), help="attribution method (default gradcam)")
+                       help="builtin (default) | torchvision:NAME[:WEIGHTS.pth] | FILE.pt (TorchScript, trusted "
+                            "files only: loading one runs its code)")
+        p.add_argument("--method", default="gradcam", type=_method_name, metavar="METHOD",
+                       help="attribution method (default gradcam); `pyattr.METHODS` lists them: gradcam, "
+                            "scorecam, saliency, integratedgradients, lrp_epsilon_plus, ...")
         p.add_argument("--layer", help="layer for CAM methods, as in model.named_modules() (default: the model's last "
                                        "spatial layer)")
-        p.add_argument("--size", type=int, help="input size the images are resized to (default: the model's)")
-        p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+        p.add_argument("--size", type=_int_in("--size", 8, MAX_SIZE),
+                       help=f"input size the images are resized to, 8..{MAX_SIZE} (default: the model's)")
+        p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N")
 
     ex = sub.add_parser("explain", help="write heatmap overlays and figures for images",
                         description="Explain images: per image, an overlay PNG and a figure "
                                     "(image | heatmap | overlay). With no images, explains generated samples "
-                                    "with the built-in model.")
+                                    "with the built-in model. Signed methods (Integrated Gradients, "
+                                    "Input x Gradient, LRP) are drawn centred on a diverging colormap: red for, "
+                                    "blue against the class, the photo unchanged where the attribution is 0.")
     ex.add_argument("images", nargs="*", help="image files (PNG, JPEG, ...)")
     model_options(ex)
-    ex.add_argument("--target", type=int, help="class to explain (default: each image's top class)")
+    ex.add_argument("--target", help="class to explain, id or name (default: each image's top class)")
     ex.add_argument("--out", default="pyattr_out", help="output folder (default pyattr_out)")
-    ex.add_argument("--samples", type=int, default=6, help="generated samples when no image is given (default 6)")
-    ex.add_argument("--batch-size", type=int, default=16)
-    ex.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in the overlay (default 0.5)")
-    ex.add_argument("--cmap", help="colormap (default jet; for LRP's signed relevance seismic, white at zero)")
-    ex.add_argument("--quiet", action="store_true", help="print only the summary line")
+    ex.add_argument("--samples", type=_int_in("--samples", 1, 10_000), default=6,
+                    help="generated samples when no image is given (default 6)")
+    ex.add_argument("--batch-size", type=_int_in("--batch-size", 1, 4096), default=16,
+                    help="images per call of the method (default 16)")
+    ex.add_argument("--steps", type=_int_in("--steps", 1, 100_000),
+                    help="integration steps of integratedgradients (default 32)")
+    ex.add_argument("--internal-batch", type=_int_in("--internal-batch", 1, MAX_INTERNAL_BATCH), default=16,
+                    help="model inputs per forward/backward pass of the multi-pass methods (Integrated Gradients' "
+                         "steps, SmoothGrad's samples, Score-CAM's masks), which bounds their memory (default 16)")
+    ex.add_argument("--alpha", type=_float_in("--alpha", 0.0, 1.0),
+                    help="heatmap opacity in the overlay (default 0.5; for signed methods the opacity at the "
+                         "largest |attribution|, fading to 0 at zero, default 1)")
+    ex.add_argument("--cmap", type=_cmap_name,
+                    help="colormap (default jet; bwr for signed methods, white at zero)")
+    ex.add_argument("--quiet", action="store_true", help="print only the summary line, no progress bar")
     ex.set_defaults(func=cmd_explain)
 
     xp = sub.add_parser("export", help="export a method + model as one graph (.onnx, .pt, .pt2)",
@@ -196,45 +520,72 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    if getattr(args, "batch_size", 1) < 1:
-        raise InputError("--batch-size must be at least 1")
-    if getattr(args, "samples", 1) < 1:
-        raise InputError("--samples must be at least 1")
-    if not 0.0 <= getattr(args, "alpha", 0.5) <= 1.0:
-        raise InputError("--alpha must be in [0, 1]")
-    if getattr(args, "size", None) is not None and args.size < 8:
-        raise InputError("--size must be at least 8")
-    cmap = getattr(args, "cmap", None)
-    if cmap is not None:
-        from .colormaps import COLORMAPS
+def _error(message: str) -> int:
+    text = " ".join(str(message).split()) or "failed"
+    try:
+        print(f"pyattr: error: {text}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+    return 2
 
-        if cmap not in COLORMAPS:
-            raise InputError(f"unknown colormap {cmap!r}; available: {', '.join(COLORMAPS)}")
+
+def _silence_stdout() -> None:
+    """After a broken pipe on stdout: point it at /dev/null so that Python's exit flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``pyattr`` command; returns the exit code (0, 2 on any error, 130 on Ctrl-C). Every error is
+    one line ``pyattr: error: <message>`` on stderr."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["run"]:  # before build_parser, which imports torch: `pyattr run` stays torch-free
-        from .runtime.cli import main as run_main
-
-        return run_main(argv[1:], prog="pyattr run")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    warnings.showwarning = _warn_line
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        _check_args(args)
-        with terminate_cleanly():  # SIGTERM -> Terminated (a PyattrError): temp files removed in finally
-            return args.func(args)
+        if argv[:1] == ["run"]:  # before build_parser, which imports torch: `pyattr run` stays torch-free
+            from .runtime.cli import main as run_main
+
+            return run_main(argv[1:], prog="pyattr run")
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        warnings.showwarning = _warn_line
+        return args.func(args)
+    except UsageError as err:
+        command = f" {argv[0]}" if argv[:1] in (["explain"], ["export"]) else ""
+        return _error(f"{err} (see pyattr{command} --help)")
     except PyattrError as err:
-        print(f"pyattr: error: {err}", file=sys.stderr)
-        return 2
+        return _error(str(err))
+    except BrokenPipeError:
+        _silence_stdout()
+        return _error("stdout was closed before pyattr finished writing to it (broken pipe)")
     except KeyboardInterrupt:
-        print("pyattr: interrupted", file=sys.stderr)
+        try:
+            print("pyattr: interrupted", file=sys.stderr)
+        except OSError:
+            pass
         return 130
+    except Terminated:
+        try:
+            print("pyattr: terminated", file=sys.stderr)
+        except OSError:
+            pass
+        return 143
+    except Exception as err:  # last resort: one line, never a traceback
+        if os.environ.get("PYATTR_TRACEBACK"):
+            raise
+        return _error(f"unexpected {type(err).__name__}: {err} (set PYATTR_TRACEBACK=1 to see where; "
+                      "please report it)")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

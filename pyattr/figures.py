@@ -24,6 +24,14 @@ def overlay_image(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5, cm
     return render.overlay(heatmap[None], image[None], alpha=alpha, cmap=cmap)[0]
 
 
+def signed_overlay_image(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.5,
+                         cmap: str = "bwr") -> np.ndarray:
+    """(H, W, 3) uint8 image + (H, W) centred signed map in [0, 1] (0.5 = zero) -> (H, W, 3) uint8 overlay
+    whose opacity grows with ``|value|`` (:func:`pyattr.render.overlay_signed`): the photo shows through
+    where the attribution is 0."""
+    return render.overlay_signed(heatmap[None], image[None], alpha=alpha, cmap=cmap)[0]
+
+
 def side_by_side(image: np.ndarray, heatmap: np.ndarray, overlay: np.ndarray, title: str,
                  cmap: str = "jet", panel: int = 256) -> Image.Image:
     """A figure: image | heatmap | overlay, each ``panel`` pixels high, with a title line."""

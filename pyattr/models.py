@@ -149,13 +149,36 @@ def load_state_dict_file(model: nn.Module, path: str) -> None:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise InputError(f"{path} does not hold a state_dict (a dict of tensors)")
+    problems = weights_mismatch(model, state)
+    if problems:
+        raise InputError(f"the weights in {path} do not fit the model: {problems}")
     try:
-        result = model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:  # anything weights_mismatch did not foresee
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        detail = "; ".join(lines[1:4]) if len(lines) > 1 else lines[0]
-        raise InputError(f"the weights in {path} do not fit the model: {detail[:400]}") from err
-    del result
+        raise InputError(f"the weights in {path} do not fit the model: {'; '.join(lines[1:4]) or lines[0]}") from err
+
+
+def weights_mismatch(model: nn.Module, state: dict) -> str:
+    """A summary of how ``state`` fails to fit ``model`` ("" when it fits): counts and the first few
+    missing keys, unexpected keys and shape mismatches, each name whole."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})" for k in expected
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(expected[k].shape)]
+    parts = []
+    for one, many, names in (("missing key", "missing keys", missing), ("unexpected key", "unexpected keys", unexpected),
+                             ("shape mismatch", "shape mismatches", shapes)):
+        if names:
+            shown = ", ".join(names[:3]) + (f", ... ({len(names) - 3} more)" if len(names) > 3 else "")
+            parts.append(f"{len(names)} {one if len(names) == 1 else many}: {shown}")
+    if not parts:
+        return ""
+    hint = ""
+    if unexpected and all(k.startswith("module.") for k in unexpected):
+        hint = " (the keys start with 'module.': saved from DataParallel; strip that prefix)"
+    return "; ".join(parts) + hint + f". The model has {len(expected)} entries, the file {len(state)}."
 
 
 def load_builtin_bundle(device: str = "cpu") -> ModelBundle:
@@ -167,6 +190,22 @@ def load_builtin_bundle(device: str = "cpu") -> ModelBundle:
         raise InputError(str(err)) from err
     return ModelBundle(model, "builtin", (64, 64), class_names=list(SHAPE_CLASSES),
                        default_layer=SHAPESNET_LAYER, multilabel=True)
+
+
+def check_image_model(bundle: ModelBundle, spec: str, size: int | None, device: str) -> None:
+    """A model named on the command line must map (1, 3, H, W) images to (1, K) scores."""
+    h, w = (size, size) if size is not None else bundle.input_size
+    try:
+        with torch.no_grad():
+            out = bundle.model(torch.zeros(1, 3, h, w, device=device))
+    except Exception as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        detail = lines[-1][:300] if lines else type(err).__name__
+        raise InputError(f"{spec} is not an image classifier: it fails on a (1, 3, {h}, {w}) image ({detail})") from err
+    if not (isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == 1):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise InputError(f"{spec} is not an image classifier: a (1, 3, {h}, {w}) image gives {shape}, "
+                         "not (1, K) class scores")
 
 
 def load_model(spec: str, device: str = "cpu", size: int | None = None) -> ModelBundle:
@@ -189,6 +228,7 @@ def load_model(spec: str, device: str = "cpu", size: int | None = None) -> Model
         except Exception as err:
             raise InputError(f"{spec} is not a TorchScript model file (save one with torch.jit.save)") from err
         bundle = ModelBundle(model.eval(), str(path), (224, 224))
+        check_image_model(bundle, spec, size, device)
     if size is not None:
         bundle.input_size = (size, size)
     return bundle

@@ -15,7 +15,10 @@ Functions:
   :func:`pyattr.postprocess.normalize_minmax`;
 * :func:`colorize`, :func:`overlay` -- maps already in ``[0, 1]`` -> LUT colors / alpha blend;
 * :func:`heatmap`, :func:`heatmap_overlay` -- the fused path, raw maps of any size ->
-  resize -> normalize -> colorize (-> overlay) in one C++ pass, equal to the steps run one by one.
+  resize -> normalize -> colorize (-> overlay) in one C++ pass, equal to the steps run one by one;
+* :func:`overlay_signed`, :func:`heatmap_overlay_signed` -- signed maps (evidence for and against)
+  on a diverging colormap with an opacity that grows with ``|value|``: the image shows through
+  unchanged where the map is 0 (a plain overlay of a white-at-zero colormap bleaches it).
 
 Conventions, shared by both backends:
 
@@ -45,7 +48,7 @@ from pyattr import colormaps
 
 __all__ = [
     "HAVE_C", "SIGNS", "ExtensionMissingWarning", "backend", "colorize", "heatmap", "heatmap_overlay",
-    "normalize", "overlay", "resize",
+    "heatmap_overlay_signed", "normalize", "overlay", "overlay_signed", "resize",
 ]
 
 Backend = Literal["auto", "C++", "numpy"]
@@ -181,6 +184,89 @@ def overlay(
     else:
         out, nan = _overlay_numpy(batch.astype(np.float32, copy=False), image_batch, alpha, lut)
     _raise_on_nan(nan)
+    return out[0] if maps.ndim == 2 else out
+
+
+def overlay_signed(
+    maps: Any,
+    images: Any,
+    alpha: float = 0.5,
+    cmap: str = "bwr",
+    num_threads: int = 0,
+    *,
+    backend: Backend = "auto",
+) -> np.ndarray:
+    """Overlay centred signed maps (0.5 = zero, as :func:`normalize` with ``sign="centered"`` makes
+    them) with an opacity proportional to the magnitude.
+
+    Per pixel, in float32: ``a = alpha * |2 * clip(m, 0, 1) - 1|``, then per channel
+    ``out = uint8(floor((1 - a) * image + a * colorize(m) + 0.5))``. So a zero attribution (``m = 0.5``)
+    leaves the pixel exactly as it was, and ``m = 0`` or ``1`` (the largest ``|value|``) blends the
+    colormap's end with weight ``alpha``. The colors come from :func:`colorize` (C++ or NumPy, equal);
+    the blend is NumPy, the same for both backends.
+
+    Args:
+        maps: ``(N, H, W)`` or ``(H, W)`` values in ``[0, 1]``, 0.5 meaning zero; NaN raises.
+        images: uint8 RGB, ``(N, H, W, 3)`` or ``(H, W, 3)``, the same ``(N, H, W)`` as the maps.
+        alpha: opacity at the largest magnitude, in ``[0, 1]``.
+        cmap: a colormap, normally a diverging one (``"bwr"``, ``"seismic"``).
+        num_threads, backend: as in :func:`colorize`.
+
+    Returns:
+        uint8 RGB array shaped like ``images``.
+
+    Example:
+        >>> import numpy as np
+        >>> from pyattr.render import overlay_signed
+        >>> image = np.full((1, 3, 3), 100, np.uint8)
+        >>> overlay_signed(np.array([[0.0, 0.5, 1.0]]), image, alpha=1.0, cmap="bwr").tolist()
+        [[[0, 0, 255], [100, 100, 100], [255, 0, 0]]]
+    """
+    maps = _as_maps(maps)
+    images = _as_images(images, maps)
+    if images.shape[:-1] != maps.shape:
+        raise ValueError(f"maps and images must agree in (N, H, W): maps {maps.shape}, images {images.shape}")
+    alpha = _check_alpha(alpha)
+    colors = colorize(maps, cmap, num_threads, backend=backend)  # validates cmap and threads, raises on NaN
+    m = maps.astype(np.float32)
+    m = np.where(m > np.float32(0), m, np.float32(0))
+    m = np.where(m < np.float32(1), m, np.float32(1))
+    a = (np.float32(alpha) * np.abs(np.float32(2) * m - np.float32(1)))[..., None]
+    blended = images.astype(np.float32) * (np.float32(1) - a) + colors.astype(np.float32) * a
+    blended += np.float32(0.5)
+    return np.floor(blended).astype(np.uint8)
+
+
+def heatmap_overlay_signed(
+    maps: Any,
+    images: Any,
+    alpha: float = 0.5,
+    cmap: str = "bwr",
+    *,
+    outlier_perc: float = 0.0,
+    align_corners: bool = False,
+    num_threads: int = 0,
+    backend: Backend = "auto",
+) -> np.ndarray:
+    """Raw signed maps of any size -> overlays on the images: :func:`resize` to the images' size ->
+    :func:`normalize` with ``sign="centered"`` (0 -> 0.5, ``+-max|value|`` -> 1 / 0) ->
+    :func:`overlay_signed`.
+
+    Example:
+        >>> import numpy as np
+        >>> from pyattr.render import heatmap_overlay_signed
+        >>> image = np.full((1, 3, 3), 100, np.uint8)
+        >>> heatmap_overlay_signed(np.array([[-2.0, 0.0, 2.0]]), image, alpha=1.0)[0, 1].tolist()
+        [100, 100, 100]
+    """
+    maps = _as_maps(maps)
+    images = _as_images(images, maps)
+    batch, image_batch = (maps[None], images[None]) if maps.ndim == 2 else (maps, images)
+    if len(image_batch) != len(batch):
+        raise ValueError(f"maps and images must have the same batch size: maps {maps.shape}, images {images.shape}")
+    resized = resize(batch, image_batch.shape[1:3], align_corners, num_threads, backend=backend)
+    unit = normalize(resized, "centered", outlier_perc, None, num_threads, backend=backend)
+    out = overlay_signed(unit, image_batch, alpha, cmap, num_threads, backend=backend)
     return out[0] if maps.ndim == 2 else out
 
 

@@ -769,3 +769,44 @@ def test_gil_is_released(C):
         time.sleep(0.0005)
     worker.join()
     assert ticks >= 10, ticks
+
+
+# --- signed overlays: opacity proportional to |value| on a diverging colormap ---
+
+
+@settings(max_examples=40, deadline=None)
+@given(maps=hnp.arrays(np.float32, st.tuples(st.integers(1, 3), st.integers(1, 9), st.integers(1, 9)),
+                       elements=st.floats(-0.5, 1.5, width=32)),
+       alpha=st.floats(0, 1), cmap=st.sampled_from(["bwr", "seismic", "jet"]), seed=st.integers(0, 2**16))
+def test_overlay_signed_cpp_equals_numpy_and_formula(C, maps, alpha, cmap, seed):
+    images = np.random.default_rng(seed).integers(0, 256, (*maps.shape, 3), dtype=np.uint8)
+    cpp, numpy = both(render.overlay_signed, maps, images, alpha, cmap)
+    np.testing.assert_array_equal(cpp, numpy)
+    m = np.clip(maps.astype(np.float64), 0, 1)
+    a = (alpha * np.abs(2 * m - 1))[..., None]
+    colors = render.colorize(maps, cmap, backend="numpy").astype(np.float64)
+    assert np.abs(numpy - ((1 - a) * images + a * colors)).max() <= 1.0
+
+
+@pytest.mark.parametrize("backend", ["C++", "numpy"])
+def test_overlay_signed_zero_keeps_the_image_and_extremes_blend_alpha(C, backend):
+    images = np.array([[[10, 200, 30], [10, 200, 30], [10, 200, 30]]], np.uint8)[None]
+    out = render.overlay_signed(np.array([[[0.0, 0.5, 1.0]]]), images, alpha=0.5, cmap="bwr", backend=backend)
+    assert out[0, 0, 1].tolist() == [10, 200, 30]  # zero: the photo, not bleached white
+    assert out[0, 0, 0].tolist() == [5, 100, 143]  # 0.5 * (10, 200, 30) + 0.5 * blue (0, 0, 255), rounded
+    assert out[0, 0, 2].tolist() == [133, 100, 15]  # ... + 0.5 * red (255, 0, 0)
+    plain = render.overlay(np.array([[[0.5]]]), images[:, :, :1], alpha=0.5, cmap="bwr", backend=backend)
+    assert plain[0, 0, 0].tolist() == [133, 227, 142]  # a plain overlay: half-way to bwr[128] = (255, 254, 254)
+
+
+@pytest.mark.parametrize("backend", ["C++", "numpy"])
+def test_heatmap_overlay_signed_is_the_steps(C, backend):
+    rng = np.random.default_rng(4)
+    raw = rng.normal(size=(2, 4, 5)).astype(np.float32)
+    images = rng.integers(0, 256, (2, 9, 7, 3), dtype=np.uint8)
+    fused = render.heatmap_overlay_signed(raw, images, 0.7, outlier_perc=1.0, backend=backend)
+    unit = render.normalize(render.resize(raw, (9, 7), backend=backend), sign="centered", outlier_perc=1.0,
+                            backend=backend)
+    np.testing.assert_array_equal(fused, render.overlay_signed(unit, images, 0.7, backend=backend))
+    with pytest.raises(ValueError, match="NaN"):
+        render.overlay_signed(np.full((1, 1), np.nan), np.zeros((1, 1, 3), np.uint8), backend=backend)

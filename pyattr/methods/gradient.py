@@ -97,6 +97,15 @@ class GradientMethod(AttributionMethod):
         self.absolute = self.default_absolute(reduction) if absolute is None else bool(absolute)
         self._constants: dict[tuple, torch.Tensor] = {}
 
+    signed_evidence: ClassVar[bool] = False
+    """Whether the element-wise attribution is signed evidence (Input x Gradient, Integrated Gradients)."""
+
+    @property
+    def signed(self) -> bool:  # type: ignore[override]
+        """Signed map, drawn centred on a diverging colormap (see ``AttributionMethod.signed``): for methods
+        with signed evidence, unless ``|A|`` is taken or the channel reduction drops the sign."""
+        return self.signed_evidence and not self.absolute and self.reduction in ("sum", "mean", "none")
+
     def default_absolute(self, reduction: str) -> bool:
         """Whether ``|A|`` is taken when ``absolute`` is not given."""
         return False
@@ -233,6 +242,7 @@ class InputXGradient(GradientMethod):
     """
 
     name = "inputxgradient"
+    signed_evidence = True
     default_reduction = "sum"
 
     def __init__(self, model: nn.Module, reduction: str = "sum", absolute: bool | None = None, *,
@@ -484,6 +494,7 @@ class IntegratedGradients(GradientMethod):
     """
 
     name = "integratedgradients"
+    signed_evidence = True
     default_reduction = "sum"
 
     def __init__(self, model: nn.Module, baseline: str | torch.Tensor = "zeros", steps: int = 32,

@@ -34,7 +34,6 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ import numpy as np
 
 from pyattr import render
 from pyattr.errors import InputError
+from pyattr.runtime.images import MAX_IMAGE_PIXELS, ImageLike, load_image
 
 from .metadata import parse_metadata, validate_metadata
 
@@ -61,10 +61,7 @@ METADATA_KEY = "pyattr"
 IMAGE_INPUT, TARGET_INPUT = "images", "target"
 OUTPUTS = ("scores", "explained_class", "raw", "maps")
 
-ImageLike = Any  # a path, a PIL image, or an (H, W, 3) / (H, W) uint8 array
-
 # Limits on what a caller or a file can make the runtime allocate (see SECURITY.md).
-MAX_IMAGE_PIXELS = 89_478_485  # W * H of one image (Pillow's default limit), checked from its header
 MAX_BATCH = 4096  # images per graph run (the export's dynamic batch goes to 4096)
 MAX_CLASSES_SHOWN = 5  # close class names suggested for an unknown --target
 
@@ -163,39 +160,6 @@ def check_num_threads(num_threads: Any) -> int:
         raise InputError(f"num_threads must be from 0 (all cores) to {limit} (the CPUs this process may use), "
                          f"got {n}")
     return n
-
-
-def load_image(image: ImageLike) -> np.ndarray:
-    """An image as RGB uint8 (H, W, 3): a file path, a PIL image, or a uint8 array (H, W, 3) / (H, W)."""
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise InputError(f"no such image file: {image}")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked here instead
-                with Image.open(path) as im:
-                    check_image_size(im.size, str(image))  # from the header, before decoding
-                    return np.asarray(im.convert("RGB"))
-        except InputError:
-            raise
-        except Image.DecompressionBombError as err:
-            raise InputError(f"{image}: {err} -- over the limit (a decompression bomb?)") from err
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-            raise InputError(f"{image} is not an image that Pillow can read ({type(err).__name__})") from err
-    if isinstance(image, Image.Image):
-        check_image_size(image.size, "the image")
-        return np.asarray(image.convert("RGB"))
-    array = np.asarray(image)
-    if array.dtype != np.uint8:
-        raise InputError(f"image arrays must be uint8 RGB, got dtype {array.dtype}")
-    if array.ndim == 2:
-        return np.repeat(array[..., None], 3, axis=-1)
-    if array.ndim != 3 or array.shape[-1] != 3:
-        raise InputError(f"image arrays must have shape (H, W, 3) or (H, W), got {array.shape}")
-    return array
 
 
 def check_image_size(size: tuple[int, int], name: str) -> None:

@@ -1,0 +1,174 @@
+"""Image decoding shared by ``pyattr explain`` and the torch-free runtime (``pyattr run``).
+
+One function turns a file, a PIL image or an array into RGB uint8 ``(H, W, 3)``, the same way for
+both command lines. Torch-free: NumPy and Pillow only.
+
+* the size in the file's header is checked before any pixel is decoded: more than
+  :data:`MAX_IMAGE_PIXELS` pixels (Pillow's own warning threshold, about 89 million) is refused as a
+  possible decompression bomb; Pillow's ``DecompressionBombError`` / ``DecompressionBombWarning``
+  become the same :class:`~pyattr.errors.InputError`;
+* the EXIF orientation is applied (a portrait phone photo comes out upright);
+* every mode is converted by its meaning, not by Pillow's clipping ``convert("RGB")``:
+
+  - 16-bit grey (``I;16``, ``I;16B``, ``I;16L``, ``I;16N``) is scaled ``round(v * 255 / 65535)``;
+  - 32-bit integer grey (``I``) is read as 16-bit when its values lie in ``[0, 65535]`` (how Pillow
+    opens many 16-bit PNGs and TIFFs), otherwise scaled linearly from its min..max;
+  - float grey (``F``) is read as intensities in ``[0, 1]`` when its values lie there, otherwise
+    scaled from its min..max; NaN or infinities are refused;
+  - modes with transparency (``RGBA``, ``LA``, ``PA``, ``RGBa``, ``La``, palette or grey images with a
+    ``transparency`` entry) are composited over white;
+  - ``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ``RGBX`` ... by Pillow's conversion to RGB;
+* animated files (GIF, APNG, multi-page TIFF): the first frame;
+* every failure is an :class:`~pyattr.errors.InputError` that names the file.
+
+Example:
+    >>> import numpy as np
+    >>> from PIL import Image
+    >>> from pyattr.runtime.images import load_image
+    >>> grey16 = Image.fromarray(np.array([[0, 65535]], dtype=np.uint16))
+    >>> load_image(grey16)[0].tolist()
+    [[0, 0, 0], [255, 255, 255]]
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pyattr.errors import InputError
+
+__all__ = ["MAX_IMAGE_PIXELS", "ImageLike", "load_image", "read_image", "to_rgb"]
+
+MAX_IMAGE_PIXELS = 89_478_485
+"""Largest ``width * height`` accepted (Pillow's ``Image.MAX_IMAGE_PIXELS``: 3 bytes a pixel, 256 MiB)."""
+
+ImageLike = Any  # a path, a PIL image, or an (H, W, 3) / (H, W) uint8 array
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+_BACKGROUND = 255  # transparent pixels are composited over white
+
+
+def load_image(image: ImageLike, name: str | None = None) -> np.ndarray:
+    """An image as RGB uint8 ``(H, W, 3)``: a file path, a PIL image, or a uint8 array ``(H, W, 3)`` /
+    ``(H, W)``.
+
+    Args:
+        image: what to load.
+        name: how errors name it (default: the path, or ``"image"``).
+
+    Raises:
+        InputError: a missing or unreadable file, a decompression bomb, an unsupported mode or array.
+    """
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(image)
+    if isinstance(image, Image.Image):
+        label = name or "image"
+        _check_size(image.size, label)
+        return to_rgb(image, label)
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        raise InputError(f"image arrays must be uint8 RGB, got dtype {array.dtype}")
+    if array.ndim == 2:
+        return np.repeat(array[..., None], 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] != 3:
+        raise InputError(f"image arrays must have shape (H, W, 3) or (H, W), got {array.shape}")
+    return array
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode the image file ``path`` to RGB uint8 ``(H, W, 3)`` (see the module docstring).
+
+    Raises:
+        InputError: naming ``path``: no such file, not a file, not an image Pillow can read, more than
+            :data:`MAX_IMAGE_PIXELS` pixels, an unsupported mode.
+    """
+    from PIL import Image
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"no such file: {path}")
+    if not path.is_file():
+        raise InputError(f"not a file: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                _check_size(im.size, str(path))  # from the header: nothing decoded yet
+                return to_rgb(im, str(path))
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise InputError(f"{path}: refused as a possible decompression bomb ({err})") from err
+    except MemoryError as err:
+        raise InputError(f"{path}: not enough memory to decode this image") from err
+    except Exception as err:  # Pillow's decoders raise OSError, ValueError, SyntaxError, struct.error, ...
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise InputError(f"{path} is not an image that Pillow can read ({type(err).__name__}"
+                         f"{': ' + detail if detail else ''})") from err
+
+
+def _check_size(size: tuple[int, int], label: str) -> None:
+    width, height = size
+    if width < 1 or height < 1:
+        raise InputError(f"{label}: the image has no pixels ({width} x {height})")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InputError(f"{label}: {width} x {height} = {width * height} pixels is more than the limit of "
+                         f"{MAX_IMAGE_PIXELS} (refused as a possible decompression bomb); downscale it first")
+
+
+def to_rgb(im: Any, label: str = "image") -> np.ndarray:
+    """A PIL image -> RGB uint8 ``(H, W, 3)``: first frame, EXIF orientation applied, every mode
+    converted by its meaning (see the module docstring)."""
+    from PIL import ImageOps
+
+    if getattr(im, "n_frames", 1) > 1:
+        im.seek(0)
+    try:
+        im = ImageOps.exif_transpose(im) or im
+    except Exception as err:
+        raise InputError(f"{label}: its EXIF orientation cannot be read ({type(err).__name__})") from err
+    mode = im.mode
+    if mode in _SIXTEEN_BIT:
+        return _grey(_scale16(np.asarray(im).astype(np.float64)))
+    if mode == "I":
+        values = np.asarray(im).astype(np.float64)
+        if values.size and 0 <= values.min() and values.max() <= 65535:
+            return _grey(_scale16(values))
+        return _grey(_minmax(values))
+    if mode == "F":
+        values = np.asarray(im).astype(np.float64)
+        if not np.isfinite(values).all():
+            raise InputError(f"{label}: the float image holds NaN or infinite values")
+        if values.size and 0 <= values.min() and values.max() <= 1:
+            return _grey(np.floor(values * 255 + 0.5))
+        return _grey(_minmax(values))
+    if "A" in im.getbands() or "a" in im.getbands() or "transparency" in im.info:
+        rgba = np.asarray(im.convert("RGBA")).astype(np.float64)
+        alpha = rgba[..., 3:] / 255
+        rgb = rgba[..., :3] * alpha + _BACKGROUND * (1 - alpha)
+        return np.floor(rgb + 0.5).astype(np.uint8)
+    if mode != "RGB":
+        im = im.convert("RGB")
+    return np.ascontiguousarray(np.asarray(im, dtype=np.uint8))
+
+
+def _scale16(values: np.ndarray) -> np.ndarray:
+    return np.floor(values * 255 / 65535 + 0.5)
+
+
+def _minmax(values: np.ndarray) -> np.ndarray:
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if hi <= lo:
+        return np.zeros_like(values)
+    return np.floor((values - lo) * 255 / (hi - lo) + 0.5)
+
+
+def _grey(values: np.ndarray) -> np.ndarray:
+    grey = np.clip(values, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=-1))
