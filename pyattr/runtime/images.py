@@ -97,14 +97,15 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise InputError(f"not a file: {path}")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, from the header
             with Image.open(path) as im:
                 _check_size(im.size, str(path))  # from the header: nothing decoded yet
                 return to_rgb(im, str(path))
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise InputError(f"{path}: refused as a possible decompression bomb ({err})") from err
+        raise InputError(f"{path}: over the limit of {MAX_IMAGE_PIXELS} pixels, refused as a possible "
+                         f"decompression bomb ({err})") from err
     except MemoryError as err:
         raise InputError(f"{path}: not enough memory to decode this image") from err
     except Exception as err:  # Pillow's decoders raise OSError, ValueError, SyntaxError, struct.error, ...
@@ -118,7 +119,7 @@ def _check_size(size: tuple[int, int], label: str) -> None:
     if width < 1 or height < 1:
         raise InputError(f"{label}: the image has no pixels ({width} x {height})")
     if width * height > MAX_IMAGE_PIXELS:
-        raise InputError(f"{label}: {width} x {height} = {width * height} pixels is more than the limit of "
+        raise InputError(f"{label}: {width} x {height} = {width * height} pixels is over the limit of "
                          f"{MAX_IMAGE_PIXELS} (refused as a possible decompression bomb); downscale it first")
 
 
