@@ -185,7 +185,8 @@ def _fp64_errors(model, method_name: str, layer, x, t, ref_maps, out_maps) -> di
             "export_vs_fp64": float((out_maps.double() - maps64).abs().max())}
 
 
-def run_cell(model_name: str, method_name: str, fmt: str, tmp: Path) -> dict[str, Any]:
+def run_cell(model_name: str, method_name: str, fmt: str, tmp: Path,
+             batches: tuple[int, ...] = BATCHES) -> dict[str, Any]:
     """Export one (model, method) to ``fmt`` and check it against eager; returns the cell's row."""
     import torch
 
@@ -215,7 +216,7 @@ def run_cell(model_name: str, method_name: str, fmt: str, tmp: Path) -> dict[str
         stage = "run"
         worst_maps = worst_raw = 0.0
         worst = None
-        for b in BATCHES:
+        for b in batches:
             x = torch.rand(b, 3, size, size, generator=gen)
             ref = method(x)  # arg-max classes, to draw explicit ids of the model's own range
             t = torch.randint(0, ref.scores.shape[1], (b,), generator=gen)
@@ -244,7 +245,7 @@ def run_cell(model_name: str, method_name: str, fmt: str, tmp: Path) -> dict[str
     return row
 
 
-def cell_main(spec: str, threads: int) -> None:
+def cell_main(spec: str, threads: int, batches: tuple[int, ...]) -> None:
     """Child process entry: run one cell, print its row as one tagged JSON line."""
     import torch
 
@@ -252,7 +253,7 @@ def cell_main(spec: str, threads: int) -> None:
     torch.set_num_threads(threads)
     model_name, method_name, fmt = json.loads(spec)
     with tempfile.TemporaryDirectory() as tmp:
-        row = run_cell(model_name, method_name, fmt, Path(tmp))
+        row = run_cell(model_name, method_name, fmt, Path(tmp), batches)
     print(RESULT_TAG + json.dumps(row), flush=True)
 
 
@@ -261,12 +262,14 @@ def key(row: dict) -> tuple[str, str, str]:
     return row["model"], row["method"], row["format"]
 
 
-def run_in_subprocess(cell: tuple[str, str, str], timeout: float, threads: int) -> dict[str, Any]:
+def run_in_subprocess(cell: tuple[str, str, str], timeout: float, threads: int,
+                      batches: tuple[int, ...] = BATCHES) -> dict[str, Any]:
     """Run one cell in a fresh Python; a cell that outlives ``timeout`` s is killed (with its process group)."""
     model_name, method_name, fmt = cell
     row: dict[str, Any] = {"model": model_name, "method": method_name, "format": fmt, "family": family(model_name)}
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--cell", json.dumps(list(cell)), "--threads", str(threads)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--cell", json.dumps(list(cell)), "--threads", str(threads),
+           "--batches", ",".join(map(str, batches))]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
@@ -339,7 +342,7 @@ def markdown(rows: list[dict], meta: dict, formats: list[str]) -> str:
              (f"pyattr {meta['pyattr']}, torch {meta['torch']}, onnxruntime {meta.get('onnxruntime')}, "
              f"timm {meta.get('timm')}, CPU ({meta['threads']} thread(s) per cell, {meta['jobs']} cell(s) at once), "
              f"per-cell timeout {meta['timeout']} s. Exported at batch 1, checked against eager at batches "
-             f"{list(BATCHES)} with mixed targets; `ok`: normalized maps within {TOLERANCE:g} (max abs) and the same "
+             f"{meta['batches']} with mixed targets; `ok`: normalized maps within {TOLERANCE:g} (max abs) and the same "
              "explained classes. Grid cells: status, max abs error of the maps, export seconds."), "",
              f"Command: `{meta['command']}`", ""]
     statuses = ("ok", "mismatch", "no_rule", "error", "timeout")
@@ -425,10 +428,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="", help="a title for the report (e.g. 'partial slice')")
     parser.add_argument("--redo", default="", help="statuses to run again although recorded (e.g. timeout,error)")
     parser.add_argument("--results", default=str(RESULTS), help="folder of the results (default benchmarks/results)")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)),
+                        help="batch sizes the exported file is checked at (default 1,3)")
     parser.add_argument("--cell", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    batches = tuple(int(b) for b in args.batches.split(","))
     if args.cell:
-        cell_main(args.cell, args.threads)
+        cell_main(args.cell, args.threads, batches)
         return 0
 
     from pyattr.methods import METHODS
@@ -443,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or re.sub(r"[^A-Za-z0-9_.-]+", "_", args.models)
     out = Path(args.results) / f"export_matrix_{name}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {**environment(), "name": name, "label": args.label, "timeout": args.timeout, "jobs": args.jobs,
+    meta = {**environment(), "batches": list(batches), "name": name, "label": args.label, "timeout": args.timeout, "jobs": args.jobs,
             "threads": args.threads, "command": "python benchmarks/export_matrix.py " + " ".join(
                 a if a and not re.search(r"[\s'\"]", a) else json.dumps(a) for a in (argv or sys.argv[1:]))}
     results = Results(out.with_suffix(".json"), meta)
@@ -453,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(cells)} cells, {len(cells) - len(todo)} already recorded, {len(todo)} to run", flush=True)
 
     def work(cell):
-        row = run_in_subprocess(cell, args.timeout, args.threads)
+        row = run_in_subprocess(cell, args.timeout, args.threads, batches)
         results.add(row)
         detail = row.get("max_abs_maps", row.get("error", ""))
         print(f"{row['model']:28s} {row['method']:24s} {row['format']:11s} {row['status']:8s} "
