@@ -161,6 +161,18 @@ def first_line(err: BaseException) -> str:
     return (text.splitlines()[0] if text else type(err).__name__)[:300]
 
 
+def error_detail(err: BaseException) -> str:
+    """What the first line often does not say (torch.onnx's first line is "Failed to convert the exported
+    program..."): the first line of the cause, else the first later line that names an error."""
+    cause = err.__cause__ or err.__context__
+    if cause is not None and first_line(cause) != first_line(err):
+        return f"{type(cause).__name__}: {first_line(cause)}"
+    for line in _ANSI.sub("", str(err)).strip().splitlines()[1:]:
+        if re.search(r"Error|No ONNX function|not supported|Unsupported", line):
+            return line.strip()[:300]
+    return ""
+
+
 def run_backend(fmt: str, path: Path, x, t):
     import torch
 
@@ -240,7 +252,7 @@ def run_cell(model_name: str, method_name: str, fmt: str, tmp: Path,
             row["fp64_error"] = first_line(err)
         else:
             row["status"] = "no_rule" if isinstance(err, NoRuleError) else "error"
-            row.update(stage=stage, error_type=type(err).__name__, error=first_line(err),
+            row.update(stage=stage, error_type=type(err).__name__, error=first_line(err), detail=error_detail(err),
                        trace=traceback.format_exc(limit=4)[-800:])
     return row
 
@@ -388,7 +400,8 @@ def markdown(rows: list[dict], meta: dict, formats: list[str]) -> str:
             lines.append(f"| {r['model']} | {r['method']} | {r['format']} | {r['max_abs_maps']:.1e} | "
                          f"{r['max_rel_raw']:.1e} | {r.get('eager_vs_fp64', float('nan')):.1e} | "
                          f"{r.get('export_vs_fp64', float('nan')):.1e} |")
-    errors = Counter((r["status"], r.get("error_type", ""), r.get("stage", ""), r.get("error", ""))
+    errors = Counter((r["status"], r.get("error_type", ""), r.get("stage", ""),
+                      r.get("error", "") + (f" [{r['detail']}]" if r.get("detail") else ""))
                      for r in rows if r["status"] in ("error", "no_rule", "timeout"))
     if errors:
         lines += ["", "## Errors (distinct first lines)", "", "| cells | status | type (stage) | first line |",
