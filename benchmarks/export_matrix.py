@@ -443,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=str(RESULTS), help="folder of the results (default benchmarks/results)")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)),
                         help="batch sizes the exported file is checked at (default 1,3)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run no cell: rewrite the .md from the cells recorded in the .json")
     parser.add_argument("--cell", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     batches = tuple(int(b) for b in args.batches.split(","))
@@ -469,6 +471,10 @@ def main(argv: list[str] | None = None) -> int:
     redo = {s for s in args.redo.split(",") if s}
     cells = [(m, me, f) for m in models for me in methods for f in formats]
     todo = [c for c in cells if c not in results.rows or results.rows[c]["status"] in redo]
+    if args.report_only:  # keep the recorded run's description (its command, timeout, jobs)
+        todo = []
+        if results.path.exists():
+            results.meta = {**meta, **json.loads(results.path.read_text()).get("meta", {})}
     print(f"{len(cells)} cells, {len(cells) - len(todo)} already recorded, {len(todo)} to run", flush=True)
 
     def work(cell):
@@ -482,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         list(pool.map(work, todo))
     rows = list(results.rows.values())  # the whole file: also cells of earlier runs with other options
     shown = [f for f in FORMATS if any(r["format"] == f for r in rows)]
-    out.with_suffix(".md").write_text(markdown(rows, meta, shown))
+    out.with_suffix(".md").write_text(markdown(rows, results.meta, shown))
     ok = sum(r["status"] == "ok" for r in rows)
     print(f"{ok}/{len(rows)} ok; wrote {out.with_suffix('.md')} and .json")
     return 0

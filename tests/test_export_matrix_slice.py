@@ -107,3 +107,14 @@ def test_model_groups_expand_to_every_torchvision_builder_and_the_timm_set(matri
 def test_slice(matrix, tmp_path, model, method, fmt):
     row = matrix.run_cell(model, method, fmt, tmp_path)
     assert row["status"] == "ok", row
+
+
+def test_report_only_runs_no_cell(matrix, tmp_path, capsys):
+    rows = [_row("builtin", "saliency", "onnx", "ok", max_abs_maps=1e-7, max_rel_raw=1e-7, export_s=1.0)]
+    meta = {"command": "python benchmarks/export_matrix.py --models builtin", "timeout": 7, "jobs": 1, "threads": 1}
+    (tmp_path / "export_matrix_p.json").write_text(json.dumps({"meta": meta, "results": rows}))
+    matrix.main(["--models", "builtin,resnet18", "--name", "p", "--results", str(tmp_path), "--report-only"])
+    assert ", 0 to run" in capsys.readouterr().out
+    md = (tmp_path / "export_matrix_p.md").read_text()
+    assert "per-cell timeout 7 s" in md and "Command: `python benchmarks/export_matrix.py --models builtin`" in md
+    assert "| builtin | 64 | saliency | ok 1e-07 (1s) |" in md
