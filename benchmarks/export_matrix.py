@@ -64,6 +64,7 @@ TIMM_MODELS = {  # family -> a small variant (random init)
     "timm/levit_128s": "LeViT",
 }
 RESULT_TAG = "EXPORT_MATRIX_CELL "
+FULL_COMMAND = "python benchmarks/export_matrix.py --models all --name full --timeout 900 --jobs 2"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from anywhere without installing pyattr
@@ -360,7 +361,8 @@ def markdown(rows: list[dict], meta: dict, formats: list[str]) -> str:
              f"per-cell timeout {meta['timeout']} s. Exported at batch 1, checked against eager at batches "
              f"{meta['batches']} with mixed targets; `ok`: normalized maps within {TOLERANCE:g} (max abs) and the same "
              "explained classes. Grid cells: status, max abs error of the maps, export seconds."), "",
-             f"Command: `{meta['command']}`", ""]
+             f"Command: `{meta['command']}`", "",
+             f"The full matrix (resumable; thousands of cells, many hours on 2 cores): `{FULL_COMMAND}`", ""]
     statuses = ("ok", "mismatch", "no_rule", "error", "timeout")
     lines += ["## Summary", "", "| models | cells | ok | ok, NoRuleError cells left out | " + " | ".join(statuses[1:]) + " |",
               "|---|---|---|---|" + "---|" * (len(statuses) - 1)]
@@ -405,7 +407,7 @@ def markdown(rows: list[dict], meta: dict, formats: list[str]) -> str:
                          f"{r['max_rel_raw']:.1e} | {r.get('eager_vs_fp64', float('nan')):.1e} | "
                          f"{r.get('export_vs_fp64', float('nan')):.1e} |")
     errors = Counter((r["status"], r.get("error_type", ""), r.get("stage", ""),
-                      r.get("error", "") + (f" [{r['detail']}]" if r.get("detail") else ""))
+                      r.get("error", "") + (f" [{r['detail'][:110]}]" if r.get("detail") else ""))
                      for r in rows if r["status"] in ("error", "no_rule", "timeout"))
     if errors:
         lines += ["", "## Errors (distinct first lines)", "", "| cells | status | type (stage) | first line |",
@@ -479,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         todo = []
         if results.path.exists():
             results.meta = {**meta, **json.loads(results.path.read_text()).get("meta", {})}
-    print(f"{len(cells)} cells, {len(cells) - len(todo)} already recorded, {len(todo)} to run", flush=True)
+    recorded = sum(c in results.rows for c in cells)
+    print(f"{len(cells)} cells, {recorded} already recorded, {len(todo)} to run", flush=True)
 
     def work(cell):
         row = run_in_subprocess(cell, args.timeout, args.threads, batches)

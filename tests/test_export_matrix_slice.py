@@ -86,7 +86,7 @@ def test_redo_reruns_the_named_statuses(matrix, tmp_path, capsys):
     (tmp_path / "export_matrix_r.json").write_text(json.dumps({"meta": {}, "results": rows}))
     matrix.main(["--models", "builtin", "--methods", "saliency", "--formats", "onnx", "--name", "r",
                  "--results", str(tmp_path), "--redo", "timeout", "--timeout", "0.5"])
-    assert "1 cells, 0 already recorded, 1 to run" in capsys.readouterr().out
+    assert "1 cells, 1 already recorded, 1 to run" in capsys.readouterr().out
 
 
 def test_model_groups_expand_to_every_torchvision_builder_and_the_timm_set(matrix):
