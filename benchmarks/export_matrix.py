@@ -1,46 +1,182 @@
-"""The heavy export matrix: every method x model x backend, exported once and checked against eager.
+"""The export coverage matrix: every method x model x format, exported once and checked against eager.
 
-For each (model, method) the method is exported to ONNX, TorchScript and .pt2 from a batch-1
-example; each file is run at several batch sizes with mixed targets (-1 = arg-max and explicit
-ids) and compared with eager pyattr. Results (max abs error on normalized maps, relative error
-on raw maps, export time, ONNX op types) go to benchmarks/results/export_matrix.{json,md}.
+Each cell (model, method, format) runs in its own subprocess with a timeout, so that one hang or crash
+does not stop the run. In a cell the method is exported (ONNX, TorchScript ``.pt`` or torch.export
+``.pt2``) from a batch-1 example; the file is run at batches 1 and 3 with mixed targets (-1 = arg-max
+and explicit class ids) and compared with eager pyattr on the same inputs. Recorded per cell: status
+(``ok`` / ``mismatch`` / ``no_rule`` (LRP's NoRuleError, counted separately) / ``error`` with its type
+and stage / ``timeout``), the error's first line, the max abs error of the normalized maps, the max
+error of the raw map relative to its largest value, the export seconds, and the input size.
+A mismatch also records how far eager fp32 itself is from an fp64 eager run on the same inputs
+(``eager_vs_fp64``) and how far the export is (``export_vs_fp64``): the fp32 conditioning of the map.
 
-    python benchmarks/export_matrix.py                      # the full matrix (tens of minutes on 2 cores)
-    python benchmarks/export_matrix.py --models resnet18 --methods gradcam --size 64
+Models: ``builtin`` (pyattr's ShapesNet), every torchvision classification builder
+(``torchvision.models.list_models(module=torchvision.models)``, random init, 10 classes) and a
+representative timm set (``timm/<name>``, random init). Inputs are 64x64, or the smallest size from
+``SIZES`` at which the model's forward runs (e.g. MaxViT: 224). Zero-initialised weight matrices
+(torchvision ViT's head) are re-drawn, otherwise every attribution is exactly 0 and the check compares nothing.
+
+The run is resumable: cells already in the results JSON are skipped (``--redo timeout,error`` runs
+those statuses again). Results: ``benchmarks/results/export_matrix_<name>.{json,md}``.
+
+    # the full matrix (thousands of cells; many hours on 2 cores):
+    python benchmarks/export_matrix.py --models torchvision,timm --name full --timeout 900 --jobs 2
+    python benchmarks/export_matrix.py --models builtin --name builtin
+    python benchmarks/export_matrix.py --models resnet18,timm/vit_tiny_patch16_224 --methods saliency,gradcam \\
+        --formats onnx --name try --timeout 300
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 import traceback
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-import torch
-import torchvision
+RESULTS = Path(__file__).resolve().parent / "results"
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2"}
+BATCHES = (1, 3)
+TOLERANCE = 1e-4  # max abs error of the normalized maps ([0, 1])
+SIZES = (64, 80, 96, 112, 128, 160, 192, 224)  # input sizes tried in turn until the model's forward runs
+NUM_CLASSES = 10
+TIMM_MODELS = {  # family -> a small variant (random init)
+    "timm/resnet18": "CNN (ResNet)",
+    "timm/regnetx_002": "RegNet",
+    "timm/efficientnet_b0": "EfficientNet",
+    "timm/mobilenetv3_small_050": "MobileNet-V3",
+    "timm/convnext_atto": "ConvNeXt",
+    "timm/vit_tiny_patch16_224": "ViT",
+    "timm/deit_tiny_patch16_224": "DeiT",
+    "timm/swin_tiny_patch4_window7_224": "Swin",
+    "timm/mobilevit_xxs": "MobileViT",
+    "timm/levit_128s": "LeViT",
+}
+RESULT_TAG = "EXPORT_MATRIX_CELL "
+FULL_COMMAND = "python benchmarks/export_matrix.py --models all --name full --timeout 900 --jobs 2"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from anywhere without installing pyattr
+    sys.path.insert(0, str(ROOT))
 
-import pyattr
-from pyattr.methods import METHODS, build_method, needs_layer
-from pyattr.models import find_default_layer
 
-MODELS = ["builtin", "resnet18", "vgg11", "mobilenet_v3_small", "densenet121", "efficientnet_b0", "resnet50",
-          "convnext_tiny", "vit_b_16"]
-BATCHES = (1, 3, 8)
+# -- the models --------------------------------------------------------------------------------------
+def torchvision_models() -> list[str]:
+    import torchvision
+
+    return list(torchvision.models.list_models(module=torchvision.models))
 
 
-def make_model(name: str, size: int):
+def expand_models(spec: str) -> list[str]:
+    """``torchvision`` / ``timm`` / ``all`` groups and single names, comma-separated, in order, no repeats."""
+    names: list[str] = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        if part == "torchvision":
+            names += torchvision_models()
+        elif part == "timm":
+            names += list(TIMM_MODELS)
+        elif part == "all":
+            names += ["builtin", *torchvision_models(), *TIMM_MODELS]
+        else:
+            names.append(part)
+    return list(dict.fromkeys(names))
+
+
+def family(name: str) -> str:
     if name == "builtin":
-        return pyattr.zoo.load_builtin(), 64
+        return "builtin"
+    return "timm" if name.startswith("timm/") else "torchvision"
+
+
+def _build(name: str, size: int):
+    import torch
+
     torch.manual_seed(0)
-    kwargs = {"image_size": size} if name.startswith("vit") else {}
-    return torchvision.models.get_model(name, weights=None, num_classes=10, **kwargs).eval(), size
+    if name == "builtin":
+        import pyattr
+
+        return pyattr.zoo.load_builtin()
+    if name.startswith("timm/"):
+        import timm
+
+        try:
+            return timm.create_model(name[5:], pretrained=False, num_classes=NUM_CLASSES, img_size=size)
+        except TypeError:  # models without an img_size argument take any size
+            torch.manual_seed(0)
+            return timm.create_model(name[5:], pretrained=False, num_classes=NUM_CLASSES)
+    import torchvision
+
+    kwargs: dict[str, Any] = {}
+    if name.startswith("vit_"):
+        kwargs["image_size"] = size
+    elif name.startswith("maxvit"):
+        kwargs["input_size"] = (size, size)
+    return torchvision.models.get_model(name, weights=None, num_classes=NUM_CLASSES, **kwargs)
 
 
-def run_backend(fmt: str, path: Path, x: torch.Tensor, t: torch.Tensor):
+def _redraw_zero_weights(model) -> None:
+    """Re-draw weight matrices that are all zero (torchvision ViT's head): with them every attribution
+    is exactly 0. Done once on the freshly built model, before any method sees it."""
+    import torch
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and not bool(module.weight.any()):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * 0.02)
+
+
+def make_model(name: str):
+    """(model in eval mode, input size): the first size of ``SIZES`` whose forward runs (64 for builtin)."""
+    import torch
+
+    last: Exception | None = None
+    for size in (64,) if name == "builtin" else SIZES:
+        try:
+            model = _build(name, size).eval()
+            with torch.no_grad():
+                model(torch.zeros(1, 3, size, size))
+        except Exception as err:  # noqa: BLE001 - try the next size
+            last = err
+            continue
+        _redraw_zero_weights(model)
+        return model, size
+    raise RuntimeError(f"no input size in {SIZES} runs the model's forward: {last}")
+
+
+# -- one cell (runs in a subprocess) -----------------------------------------------------------------
+def first_line(err: BaseException) -> str:
+    text = _ANSI.sub("", str(err)).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:300]
+
+
+def error_detail(err: BaseException) -> str:
+    """What the first line often does not say (torch.onnx's first line is "Failed to convert the exported
+    program..."): the first line of the cause, else the first later line that names an error."""
+    cause = err.__cause__ or err.__context__
+    if cause is not None and first_line(cause) != first_line(err):
+        return f"{type(cause).__name__}: {first_line(cause)}"
+    for line in _ANSI.sub("", str(err)).strip().splitlines()[1:]:
+        if re.search(r"Error|No ONNX function|not supported|Unsupported", line):
+            return line.strip()[:300]
+    return ""
+
+
+def run_backend(fmt: str, path: Path, x, t):
+    import torch
+
     if fmt == "onnx":
         import onnxruntime as ort
 
@@ -51,95 +187,319 @@ def run_backend(fmt: str, path: Path, x: torch.Tensor, t: torch.Tensor):
     return list(torch.export.load(str(path)).module()(x, t))
 
 
-def check(model_name: str, method_name: str, size: int, tmp: Path) -> list[dict]:
-    model, size = make_model(model_name, size)
-    layer = None
-    if needs_layer(method_name):
-        layer = "layer3" if model_name == "builtin" else find_default_layer(model, torch.zeros(1, 3, size, size))
-    rows = []
+def _fp64_errors(model, method_name: str, layer, x, t, ref_maps, out_maps) -> dict[str, float]:
+    """How far eager fp32 and the export are from an fp64 eager run on the same inputs."""
+
+    from pyattr.methods import build_method
+
+    m64 = build_method(method_name, copy.deepcopy(model).double(), layer)
+    maps64 = m64(x.double(), t).maps
+    return {"eager_vs_fp64": float((ref_maps.double() - maps64).abs().max()),
+            "export_vs_fp64": float((out_maps.double() - maps64).abs().max())}
+
+
+def run_cell(model_name: str, method_name: str, fmt: str, tmp: Path,
+             batches: tuple[int, ...] = BATCHES) -> dict[str, Any]:
+    """Export one (model, method) to ``fmt`` and check it against eager; returns the cell's row."""
+    import torch
+
+    import pyattr
+    from pyattr.methods import build_method
+    from pyattr.methods.lrp.method import NoRuleError
+
+    row: dict[str, Any] = {"model": model_name, "method": method_name, "format": fmt, "family": family(model_name)}
+    stage = "model"
     try:
+        model, size = make_model(model_name)
+        row["size"] = size
+        stage = "build"
+        layer = "layer3" if model_name == "builtin" and pyattr.methods.needs_layer(method_name) else None
         method = build_method(method_name, model, layer)
-    except pyattr.PyattrError as err:
-        return [{"model": model_name, "method": method_name, "format": f, "status": f"n/a: {err}"}
-                for f in ("onnx", "torchscript", "pt2")]
-    gen = torch.Generator().manual_seed(1)
-    for fmt, suffix in (("onnx", ".onnx"), ("torchscript", ".pt"), ("pt2", ".pt2")):
-        row = {"model": model_name, "method": method_name, "format": fmt, "layer": layer, "size": size}
-        path = tmp / f"{model_name}_{method_name}{suffix}"
-        try:
-            t0 = time.perf_counter()
-            pyattr.export(method, torch.rand(1, 3, size, size, generator=gen), path)
-            row["export_s"] = round(time.perf_counter() - t0, 1)
-            worst_maps = worst_raw = 0.0
-            for b in BATCHES:
-                x = torch.rand(b, 3, size, size, generator=gen)
-                t = torch.randint(0, 6, (b,), generator=gen)
-                t[::2] = -1
-                ref = method(x, t)
-                out = run_backend(fmt, path, x, t)
-                assert torch.equal(out[1], ref.target), "explained classes differ"
-                worst_maps = max(worst_maps, float((out[3] - ref.maps).abs().max()))
-                worst_raw = max(worst_raw, float((out[2] - ref.raw).abs().max() / ref.raw.abs().max().clamp_min(1e-30)))
-            row.update(max_abs_maps=worst_maps, max_rel_raw=worst_raw,
-                       status="ok" if worst_maps <= 1e-4 else "MISMATCH")
-            if fmt == "onnx":
-                import onnx
+        gen = torch.Generator().manual_seed(1)
+        stage = "eager"
+        example = torch.rand(1, 3, size, size, generator=gen)
+        method(example)  # resolves an automatic CAM layer; eager errors are told apart from export errors
+        layer = getattr(method, "layer_name", None)
+        row["layer"] = layer
+        stage = "export"
+        path = tmp / f"cell{FORMATS[fmt]}"
+        t0 = time.perf_counter()
+        pyattr.export(method, example, path)
+        row["export_s"] = round(time.perf_counter() - t0, 1)
+        stage = "run"
+        worst_maps = worst_raw = 0.0
+        worst = None
+        for b in batches:
+            x = torch.rand(b, 3, size, size, generator=gen)
+            ref = method(x)  # arg-max classes, to draw explicit ids of the model's own range
+            t = torch.randint(0, ref.scores.shape[1], (b,), generator=gen)
+            t[::2] = -1
+            ref = method(x, t)
+            out = run_backend(fmt, path, x, t)
+            if not torch.equal(out[1], ref.target):
+                raise AssertionError(f"explained classes differ at batch {b}: {out[1].tolist()} vs {ref.target.tolist()}")
+            flat = ref.raw.flatten(1)
+            if bool((flat.amax(1) == flat.amin(1)).any()):  # a constant raw map: the check compares nothing
+                row["constant_maps"] = True
+            err_maps = float((out[3] - ref.maps).abs().max())
+            err_raw = float((out[2] - ref.raw).abs().max() / ref.raw.abs().max().clamp_min(1e-30))
+            if worst is None or err_maps > worst_maps:
+                worst = (x, t, ref.maps, out[3])
+            worst_maps, worst_raw = max(worst_maps, err_maps), max(worst_raw, err_raw)
+        row.update(max_abs_maps=worst_maps, max_rel_raw=worst_raw)
+        row["status"] = "ok" if worst_maps <= TOLERANCE else "mismatch"
+        if row["status"] == "mismatch":
+            stage = "fp64"
+            row.update(_fp64_errors(model, method_name, layer, *worst))
+    except Exception as err:  # noqa: BLE001 - the matrix records every failure and goes on
+        if stage == "fp64":
+            row["fp64_error"] = first_line(err)
+        else:
+            row["status"] = "no_rule" if isinstance(err, NoRuleError) else "error"
+            row.update(stage=stage, error_type=type(err).__name__, error=first_line(err), detail=error_detail(err),
+                       trace=traceback.format_exc(limit=4)[-800:])
+    return row
 
-                row["onnx_ops"] = sorted({n.op_type for n in onnx.load(str(path)).graph.node})
-        except Exception as err:  # noqa: BLE001 - the matrix records every failure and goes on
-            row["status"] = f"error: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
-            row["trace"] = traceback.format_exc(limit=3)[-600:]
-        finally:
-            path.unlink(missing_ok=True)
-        print(f"{model_name:18s} {method_name:10s} {fmt:12s} {row['status'][:90]}"
-              f"{row.get('max_abs_maps', '')}", flush=True)
-        rows.append(row)
-    return rows
+
+def cell_main(spec: str, threads: int, batches: tuple[int, ...]) -> None:
+    """Child process entry: run one cell, print its row as one tagged JSON line."""
+    import torch
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(threads)
+    model_name, method_name, fmt = json.loads(spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        row = run_cell(model_name, method_name, fmt, Path(tmp), batches)
+    print(RESULT_TAG + json.dumps(row), flush=True)
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| model | method | format | status | max abs err (maps) | max rel err (raw) | export s |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['method']} | {r['format']} | {r['status'][:80]} | "
-                     f"{r.get('max_abs_maps', float('nan')):.1e} | {r.get('max_rel_raw', float('nan')):.1e} | "
-                     f"{r.get('export_s', '')} |")
+# -- the driver --------------------------------------------------------------------------------------
+def key(row: dict) -> tuple[str, str, str]:
+    return row["model"], row["method"], row["format"]
+
+
+def run_in_subprocess(cell: tuple[str, str, str], timeout: float, threads: int,
+                      batches: tuple[int, ...] = BATCHES) -> dict[str, Any]:
+    """Run one cell in a fresh Python; a cell that outlives ``timeout`` s is killed (with its process group)."""
+    model_name, method_name, fmt = cell
+    row: dict[str, Any] = {"model": model_name, "method": method_name, "format": fmt, "family": family(model_name)}
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--cell", json.dumps(list(cell)), "--threads", str(threads),
+           "--batches", ",".join(map(str, batches))]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        row.update(status="timeout", error=f"no result within {timeout:g} s", cell_s=round(time.perf_counter() - t0, 1))
+        return row
+    row["cell_s"] = round(time.perf_counter() - t0, 1)
+    for line in stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            row.update(json.loads(line[len(RESULT_TAG):]))
+            return row
+    tail = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    row.update(status="error", stage="process", error_type=f"exit {proc.returncode}",
+               error=(tail[-1] if tail else "the cell printed no result")[:300])
+    return row
+
+
+class Results:
+    """The results JSON, rewritten (atomically) after every cell so that a run can be resumed."""
+
+    def __init__(self, path: Path, meta: dict[str, Any]):
+        self.path = path
+        self.lock = threading.Lock()
+        self.rows: dict[tuple[str, str, str], dict] = {}
+        self.meta = meta
+        if path.exists():
+            data = json.loads(path.read_text())
+            self.rows = {key(r): r for r in data.get("results", [])}
+
+    def add(self, row: dict) -> None:
+        with self.lock:
+            self.rows[key(row)] = row
+            self.save()
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"meta": self.meta, "results": list(self.rows.values())}, indent=1) + "\n")
+        tmp.replace(self.path)
+
+
+def cell_text(row: dict | None) -> str:
+    if row is None:
+        return "·"
+    status = row["status"]
+    if status == "ok":
+        flag = " (constant map!)" if row.get("constant_maps") else ""
+        return f"ok {row['max_abs_maps']:.0e} ({row['export_s']:.0f}s){flag}"
+    if status == "mismatch":
+        return f"**mismatch {row['max_abs_maps']:.1e}** ({row['export_s']:.0f}s)"
+    if status == "no_rule":
+        return "NoRuleError"
+    if status == "timeout":
+        return "timeout"
+    return f"{row.get('error_type', 'error')} ({row.get('stage', '?')})"
+
+
+def _rate(rows: list[dict]) -> str:
+    ok = sum(r["status"] == "ok" for r in rows)
+    return f"{ok}/{len(rows)} ({100 * ok / len(rows):.1f}%)" if rows else "0/0"
+
+
+def markdown(rows: list[dict], meta: dict, formats: list[str]) -> str:
+    """The readable report: pass-rate summary, per-model grid, mismatches and distinct errors."""
+    from collections import Counter
+
+    lines = [f"# Export matrix: {meta.get('label') or meta['name']}", "",
+             (f"pyattr {meta['pyattr']}, torch {meta['torch']}, onnxruntime {meta.get('onnxruntime')}, "
+             f"timm {meta.get('timm')}, CPU ({meta['threads']} thread(s) per cell, {meta['jobs']} cell(s) at once), "
+             f"per-cell timeout {meta['timeout']} s. Exported at batch 1, checked against eager at batches "
+             f"{meta['batches']} with mixed targets; `ok`: normalized maps within {TOLERANCE:g} (max abs) and the same "
+             "explained classes. Grid cells: status, max abs error of the maps, export seconds."), "",
+             f"Command: `{meta['command']}`", "",
+             f"The full matrix (resumable; thousands of cells, many hours on 2 cores): `{FULL_COMMAND}`", ""]
+    statuses = ("ok", "mismatch", "no_rule", "error", "timeout")
+    lines += ["## Summary", "", "| models | cells | ok | ok, NoRuleError cells left out | " + " | ".join(statuses[1:]) + " |",
+              "|---|---|---|---|" + "---|" * (len(statuses) - 1)]
+    for fam in ("builtin", "torchvision", "timm"):
+        fam_rows = [r for r in rows if r["family"] == fam]
+        if not fam_rows:
+            continue
+        count = Counter(r["status"] for r in fam_rows)
+        models = len({r["model"] for r in fam_rows})
+        lines.append(f"| {fam} ({models} models) | {len(fam_rows)} | {_rate(fam_rows)} | "
+                     f"{_rate([r for r in fam_rows if r['status'] != 'no_rule'])} | "
+                     + " | ".join(str(count.get(s, 0)) for s in statuses[1:]) + " |")
+    timm_rows = [r for r in rows if r["family"] == "timm"]
+    if timm_rows:
+        lines += ["", "timm, per method (all formats; NoRuleError counted apart):", "",
+                  "| method | ok | NoRuleError | models passing every format |", "|---|---|---|---|"]
+        for method in dict.fromkeys(r["method"] for r in timm_rows):
+            mrows = [r for r in timm_rows if r["method"] == method]
+            by_model: dict[str, list[dict]] = {}
+            for r in mrows:
+                by_model.setdefault(r["model"], []).append(r)
+            passing = sum(all(r["status"] == "ok" for r in rs) for rs in by_model.values())
+            lines.append(f"| {method} | {_rate(mrows)} | {sum(r['status'] == 'no_rule' for r in mrows)} | "
+                         f"{passing}/{len(by_model)} |")
+    by_cell = {key(r): r for r in rows}
+    lines += ["", "## Cells", "", "| model | size | method | " + " | ".join(formats) + " |",
+              "|---|---|---|" + "---|" * len(formats)]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for method in dict.fromkeys(r["method"] for r in rows if r["model"] == model):
+            size = next((r.get("size") for r in rows if r["model"] == model and r.get("size")), "")
+            lines.append(f"| {model} | {size} | {method} | "
+                         + " | ".join(cell_text(by_cell.get((model, method, f))) for f in formats) + " |")
+    mismatches = [r for r in rows if r["status"] == "mismatch"]
+    if mismatches:
+        lines += ["", "## Mismatches", "",
+                  ("`eager_vs_fp64` / `export_vs_fp64`: max abs error of eager fp32 / of the export against an fp64 "
+                  "eager run on the same inputs (the worst batch)."), "",
+                  "| model | method | format | max abs (maps) | max rel (raw) | eager_vs_fp64 | export_vs_fp64 |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in mismatches:
+            lines.append(f"| {r['model']} | {r['method']} | {r['format']} | {r['max_abs_maps']:.1e} | "
+                         f"{r['max_rel_raw']:.1e} | {r.get('eager_vs_fp64', float('nan')):.1e} | "
+                         f"{r.get('export_vs_fp64', float('nan')):.1e} |")
+    errors = Counter((r["status"], r.get("error_type", ""), r.get("stage", ""),
+                      r.get("error", "") + (f" [{r['detail'][:110]}]" if r.get("detail") else ""))
+                     for r in rows if r["status"] in ("error", "no_rule", "timeout"))
+    if errors:
+        lines += ["", "## Errors (distinct first lines)", "", "| cells | status | type (stage) | first line |",
+                  "|---|---|---|---|"]
+        for (status, etype, stage, msg), n in errors.most_common():
+            msg = msg.replace("|", "\\|").replace("\n", " ")[:240]
+            lines.append(f"| {n} | {status} | {etype} ({stage}) | {msg} |")
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--size", type=int, default=64, help="input size of torchvision models (default 64)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "export_matrix"))
-    args = parser.parse_args()
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(2)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for model_name in args.models.split(","):
-            for method_name in args.methods.split(","):
-                rows.extend(check(model_name, method_name, args.size, Path(tmp)))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"pyattr": pyattr.__version__, "torch": torch.__version__, "batches": list(BATCHES),
-            "device": "cpu", "input_size": args.size}
-    try:
-        import onnxruntime
+def environment() -> dict[str, Any]:
+    import torch
 
-        meta["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(
-        f"Export matrix (pyattr {meta['pyattr']}, torch {meta['torch']}, onnxruntime {meta.get('onnxruntime')}, CPU, "
-        f"input {args.size}x{args.size}, batches {list(BATCHES)}, tolerance 1e-4 on normalized maps)\n\n"
-        + markdown(rows))
+    import pyattr
+
+    meta: dict[str, Any] = {"pyattr": pyattr.__version__, "torch": torch.__version__, "batches": list(BATCHES),
+                            "tolerance": TOLERANCE, "device": "cpu"}
+    for mod in ("onnxruntime", "timm", "torchvision"):
+        try:
+            meta[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="builtin",
+                        help="comma-separated names, torchvision builders, timm/<name>, or the groups "
+                             "torchvision, timm, all (default builtin)")
+    parser.add_argument("--methods", default="all", help="comma-separated method names (default: every registered one)")
+    parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated, from onnx,torchscript,pt2")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per cell before it is killed (default 900)")
+    parser.add_argument("--jobs", type=int, default=1, help="cells run at once (default 1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch/onnxruntime threads per cell (default 1)")
+    parser.add_argument("--name", default=None, help="results go to export_matrix_<name>.{json,md} (default: --models)")
+    parser.add_argument("--label", default="", help="a title for the report (e.g. 'partial slice')")
+    parser.add_argument("--redo", default="", help="statuses to run again although recorded (e.g. timeout,error)")
+    parser.add_argument("--results", default=str(RESULTS), help="folder of the results (default benchmarks/results)")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)),
+                        help="batch sizes the exported file is checked at (default 1,3)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run no cell: rewrite the .md from the cells recorded in the .json")
+    parser.add_argument("--cell", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    batches = tuple(int(b) for b in args.batches.split(","))
+    if args.cell:
+        cell_main(args.cell, args.threads, batches)
+        return 0
+
+    from pyattr.methods import METHODS
+
+    models = expand_models(args.models)
+    methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    for name, known, what in ((methods, METHODS, "method"), (formats, FORMATS, "format")):
+        unknown = [n for n in name if n not in known]
+        if unknown:
+            parser.error(f"unknown {what}(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    name = args.name or re.sub(r"[^A-Za-z0-9_.-]+", "_", args.models)
+    out = Path(args.results) / f"export_matrix_{name}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {**environment(), "batches": list(batches), "name": name, "label": args.label, "timeout": args.timeout, "jobs": args.jobs,
+            "threads": args.threads, "command": "python benchmarks/export_matrix.py " + " ".join(
+                a if a and not re.search(r"[\s'\"]", a) else json.dumps(a) for a in (argv or sys.argv[1:]))}
+    results = Results(out.with_suffix(".json"), meta)
+    redo = {s for s in args.redo.split(",") if s}
+    cells = [(m, me, f) for m in models for me in methods for f in formats]
+    todo = [c for c in cells if c not in results.rows or results.rows[c]["status"] in redo]
+    if args.report_only:  # keep the recorded run's description (its command, timeout, jobs)
+        todo = []
+        if results.path.exists():
+            results.meta = {**meta, **json.loads(results.path.read_text()).get("meta", {})}
+    recorded = sum(c in results.rows for c in cells)
+    print(f"{len(cells)} cells, {recorded} already recorded, {len(todo)} to run", flush=True)
+
+    def work(cell):
+        row = run_in_subprocess(cell, args.timeout, args.threads, batches)
+        results.add(row)
+        detail = row.get("max_abs_maps", row.get("error", ""))
+        print(f"{row['model']:28s} {row['method']:24s} {row['format']:11s} {row['status']:8s} "
+              f"{row.get('export_s', '')!s:>6} {detail}", flush=True)
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        list(pool.map(work, todo))
+    rows = list(results.rows.values())  # the whole file: also cells of earlier runs with other options
+    shown = [f for f in FORMATS if any(r["format"] == f for r in rows)]
+    out.with_suffix(".md").write_text(markdown(rows, results.meta, shown))
     ok = sum(r["status"] == "ok" for r in rows)
-    print(f"{ok}/{len(rows)} ok; wrote {out.with_suffix('.md')}")
+    print(f"{ok}/{len(rows)} ok; wrote {out.with_suffix('.md')} and .json")
+    return 0
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=3)
-    main()
+    sys.exit(main())
