@@ -133,7 +133,9 @@ def to_rgb(im: Any, label: str = "image") -> np.ndarray:
     try:
         im = ImageOps.exif_transpose(im) or im
     except Exception as err:
-        raise InputError(f"{label}: its EXIF orientation cannot be read ({type(err).__name__})") from err
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise InputError(f"{label} is not an image that Pillow can read ({type(err).__name__}"
+                         f"{': ' + detail if detail else ''}; while applying its EXIF orientation)") from err
     mode = im.mode
     if mode in _SIXTEEN_BIT:
         return _grey(_scale16(np.asarray(im).astype(np.float64)))
