@@ -269,8 +269,9 @@ def test_missing_preprocessing_warns(setup, tmp_path):
 
 
 def test_lrp_graphs_are_drawn_signed_by_default(setup, tmp_path, capsys):
-    """An exported LRP graph's relevance is drawn from the raw map, centered, on seismic (as `pyattr explain`
-    does); other graphs keep the normalized maps on jet."""
+    """An exported LRP graph's relevance is drawn from the raw map, centred on bwr with opacity ~ |value| (as
+    `pyattr explain` does, the photo unchanged where the relevance is zero); other graphs keep the normalized
+    maps on jet."""
     from pyattr.cli import main
 
     torch.manual_seed(0)
@@ -284,6 +285,6 @@ def test_lrp_graphs_are_drawn_signed_by_default(setup, tmp_path, capsys):
     raw = runtime.run(runtime.preprocess([file])).raw[0]
     assert raw.min() < 0 < raw.max()
     image = np.asarray(Image.open(file).convert("RGB"))
-    expected = render.heatmap_overlay(raw, image, 0.6, "seismic", sign="centered")
+    expected = render.heatmap_overlay_signed(raw, image, 0.6, "bwr")
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o" / f"{file.stem}_{runtime.method}_overlay.png")),
                                   expected)

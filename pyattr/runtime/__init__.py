@@ -347,7 +347,7 @@ class AttributionRuntime:
             source: ``"maps"`` (the graph's normalized maps, resized and clipped -- what
                 ``pyattr explain`` draws) or ``"raw"`` (the raw map, resized and normalized here
                 with ``sign`` and ``outlier_perc``; e.g. ``cmap="bwr", sign="centered"`` for
-                signed maps).
+                signed maps, drawn with :func:`pyattr.render.heatmap_overlay_signed`: opacity ~ |value|).
             batch_size: images per graph run.
             names: one name per image (default: file stems, else ``image_<i>``).
         """
@@ -400,9 +400,17 @@ class AttributionRuntime:
         by_size: dict[tuple[int, int], list[int]] = {}
         for j, rgb in enumerate(images):
             by_size.setdefault(rgb.shape[:2], []).append(j)
+        # signed maps drawn centred (zero at the colormap's middle) with opacity ~ |value|, so the photo stays
+        # visible where the evidence is zero (as pyattr explain draws them)
+        signed = source == "raw" and sign == "centered"
         for indices in by_size.values():  # one fused call per image size
-            drawn = render.heatmap_overlay(maps[indices], np.stack([images[j] for j in indices]), alpha, cmap,
-                                           num_threads=self.num_threads, **options)
+            stacked = np.stack([images[j] for j in indices])
+            if signed:
+                drawn = render.heatmap_overlay_signed(maps[indices], stacked, alpha, cmap,
+                                                      outlier_perc=outlier_perc, num_threads=self.num_threads)
+            else:
+                drawn = render.heatmap_overlay(maps[indices], stacked, alpha, cmap,
+                                               num_threads=self.num_threads, **options)
             for j, overlay in zip(indices, drawn):
                 overlays[j] = overlay
         return overlays

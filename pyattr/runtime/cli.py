@@ -33,12 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="pyattr_run", help="output folder (default pyattr_run)")
     parser.add_argument("--target", help="class to explain, id or name (default: each image's top class)")
     parser.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity (default 0.5)")
-    parser.add_argument("--cmap", help="colormap (default jet; seismic for LRP graphs)")
+    parser.add_argument("--cmap", help="colormap (default jet; bwr for signed graphs: LRP, IG, Input x Gradient)")
     parser.add_argument("--source", choices=["maps", "raw"],
                         help="draw the graph's normalized maps (default) or its raw maps normalized here "
-                             "(default for LRP graphs: signed relevance)")
+                             "(default for signed graphs: the raw signed map, centred)")
     parser.add_argument("--sign", help="with --source raw: all, absolute, positive, negative, centered "
-                                       "(default all; centered for LRP graphs)")
+                                       "(default all; centered for signed graphs)")
     parser.add_argument("--outlier-perc", type=float, default=0.0,
                         help="with --source raw: percent of extreme values clipped (default 0)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per graph run (default 16)")
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     runtime = AttributionRuntime(args.model, providers=providers, num_threads=args.threads)
     # Signed relevance (LRP): by default drawn from the raw map, 0 at the middle of a diverging colormap.
     signed = bool(runtime.metadata.get("signed", False))
-    args.cmap = args.cmap or ("seismic" if signed else "jet")
+    args.cmap = args.cmap or ("bwr" if signed else "jet")
     args.source = args.source or ("raw" if signed else "maps")
     args.sign = args.sign or ("centered" if signed and args.source == "raw" else "all")
     target = runtime.class_index(args.target) if args.target is not None else None
