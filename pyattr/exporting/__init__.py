@@ -78,9 +78,7 @@ def _onnx_via_torch(gm, x, t):
         program = torch.onnx.export(ep, (x, t), None, dynamo=True, input_names=list(INPUT_NAMES),
                                     output_names=list(OUTPUT_NAMES), verbose=False, optimize=False)
     model = program.model
-    symbol = _onnx.batch_symbol(gm)
-    if symbol is not None:
-        _onnx.rename_dim(model, symbol, _onnx.BATCH_DIM)
+    _onnx.name_dims(model, x.shape)
     _onnx.clean_up(model)
     model.graph.metadata_props.clear()
     return model
@@ -95,7 +93,7 @@ def _write_onnx(gm, x, t, tmp: Path, meta: dict) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = _onnx.translate(gm, INPUT_NAMES, OUTPUT_NAMES)
+            model = _onnx.translate(gm, x.shape, INPUT_NAMES, OUTPUT_NAMES)
     except Exception as err:  # noqa: BLE001 - it uses torch.onnx internals: any failure takes the public route
         logging.getLogger(__name__).debug("direct ONNX translation failed (%s); using torch.onnx.export", err)
     if model is None:

@@ -69,6 +69,32 @@ def _lifted_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, torch.T
     return copy, constants
 
 
+def _specialize(gm: fx.GraphModule, example_shape) -> int:
+    """Replace every symbolic size of ``gm`` that does not depend on the batch (``sym_size`` of a spatial
+    dimension, arithmetic on it) by its value at the example's (C, H, W). make_fx keeps every input size
+    symbolic; left so, the ONNX graph computes static sizes at run time (``Shape`` ops), and an extra
+    consumer of a convolution's output is enough to stop onnxruntime from fusing the BatchNorm after it.
+    Returns how many nodes were replaced."""
+    first = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    known = {}
+    for i, dim in enumerate(first.meta["val"].shape):
+        if i > 0 and isinstance(dim, torch.SymInt) and dim.node.expr.is_Symbol:
+            known[dim.node.expr] = int(example_shape[i])
+    if not known:
+        return 0
+    replaced = 0
+    for node in list(gm.graph.nodes):
+        val = node.meta.get("val")
+        if node.op != "call_function" or not isinstance(val, torch.SymInt):
+            continue
+        expr = val.node.expr.xreplace(known)
+        if expr.is_Integer:
+            node.replace_all_uses_with(int(expr))
+            gm.graph.erase_node(node)
+            replaced += 1
+    return replaced
+
+
 def _aliases(target) -> bool:
     """Whether an op's first output is a view of (or the same tensor as) one of its inputs."""
     returns = target._schema.returns
@@ -131,20 +157,34 @@ def _missing_ops(gm: fx.GraphModule, registry) -> list[str]:
     return sorted(missing)
 
 
-def batch_symbol(gm: fx.GraphModule) -> str | None:
-    """The name torch gave the batch dimension (the first input's dim 0), e.g. ``s34``; None when static."""
-    first = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    dim = first.meta["val"].shape[0]
-    return None if isinstance(dim, int) else str(dim.node)
+def _substituted(expr: str, known: dict[str, int]) -> int | str:
+    """A shape expression such as ``(s7 - 1)//2 + 1`` with the ``known`` symbols substituted: an int when
+    nothing else is left, else the simplified expression (``s34*s7`` -> ``20*s34``)."""
+    import sympy
+
+    try:
+        value = sympy.sympify(expr, locals={name: sympy.Symbol(name, integer=True, positive=True) for name in known})
+        value = value.subs({sympy.Symbol(n, integer=True, positive=True): v for n, v in known.items()})
+    except (sympy.SympifyError, TypeError, SyntaxError, ValueError):
+        return expr
+    return int(value) if getattr(value, "is_Integer", False) else str(value).replace(" ", "")
 
 
-def rename_dim(model, old: str, new: str) -> None:
-    """Rename the symbolic dimension ``old`` to ``new`` in every value of an ``onnx_ir`` model, including
-    expressions of it (``2*s34`` becomes ``2*batch``); symbolic dimensions named by a number become that
-    number."""
+def name_dims(model, example_shape) -> None:
+    """Name the batch dimension ``batch`` in every value of an ``onnx_ir`` model (torch calls it ``s<N>``),
+    expressions of it included (``2*s34`` becomes ``2*batch``), and make the other dimensions static:
+    symbols torch kept for the example's (C, H, W) become those sizes, in expressions too."""
     import onnx_ir as ir
 
-    pattern = re.compile(rf"(?<!\w){re.escape(old)}(?!\w)")
+    images = model.graph.inputs[0]
+    batch, known = None, {}
+    for i, dim in enumerate(images.shape):
+        if isinstance(dim, ir.SymbolicDim) and isinstance(dim.value, str):
+            if i == 0:
+                batch = dim.value
+            elif dim.value.isidentifier():
+                known[dim.value] = int(example_shape[i])
+    pattern = re.compile(rf"(?<!\w){re.escape(batch)}(?!\w)") if batch else None
     values = list(model.graph.inputs) + list(model.graph.initializers.values())
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         values.extend(node.outputs)
@@ -152,19 +192,29 @@ def rename_dim(model, old: str, new: str) -> None:
         values.extend(function.inputs)
         for node in ir.traversal.RecursiveGraphIterator(function):
             values.extend(node.outputs)
+    cache: dict[str, int | str] = {}
     for value in values:
         if value.shape is None:
             continue
         dims, changed = [], False
         for dim in value.shape:
-            if isinstance(dim, ir.SymbolicDim) and isinstance(dim.value, str) and dim.value.isdigit():
-                dims.append(int(dim.value))  # a size torch kept as a symbol but knows (static)
-                changed = True
-            elif isinstance(dim, ir.SymbolicDim) and isinstance(dim.value, str) and pattern.search(dim.value):
-                dims.append(pattern.sub(new, dim.value))
-                changed = True
-            else:
+            if not (isinstance(dim, ir.SymbolicDim) and isinstance(dim.value, str)):
                 dims.append(dim)
+                continue
+            text = dim.value
+            if text not in cache:
+                new: int | str = text
+                if text.isdigit():  # a size torch kept as a symbol but knows
+                    new = int(text)
+                elif text in known:
+                    new = known[text]
+                elif known and any(re.search(rf"(?<!\w){re.escape(k)}(?!\w)", text) for k in known):
+                    new = _substituted(text, known)
+                if isinstance(new, str) and pattern is not None:
+                    new = pattern.sub(BATCH_DIM, new)
+                cache[text] = new
+            dims.append(cache[text])
+            changed = changed or cache[text] != text
         if changed:
             value.shape = ir.Shape(dims)
 
@@ -198,7 +248,7 @@ def _registry():
     return _registration.ONNXRegistry.from_torchlib()
 
 
-def translate(gm: fx.GraphModule, input_names, output_names):
+def translate(gm: fx.GraphModule, example_shape, input_names, output_names):
     """``gm`` (a traced attribution graph) as an ``onnx_ir.Model``, or None when torch.onnx has no ONNX
     function for one of its ops (the caller then decomposes it through ``torch.onnx.export``)."""
     from torch.export import graph_signature as gs
@@ -206,6 +256,7 @@ def translate(gm: fx.GraphModule, input_names, output_names):
 
     registry = _registry()
     lifted, constants = _lifted_graph(gm)
+    _specialize(lifted, example_shape)
     if not _functionalize(lifted) or _missing_ops(lifted, registry):
         return None
     _insert_type_promotion(lifted)
@@ -224,9 +275,7 @@ def translate(gm: fx.GraphModule, input_names, output_names):
     model = _core._exported_program_to_onnx_program(program, registry=registry).model
     _ir_passes.rename_inputs(model, list(input_names))
     _ir_passes.rename_outputs(model, list(output_names))
-    symbol = batch_symbol(lifted)
-    if symbol is not None:
-        rename_dim(model, symbol, BATCH_DIM)
+    name_dims(model, example_shape)
     clean_up(model)
     model.graph.metadata_props.clear()  # torch.onnx's signature/range strings describe no ExportedProgram here
     return model
