@@ -322,8 +322,10 @@ def markdown(env: dict, results: list[dict]) -> str:
              (f"- torch {env['torch']}, torchvision {env['torchvision']}, onnx {env['onnx']}, "
               f"onnxscript {env['onnxscript']}, onnxruntime {env['onnxruntime']}, Python {env['python']}"),
              f"- input 1x3x{env['size']}x{env['size']}, random-init weights; {env['date']}",
-             ("- `ratio` = export wall time / mean wall time of the timed reference runs (before and after); "
-              "stages in seconds, exclusive (see the script's docstring)"), ""]
+             ("- `ratio` = export wall time / mean wall time of the timed reference runs (before and after), "
+              "`cpu ratio` the same with process CPU time (the steadier one on a shared machine); stages in "
+              "CPU seconds, exclusive (see the script's docstring); `ort ms`: one onnxruntime run of "
+              "the exported graph, batch 1, 1 thread, median"), ""]
     for res in results:
         timed_refs = [r for r in res["reference"] if r["label"] != "warm-up"]
         ref = statistics.mean(r["wall"] for r in timed_refs)
@@ -336,19 +338,21 @@ def markdown(env: dict, results: list[dict]) -> str:
         lines.append(f"Reference `torch.onnx.export(model, x, dynamo=True)`: {refs}; mean of timed runs "
                      f"{ref:.1f} s wall, {ref_cpu:.1f} s cpu.")
         lines.append("")
-        header = ["method", "kind", "format", "status", "wall s", "cpu s", "ratio", "load", *STAGES, "MB", "ort ms"]
+        header = ["method", "kind", "format", "status", "wall s", "cpu s", "ratio", "cpu ratio", "load", *STAGES, "MB",
+                  "ort ms"]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
         for row in res["cases"]:
-            stages = row.get("stages", {})
+            stages = row.get("stages_cpu", {})
             cells = [row["method"], row["kind"], row["format"], row["status"]]
             if row["status"] == "ok":
-                cells += [f"{row['wall']:.1f}", f"{row['cpu']:.1f}", f"{row['wall'] / ref:.2f}", f"{row['load']:.1f}"]
+                cells += [f"{row['wall']:.1f}", f"{row['cpu']:.1f}", f"{row['wall'] / ref:.2f}",
+                          f"{row['cpu'] / ref_cpu:.2f}", f"{row['load']:.1f}"]
                 cells += [f"{stages.get(s, 0.0):.1f}" for s in STAGES]
                 cells += [f"{row['bytes'] / 1e6:.0f}", f"{1000 * row['ort_s']:.0f}" if "ort_s" in row else ""]
             else:
                 wall = f">{row['wall']:.0f}" if row["status"] == "timeout" else ""
-                cells += [wall, "", "", ""] + [""] * len(STAGES) + ["", ""]
+                cells += [wall, "", "", "", ""] + [""] * len(STAGES) + ["", ""]
             lines.append("| " + " | ".join(cells) + " |")
         errors = [r for r in res["cases"] if r["status"] not in ("ok", "timeout")]
         if errors:
@@ -371,7 +375,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "export_time"),
                         help="output path without suffix (.md and .json are written)")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--report", nargs="+", metavar="JSON",
+                        help="write --out's .md (and a merged .json) from the .json files of earlier runs; export nothing")
     args = parser.parse_args(argv)
+    if args.report:
+        runs = [json.loads(Path(p).read_text()) for p in args.report]
+        out = Path(args.out)
+        out.with_suffix(".json").write_text(json.dumps({"runs": runs}, indent=1))
+        out.with_suffix(".md").write_text("\n".join(markdown(run["environment"], run["results"]) for run in runs))
+        return 0
     args.models = [m for m in args.models.split(",") if m]
     args.methods = [m for m in args.methods.split(",") if m]
     args.formats = [f for f in args.formats.split(",") if f]
