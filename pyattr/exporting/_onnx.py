@@ -24,6 +24,7 @@ falls back to the public path.
 from __future__ import annotations
 
 import functools
+import logging
 import operator
 import re
 from types import SimpleNamespace
@@ -272,7 +273,13 @@ def translate(gm: fx.GraphModule, example_shape, input_names, output_names):
     )
     program = SimpleNamespace(graph_module=lifted, graph_signature=signature, range_constraints={},
                               named_parameters=lambda: iter(()), named_buffers=lambda: iter(constants.items()), constants={})
-    model = _core._exported_program_to_onnx_program(program, registry=registry).model
+    logger = logging.getLogger(_core.__name__)  # one "nn_module_stack not found" warning per backward node
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        model = _core._exported_program_to_onnx_program(program, registry=registry).model
+    finally:
+        logger.setLevel(level)
     _ir_passes.rename_inputs(model, list(input_names))
     _ir_passes.rename_outputs(model, list(output_names))
     name_dims(model, example_shape)
