@@ -14,8 +14,10 @@ timed, with the time split into stages by wrapping the functions that do the wor
 - ``fold``: pyattr's constant folding of the traced graph;
 - ``capture``: ``torch.export.export`` (re-capturing the graph as an ExportedProgram);
 - ``decomp``: ``ExportedProgram.run_decompositions`` (torch.onnx runs it on every program);
-- ``onnx``: translating the program into ONNX (``_exported_program_to_onnx_program``);
-- ``optimize``: onnxscript's optimizer (``torch.onnx.export(..., optimize=True)``);
+- ``onnx``: translating the program into ONNX (``_exported_program_to_onnx_program``; with pyattr's direct
+  route, ``pyattr.exporting._onnx.translate`` and the graph preparation in it);
+- ``optimize``: onnxscript's optimizer (``torch.onnx.export(..., optimize=True)``), or the direct route's
+  clean-up passes (``_onnx.clean_up``);
 - ``script``: ``torch.jit.script``;
 - ``save``: serialising (``onnx.save`` / ``ir.save`` / ``torch.jit.save`` / ``torch.export.save``);
 - ``other``: what is left (checks, metadata, loading the ONNX file back, ...).
@@ -112,7 +114,6 @@ def instrument() -> None:
     import onnx
     from torch.onnx._internal.exporter import _core, _onnx_program
 
-    from pyattr import exporting
     from pyattr.exporting import trace
 
     original_make_fx = trace.make_fx
@@ -148,10 +149,14 @@ def instrument() -> None:
         STAGE.wrap(onnxscript.optimizer, "optimize", "optimize")
     except (ImportError, AttributeError):
         pass
-    # pyattr's own export stages, where they exist (newer export path)
-    for attr, name in (("_translate_onnx", "onnx"), ("_optimize_onnx", "optimize"), ("_program_of", "capture")):
-        if hasattr(exporting, attr):
-            STAGE.wrap(exporting, attr, name)
+    # pyattr's direct ONNX route (pyattr/exporting/_onnx.py), where it exists: its graph preparation
+    # (lifting constants, type promotion, ...) counts as translation, its clean-up passes as the optimizer
+    try:
+        from pyattr.exporting import _onnx
+    except ImportError:
+        return
+    STAGE.wrap(_onnx, "translate", "onnx")
+    STAGE.wrap(_onnx, "clean_up", "optimize")
 
 
 class Timeout(Exception):
