@@ -79,7 +79,7 @@ def _specialize(gm: fx.GraphModule, example_shape) -> int:
     first = next(n for n in gm.graph.nodes if n.op == "placeholder")
     known = {}
     for i, dim in enumerate(first.meta["val"].shape):
-        if i > 0 and isinstance(dim, torch.SymInt) and dim.node.expr.is_Symbol:
+        if i > 0 and isinstance(dim, torch.SymInt) and getattr(dim.node.expr, "is_Symbol", False):
             known[dim.node.expr] = int(example_shape[i])
     if not known:
         return 0
@@ -88,8 +88,9 @@ def _specialize(gm: fx.GraphModule, example_shape) -> int:
         val = node.meta.get("val")
         if node.op != "call_function" or not isinstance(val, torch.SymInt):
             continue
-        expr = val.node.expr.xreplace(known)
-        if expr.is_Integer:
+        expr = val.node.expr
+        expr = expr.xreplace(known) if hasattr(expr, "xreplace") else expr
+        if isinstance(expr, int) or getattr(expr, "is_Integer", False):
             node.replace_all_uses_with(int(expr))
             gm.graph.erase_node(node)
             replaced += 1
@@ -288,12 +289,35 @@ def translate(gm: fx.GraphModule, example_shape, input_names, output_names):
     return model
 
 
+def _cast_like_to_cast(model) -> int:
+    """``CastLike(x, like)`` -> ``Cast(x, to=dtype of like)`` where that dtype is known (torchlib emits
+    CastLike; onnxruntime has no CPU kernel to fold it and warns once per node). Returns how many."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    replaced = 0
+    for node in list(graph):
+        if node.op_type != "CastLike" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        like = node.inputs[1]
+        if like is None or like.dtype is None:
+            continue
+        cast = ir.Node("", "Cast", [node.inputs[0]], attributes=[ir.AttrInt64("to", like.dtype.value)],
+                       name=node.name)
+        cast.outputs[0].dtype = like.dtype
+        cast.outputs[0].shape = node.outputs[0].shape
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [cast], node.outputs, cast.outputs)
+        replaced += 1
+    return replaced
+
+
 def clean_up(model) -> None:
     """Cheap passes in place of onnxscript's optimizer: inline torchlib's functions (``aten_amax``, ...: a
     runtime knows only standard ops), drop identities, unused nodes, initializers, functions and opsets."""
     from onnx_ir.passes import common
 
     common.InlinePass()(model)
+    _cast_like_to_cast(model)
     common.IdentityEliminationPass()(model)
     common.RemoveUnusedNodesPass()(model)
     common.RemoveUnusedFunctionsPass()(model)
