@@ -284,7 +284,9 @@ def run_model(model_name: str, args, tmp: Path) -> dict:
             except Timeout as err:
                 row.update(status="timeout", error=str(err), wall=float(args.timeout))
             except Exception as err:  # noqa: BLE001 - a benchmark records every failure
-                if time.perf_counter() - start >= args.timeout - 1:  # the alarm, wrapped by torch in its own error
+                if isinstance(err.__cause__, NoRuleError):  # raised while tracing, wrapped in an ExportError
+                    row.update(status="no_rule", error=str(err.__cause__).splitlines()[0][:200])
+                elif time.perf_counter() - start >= args.timeout - 1:  # the alarm, wrapped by torch in its own error
                     row.update(status="timeout", error=f"timed out after {args.timeout} s", wall=float(args.timeout))
                 else:
                     row.update(status="error", error=f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}")
