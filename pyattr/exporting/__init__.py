@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -120,24 +123,44 @@ def _export_program(gm, x, t) -> torch.export.ExportedProgram:
                           f"{str(err).strip().splitlines()[0]}") from err
 
 
-def _write_onnx(gm, x, t, tmp: Path, meta: dict) -> None:
-    import onnx
+def _onnx_via_torch(gm, x, t):
+    """The public route: torch.export capture, then torch.onnx (which decomposes what has no ONNX function).
+    Slower (two more traces of the graph); taken only when the direct translation cannot be."""
+    from . import _onnx
 
     ep = _export_program(gm, x, t)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(ep, (x, t), str(tmp), dynamo=True, input_names=list(INPUT_NAMES),
-                          output_names=list(OUTPUT_NAMES), verbose=False, optimize=True,
-                          external_data=False)
-    model = onnx.load(str(tmp))
-    forbidden = sorted({n.op_type for n in model.graph.node
-                        if n.op_type == "Gradient" or n.domain not in ("", "ai.onnx")})
+        program = torch.onnx.export(ep, (x, t), None, dynamo=True, input_names=list(INPUT_NAMES),
+                                    output_names=list(OUTPUT_NAMES), verbose=False, optimize=False)
+    model = program.model
+    _onnx.name_dims(model, x.shape)
+    _onnx.clean_up(model)
+    model.graph.metadata_props.clear()
+    return model
+
+
+def _write_onnx(gm, x, t, tmp: Path, meta: dict) -> None:
+    import onnx_ir as ir
+
+    from . import _onnx
+
+    model = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = _onnx.translate(gm, x.shape, INPUT_NAMES, OUTPUT_NAMES)
+    except Exception as err:  # noqa: BLE001 - it uses torch.onnx internals: any failure takes the public route
+        logging.getLogger(__name__).debug("direct ONNX translation failed (%s); using torch.onnx.export", err)
+    if model is None:
+        model = _onnx_via_torch(gm, x, t)
+    forbidden = sorted({node.op_type for node in ir.traversal.RecursiveGraphIterator(model.graph)
+                        if node.op_type == "Gradient" or node.domain not in ("", "ai.onnx")})
     if forbidden:
         raise ExportError(f"the ONNX graph holds non-standard ops: {', '.join(forbidden)}")
-    del model.metadata_props[:]
-    entry = model.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(meta)
-    onnx.save(model, str(tmp))
+    model.metadata_props.clear()
+    model.metadata_props[METADATA_KEY] = json.dumps(meta)
+    ir.save(model, str(tmp))
 
 
 def _write_torchscript(gm, tmp: Path, meta: dict) -> None:

@@ -1,0 +1,324 @@
+"""ONNX straight from pyattr's traced aten graph, without re-capturing it.
+
+``torch.onnx.export`` takes a module or an ``ExportedProgram``. Given pyattr's traced graph it would
+capture it again with ``torch.export.export`` (a second symbolic trace of the whole graph), decompose it
+again with ``ExportedProgram.run_decompositions`` (a third), translate it, run onnxscript's optimizer
+(minutes on some graphs) and serialise it; pyattr then loaded the file back to add its metadata and saved
+it a second time. The traced graph is already a flat graph of aten ops with a symbolic batch, so here it
+goes to torch.onnx's FX-to-ONNX translator directly:
+
+1. copy the graph; every ``get_attr`` tensor (weights, folded constants) becomes one initializer
+   (``get_attr`` nodes of one tensor are merged, so no weight is stored twice);
+2. check that torch.onnx has an ONNX function for every op (when one has none, :func:`translate` returns
+   ``None`` and the caller takes torch.onnx's own path, which decomposes it);
+3. torch.onnx's explicit type promotion pass, then its FX-to-ONNX translation;
+4. light clean-up instead of onnxscript's optimizer: remove unused nodes, fold nothing (onnxruntime
+   folds constants and fuses at session creation, so the run time does not change; see
+   ``benchmarks/results/export_time.md``);
+5. the batch dimension is named ``batch`` in every value of the graph (torch calls it ``s<N>``).
+
+This uses torch.onnx's private exporter modules (``torch.onnx._internal.exporter``); any failure here
+falls back to the public path.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import operator
+import re
+from types import SimpleNamespace
+
+import torch
+from torch import fx
+
+BATCH_DIM = "batch"
+
+
+def _lifted_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, torch.Tensor]]:
+    """A copy of ``gm`` whose ``get_attr`` tensors are lifted to placeholders after the inputs, one per
+    tensor (``get_attr`` nodes of one tensor are merged); returns it and {placeholder name: tensor}."""
+    graph = fx.Graph()
+    mapping: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, mapping)
+    graph.output(out)
+    copy = fx.GraphModule(gm, graph)
+    first_op = next(n for n in copy.graph.nodes if n.op != "placeholder")
+    seen: dict[tuple, fx.Node] = {}
+    constants: dict[str, torch.Tensor] = {}
+    for node in list(copy.graph.nodes):
+        if node.op != "get_attr":
+            continue
+        value = copy
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        if not isinstance(value, torch.Tensor):
+            continue
+        value = value.detach()
+        key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), tuple(value.stride()),
+               value.dtype) if value.numel() else (node.target,)
+        if key not in seen:
+            with copy.graph.inserting_before(first_op):
+                lifted = copy.graph.placeholder(node.name)
+            lifted.meta = dict(node.meta)
+            lifted.meta["val"] = value if value.is_contiguous() else value.contiguous()
+            constants[lifted.name] = lifted.meta["val"]
+            seen[key] = lifted
+        node.replace_all_uses_with(seen[key])
+        copy.graph.erase_node(node)
+    copy.recompile()
+    return copy, constants
+
+
+def _specialize(gm: fx.GraphModule, example_shape) -> int:
+    """Replace every symbolic size of ``gm`` that does not depend on the batch (``sym_size`` of a spatial
+    dimension, arithmetic on it) by its value at the example's (C, H, W). make_fx keeps every input size
+    symbolic; left so, the ONNX graph computes static sizes at run time (``Shape`` ops), and an extra
+    consumer of a convolution's output is enough to stop onnxruntime from fusing the BatchNorm after it.
+    Returns how many nodes were replaced."""
+    first = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    known = {}
+    for i, dim in enumerate(first.meta["val"].shape):
+        if i > 0 and isinstance(dim, torch.SymInt) and getattr(dim.node.expr, "is_Symbol", False):
+            known[dim.node.expr] = int(example_shape[i])
+    if not known:
+        return 0
+    replaced = 0
+    for node in list(gm.graph.nodes):
+        val = node.meta.get("val")
+        if node.op != "call_function" or not isinstance(val, torch.SymInt):
+            continue
+        expr = val.node.expr
+        expr = expr.xreplace(known) if hasattr(expr, "xreplace") else expr
+        if isinstance(expr, int) or getattr(expr, "is_Integer", False):
+            node.replace_all_uses_with(int(expr))
+            gm.graph.erase_node(node)
+            replaced += 1
+    return replaced
+
+
+def _aliases(target) -> bool:
+    """Whether an op's first output is a view of (or the same tensor as) one of its inputs."""
+    returns = target._schema.returns
+    return bool(returns) and returns[0].alias_info is not None
+
+
+def _fresh(node) -> bool:
+    """Whether ``node`` is a tensor an op created (not a view, an input or a constant)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    if node.target is operator.getitem:  # an output of a multi-output op, e.g. native_batch_norm's
+        source, index = node.args
+        if not (isinstance(source, fx.Node) and isinstance(source.target, torch._ops.OpOverload)):
+            return False
+        returns = source.target._schema.returns
+        return isinstance(index, int) and index < len(returns) and returns[index].alias_info is None
+    return isinstance(node.target, torch._ops.OpOverload) and not _aliases(node.target)
+
+
+def _functionalize(gm: fx.GraphModule) -> bool:
+    """Replace in-place aten ops (``relu_``, ``add_``, ... as make_fx records them) by their out-of-place
+    form, later users of the mutated tensor reading the result instead. Returns False (graph untouched
+    or partly rewritten: the caller discards it) when a mutated tensor may be aliased: a view, a view's
+    base, a graph input or a constant."""
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        schema = node.target._schema
+        if not schema.is_mutable:
+            continue
+        mutated = [i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+        packet = node.target.overloadpacket
+        name = packet.__name__
+        if mutated != [0] or not name.endswith("_") or name.startswith("_"):
+            return False
+        functional = getattr(getattr(torch.ops.aten, name[:-1], None), node.target._overloadname or "default", None)
+        if functional is None:
+            return False
+        base = node.args[0]
+        if not _fresh(base):
+            return False
+        if any(isinstance(u.target, torch._ops.OpOverload) and _aliases(u.target)
+                                        and u is not node for u in base.users):
+            return False
+        node.target = functional
+        for user in list(base.users):
+            if user is not node and order[user] > order[node]:
+                user.replace_input_with(base, node)
+    gm.recompile()
+    return True
+
+
+def _missing_ops(gm: fx.GraphModule, registry) -> list[str]:
+    missing = set()
+    for node in gm.graph.nodes:
+        if (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+                and not registry.is_registered(node.target)):
+            missing.add(node.target.name())
+    return sorted(missing)
+
+
+def _substituted(expr: str, known: dict[str, int]) -> int | str:
+    """A shape expression such as ``(s7 - 1)//2 + 1`` with the ``known`` symbols substituted: an int when
+    nothing else is left, else the simplified expression (``s34*s7`` -> ``20*s34``)."""
+    import sympy
+
+    try:
+        value = sympy.sympify(expr, locals={name: sympy.Symbol(name, integer=True, positive=True) for name in known})
+        value = value.subs({sympy.Symbol(n, integer=True, positive=True): v for n, v in known.items()})
+    except (sympy.SympifyError, TypeError, SyntaxError, ValueError):
+        return expr
+    return int(value) if getattr(value, "is_Integer", False) else str(value).replace(" ", "")
+
+
+def name_dims(model, example_shape) -> None:
+    """Name the batch dimension ``batch`` in every value of an ``onnx_ir`` model (torch calls it ``s<N>``),
+    expressions of it included (``2*s34`` becomes ``2*batch``), and make the other dimensions static:
+    symbols torch kept for the example's (C, H, W) become those sizes, in expressions too."""
+    import onnx_ir as ir
+
+    images = model.graph.inputs[0]
+    batch, known = None, {}
+    for i, dim in enumerate(images.shape):
+        if isinstance(dim, ir.SymbolicDim) and isinstance(dim.value, str):
+            if i == 0:
+                batch = dim.value
+            elif dim.value.isidentifier():
+                known[dim.value] = int(example_shape[i])
+    pattern = re.compile(rf"(?<!\w){re.escape(batch)}(?!\w)") if batch else None
+    values = list(model.graph.inputs) + list(model.graph.initializers.values())
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        values.extend(node.outputs)
+    for function in model.functions.values():
+        values.extend(function.inputs)
+        for node in ir.traversal.RecursiveGraphIterator(function):
+            values.extend(node.outputs)
+    cache: dict[str, int | str] = {}
+    for value in values:
+        if value.shape is None:
+            continue
+        dims, changed = [], False
+        for dim in value.shape:
+            if not (isinstance(dim, ir.SymbolicDim) and isinstance(dim.value, str)):
+                dims.append(dim)
+                continue
+            text = dim.value
+            if text not in cache:
+                new: int | str = text
+                if text.isdigit():  # a size torch kept as a symbol but knows
+                    new = int(text)
+                elif text in known:
+                    new = known[text]
+                elif known and any(re.search(rf"(?<!\w){re.escape(k)}(?!\w)", text) for k in known):
+                    new = _substituted(text, known)
+                if isinstance(new, str) and pattern is not None:
+                    new = pattern.sub(BATCH_DIM, new)
+                cache[text] = new
+            dims.append(cache[text])
+            changed = changed or cache[text] != text
+        if changed:
+            value.shape = ir.Shape(dims)
+
+
+def _insert_type_promotion(gm: fx.GraphModule) -> None:
+    """torch.onnx's explicit type promotion pass (casts where ONNX needs equal input types), without
+    re-running every node on fake tensors: a node keeps the ``meta["val"]`` make_fx gave it; only the
+    nodes that get new inputs, and the casts, are run (torch.onnx's pass re-runs all of them)."""
+    from torch.onnx._internal.fx.passes import type_promotion
+
+    class Interpreter(type_promotion._TypePromotionInterpreter):
+        def run_node(self, n):
+            val = n.meta.get("val")
+            if n.op != "call_function" or val is None:
+                return super().run_node(n)
+            rule = type_promotion.get_type_promotion_rule(n, self.type_promotion_table)
+            if rule is not None:
+                with self._set_current_node(n):
+                    self._maybe_promote_node(n, rule)  # re-runs the node and sets meta["val"] when it changed
+            return n.meta["val"]
+
+    promote = type_promotion.InsertTypePromotion(gm)
+    promote.interpreter = Interpreter(gm, type_promotion.TypePromotionTable())
+    promote.run()
+
+
+@functools.cache
+def _registry():
+    from torch.onnx._internal.exporter import _registration
+
+    return _registration.ONNXRegistry.from_torchlib()
+
+
+def translate(gm: fx.GraphModule, example_shape, input_names, output_names):
+    """``gm`` (a traced attribution graph) as an ``onnx_ir.Model``, or None when torch.onnx has no ONNX
+    function for one of its ops (the caller then decomposes it through ``torch.onnx.export``)."""
+    from torch.export import graph_signature as gs
+    from torch.onnx._internal.exporter import _core, _fx_passes, _ir_passes
+
+    registry = _registry()
+    lifted, constants = _lifted_graph(gm)
+    _specialize(lifted, example_shape)
+    if not _functionalize(lifted) or _missing_ops(lifted, registry):
+        return None
+    _insert_type_promotion(lifted)
+    lifted = _fx_passes.remove_assertion_nodes(lifted)
+    inputs = [n.name for n in lifted.graph.nodes if n.op == "placeholder" and n.name not in constants]
+    output = next(n for n in lifted.graph.nodes if n.op == "output")
+    outputs = output.args[0] if isinstance(output.args[0], (list, tuple)) else (output.args[0],)
+    signature = SimpleNamespace(
+        input_specs=[gs.InputSpec(gs.InputKind.USER_INPUT, gs.TensorArgument(n), None) for n in inputs]
+        + [gs.InputSpec(gs.InputKind.BUFFER, gs.TensorArgument(n), n, True) for n in constants],
+        output_specs=[gs.OutputSpec(gs.OutputKind.USER_OUTPUT, gs.TensorArgument(n.name), None) for n in outputs],
+        inputs_to_parameters={}, inputs_to_buffers={n: n for n in constants}, inputs_to_lifted_tensor_constants={},
+    )
+    program = SimpleNamespace(graph_module=lifted, graph_signature=signature, range_constraints={},
+                              named_parameters=lambda: iter(()), named_buffers=lambda: iter(constants.items()), constants={})
+    logger = logging.getLogger(_core.__name__)  # one "nn_module_stack not found" warning per backward node
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        model = _core._exported_program_to_onnx_program(program, registry=registry).model
+    finally:
+        logger.setLevel(level)
+    _ir_passes.rename_inputs(model, list(input_names))
+    _ir_passes.rename_outputs(model, list(output_names))
+    name_dims(model, example_shape)
+    clean_up(model)
+    model.graph.metadata_props.clear()  # torch.onnx's signature/range strings describe no ExportedProgram here
+    return model
+
+
+def _cast_like_to_cast(model) -> int:
+    """``CastLike(x, like)`` -> ``Cast(x, to=dtype of like)`` where that dtype is known (torchlib emits
+    CastLike; onnxruntime has no CPU kernel to fold it and warns once per node). Returns how many."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    replaced = 0
+    for node in list(graph):
+        if node.op_type != "CastLike" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        like = node.inputs[1]
+        if like is None or like.dtype is None:
+            continue
+        cast = ir.Node("", "Cast", [node.inputs[0]], attributes=[ir.AttrInt64("to", like.dtype.value)],
+                       name=node.name)
+        cast.outputs[0].dtype = like.dtype
+        cast.outputs[0].shape = node.outputs[0].shape
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [cast], node.outputs, cast.outputs)
+        replaced += 1
+    return replaced
+
+
+def clean_up(model) -> None:
+    """Cheap passes in place of onnxscript's optimizer: inline torchlib's functions (``aten_amax``, ...: a
+    runtime knows only standard ops), drop identities, unused nodes, initializers, functions and opsets."""
+    from onnx_ir.passes import common
+
+    common.InlinePass()(model)
+    _cast_like_to_cast(model)
+    common.IdentityEliminationPass()(model)
+    common.RemoveUnusedNodesPass()(model)
+    common.RemoveUnusedFunctionsPass()(model)
+    common.RemoveUnusedOpsetsPass()(model)

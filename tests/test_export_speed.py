@@ -1,0 +1,183 @@
+"""The fast ONNX route: pyattr's traced graph goes to ONNX without being captured again.
+
+``pyattr.export(..., "x.onnx")`` translates the traced aten graph directly (no ``torch.export.export``,
+no ``run_decompositions``, no onnxscript optimizer, one save), rewriting make_fx's in-place ops
+(``relu_``, ``add_``) out of place where nothing aliases them, and names the batch dimension ``batch``.
+Each test holds the exported graph to eager pyattr in onnxruntime at batch sizes other than the
+example's. Tiny models: the whole file takes well under a minute on one core.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import pyattr
+from pyattr.exporting import _onnx
+
+
+class Block(nn.Module):
+    """A residual block as torchvision writes it: in-place ReLU and ``out += identity``."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return self.relu(out)
+
+
+class TinyResNet(nn.Module):
+    def __init__(self, width: int = 8, classes: int = 5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1), nn.ReLU(inplace=True))
+        self.layer1 = Block(width)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.layer1(self.stem(x))).flatten(1))
+
+
+class ViewMutation(TinyResNet):
+    """Mutates a view in place (``y[:, :2] *= 2``): the out-of-place rewrite must not be applied here."""
+
+    def forward(self, x):
+        y = self.layer1(self.stem(x)) + 0.0  # (the ReLU's output is needed by its backward: not that one)
+        y[:, :2] *= 2.0
+        return self.fc(self.pool(y).flatten(1))
+
+
+def _model(cls) -> nn.Module:
+    torch.manual_seed(0)
+    model = cls().eval()
+    with torch.no_grad():  # non-trivial batch-norm statistics
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def _dims(value) -> list:
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+def _check_against_eager(method, path, batches=(1, 3)) -> None:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for n in batches:
+        torch.manual_seed(n)
+        x = torch.rand(n, 3, 16, 16)
+        target = torch.tensor([-1, 2, 4, 0][:n])
+        scores, explained, raw, maps = session.run(None, {"images": x.numpy(), "target": target.numpy()})
+        expected = method(x, target)
+        np.testing.assert_allclose(scores, expected.scores.detach().numpy(), atol=1e-5, rtol=1e-5)
+        assert raw.shape == tuple(expected.raw.shape)
+        scale = float(expected.raw.abs().max())
+        assert scale > 0
+        np.testing.assert_allclose(raw, expected.raw.detach().numpy(), atol=1e-5 * scale, rtol=1e-4)
+        np.testing.assert_allclose(maps, expected.maps.detach().numpy(), atol=1e-4)
+        np.testing.assert_array_equal(explained, expected.target.reshape(n).numpy())
+
+
+@pytest.fixture
+def no_recapture(monkeypatch):
+    """Fail if the ONNX export captures the graph again or runs onnxscript's optimizer."""
+    import onnxscript
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fast ONNX route must not call this")
+
+    monkeypatch.setattr(torch.export, "export", refuse)
+    monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions", refuse)
+    monkeypatch.setattr(onnxscript.optimizer, "optimize", refuse)
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+
+
+@pytest.mark.parametrize("kind", ["saliency", "gradcam"])
+def test_onnx_without_recapture_matches_eager_and_names_the_batch(tmp_path, no_recapture, kind):
+    model = _model(TinyResNet)
+    method = pyattr.Saliency(model) if kind == "saliency" else pyattr.GradCAM(model, "layer1")
+    path = pyattr.export(method, torch.rand(1, 3, 16, 16), tmp_path / "m.onnx")
+    graph = onnx.load(str(path))
+    onnx.checker.check_model(graph, full_check=True)
+    inputs = {v.name: _dims(v) for v in graph.graph.input}
+    outputs = {v.name: _dims(v) for v in graph.graph.output}
+    assert inputs == {"images": ["batch", 3, 16, 16], "target": ["batch"]}
+    assert outputs["scores"] == ["batch", 5]
+    assert outputs["explained_class"] == ["batch"]
+    assert outputs["maps"] == ["batch", 16, 16]
+    assert outputs["raw"][0] == "batch"
+    # no torch symbol (s<N>) is left anywhere in the graph's shapes
+    symbols = {d.dim_param for v in list(graph.graph.value_info) + list(graph.graph.output)
+               for d in v.type.tensor_type.shape.dim if d.dim_param}
+    assert all("batch" in s and not any(t.startswith("s") and t[1:].isdigit() for t in s.replace("*", " ").split())
+               for s in symbols), symbols
+    assert pyattr.read_metadata(path)["method"] == kind
+    _check_against_eager(method, path)
+
+
+def test_weights_are_stored_once(tmp_path):
+    """Every parameter a node reads is one initializer, however many get_attr nodes read it."""
+    model = _model(TinyResNet)
+    path = pyattr.export(pyattr.Saliency(model), torch.rand(1, 3, 16, 16), tmp_path / "m.onnx")
+    graph = onnx.load(str(path))
+    stored = [onnx.numpy_helper.to_array(t) for t in graph.graph.initializer]
+    for name, param in model.named_parameters():
+        if param.dim() < 2:  # biases and norm scales: small vectors whose values may coincide by chance
+            continue
+        copies = sum(1 for a in stored if a.shape == tuple(param.shape) and np.array_equal(a, param.detach().numpy()))
+        assert copies == 1, f"{name} is stored {copies} times"
+
+
+def test_in_place_op_on_a_view_takes_the_public_route(tmp_path):
+    """``y[:, :2] *= 2`` mutates a view of ``y``: the out-of-place rewrite refuses it and the export goes
+    through torch.export + torch.onnx, which functionalises it; the numbers still match eager."""
+    model = _model(ViewMutation)
+    method = pyattr.Saliency(model)
+    x = torch.rand(1, 3, 16, 16)
+    from pyattr.exporting.trace import trace_graph
+
+    lifted, _ = _onnx._lifted_graph(trace_graph(method, x))
+    assert not _onnx._functionalize(lifted)
+    path = pyattr.export(method, x, tmp_path / "m.onnx")
+    graph = onnx.load(str(path))
+    assert _dims(graph.graph.input[0]) == ["batch", 3, 16, 16]
+    _check_against_eager(method, path)
+
+
+def test_public_route_names_the_batch_too(tmp_path, monkeypatch):
+    """When torch.onnx has no ONNX function for an op, the export decomposes it through torch.onnx.export;
+    that route gives the same graph interface and numbers."""
+    monkeypatch.setattr(_onnx, "_missing_ops", lambda gm, registry: ["aten::made_up"])
+    model = _model(TinyResNet)
+    method = pyattr.GradCAM(model, "layer1")
+    path = pyattr.export(method, torch.rand(1, 3, 16, 16), tmp_path / "m.onnx")
+    graph = onnx.load(str(path))
+    assert {v.name: _dims(v) for v in graph.graph.input} == {"images": ["batch", 3, 16, 16], "target": ["batch"]}
+    assert [_dims(v)[0] for v in graph.graph.output] == ["batch"] * 4
+    _check_against_eager(method, path)
+
+
+def test_name_dims_rewrites_expressions():
+    """The batch symbol becomes ``batch`` inside expressions; the example's other sizes become static."""
+    import onnx_ir as ir
+
+    images = ir.Value(name="images", shape=ir.Shape(["s34", 3, "s7", "s7"]), type=ir.TensorType(ir.DataType.FLOAT))
+    other = ir.Value(name="v", shape=ir.Shape(["2*s34", "s345", "16", "(s7 - 1)//2 + 1", "s34*s7"]),
+                     type=ir.TensorType(ir.DataType.FLOAT))
+    graph = ir.Graph([images, other], [other], nodes=[])
+    _onnx.name_dims(ir.Model(graph, ir_version=10), (1, 3, 20, 20))
+    assert [d if isinstance(d, int) else d.value for d in images.shape] == ["batch", 3, 20, 20]
+    assert [d if isinstance(d, int) else d.value for d in other.shape] == ["2*batch", "s345", 16, 10, "20*batch"]
