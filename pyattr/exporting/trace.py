@@ -14,6 +14,7 @@ from .._capture import eval_mode
 from ..errors import ExportError
 from ..methods.base import AttributionMethod
 from .decompositions import decomposition_table
+from .rewrites import ExportRewrites
 
 aten = torch.ops.aten
 INPUT_NAMES = ("images", "target")
@@ -27,6 +28,25 @@ def example_batch(example: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     idx = torch.arange(b, device=example.device) % example.shape[0]
     x = example.detach()[idx].contiguous()  # channels-last examples export as NCHW-contiguous
     return x, torch.full((b,), -1, dtype=torch.long, device=example.device)
+
+
+def batch_symbolic(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Fake copies of ``tensors`` whose first dimension is one symbol (their common batch size) and
+    every other dimension static. Tracing these keeps the graph's batch dynamic without sending every
+    spatial reshape (Swin's windows, MaxViT's grids, MobileViT's patches) through sympy: with all
+    dimensions symbolic, those traces took minutes, with static ones they take seconds."""
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    fakes = []
+    for i, tensor in enumerate(tensors):
+        dims = [DimDynamic.DYNAMIC] + [DimDynamic.STATIC] * (tensor.dim() - 1)
+        context = StatelessSymbolicContext(dynamic_sizes=dims)
+        # equal batch sizes share one symbol (the shape environment's duck sizing)
+        fakes.append(mode.from_tensor(tensor, symbolic_context=context, source=ConstantSource(f"input{i}")))
+    return tuple(fakes)
 
 
 def backward_ops_left(gm: fx.GraphModule) -> list[str]:
@@ -47,7 +67,8 @@ def trace_graph(method: AttributionMethod, example: torch.Tensor) -> fx.GraphMod
     x, t = example_batch(example)
 
     def attribution_graph(images, target):
-        return method.graph(images, target)
+        with ExportRewrites():
+            return method.graph(images, target)
 
     method._tracing = True
     try:
@@ -56,7 +77,7 @@ def trace_graph(method: AttributionMethod, example: torch.Tensor) -> fx.GraphMod
         with eval_mode(method.model), warnings.catch_warnings(), sdpa_kernel([SDPBackend.MATH]):
             warnings.simplefilter("ignore")
             gm = make_fx(attribution_graph, decomposition_table=decomposition_table(),
-                         tracing_mode="symbolic", _allow_non_fake_inputs=True)(x, t)
+                         tracing_mode="symbolic", _allow_non_fake_inputs=True)(*batch_symbolic(x, t))
     except ExportError:
         raise
     except Exception as err:  # torch's tracing errors are long; keep the first line and the cause
