@@ -14,9 +14,12 @@ from .. import __version__
 from .._files import publish, temp_beside
 from ..errors import ExportError, InputError
 from ..methods.base import AttributionMethod, in_inference_mode, normal_copies
+from .diagnose import check_exportable, export_failure
 from .trace import INPUT_NAMES, OUTPUT_NAMES, GraphModule, scriptable, trace_graph
 
 FORMATS = {".onnx": "onnx", ".pt": "torchscript", ".pt2": "pt2"}
+_STAGES = {"onnx": "the ONNX export (torch.export, then the ONNX translation)", "torchscript": "TorchScript scripting",
+           "pt2": "torch.export"}
 METADATA_KEY = "pyattr"
 
 
@@ -131,17 +134,27 @@ def export(method: AttributionMethod, example_input: torch.Tensor, path: str | o
         raise InputError(f"the folder {str(path.parent)!r} does not exist; create it first")
     meta = build_metadata(method, example, class_names, preprocessing, metadata)
     gm = trace_graph(method, example)
+    check_exportable(gm, method, fmt)  # fail fast, before minutes in an exporter
     from .trace import example_batch
 
     x, t = example_batch(example)
     tmp = temp_beside(path, f".tmp{path.suffix}")
     try:
-        if fmt == "onnx":
-            _write_onnx(gm, x, t, tmp, meta)
-        elif fmt == "torchscript":
-            _write_torchscript(gm, tmp, meta)
-        else:
-            _write_pt2(gm, x, t, tmp, meta)
+        try:
+            if fmt == "onnx":
+                _write_onnx(gm, x, t, tmp, meta)
+            elif fmt == "torchscript":
+                _write_torchscript(gm, tmp, meta)
+            else:
+                _write_pt2(gm, x, t, tmp, meta)
+        except (InputError, OSError):  # the caller's input, the disk: not the exporter's
+            raise
+        except ExportError as err:
+            if getattr(err, "diagnosed", False):
+                raise
+            raise export_failure(err, method, fmt, _STAGES[fmt], gm) from err
+        except Exception as err:  # no raw torch/onnx exception leaves export()
+            raise export_failure(err, method, fmt, _STAGES[fmt], gm) from err
         publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -9,6 +9,11 @@ no TorchScript builtin). Pooling a contiguous copy gives the same numbers throug
 
 The rewrites change only how the traced graph computes, never what: each one is exact (up to the
 order of floating point sums), and the user's modules are not touched.
+
+The mode also marks the backward pass: before ``torch.autograd.grad`` runs, each node of the call's
+own autograd graph (created by this trace, freed with it) gets a pre-hook that records its sequence
+number, so every traced backward op carries the ``seq_nr`` of the forward op it differentiates (as in
+torch's AOTAutograd), and an export failure in a backward op can name the model layer it came from.
 """
 
 from __future__ import annotations
@@ -28,4 +33,11 @@ class ExportRewrites(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _CONTIGUOUS_INPUT and args and isinstance(args[0], torch.Tensor):
             args = (args[0].contiguous(), *args[1:])
+        elif func is torch.autograd.grad:
+            from torch._functorch._aot_autograd.logging_utils import (
+                setup_stacktrace_preservation_hooks_from_tensors,
+            )
+
+            outputs = kwargs.get("outputs", args[0] if args else None)
+            setup_stacktrace_preservation_hooks_from_tensors(outputs)
         return func(*args, **kwargs)
