@@ -260,3 +260,26 @@ def test_traced_nodes_record_their_layer():
     # a backward op runs outside every module: it is placed near the forward node it reads
     erf = [n for n in gm.graph.nodes if n.target == torch.ops.aten.erf.default]
     assert diagnose.describe_layers(erf) is not None and "'1' (GELU)" in diagnose.describe_layers(erf)
+
+
+class _Picky(nn.Module):
+    """Accepts 16x16 inputs only (as torchvision's ViT checks its image size)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3, padding=1)
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x):
+        torch._assert(x.shape[-1] == 16, f"Wrong image width! Expected 16 but got {x.shape[-1]}!")
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("kind", ["gradcam", "saliency"])
+def test_a_model_that_rejects_the_example_gives_a_pyattr_error(tmp_path, kind):
+    model = _Picky().eval()
+    method = pyattr.GradCAM(model) if kind == "gradcam" else pyattr.Saliency(model)
+    error = pyattr.InputError if kind == "gradcam" else pyattr.ExportError  # Grad-CAM runs it to find its layer
+    with pytest.raises(error, match="Wrong image width! Expected 16 but got 8"):
+        pyattr.export(method, _images(1, size=8), tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []

@@ -12,9 +12,9 @@ import torch
 
 from .. import __version__
 from .._files import publish, temp_beside
-from ..errors import ExportError, InputError
+from ..errors import ExportError, InputError, PyattrError
 from ..methods.base import AttributionMethod, in_inference_mode, normal_copies
-from .diagnose import check_exportable, export_failure
+from .diagnose import check_exportable, export_failure, first_line
 from .trace import INPUT_NAMES, OUTPUT_NAMES, GraphModule, scriptable, trace_graph
 
 FORMATS = {".onnx": "onnx", ".pt": "torchscript", ".pt2": "pt2"}
@@ -129,7 +129,14 @@ def export(method: AttributionMethod, example_input: torch.Tensor, path: str | o
     fmt = _format_of(path, format)
     if not isinstance(method, AttributionMethod):
         raise InputError(f"method must be a pyattr attribution method, got {type(method).__name__}")
-    example = method._check_input(example_input)
+    try:
+        example = method._check_input(example_input)  # CAM methods run the model here to find their layer
+    except PyattrError:
+        raise
+    except Exception as err:
+        shape = tuple(example_input.shape[1:]) if isinstance(example_input, torch.Tensor) else None
+        raise InputError(f"the model fails on the example input of shape {shape}: {type(err).__name__}: "
+                         f"{first_line(err)}; give an example the model accepts") from err
     if not path.parent.exists():
         raise InputError(f"the folder {str(path.parent)!r} does not exist; create it first")
     meta = build_metadata(method, example, class_names, preprocessing, metadata)
