@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import linecache
-import operator
 import re
 from collections.abc import Iterable
 from types import TracebackType
@@ -266,26 +265,29 @@ def _is_data_dependent(message: str) -> bool:
 # Checking a traced graph right after tracing
 # --------------------------------------------------------------------------------------------------
 
-_SYMBOLIC_OK = frozenset({operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,
-                          operator.mod, operator.neg, operator.getitem, operator.eq, operator.ne, operator.lt,
-                          operator.le, operator.gt, operator.ge, getattr})
+def _symbolic_python_function(target) -> bool:
+    """torch.sym_max / sym_min / sym_float / sym_ite / sym_not / sym_sum / _sym_sqrt ...: size arithmetic
+    that make_fx records as Python calls and torch.jit.script has no builtin for."""
+    name = getattr(target, "__name__", "")
+    return (getattr(target, "__module__", None) in ("torch", "torch.fx.experimental.sym_node")
+            and name.startswith(("sym_", "_sym_")))
+
+
 # ops that the ONNX translation has no function for (the view-scatters that in-place writes into
 # ``as_strided`` views become once torch.export functionalizes the graph)
 _NOT_ONNX = frozenset({aten.as_strided_.default, aten.as_strided_scatter.default})
 
 
 def unexportable_nodes(gm: fx.GraphModule, fmt: str) -> list[fx.Node]:
-    """Nodes of a traced graph that ``fmt`` is known not to take: for TorchScript, Python functions
-    other than integer arithmetic on sizes (``torch.sym_max``, ``sym_min``, ...); for ONNX, writes into
-    ``as_strided`` views."""
+    """Nodes of a traced graph that ``fmt`` is known not to take: for TorchScript, symbolic-size Python
+    functions (``torch.sym_max``, ``sym_min``, ...); for ONNX, writes into ``as_strided`` views."""
     bad = []
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
         target = node.target
-        if fmt == "torchscript" and not isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-            if target not in _SYMBOLIC_OK:
-                bad.append(node)
+        if fmt == "torchscript" and _symbolic_python_function(target):
+            bad.append(node)
         elif fmt == "onnx" and isinstance(target, torch._ops.OpOverload):
             writes_a_view = (target._schema.is_mutable and node.args and isinstance(node.args[0], fx.Node)
                              and node.args[0].target == aten.as_strided.default)
