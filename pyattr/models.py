@@ -63,28 +63,29 @@ class ModelBundle:
         return f"class {k}"
 
 
-def find_default_layer(model: nn.Module, example: torch.Tensor) -> str | None:
-    """The last module, in execution order, whose output is (N, C, h, w) with h*w > 1.
+# modules whose output is their input (or a resampling of it for the head): never the layer to explain
+_PASS_THROUGH = (nn.Identity, nn.Dropout, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
-    Adaptive pooling layers are skipped: they resample the features for the head (VGG's
-    ``avgpool`` turns 2x2 maps into 7x7 at 64x64 input) rather than compute new ones.
+
+def _layer_outputs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+    """(name, module, output shape) of every submodule with a tensor output, in the order they returned.
+
     The probe runs in eval mode on a per-call view of ``model`` (:mod:`pyattr._callview`): the model
     itself gets no hook and keeps its training flags, so other threads may use it meanwhile.
     TorchScript submodules (shared by the view, their hooks would be seen by other threads) are not
-    candidates.
-    """
+    candidates."""
     from ._callview import call_view, is_view
 
-    last: list[str] = []
+    seen: list[tuple[str, nn.Module, tuple[int, ...]]] = []
     handles = []
     with call_view(model) as view:
         for name, module in view.root.named_modules():
-            if not name or not is_view(module) or isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+            if not name or not is_view(module) or isinstance(module, _PASS_THROUGH):
                 continue
 
-            def hook(_m, _i, out, name=name):
-                if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[2] * out.shape[3] > 1:
-                    last.append(name)
+            def hook(m, _i, out, name=name):
+                if isinstance(out, torch.Tensor):
+                    seen.append((name, m, tuple(out.shape)))
             handles.append(module.register_forward_hook(hook))
         try:
             with torch.no_grad():
@@ -92,7 +93,61 @@ def find_default_layer(model: nn.Module, example: torch.Tensor) -> str | None:
         finally:
             for h in handles:
                 h.remove()
-    return last[-1] if last else None
+    return seen
+
+
+def _channels_last(module: nn.Module, shape: tuple[int, ...]) -> bool:
+    """A 4-d output laid out (N, h, w, C): a plain LayerNorm normalizes the last dim (Swin's blocks, the
+    NHWC stretch of a ConvNeXt block). LayerNorm2d variants permute to NCHW themselves."""
+    return len(shape) == 4 and type(module) is nn.LayerNorm
+
+
+def default_layer_choice(model: nn.Module, example: torch.Tensor) -> tuple[str | None, str | None]:
+    """(layer, why not): the last module, in execution order, whose output is an (N, C, h, w) map with
+    h*w > 1, or (None, a hint naming what to use instead) when there is no such map or when the model
+    goes on in tokens (N, T, D) or channels-last (N, h, w, C) after it (a transformer: its last
+    (N, C, h, w) output is the patch embedding or a layer inside attention, meaningless to explain).
+
+    Identity/Dropout layers and adaptive pooling are skipped (VGG's ``avgpool`` turns 2x2 maps into 7x7
+    at 64x64 input: a resampling for the head, not new features)."""
+    outputs = _layer_outputs(model, example)
+    spatial = [i for i, (_, m, shape) in enumerate(outputs)
+               if len(shape) == 4 and shape[2] * shape[3] > 1 and not _channels_last(m, shape)]
+    if not spatial:
+        return None, None
+    last = spatial[-1]
+    after = outputs[last + 1:]
+    tokens = [(n, m, shape) for n, m, shape in after if len(shape) == 3 and shape[1] > 1]
+    nhwc = [(n, m, shape) for n, m, shape in after if _channels_last(m, shape)]
+    if not tokens and not nhwc:
+        return outputs[last][0], None
+    name, _, shape = outputs[last]
+    if nhwc:
+        layer, _, nhwc_shape = nhwc[-1]
+        return None, (f"the model works channels-last (Swin-style stages): layer {layer!r} outputs (N, h, w, C) = "
+                      f"{nhwc_shape}, and a 4-d output before it such as {name!r} need not be (N, C, h, w). Name "
+                      f"the layer and pass reshape_transform=lambda t: t.permute(0, 3, 1, 2), e.g. layer={layer!r}")
+    grid = shape[2] * shape[3]
+    norms = [n for n, m, s in tokens if isinstance(m, nn.LayerNorm) and s[1] >= grid]
+    block_norms = [n for n in norms if n.rsplit(".", 1)[-1] in ("ln_1", "norm1")]
+    suggestion = (block_norms or norms or [tokens[-1][0]])[-1]
+    count = next(s[1] for n, m, s in tokens if n == suggestion)
+    prefix = count - grid
+    if prefix >= 0:
+        transform = f"TokensToGrid(prefix_tokens={prefix})"
+        example_call = f"e.g. layer={suggestion!r}, reshape_transform={transform}"
+    else:
+        transform = "TokensToGrid(prefix_tokens=P, grid=(h, w))"
+        example_call = f"e.g. layer={suggestion!r} with its token grid"
+    return None, (f"the model goes on in tokens after its last (N, C, h, w) layer {name!r} (the patch embedding "
+                  f"or a layer inside attention): layer {tokens[-1][0]!r} outputs (N, T, D) = {tokens[-1][2]}. Name "
+                  f"a token layer and pass reshape_transform={transform}, {example_call}")
+
+
+def find_default_layer(model: nn.Module, example: torch.Tensor) -> str | None:
+    """The last module, in execution order, whose output is (N, C, h, w) with h*w > 1; None when there
+    is none or the model is a transformer (see :func:`default_layer_choice`, which also says why)."""
+    return default_layer_choice(model, example)[0]
 
 
 def _imagenet_categories(name: str) -> list[str] | None:

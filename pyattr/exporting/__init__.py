@@ -15,13 +15,16 @@ import torch
 
 from .. import __version__
 from .._files import publish, temp_beside
-from ..errors import ExportError, InputError
+from ..errors import ExportError, InputError, PyattrError
 from ..methods.base import AttributionMethod, in_inference_mode, normal_copies
 from ..runtime.metadata import read_metadata as _read_metadata
 from ..runtime.metadata import validate_metadata
+from .diagnose import check_exportable, export_failure, first_line
 from .trace import INPUT_NAMES, OUTPUT_NAMES, GraphModule, scriptable, trace_graph
 
 FORMATS = {".onnx": "onnx", ".pt": "torchscript", ".pt2": "pt2"}
+_STAGES = {"onnx": "the ONNX export (torch.export, then the ONNX translation)", "torchscript": "TorchScript scripting",
+           "pt2": "torch.export"}
 METADATA_KEY = "pyattr"
 
 
@@ -205,23 +208,40 @@ def export(method: AttributionMethod, example_input: torch.Tensor, path: str | o
     fmt = _format_of(path, format)
     if not isinstance(method, AttributionMethod):
         raise InputError(f"method must be a pyattr attribution method, got {type(method).__name__}")
-    example = method._check_input(example_input)
+    try:
+        example = method._check_input(example_input)  # CAM methods run the model here to find their layer
+    except PyattrError:
+        raise
+    except Exception as err:
+        shape = tuple(example_input.shape[1:]) if isinstance(example_input, torch.Tensor) else None
+        raise InputError(f"the model fails on the example input of shape {shape}: {type(err).__name__}: "
+                         f"{first_line(err)}; give an example the model accepts") from err
     if not path.parent.exists():
         raise InputError(f"the folder {str(path.parent)!r} does not exist; create it first")
     meta = build_metadata(method, example, class_names, preprocessing, metadata)
     gm = trace_graph(method, example)
     check_class_names(meta, gm)
+    check_exportable(gm, method, fmt)  # fail fast, before minutes in an exporter
     from .trace import example_batch
 
     x, t = example_batch(example)
     tmp = temp_beside(path, f".tmp{path.suffix}")
     try:
-        if fmt == "onnx":
-            _write_onnx(gm, x, t, tmp, meta)
-        elif fmt == "torchscript":
-            _write_torchscript(gm, tmp, meta)
-        else:
-            _write_pt2(gm, x, t, tmp, meta)
+        try:
+            if fmt == "onnx":
+                _write_onnx(gm, x, t, tmp, meta)
+            elif fmt == "torchscript":
+                _write_torchscript(gm, tmp, meta)
+            else:
+                _write_pt2(gm, x, t, tmp, meta)
+        except (InputError, OSError):  # the caller's input, the disk: not the exporter's
+            raise
+        except ExportError as err:
+            if getattr(err, "diagnosed", False):
+                raise
+            raise export_failure(err, method, fmt, _STAGES[fmt], gm) from err
+        except Exception as err:  # no raw torch/onnx exception leaves export()
+            raise export_failure(err, method, fmt, _STAGES[fmt], gm) from err
         publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -68,7 +68,10 @@ def convolution_backward(grad_output, input, weight, bias_sizes, stride, padding
             grad_input = aten.convolution(grad_output, weight, None, stride, padding, dilation, False,
                                           [0] * len(stride), 1)
         else:
-            raise ExportError("the input gradient of a grouped transposed convolution has no export rule yet")
+            err = ExportError("the input gradient of a grouped transposed convolution has no export rule yet")
+            err.op = "aten.convolution_backward (grouped transposed convolution)"
+            err.layer_filter = lambda m: isinstance(m, torch.nn.modules.conv._ConvTransposeNd) and m.groups > 1
+            raise err
     if output_mask[1]:
         raise ExportError("weight gradients of convolutions are not exported (no attribution method needs them)")
     if output_mask[2]:

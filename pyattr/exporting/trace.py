@@ -7,13 +7,16 @@ import warnings
 
 import torch
 from torch import fx
+from torch.fx import traceback as fx_traceback
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._capture import eval_mode
-from ..errors import ExportError
+from ..errors import ExportError, PyattrError
 from ..methods.base import AttributionMethod
 from .decompositions import decomposition_table
+from .diagnose import describe_layers, export_failure, what_to_try
+from .rewrites import ExportRewrites
 
 aten = torch.ops.aten
 INPUT_NAMES = ("images", "target")
@@ -29,15 +32,35 @@ def example_batch(example: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.full((b,), -1, dtype=torch.long, device=example.device)
 
 
+def batch_symbolic(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Fake copies of ``tensors`` whose first dimension is one symbol (their common batch size) and
+    every other dimension static. Tracing these keeps the graph's batch dynamic without sending every
+    spatial reshape (Swin's windows, MaxViT's grids, MobileViT's patches) through sympy: with all
+    dimensions symbolic, those traces took minutes, with static ones they take seconds."""
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    fakes = []
+    for i, tensor in enumerate(tensors):
+        dims = [DimDynamic.DYNAMIC] + [DimDynamic.STATIC] * (tensor.dim() - 1)
+        context = StatelessSymbolicContext(dynamic_sizes=dims)
+        # equal batch sizes share one symbol (the shape environment's duck sizing)
+        fakes.append(mode.from_tensor(tensor, symbolic_context=context, source=ConstantSource(f"input{i}")))
+    return tuple(fakes)
+
+
 def backward_ops_left(gm: fx.GraphModule) -> list[str]:
     """Names of ops in the graph that still compute a gradient (none should be left)."""
-    left = set()
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-            name = node.target.name()
-            if "backward" in name or name.startswith("aten::_backward"):
-                left.add(name)
-    return sorted(left)
+    return sorted({n.target.name() for n in gm.graph.nodes if n.op == "call_function" and _is_backward_op(n.target)})
+
+
+def _is_backward_op(target) -> bool:
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    name = target.name()
+    return "backward" in name or name.startswith("aten::_backward")
 
 
 def trace_graph(method: AttributionMethod, example: torch.Tensor) -> fx.GraphModule:
@@ -47,34 +70,38 @@ def trace_graph(method: AttributionMethod, example: torch.Tensor) -> fx.GraphMod
     x, t = example_batch(example)
 
     def attribution_graph(images, target):
-        return method.graph(images, target)
+        with ExportRewrites():
+            return method.graph(images, target)
 
+    attribution_graph._orig_mod = method.model  # nodes record the model layer they ran in (nn_module_stack)
     method._tracing = True
     try:
         # attention in its math form: the fused kernels' backward ops have no export rule (every method,
         # not only those that ask for it, e.g. Saliency on a ViT)
-        with eval_mode(method.model), warnings.catch_warnings(), sdpa_kernel([SDPBackend.MATH]):
+        with eval_mode(method.model), warnings.catch_warnings(), sdpa_kernel([SDPBackend.MATH]), \
+                fx_traceback.preserve_node_meta():
             warnings.simplefilter("ignore")
             gm = make_fx(attribution_graph, decomposition_table=decomposition_table(),
-                         tracing_mode="symbolic", _allow_non_fake_inputs=True)(x, t)
-    except ExportError:
-        raise
-    except Exception as err:  # torch's tracing errors are long; keep the first line and the cause
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ExportError(
-            f"could not trace {type(method).__name__} on this model into one graph: {first}. "
-            "The model's forward must be traceable (no data-dependent Python control flow)."
-        ) from err
+                         tracing_mode="symbolic", _allow_non_fake_inputs=True,
+                         record_module_stack=True)(*batch_symbolic(x, t))
+    except Exception as err:  # torch's tracing errors are long: name the op, the layer and what to try
+        if isinstance(err, PyattrError) and not isinstance(err, ExportError):
+            raise
+        raise export_failure(err, method, None, "tracing") from err
     finally:
         method._tracing = False
 
-    left = backward_ops_left(gm)
+    left = [n for n in gm.graph.nodes if n.op == "call_function" and _is_backward_op(n.target)]
     if left:
-        raise ExportError(
-            "the model uses ops whose backward pyattr cannot yet write as forward ops: "
-            + ", ".join(left)
-            + ". Add a rule to pyattr.exporting.decompositions or replace the layer."
-        )
+        names = sorted({n.target.name() for n in left})
+        layers = describe_layers(left)
+        err = ExportError(
+            f"could not export {type(method).__name__}: the model uses ops whose backward pyattr cannot yet "
+            f"write as forward ops: {', '.join(names)}" + (f" (from {layers})" if layers else "") + ". "
+            + what_to_try(None, type(method).__name__, names[0])
+            + " A rule goes in pyattr.exporting.decompositions.")
+        err.op, err.diagnosed = names[0], True
+        raise err
     for name, param in list(gm.named_parameters(recurse=False)):
         delattr(gm, name)
         gm.register_buffer(name, param.detach())

@@ -164,12 +164,14 @@ class CAMMethod(AttributionMethod):
     def resolve_layer(self, example: torch.Tensor) -> str:
         """Choose the layer for inputs like ``example`` (when none was named) and keep it."""
         if self.layer_names is None:
-            from ..models import find_default_layer
+            from ..models import default_layer_choice
 
             with _RESOLVE_LOCK:
                 if self.layer_names is None:
                     with call_view(self._model):  # the enclosing call's view, or one of its own
-                        name = find_default_layer(self._model, example[:1].detach())
+                        name, why = default_layer_choice(self._model, example[:1].detach())
+                    if name is None and why is not None:
+                        raise InputError(f"{type(self).__name__} found no layer to explain by itself: {why}")
                     if name is None:
                         raise InputError(
                             f"no layer of the model outputs an (N, C, h, w) map with h*w > 1 for inputs of shape "
