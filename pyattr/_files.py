@@ -33,14 +33,15 @@ def _tag() -> str:
     return f"pyattr-{host}-{os.getpid()}-"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (True when it cannot be told: its files are then left alone)."""
     if pid == os.getpid():
         return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
+    except (PermissionError, OSError, OverflowError):
         return True  # exists, owned by someone else (or cannot tell): leave its files alone
     return True
 
@@ -57,7 +58,7 @@ def sweep_stale(folder: Path) -> list[Path]:
         return removed
     for entry in entries:
         match = pattern.match(entry.name)
-        if match is None or _alive(int(match.group(1))):
+        if match is None or process_alive(int(match.group(1))):
             continue
         try:
             if entry.is_dir() and not entry.is_symlink():

@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from ._files import process_alive
 from .errors import InputError, PyattrError
+from .runtime.cli import unique_stems  # torch-free: one rule for both CLIs' output names
 
 SAMPLE_SEED = 30_000  # generated samples come from seeds never used to train the built-in model
 
@@ -201,23 +203,11 @@ def sweep_stale_staging(out: Path) -> list[Path]:
     removed = []
     for folder in out.glob(f"{STAGING_PREFIX}*-*"):
         pid_text = folder.name[len(STAGING_PREFIX):].split("-", 1)[0]
-        if not folder.is_dir() or not pid_text.isdigit() or _process_alive(int(pid_text)):
+        if not folder.is_dir() or not pid_text.isdigit() or process_alive(int(pid_text)):
             continue
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
     return removed
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError, OverflowError):
-        return True
-    return True
 
 
 class Terminated(BaseException):
@@ -235,22 +225,6 @@ def _remove_created(folders: list[Path]) -> None:
             folder.rmdir()
         except OSError:
             return
-
-
-def unique_stems(stems: list[str]) -> list[str]:
-    """One distinct name per image: repeated stems get ``_1``, ``_2``, ... skipping any name already
-    taken, so that ``a.png``, ``a.jpg``, ``a_1.png`` become ``a``, ``a_2``, ``a_1``."""
-    taken = set(stems)
-    seen: set[str] = set()
-    out = []
-    for s in stems:
-        name, n = s, 0
-        while name in seen or (n and name in taken):
-            n += 1
-            name = f"{s}_{n}"
-        seen.add(name)
-        out.append(name)
-    return out
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
