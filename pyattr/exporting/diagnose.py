@@ -165,6 +165,13 @@ def _frames(err: BaseException) -> list[tuple[object, int]]:
     return frames
 
 
+def original_of(module: nn.Module) -> nn.Module:
+    """The user's module behind a per-call view (:mod:`pyattr._callview`), or ``module`` itself."""
+    from .._callview import _VIEW_MARK
+
+    return module.__dict__.get(_VIEW_MARK, module)
+
+
 def layer_from_traceback(err: BaseException, model: nn.Module) -> tuple[str, str] | None:
     """(layer name, class) of the innermost module of ``model`` whose forward was running when ``err``
     was raised, or None."""
@@ -172,6 +179,8 @@ def layer_from_traceback(err: BaseException, model: nn.Module) -> tuple[str, str
     found = None
     for frame, _ in _frames(err):
         owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module):
+            owner = original_of(owner)  # methods run on a per-call view of the model
         if isinstance(owner, nn.Module) and id(owner) in names:
             found = (names[id(owner)], type(owner).__name__)
     return found

@@ -73,7 +73,6 @@ def trace_graph(method: AttributionMethod, example: torch.Tensor) -> fx.GraphMod
         with ExportRewrites():
             return method.graph(images, target)
 
-    attribution_graph._orig_mod = method.model  # nodes record the model layer they ran in (nn_module_stack)
     method._tracing = True
     try:
         # attention in its math form: the fused kernels' backward ops have no export rule (every method,
@@ -81,6 +80,10 @@ def trace_graph(method: AttributionMethod, example: torch.Tensor) -> fx.GraphMod
         with eval_mode(method.model), warnings.catch_warnings(), sdpa_kernel([SDPBackend.MATH]), \
                 fx_traceback.preserve_node_meta():
             warnings.simplefilter("ignore")
+            # nodes record the model layer they ran in (nn_module_stack): inside eval_mode, method.model is
+            # this call's view of the model (pyattr._callview), the modules that actually run; their names
+            # are the user's model's names
+            attribution_graph._orig_mod = method.model
             gm = make_fx(attribution_graph, decomposition_table=decomposition_table(),
                          tracing_mode="symbolic", _allow_non_fake_inputs=True,
                          record_module_stack=True)(*batch_symbolic(x, t))
