@@ -209,7 +209,8 @@ def test_overlay_sources(setup):
         np.testing.assert_array_equal(from_maps[i].overlay, render.overlay(resized, image, 0.3, "viridis"))
         np.testing.assert_array_equal(
             from_raw[i].overlay,
-            render.heatmap_overlay(out.raw[i], image, 0.5, "bwr", sign="centered", outlier_perc=1.0),
+            # signed (centred) raw maps: opacity ~ |value|, the photo unchanged where the map is zero
+            render.heatmap_overlay_signed(out.raw[i], image, 0.5, "bwr", outlier_perc=1.0),
         )
     with pytest.raises(InputError, match="source must be 'maps' or 'raw'"):
         runtime.explain(files, source="grad")
