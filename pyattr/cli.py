@@ -357,7 +357,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     example = bundle.normalize(torch.rand(1, 3, h, w, device=args.device))
     try:
         export(method, example, path, format=args.format, class_names=bundle.class_names,
-               preprocessing=bundle.preprocessing(), metadata={"model": bundle.name})
+               preprocessing=bundle.preprocessing(), metadata={"model": bundle.name, "multilabel": bundle.multilabel})
     except OSError as err:
         raise InputError(f"cannot write {path}: {err.strerror or err}") from None
     print(f"wrote {path} ({args.method}{' on ' + layer if layer else ''}, model {bundle.name}, input 3x{h}x{w}, "

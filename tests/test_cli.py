@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import pyattr
 from pyattr.cli import main
 
 
@@ -252,6 +254,10 @@ def test_run_with_non_json_metadata_is_one_line(tmp_path, image_files, capsys):
     assert main(["explain", image_files[0], "--out", str(tmp_path / "explain"), "--target", "1"]) == 0
     printed = capsys.readouterr().out
     assert f"score {record['score']:.2f}," in printed, (record, printed)
+    # ... and the same probability: the built-in model is multi-label (sigmoid), recorded in the metadata
+    assert pyattr.read_metadata(graph)["multilabel"] is True
+    assert f"probability {record['probability']:.2f})" in printed, (record, printed)
+    assert abs(record["probability"] - 1 / (1 + math.exp(-record["score"]))) < 1e-5
     model = onnx.load(str(graph))
     for prop in model.metadata_props:
         if prop.key == "pyattr":
