@@ -171,10 +171,7 @@ def overlay(
         >>> overlay(np.ones((2, 2)), image, alpha=0.5, cmap="gray")[0, 0].tolist()
         [178, 178, 178]
     """
-    maps = _as_maps(maps)
-    images = _as_images(images, maps)
-    if images.shape[:-1] != maps.shape:
-        raise ValueError(f"maps and images must agree in (N, H, W): maps {maps.shape}, images {images.shape}")
+    maps, images = _same_pixels(maps, images)
     alpha = _check_alpha(alpha)
     lut, num_threads, use_c = _check_options(cmap, num_threads, backend)
 
@@ -222,10 +219,7 @@ def overlay_signed(
         >>> overlay_signed(np.array([[0.0, 0.5, 1.0]]), image, alpha=1.0, cmap="bwr").tolist()
         [[[0, 0, 255], [100, 100, 100], [255, 0, 0]]]
     """
-    maps = _as_maps(maps)
-    images = _as_images(images, maps)
-    if images.shape[:-1] != maps.shape:
-        raise ValueError(f"maps and images must agree in (N, H, W): maps {maps.shape}, images {images.shape}")
+    maps, images = _same_pixels(maps, images)
     alpha = _check_alpha(alpha)
     colors = colorize(maps, cmap, num_threads, backend=backend)  # validates cmap and threads, raises on NaN
     m = maps.astype(np.float32)
@@ -261,9 +255,7 @@ def heatmap_overlay_signed(
     """
     maps = _as_maps(maps)
     images = _as_images(images, maps)
-    batch, image_batch = (maps[None], images[None]) if maps.ndim == 2 else (maps, images)
-    if len(image_batch) != len(batch):
-        raise ValueError(f"maps and images must have the same batch size: maps {maps.shape}, images {images.shape}")
+    batch, image_batch = _same_batch(maps, images)
     resized = resize(batch, image_batch.shape[1:3], align_corners, num_threads, backend=backend)
     unit = normalize(resized, "centered", outlier_perc, None, num_threads, backend=backend)
     out = overlay_signed(unit, image_batch, alpha, cmap, num_threads, backend=backend)
@@ -452,10 +444,8 @@ def heatmap_overlay(
     """
     maps = _as_maps(maps)
     images = _as_images(images, maps)
-    if len(images) != len(maps) and maps.ndim == 3:
-        raise ValueError(f"maps and images must have the same batch size: maps {maps.shape}, images {images.shape}")
+    batch, image_batch = _same_batch(maps, images)
     alpha = _check_alpha(alpha)
-    batch, image_batch = (maps[None], images[None]) if maps.ndim == 2 else (maps, images)
     size = _check_size(image_batch.shape[1:3], len(batch))
     out = _render(batch, image_batch, size, alpha, cmap, sign, outlier_perc, value_range, align_corners,
                   num_threads, backend)
@@ -626,6 +616,24 @@ def _as_images(images: Any, maps: np.ndarray) -> np.ndarray:
     if images.shape[-1] != 3:
         raise ValueError(f"images must be RGB with 3 channels in the last axis, got shape {images.shape}")
     return np.ascontiguousarray(images)
+
+
+def _same_pixels(maps: Any, images: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Maps and uint8 images that must agree in (N, H, W) (overlays of maps already at the image size)."""
+    maps = _as_maps(maps)
+    images = _as_images(images, maps)
+    if images.shape[:-1] != maps.shape:
+        raise ValueError(f"maps and images must agree in (N, H, W): maps {maps.shape}, images {images.shape}")
+    return maps, images
+
+
+def _same_batch(maps: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(maps, images) with a leading batch axis on both (added to a single map and image), their batch
+    sizes checked equal (the maps are resized to the images' size later)."""
+    batch, image_batch = (maps[None], images[None]) if maps.ndim == 2 else (maps, images)
+    if len(image_batch) != len(batch):
+        raise ValueError(f"maps and images must have the same batch size: maps {maps.shape}, images {images.shape}")
+    return batch, image_batch
 
 
 def _check_alpha(alpha: float) -> float:
