@@ -244,7 +244,7 @@ def export_all(method_obj: pyattr.AttributionMethod, key: str, s: Setup, formats
                log: Callable[[str], None]) -> dict[str, tuple[Path, float, bool]]:
     """Export ``method_obj`` once per format (trace once, write each format from that graph, as
     :func:`pyattr.export` does), cached under ``cache``. Returns {format: (path, seconds, cached)}."""
-    from pyattr.exporting import _write_onnx, _write_pt2, _write_torchscript, build_metadata
+    from pyattr.exporting import build_metadata, write_graph
     from pyattr.exporting.trace import example_batch, trace_graph
 
     folder = cache / f"{_source_hash()}-{s.device.type}"
@@ -272,12 +272,7 @@ def export_all(method_obj: pyattr.AttributionMethod, key: str, s: Setup, formats
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if fmt == "onnx":
-                _write_onnx(gm, x, t, tmp, meta)
-            elif fmt == "torchscript":
-                _write_torchscript(gm, tmp, meta)
-            else:
-                _write_pt2(gm, x, t, tmp, meta)
+            write_graph(gm, fmt, x, t, tmp, meta)
         seconds = trace_s + time.perf_counter() - t0
         os.replace(tmp, path)
         path.with_suffix(path.suffix + ".json").write_text(json.dumps({"seconds": seconds}))

@@ -178,6 +178,18 @@ def _write_pt2(gm, x, t, tmp: Path, meta: dict) -> None:
     torch.export.save(ep, str(tmp), extra_files={f"{METADATA_KEY}.json": json.dumps(meta)})
 
 
+def write_graph(gm, fmt: str, x: torch.Tensor, t: torch.Tensor, tmp: Path, meta: dict) -> None:
+    """Write the traced graph ``gm`` as ``fmt`` (``"onnx"``, ``"torchscript"`` or ``"pt2"``) to ``tmp``, with the
+    tracing batch ``x``, ``t`` and the metadata ``meta``. Raw exporter errors pass through (:func:`export`
+    turns them into :class:`ExportError`)."""
+    if fmt == "onnx":
+        _write_onnx(gm, x, t, tmp, meta)
+    elif fmt == "torchscript":
+        _write_torchscript(gm, tmp, meta)
+    else:
+        _write_pt2(gm, x, t, tmp, meta)
+
+
 def export(method: AttributionMethod, example_input: torch.Tensor, path: str | os.PathLike, *,
            format: str | None = None, class_names=None, preprocessing: dict | None = None,
            metadata: dict | None = None) -> Path:
@@ -228,12 +240,7 @@ def export(method: AttributionMethod, example_input: torch.Tensor, path: str | o
     tmp = temp_beside(path, f".tmp{path.suffix}")
     try:
         try:
-            if fmt == "onnx":
-                _write_onnx(gm, x, t, tmp, meta)
-            elif fmt == "torchscript":
-                _write_torchscript(gm, tmp, meta)
-            else:
-                _write_pt2(gm, x, t, tmp, meta)
+            write_graph(gm, fmt, x, t, tmp, meta)
         except (InputError, OSError):  # the caller's input, the disk: not the exporter's
             raise
         except ExportError as err:
