@@ -43,14 +43,16 @@ import numpy as np
 
 from pyattr import render
 from pyattr.errors import InputError
-from pyattr.runtime.images import MAX_IMAGE_PIXELS, ImageLike, load_image
+from pyattr.runtime.images import MAX_IMAGE_PIXELS, ImageLike, check_image_size, load_image
 
 from .metadata import parse_metadata, validate_metadata
 
 __all__ = [
+    "MAX_IMAGE_PIXELS",
     "AttributionRuntime",
     "Explanation",
     "GraphOutputs",
+    "check_image_size",
     "default_providers",
     "load_image",
     "max_threads",
@@ -160,15 +162,6 @@ def check_num_threads(num_threads: Any) -> int:
         raise InputError(f"num_threads must be from 0 (all cores) to {limit} (the CPUs this process may use), "
                          f"got {n}")
     return n
-
-
-def check_image_size(size: tuple[int, int], name: str) -> None:
-    """An :class:`InputError` for images of more than :data:`MAX_IMAGE_PIXELS` pixels (decompression
-    bombs: a few kB of PNG can declare gigapixels); ``size`` is Pillow's (W, H)."""
-    w, h = size
-    if w * h > MAX_IMAGE_PIXELS:
-        raise InputError(f"{name} is {w}x{h} = {w * h} pixels, over the limit of {MAX_IMAGE_PIXELS} "
-                         "(a decompression bomb?); resize it first")
 
 
 class AttributionRuntime:

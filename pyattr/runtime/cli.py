@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     from pyattr.colormaps import COLORMAPS
     from pyattr.render import SIGNS
 
-    from . import MAX_BATCH, AttributionRuntime, check_image_size, check_num_threads
+    from . import MAX_BATCH, AttributionRuntime, check_num_threads
+    from .images import check_image_header
 
     if not 1 <= args.batch_size <= MAX_BATCH:
         raise InputError(f"--batch-size must be from 1 to {MAX_BATCH}")
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(str(err).replace("num_threads", "--threads", 1)) from None
     images = expand_images(args.images)
     for image in images:  # headers only: a bad file stops the run before any work
-        check_image_header(image, check_image_size)
+        check_image_header(image)
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     runtime = AttributionRuntime(args.model, providers=providers, num_threads=args.threads)
     # Signed relevance (LRP): by default drawn from the raw map, 0 at the middle of a diverging colormap.
@@ -149,24 +149,6 @@ def output_path(out: Path, base: str, suffix: str) -> Path:
             or name in ("", ".", "..") or "\0" in name or len(name.encode()) > 255):
         raise InputError(f"refusing the output name {name!r}: not a plain file name inside --out")
     return out / name
-
-
-def check_image_header(path: Path, check_size) -> None:
-    """Open an image file's header (no pixel decoding): a file Pillow cannot identify, or one whose
-    declared size is over the limit, stops the run before anything is computed or written."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked here instead
-            with Image.open(path) as im:
-                check_size(im.size, str(path))
-    except InputError:
-        raise
-    except Image.DecompressionBombError as err:
-        raise InputError(f"{path}: {err} -- over the limit (a decompression bomb?)") from err
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise InputError(f"{path} is not an image that Pillow can read ({type(err).__name__})") from err
 
 
 def _save_png(picture: np.ndarray, path: Path) -> None:

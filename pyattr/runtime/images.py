@@ -41,7 +41,8 @@ import numpy as np
 
 from pyattr.errors import InputError
 
-__all__ = ["MAX_IMAGE_PIXELS", "ImageLike", "load_image", "read_image", "to_rgb"]
+__all__ = ["MAX_IMAGE_PIXELS", "ImageLike", "check_image_header", "check_image_size", "load_image", "read_image",
+           "to_rgb"]
 
 MAX_IMAGE_PIXELS = 89_478_485
 """Largest ``width * height`` accepted (Pillow's ``Image.MAX_IMAGE_PIXELS``: 3 bytes a pixel, 256 MiB)."""
@@ -69,7 +70,7 @@ def load_image(image: ImageLike, name: str | None = None) -> np.ndarray:
         return read_image(image)
     if isinstance(image, Image.Image):
         label = name or "image"
-        _check_size(image.size, label)
+        check_image_size(image.size, label)
         return to_rgb(image, label)
     array = np.asarray(image)
     if array.dtype != np.uint8:
@@ -88,6 +89,19 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         InputError: naming ``path``: no such file, not a file, not an image Pillow can read, more than
             :data:`MAX_IMAGE_PIXELS` pixels, an unsupported mode.
     """
+    return _open_checked(path, to_rgb)
+
+
+def check_image_header(path: str | os.PathLike) -> None:
+    """Identify the image file ``path`` and check its declared size from the header, decoding no pixels
+    (a whole run's inputs are checked this way before any work). Raises :class:`InputError` as
+    :func:`read_image` does."""
+    _open_checked(path, lambda im, label: None)
+
+
+def _open_checked(path: str | os.PathLike, use: Any) -> Any:
+    """Open ``path`` with Pillow, check its size from the header, and return ``use(image, label)``; every
+    failure an :class:`InputError` naming the file."""
     from PIL import Image
 
     path = Path(path)
@@ -99,8 +113,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, from the header
             with Image.open(path) as im:
-                _check_size(im.size, str(path))  # from the header: nothing decoded yet
-                return to_rgb(im, str(path))
+                check_image_size(im.size, str(path))  # from the header: nothing decoded yet
+                return use(im, str(path))
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -114,7 +128,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
                          f"{': ' + detail if detail else ''})") from err
 
 
-def _check_size(size: tuple[int, int], label: str) -> None:
+def check_image_size(size: tuple[int, int], label: str) -> None:
+    """An :class:`InputError` for an image of no pixels or of more than :data:`MAX_IMAGE_PIXELS` (a possible
+    decompression bomb: a few kB of PNG can declare gigapixels); ``size`` is Pillow's (W, H)."""
     width, height = size
     if width < 1 or height < 1:
         raise InputError(f"{label}: the image has no pixels ({width} x {height})")
