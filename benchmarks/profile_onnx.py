@@ -73,15 +73,14 @@ def previous_rules():
 
 
 def export_onnx(method, example: torch.Tensor, path: Path, rules: str) -> None:
-    from pyattr.exporting.trace import example_batch
+    from pyattr.exporting.trace import example_inputs
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         context = previous_rules() if rules == "previous" else contextlib.nullcontext()
         with context:
             gm = T.trace_graph(method, example)
-        x, t = example_batch(example)
-        _write_onnx(gm, x, t, path, build_metadata(method, example))
+        _write_onnx(gm, example_inputs(method, example), path, build_metadata(method, example))
 
 
 def session(path: Path, threads: int, profile: bool = False):

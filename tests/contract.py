@@ -18,15 +18,20 @@ import pyattr
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2"}
 
 
-def run_exported(fmt: str, path: Path, x: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
+def run_exported(fmt: str, path: Path, x: torch.Tensor, t: torch.Tensor, *extra: torch.Tensor) -> list[torch.Tensor]:
+    """Run an exported file on images ``x``, targets ``t`` and the target's inputs ``extra`` (in the order of
+    the metadata's ``inputs``)."""
     if fmt == "onnx":
         import onnxruntime as ort
 
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return [torch.from_numpy(np.asarray(o)) for o in sess.run(None, {"images": x.numpy(), "target": t.numpy()})]
-    if fmt == "torchscript":
-        return list(torch.jit.load(str(path))(x, t))
-    return list(torch.export.load(str(path)).module()(x, t))
+        names = [i.name for i in sess.get_inputs()]
+        feeds = dict(zip(names, [v.numpy() for v in (x, t, *extra)]))
+        return [torch.from_numpy(np.asarray(o)) for o in sess.run(None, feeds)]
+    with torch.no_grad():
+        if fmt == "torchscript":
+            return list(torch.jit.load(str(path))(x, t, *extra))
+        return list(torch.export.load(str(path)).module()(x, t, *extra))
 
 
 def mixed_targets(n: int, num_classes: int, seed: int = 0) -> torch.Tensor:
@@ -37,11 +42,15 @@ def mixed_targets(n: int, num_classes: int, seed: int = 0) -> torch.Tensor:
 
 
 def assert_export_contract(method: pyattr.AttributionMethod, inputs: torch.Tensor, tmp_path: Path,
-                           num_classes: int, formats=tuple(FORMATS), batches=(1, 5), atol: float = 1e-4) -> None:
-    """Export ``method`` once per format and check every output against eager at each batch size."""
+                           num_classes: int, formats=tuple(FORMATS), batches=(1, 5), atol: float = 1e-4,
+                           target=None, target_inputs=None) -> None:
+    """Export ``method`` once per format and check every output against eager at each batch size.
+
+    ``target``: a :class:`pyattr.targets.Target` kind to export (default: class logits);
+    ``target_inputs(x, t)``: (the eager target for images ``x`` and ids ``t``, the graph's extra inputs)."""
     for fmt in formats:
         path = tmp_path / f"{method.name}{FORMATS[fmt]}"
-        pyattr.export(method, inputs[:1], path)
+        pyattr.export(method, inputs[:1], path, target=target)
         if fmt == "onnx":
             model = onnx.load(str(path))
             onnx.checker.check_model(model, full_check=True)
@@ -50,8 +59,14 @@ def assert_export_contract(method: pyattr.AttributionMethod, inputs: torch.Tenso
             idx = torch.arange(b) % inputs.shape[0]
             x = inputs[idx] + 0.01 * torch.arange(b, dtype=inputs.dtype).view(-1, *[1] * (inputs.dim() - 1))
             t = mixed_targets(b, num_classes)
-            ref = method(x, t)
-            scores, explained, raw, maps = run_exported(fmt, path, x, t)
+            eager_target, extra = (t, ()) if target_inputs is None else target_inputs(x, t)
+            ref = method(x, eager_target)
+            outs = run_exported(fmt, path, x, t, *extra)
+            scores, explained, raw, maps = outs[:4]
+            for name, value in zip(target.outputs if target is not None else (), outs[4:]):
+                want = ref.outputs[name]
+                err = float((value - want).abs().max() / want.abs().max().clamp_min(1e-12))
+                assert err < 1e-4, f"{fmt} batch {b}: output {name} differs by {err:.2e} relative"
             assert torch.equal(explained.long(), ref.target), f"{fmt} batch {b}: explained classes differ"
             scale = ref.scores.abs().max().clamp_min(1e-12)
             assert float((scores - ref.scores).abs().max() / scale) < 1e-4, f"{fmt} batch {b}: scores differ"

@@ -245,7 +245,7 @@ def export_all(method_obj: pyattr.AttributionMethod, key: str, s: Setup, formats
     """Export ``method_obj`` once per format (trace once, write each format from that graph, as
     :func:`pyattr.export` does), cached under ``cache``. Returns {format: (path, seconds, cached)}."""
     from pyattr.exporting import build_metadata, write_graph
-    from pyattr.exporting.trace import example_batch, trace_graph
+    from pyattr.exporting.trace import example_inputs, trace_graph
 
     folder = cache / f"{_source_hash()}-{s.device.type}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -264,7 +264,7 @@ def export_all(method_obj: pyattr.AttributionMethod, key: str, s: Setup, formats
     t0 = time.perf_counter()
     gm = trace_graph(method_obj, example)
     trace_s = time.perf_counter() - t0
-    x, t = example_batch(example)
+    inputs = example_inputs(method_obj, example)
     meta = build_metadata(method_obj, example)
     for fmt in todo:
         path = folder / f"{key}{SUFFIX[fmt]}"
@@ -272,7 +272,7 @@ def export_all(method_obj: pyattr.AttributionMethod, key: str, s: Setup, formats
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            write_graph(gm, fmt, x, t, tmp, meta)
+            write_graph(gm, fmt, inputs, tmp, meta)
         seconds = trace_s + time.perf_counter() - t0
         os.replace(tmp, path)
         path.with_suffix(path.suffix + ".json").write_text(json.dumps({"seconds": seconds}))

@@ -19,8 +19,9 @@ from ..errors import ExportError, InputError, PyattrError
 from ..methods.base import AttributionMethod, in_inference_mode, normal_copies
 from ..runtime.metadata import read_metadata as _read_metadata
 from ..runtime.metadata import validate_metadata
+from ..targets.base import CLASS_TARGET, Target, as_target
 from .diagnose import check_exportable, export_failure, first_line
-from .trace import INPUT_NAMES, OUTPUT_NAMES, GraphModule, scriptable, trace_graph
+from .trace import GraphModule, example_inputs, input_names, output_names, scriptable, trace_graph
 
 FORMATS = {".onnx": "onnx", ".pt": "torchscript", ".pt2": "pt2"}
 _STAGES = {"onnx": "the ONNX export (torch.export, then the ONNX translation)", "torchscript": "TorchScript scripting",
@@ -42,7 +43,7 @@ def _format_of(path: Path, fmt: str | None) -> str:
 
 
 def build_metadata(method: AttributionMethod, example: torch.Tensor, class_names=None, preprocessing=None,
-                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                   extra: dict[str, Any] | None = None, kind: Target | None = None) -> dict[str, Any]:
     """The metadata stored in every exported file (a JSON object), checked before anything is traced.
 
     Raises :class:`InputError` for a float64 example (onnxruntime could not run the graph), class
@@ -69,9 +70,10 @@ def build_metadata(method: AttributionMethod, example: torch.Tensor, class_names
         "pyattr_version": __version__,
         **method.metadata(),
         "input_shape": [int(s) for s in example.shape[1:]],
-        "inputs": list(INPUT_NAMES),
-        "outputs": list(OUTPUT_NAMES),
-        "target_convention": "target is an int64 (N,) tensor of class ids; -1 explains the arg-max class",
+        "inputs": list(input_names(kind)),
+        "outputs": list(output_names(kind)),
+        "target": (kind or CLASS_TARGET).metadata(),
+        "target_convention": (kind or CLASS_TARGET).convention,
         "preprocessing": dict(preprocessing) if preprocessing else {},
         "class_names": class_names,
     }
@@ -103,7 +105,7 @@ def _json_ok(value: Any) -> bool:
 def check_class_names(meta: dict[str, Any], gm) -> None:
     """After the trace: ``class_names`` must hold one name per score of the traced graph."""
     names = meta.get("class_names")
-    if names is None:
+    if names is None or meta.get("target", {}).get("kind") == "similarity":
         return
     scores = gm.graph.output_node().args[0][0]
     shape = getattr(scores, "meta", {}).get("val")
@@ -113,50 +115,55 @@ def check_class_names(meta: dict[str, Any], gm) -> None:
                          "give one name per class")
 
 
-def _dynamic_shapes():
+def _dynamic_shapes(count: int):
     batch = torch.export.Dim("batch", min=1, max=4096)
-    return {"images": {0: batch}, "target": {0: batch}}
+    shapes = {"images": {0: batch}, "target": {0: batch}}
+    if count > 2:  # the target's inputs (GraphModule.forward's *inputs)
+        shapes["inputs"] = tuple({0: batch} for _ in range(count - 2))
+    return shapes
 
 
-def _export_program(gm, x, t) -> torch.export.ExportedProgram:
+def _export_program(gm, inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
     try:
-        return torch.export.export(GraphModule(gm).eval(), (x, t), dynamic_shapes=_dynamic_shapes(), strict=False)
+        return torch.export.export(GraphModule(gm).eval(), tuple(inputs), dynamic_shapes=_dynamic_shapes(len(inputs)),
+                                   strict=False)
     except Exception as err:
         raise ExportError(f"torch.export could not capture the traced attribution graph: "
                           f"{str(err).strip().splitlines()[0]}") from err
 
 
-def _onnx_via_torch(gm, x, t):
+def _onnx_via_torch(gm, inputs, names):
     """The public route: torch.export capture, then torch.onnx (which decomposes what has no ONNX function).
     Slower (two more traces of the graph); taken only when the direct translation cannot be."""
     from . import _onnx
 
-    ep = _export_program(gm, x, t)
+    ep = _export_program(gm, inputs)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(ep, (x, t), None, dynamo=True, input_names=list(INPUT_NAMES),
-                                    output_names=list(OUTPUT_NAMES), verbose=False, optimize=False)
+        program = torch.onnx.export(ep, tuple(inputs), None, dynamo=True, input_names=list(names[0]),
+                                    output_names=list(names[1]), verbose=False, optimize=False)
     model = program.model
-    _onnx.name_dims(model, x.shape)
+    _onnx.name_dims(model, inputs[0].shape)
     _onnx.clean_up(model)
     model.graph.metadata_props.clear()
     return model
 
 
-def _write_onnx(gm, x, t, tmp: Path, meta: dict) -> None:
+def _write_onnx(gm, inputs, tmp: Path, meta: dict) -> None:
     import onnx_ir as ir
 
     from . import _onnx
 
+    names = (meta.get("inputs", input_names()), meta.get("outputs", output_names()))
     model = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = _onnx.translate(gm, x.shape, INPUT_NAMES, OUTPUT_NAMES)
+            model = _onnx.translate(gm, inputs[0].shape, *names)
     except Exception as err:  # noqa: BLE001 - it uses torch.onnx internals: any failure takes the public route
         logging.getLogger(__name__).debug("direct ONNX translation failed (%s); using torch.onnx.export", err)
     if model is None:
-        model = _onnx_via_torch(gm, x, t)
+        model = _onnx_via_torch(gm, inputs, names)
     forbidden = sorted({node.op_type for node in ir.traversal.RecursiveGraphIterator(model.graph)
                         if node.op_type == "Gradient" or node.domain not in ("", "ai.onnx")})
     if forbidden:
@@ -173,26 +180,27 @@ def _write_torchscript(gm, tmp: Path, meta: dict) -> None:
         torch.jit.save(scripted, str(tmp), _extra_files={f"{METADATA_KEY}.json": json.dumps(meta)})
 
 
-def _write_pt2(gm, x, t, tmp: Path, meta: dict) -> None:
-    ep = _export_program(gm, x, t)
+def _write_pt2(gm, inputs, tmp: Path, meta: dict) -> None:
+    ep = _export_program(gm, inputs)
     torch.export.save(ep, str(tmp), extra_files={f"{METADATA_KEY}.json": json.dumps(meta)})
 
 
-def write_graph(gm, fmt: str, x: torch.Tensor, t: torch.Tensor, tmp: Path, meta: dict) -> None:
+def write_graph(gm, fmt: str, inputs: tuple[torch.Tensor, ...], tmp: Path, meta: dict) -> None:
     """Write the traced graph ``gm`` as ``fmt`` (``"onnx"``, ``"torchscript"`` or ``"pt2"``) to ``tmp``, with the
-    tracing batch ``x``, ``t`` and the metadata ``meta``. Raw exporter errors pass through (:func:`export`
-    turns them into :class:`ExportError`)."""
+    tracing inputs ``inputs`` (:func:`~pyattr.exporting.trace.example_inputs`: images, target, the target's
+    inputs) and the metadata ``meta`` (whose ``inputs``/``outputs`` name the graph's). Raw exporter errors
+    pass through (:func:`export` turns them into :class:`ExportError`)."""
     if fmt == "onnx":
-        _write_onnx(gm, x, t, tmp, meta)
+        _write_onnx(gm, inputs, tmp, meta)
     elif fmt == "torchscript":
         _write_torchscript(gm, tmp, meta)
     else:
-        _write_pt2(gm, x, t, tmp, meta)
+        _write_pt2(gm, inputs, tmp, meta)
 
 
 def export(method: AttributionMethod, example_input: torch.Tensor, path: str | os.PathLike, *,
            format: str | None = None, class_names=None, preprocessing: dict | None = None,
-           metadata: dict | None = None) -> Path:
+           metadata: dict | None = None, target: Target | None = None) -> Path:
     """Write ``method`` as ONE graph (forward and backward fused, the backward made of forward ops).
 
     Args:
@@ -201,10 +209,16 @@ def export(method: AttributionMethod, example_input: torch.Tensor, path: str | o
         path: ``.onnx`` (ONNX), ``.pt`` (TorchScript) or ``.pt2`` (torch.export); written atomically.
         format: overrides the format told by the suffix.
         class_names, preprocessing, metadata: stored in the file's metadata (JSON).
+        target: what the graph explains: ``None`` (class logits) or a :class:`~pyattr.targets.Target`
+            such as ``SegmentationTarget()`` or ``SimilarityTarget()`` (its class ids and values, if
+            any, serve only as tracing examples: the graph takes them as inputs).
 
-    The graph takes ``images`` (N, C, H, W) float and ``target`` (N,) int64 (-1 = arg-max) and
-    returns ``scores`` (N, K), ``explained_class`` (N,), ``raw`` (the method's raw map) and
-    ``maps`` (N, H, W) normalized to [0, 1].
+    The graph takes ``images`` (N, C, H, W) float and ``target`` (N,) int64 (-1 = arg-max), then the
+    target's inputs (segmentation: ``region`` (N, H, W) float; similarity: ``reference`` (N, D) float),
+    and returns ``scores`` (N, K) (the target's scores: logits, region-summed class scores, the (N, 1)
+    similarity), ``explained_class`` (N,), ``raw`` (the method's raw map) and ``maps`` (N, H, W)
+    normalized to [0, 1], then the target's outputs (similarity: ``embedding`` (N, D)). The metadata
+    records the names (``inputs``, ``outputs``) and the target (``target``: its kind and options).
 
     Example:
         >>> import torch, pyattr
@@ -215,11 +229,16 @@ def export(method: AttributionMethod, example_input: torch.Tensor, path: str | o
     if in_inference_mode(example_input):  # tracing needs autograd
         with torch.inference_mode(False):
             return export(method, *normal_copies(example_input), path, format=format, class_names=class_names,
-                          preprocessing=preprocessing, metadata=metadata)
+                          preprocessing=preprocessing, metadata=metadata, target=target)
     path = Path(path)
     fmt = _format_of(path, format)
     if not isinstance(method, AttributionMethod):
         raise InputError(f"method must be a pyattr attribution method, got {type(method).__name__}")
+    kind, _ = as_target(target)
+    if target is not None and not isinstance(target, Target):
+        raise InputError(f"export's target= is a target kind (e.g. pyattr.targets.SegmentationTarget()), not class "
+                         f"ids ({type(target).__name__}): the exported graph takes the class ids as its input")
+    method.check_target_kind(kind)
     try:
         example = method._check_input(example_input)  # CAM methods run the model here to find their layer
     except PyattrError:
@@ -230,17 +249,15 @@ def export(method: AttributionMethod, example_input: torch.Tensor, path: str | o
                          f"{first_line(err)}; give an example the model accepts") from err
     if not path.parent.exists():
         raise InputError(f"the folder {str(path.parent)!r} does not exist; create it first")
-    meta = build_metadata(method, example, class_names, preprocessing, metadata)
-    gm = trace_graph(method, example)
+    meta = build_metadata(method, example, class_names, preprocessing, metadata, kind)
+    inputs = checked_example_inputs(method, example, kind)
+    gm = trace_graph(method, example, kind, inputs)
     check_class_names(meta, gm)
     check_exportable(gm, method, fmt)  # fail fast, before minutes in an exporter
-    from .trace import example_batch
-
-    x, t = example_batch(example)
     tmp = temp_beside(path, f".tmp{path.suffix}")
     try:
         try:
-            write_graph(gm, fmt, x, t, tmp, meta)
+            write_graph(gm, fmt, inputs, tmp, meta)
         except (InputError, OSError):  # the caller's input, the disk: not the exporter's
             raise
         except ExportError as err:
@@ -253,6 +270,24 @@ def export(method: AttributionMethod, example_input: torch.Tensor, path: str | o
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def checked_example_inputs(method: AttributionMethod, example: torch.Tensor, kind: Target) -> tuple[torch.Tensor, ...]:
+    """The tracing inputs, after an eager run of the method on the example with the target's example
+    inputs: what the target does not accept (a segmentation target on a classifier, a reference of another
+    dimension) is an :class:`InputError` here, not a tracing failure."""
+    inputs = example_inputs(method, example, kind)
+    if kind is CLASS_TARGET:
+        return inputs
+    from .._callview import call_view
+    from ..methods.base import select_output
+    from ..targets.base import bound_target
+
+    x = inputs[0][:1]
+    extra = {name: value[:1] for name, value in zip(kind.inputs, inputs[2:])}
+    with torch.no_grad(), call_view(method.model) as view, bound_target(kind, extra, 1) as bound:
+        bound.scores(select_output(view.root(x), method.output), x, checks=True)
+    return inputs
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

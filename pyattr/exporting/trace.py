@@ -13,7 +13,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._capture import eval_mode
 from ..errors import ExportError, PyattrError
-from ..methods.base import AttributionMethod
+from ..methods.base import AttributionMethod, select_output
+from ..targets.base import CLASS_TARGET, Target
 from .decompositions import decomposition_table
 from .diagnose import describe_layers, export_failure, what_to_try
 from .rewrites import ExportRewrites
@@ -23,6 +24,16 @@ INPUT_NAMES = ("images", "target")
 OUTPUT_NAMES = ("scores", "explained_class", "raw", "maps")
 
 
+def input_names(kind: Target | None = None) -> tuple[str, ...]:
+    """The graph's inputs: ``images``, ``target``, then the target's run-time inputs (e.g. ``region``)."""
+    return INPUT_NAMES + (() if kind is None else tuple(kind.inputs))
+
+
+def output_names(kind: Target | None = None) -> tuple[str, ...]:
+    """The graph's outputs: ``scores``, ``explained_class``, ``raw``, ``maps``, then the target's (``embedding``)."""
+    return OUTPUT_NAMES + (() if kind is None else tuple(kind.outputs))
+
+
 def example_batch(example: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A tracing batch whose size is >= 2 (sizes 0/1 get specialized) and differs from every
     other input dimension (equal sizes would be merged into one symbol)."""
@@ -30,6 +41,24 @@ def example_batch(example: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     idx = torch.arange(b, device=example.device) % example.shape[0]
     x = example.detach()[idx].contiguous()  # channels-last examples export as NCHW-contiguous
     return x, torch.full((b,), -1, dtype=torch.long, device=example.device)
+
+
+def example_inputs(method: AttributionMethod, example: torch.Tensor, kind: Target | None = None
+                   ) -> tuple[torch.Tensor, ...]:
+    """The tracing batch of :func:`example_batch` plus the target's run-time inputs for it (a class
+    target has none): the graph's inputs in :func:`input_names` order."""
+    x, t = example_batch(example)
+    if kind is None or not kind.inputs:
+        return x, t
+    from .._callview import call_view
+
+    with torch.no_grad(), call_view(method.model) as view:
+        output = select_output(view.root(x), method.output)
+    extra = kind.example_inputs(x, output)
+    missing = [name for name in kind.inputs if name not in extra]
+    if missing:
+        raise ExportError(f"the {kind.kind} target gave no example for its input(s) {', '.join(missing)}")
+    return (x, t, *(extra[name].detach().contiguous() for name in kind.inputs))
 
 
 def batch_symbolic(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -63,15 +92,19 @@ def _is_backward_op(target) -> bool:
     return "backward" in name or name.startswith("aten::_backward")
 
 
-def trace_graph(method: AttributionMethod, example: torch.Tensor) -> fx.GraphModule:
-    """Trace ``method.graph(images, target)`` (forward + backward + post-processing) into a
-    GraphModule of forward aten ops with a symbolic batch dimension. Parameters become buffers
-    (detached views of the model's own tensors; nothing of the model is changed)."""
-    x, t = example_batch(example)
+def trace_graph(method: AttributionMethod, example: torch.Tensor, kind: Target | None = None,
+                inputs: tuple[torch.Tensor, ...] | None = None) -> fx.GraphModule:
+    """Trace ``method.graph(images, target, *target inputs)`` (forward + backward + post-processing) into
+    a GraphModule of forward aten ops with a symbolic batch dimension. ``kind``: the target (default: a
+    class logit); ``inputs``: the tracing inputs (default: :func:`example_inputs`). Parameters become
+    buffers (detached views of the model's own tensors; nothing of the model is changed)."""
+    kind = CLASS_TARGET if kind is None else kind
+    if inputs is None:
+        inputs = example_inputs(method, example, kind)
 
-    def attribution_graph(images, target):
+    def attribution_graph(images, target, *extra):
         with ExportRewrites():
-            return method.graph(images, target)
+            return method.graph(images, target, *extra, kind=kind)
 
     method._tracing = True
     try:
@@ -86,7 +119,7 @@ def trace_graph(method: AttributionMethod, example: torch.Tensor) -> fx.GraphMod
             attribution_graph._orig_mod = method.model
             gm = make_fx(attribution_graph, decomposition_table=decomposition_table(),
                          tracing_mode="symbolic", _allow_non_fake_inputs=True,
-                         record_module_stack=True)(*batch_symbolic(x, t))
+                         record_module_stack=True)(*batch_symbolic(*inputs))
     except Exception as err:  # torch's tracing errors are long: name the op, the layer and what to try
         if isinstance(err, PyattrError) and not isinstance(err, ExportError):
             raise
@@ -171,8 +204,8 @@ class GraphModule(torch.nn.Module):
         super().__init__()
         self.graph_module = gm
 
-    def forward(self, images: torch.Tensor, target: torch.Tensor):
-        return self.graph_module(images, target)
+    def forward(self, images: torch.Tensor, target: torch.Tensor, *inputs: torch.Tensor):
+        return self.graph_module(images, target, *inputs)
 
 
 def scriptable(gm: fx.GraphModule) -> fx.GraphModule:

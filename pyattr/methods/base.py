@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -13,8 +13,9 @@ from torch import nn
 from .._callview import active_view, call_view, is_tracing, set_tracing
 from ..errors import InputError
 from ..postprocess import nan_like, normalize_minmax, resize_bilinear
+from ..targets.base import CLASS_TARGET, Target, as_target, bound_target, current_target
 
-TargetLike = "int | list[int] | torch.Tensor | None"
+TargetLike = "int | list[int] | torch.Tensor | Target | None"
 OutputSelector = int | str | Callable[[Any], torch.Tensor] | None
 
 LAYOUTS: dict[str, str] = {"image": "(N, C, H, W)", "signal": "(N, C, L)", "tabular": "(N, F)"}
@@ -39,6 +40,12 @@ class Attribution:
         completeness_error: for methods whose attributions should add up to a score difference
             (Integrated Gradients: ``|sum(attr) - (F(x) - F(baseline))|``), that error per sample
             (and target); ``None`` for the others. Eager calls only; not an output of exported graphs.
+        outputs: the target's extra outputs (:attr:`pyattr.targets.Target.outputs`), e.g. a similarity
+            target's ``"embedding"`` (N, D); empty for class targets.
+
+    With a :class:`~pyattr.targets.Target` other than a class logit, ``scores`` are the target's scores:
+    a segmentation target's per-class scores summed over the region (N, K), a similarity target's
+    similarity (N, 1).
     """
 
     maps: torch.Tensor
@@ -46,6 +53,7 @@ class Attribution:
     scores: torch.Tensor
     target: torch.Tensor
     completeness_error: torch.Tensor | None = None
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def in_inference_mode(*values: Any) -> bool:
@@ -225,13 +233,23 @@ class AttributionMethod:
 
     # -- shared --------------------------------------------------------------------------------
     def scores_of(self, x: torch.Tensor) -> torch.Tensor:
-        """The model's (N, K) scores for ``x``, picked out of its output by ``output``.
+        """The (N, K) scores of the call's target (:mod:`pyattr.targets`; a class target's are the model's
+        logits) for ``x``: the model's output, picked out by ``output``, given to the target with its
+        run-time inputs. ``x`` may be the call's batch or a sample-major expansion of it.
 
-        Eager calls check the shape (skipped while tracing)."""
+        Eager calls check the shapes (skipped while tracing)."""
         out = select_output(self.model(x), self.output)
-        if not self._tracing:
-            check_scores(out, x, self.output)
-        return out
+        bound = current_target()
+        if bound is None or bound.target is CLASS_TARGET:
+            if not self._tracing:
+                check_scores(out, x, self.output)
+            return out
+        return bound.scores(out, x, checks=not self._tracing)
+
+    def target_kind(self) -> Target:
+        """The target of the current call (the default class target outside a call)."""
+        bound = current_target()
+        return CLASS_TARGET if bound is None else bound.target
 
     def select(self, scores: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`select_target`, plus a range check on eager calls (skipped while tracing)."""
@@ -258,14 +276,25 @@ class AttributionMethod:
         return normalize_minmax(maps.flatten(0, lead - 1)).view_as(maps)
 
     def graph(
-        self, x: torch.Tensor, target: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The whole traceable computation: (scores, resolved target, raw map, normalized maps).
+        self, x: torch.Tensor, target: torch.Tensor, *inputs: torch.Tensor, kind: Target | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """The whole traceable computation: (scores, resolved target, raw map, normalized maps, then the
+        target's extra outputs). ``kind``: the target (default: a class logit), whose run-time inputs
+        (``kind.inputs``, each (N, ...)) follow ``target``.
 
         Runs on a per-call view of the model (the enclosing call's when there is one)."""
-        with call_view(self._model):
+        kind = CLASS_TARGET if kind is None else kind
+        if len(inputs) != len(kind.inputs):
+            raise InputError(f"the {kind.kind} target takes the inputs {', '.join(kind.inputs) or 'none'} after "
+                             f"target; got {len(inputs)}")
+        with call_view(self._model), bound_target(kind, dict(zip(kind.inputs, inputs)), x.shape[0]) as bound:
+            self.check_target_kind(kind)
             scores, resolved, raw, maps, _ = self._compute(x, target, diagnostics=False)
-        return scores, resolved, raw, maps
+            extra = tuple(bound.outputs[name] for name in kind.outputs)
+        return (scores, resolved, raw, maps, *extra)
+
+    def check_target_kind(self, kind: Target) -> None:
+        """Raise :class:`InputError` when this method cannot explain targets of ``kind`` (all can by default)."""
 
     def _compute(self, x: torch.Tensor, target: torch.Tensor, diagnostics: bool):
         with torch.enable_grad():
@@ -283,22 +312,34 @@ class AttributionMethod:
         return scores.detach(), resolved, raw, maps, {k: v.detach() for k, v in extra.items()}
 
     def __call__(self, x: torch.Tensor, target: TargetLike = None) -> Attribution:
+        """Explain ``x`` (N, ...) for ``target``: class ids (None / -1: the arg-max class, an int, an (N,) or
+        (N, T) tensor) or a :class:`~pyattr.targets.Target` (segmentation, similarity, your own kind)."""
         if in_inference_mode(x, target):
             with torch.inference_mode(False):
                 return self(*normal_copies(x, target))
+        kind, classes = as_target(target)
+        if in_inference_mode(classes):
+            with torch.inference_mode(False):
+                classes = normal_copies(classes)[0]
         with call_view(self._model):
             x = self._check_input(x)
-            t = self._check_target(target, x.shape[0], x.device)
-            if t.dim() == 2 and not self.multi_target:
-                n, k = t.shape
-                scores, resolved, raw, maps, extra = self._compute(x.repeat_interleave(k, 0), t.reshape(-1), True)
-                scores = scores.view(n, k, -1)[:, 0]
-                resolved, raw, maps = (v.view(n, k, *v.shape[1:]) for v in (resolved, raw, maps))
-                extra = {key: v.view(n, k, *v.shape[1:]) for key, v in extra.items()}
-            else:
-                scores, resolved, raw, maps, extra = self._compute(x, t, True)
+            self.check_target_kind(kind)
+            t = self._check_target(classes, x.shape[0], x.device)
+            with bound_target(kind, kind.run_time_inputs(x), x.shape[0]) as bound:
+                return self._eager(x, t, bound)
+
+    def _eager(self, x: torch.Tensor, t: torch.Tensor, bound) -> Attribution:
+        if t.dim() == 2 and not self.multi_target:
+            n, k = t.shape
+            scores, resolved, raw, maps, extra = self._compute(x.repeat_interleave(k, 0), t.reshape(-1), True)
+            scores = scores.view(n, k, -1)[:, 0]
+            resolved, raw, maps = (v.view(n, k, *v.shape[1:]) for v in (resolved, raw, maps))
+            extra = {key: v.view(n, k, *v.shape[1:]) for key, v in extra.items()}
+        else:
+            scores, resolved, raw, maps, extra = self._compute(x, t, True)
         return Attribution(maps=maps, raw=raw, scores=scores, target=resolved,
-                           completeness_error=extra.get("completeness_error"))
+                           completeness_error=extra.get("completeness_error"),
+                           outputs={k: v.detach() for k, v in bound.outputs.items()})
 
     def _check_input(self, x: Any) -> torch.Tensor:
         shape = LAYOUTS[self.layout]

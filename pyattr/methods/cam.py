@@ -437,6 +437,11 @@ class CAM(CAMMethod):
             if not isinstance(self.fc, nn.Linear):
                 raise InputError(f"fc={fc!r} is a {type(self.fc).__name__}, not an nn.Linear")
 
+    def check_target_kind(self, kind) -> None:
+        if not kind.class_scores:
+            raise InputError(f"CAM reads the classifier's linear head for a class, so it explains class logits only, "
+                             f"not a {kind.kind} target; use Grad-CAM (or another CAM method) for it")
+
     def attribute_raw(self, x: torch.Tensor, target: torch.Tensor):
         with torch.no_grad():
             scores, (out,) = self.forward_with_layers(x)

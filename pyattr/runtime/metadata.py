@@ -192,6 +192,8 @@ def validate_metadata(meta: Any, *, input_shape: Sequence[Any] | None = None,
         if key in meta and not (isinstance(meta[key], list) and len(meta[key]) <= 16
                                 and all(_printable(v, 100) for v in meta[key])):
             raise _field(key, meta[key], "a list of at most 16 names")
+    if "target" in meta:
+        _validate_target(meta["target"], meta.get("inputs"))
     shape = meta.get("input_shape")
     if shape is not None:
         if not (isinstance(shape, list) and 1 <= len(shape) <= 4 and all(_int(s) and 1 <= s <= 1 << 20 for s in shape)):
@@ -213,6 +215,22 @@ def validate_metadata(meta: Any, *, input_shape: Sequence[Any] | None = None,
             raise InputError(f"metadata field 'class_names' holds {len(names)} names but the graph scores "
                              f"{num_classes} classes: give one name per class")
     return meta
+
+
+TARGET_INPUTS = {"class": (), "segmentation": ("region",), "similarity": ("reference",)}
+"""The run-time inputs, after ``images`` and ``target``, of the target kinds pyattr knows."""
+
+
+def _validate_target(target: Any, inputs: Any) -> None:
+    if not (isinstance(target, dict) and isinstance(target.get("kind"), str) and SAFE_NAME.match(target["kind"])):
+        raise _field("target", target, "a JSON object with a 'kind' name (class, segmentation, similarity, ...)")
+    if len(target) > 32 or not all(isinstance(k, str) and (v is None or isinstance(v, (str, bool)) or _number(v))
+                                   and (not isinstance(v, str) or _printable(v, 200)) for k, v in target.items()):
+        raise _field("target", target, "a flat JSON object of at most 32 names, numbers, booleans or strings")
+    known = TARGET_INPUTS.get(target["kind"])
+    if known is not None and isinstance(inputs, list) and inputs[2:] != list(known):
+        raise _field("inputs", inputs, f"images, target{''.join(', ' + n for n in known)} for a "
+                                       f"{target['kind']} target")
 
 
 def _validate_preprocessing(p: Any, shape: list | None, input_shape: Sequence[Any] | None) -> None:
