@@ -48,12 +48,17 @@ _LAZY = {
     "InputError": "pyattr.errors",
     "LayerNotFoundError": "pyattr.errors",
     "ExportError": "pyattr.errors",
+    "ClassTarget": "pyattr.targets",
+    "SegmentationTarget": "pyattr.targets",
+    "SimilarityTarget": "pyattr.targets",
+    "Target": "pyattr.targets",
 }
 _SUBMODULES = {"zoo", "render", "colormaps", "methods", "exporting", "metrics", "models", "figures", "lrp",
-               "postprocess", "errors", "sanity", "runtime"}
+               "postprocess", "errors", "sanity", "runtime", "targets"}
 
 __all__ = [
     "CAM",
+    "ClassTarget",
     "LRP",
     "METHODS",
     "Attribution",
@@ -74,7 +79,10 @@ __all__ = [
     "PyattrError",
     "Saliency",
     "ScoreCAM",
+    "SegmentationTarget",
+    "SimilarityTarget",
     "SmoothGrad",
+    "Target",
     "TokensToGrid",
     "XGradCAM",
     "__version__",
@@ -93,6 +101,7 @@ __all__ = [
     "render",
     "runtime",
     "sanity",
+    "targets",
     "zoo",
 ]
 
