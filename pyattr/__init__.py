@@ -59,11 +59,11 @@ _SUBMODULES = {"zoo", "render", "colormaps", "methods", "exporting", "metrics", 
 
 __all__ = [
     "CAM",
-    "ClassTarget",
     "LRP",
     "METHODS",
     "Attribution",
     "AttributionMethod",
+    "ClassTarget",
     "DeconvNet",
     "ExportError",
     "FullGrad",

@@ -227,37 +227,125 @@ def _remove_created(folders: list[Path]) -> None:
             return
 
 
-def cmd_explain(args: argparse.Namespace) -> int:
+def load_region(path: str, size: tuple[int, int]) -> np.ndarray:
+    """``--region MASK.png``: an image whose non-zero pixels (any channel) are the region, resized (nearest)
+    to the model's input size -> (H, W) float32 0/1."""
+    from PIL import Image
+
+    from .runtime.images import read_image
+
+    mask = read_image(path).max(axis=2) > 0
+    if not mask.any():
+        raise InputError(f"--region {path}: the mask is empty (no non-zero pixel); the region is where it is non-zero")
+    h, w = size
+    return (np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0).astype(np.float32)
+
+
+def _task_inputs(args: argparse.Namespace, bundle, images: list) -> tuple[list, dict]:
+    """Check the task's options; returns (images, what the task needs: region, reference images, truth)."""
+    task = bundle.task
+    if args.region is not None and task != "segmentation":
+        raise InputError("--region is an option of --task segmentation")
+    if args.reference is not None and task != "similarity":
+        raise InputError("--reference is an option of --task similarity")
+    info: dict = {"truth": None, "references": None, "region": None}
+    if args.region is not None:
+        info["region"] = load_region(args.region, bundle.input_size)
+    if task == "similarity" and args.reference is not None:
+        from .runtime.images import read_image
+
+        info["references"] = [(Path(args.reference).stem, read_image(args.reference))]
+    if images:
+        if task == "similarity" and info["references"] is None:
+            raise InputError("--task similarity explains why each image is similar to a reference: give "
+                             "--reference IMAGE")
+        return images, info
+    if args.model != "builtin":
+        raise InputError("give image files to explain (only the built-in model can generate its own samples)")
+    from .zoo import generate, generate_similarity
+
+    if task == "similarity":
+        pairs = generate_similarity(args.samples, seed=SAMPLE_SEED)
+        images = [(f"sample_{i:02d}", pairs.queries[i]) for i in range(args.samples)]
+        if info["references"] is None:
+            info["references"] = [(f"reference_{i:02d}", pairs.references[i]) for i in range(args.samples)]
+        info["truth"] = [[int(k)] for k in pairs.shared_classes]
+    else:
+        batch = generate(args.samples, seed=SAMPLE_SEED)
+        images = [(f"sample_{i:02d}", batch.images[i]) for i in range(args.samples)]
+        info["truth"] = [list(np.flatnonzero(row)) for row in batch.labels]
+    return images, info
+
+
+def _to_input(arrays: list[np.ndarray], bundle, device: str):
     import torch
     from PIL import Image
 
+    h, w = bundle.input_size
+    resized = np.stack([np.asarray(Image.fromarray(a).resize((w, h), Image.BILINEAR)) for a in arrays])
+    return bundle.normalize(torch.from_numpy(resized).to(device).permute(0, 3, 1, 2).float() / 255)
+
+
+def _segmentation_classes(bundle, x, target: int | None):
+    """The class each image explains: ``--target``, else the class (background excepted) with the most
+    pixels predicted in the image (background when nothing else is predicted); and the predicted class maps."""
+    import torch
+
+    from .methods.base import select_output
+    from .targets.segmentation import segmentation_logits
+
+    with torch.no_grad():
+        predicted = segmentation_logits(select_output(bundle.model(x), None)).argmax(1)  # (n, h, w)
+    if target is not None:
+        return torch.full((x.shape[0],), target, dtype=torch.long), predicted
+    counts = torch.nn.functional.one_hot(predicted.flatten(1), int(predicted.max()) + 2).sum(1)
+    names = bundle.class_names or []
+    if names and names[0].strip("_").lower() == "background":
+        counts[:, 0] = 0
+    classes = counts.argmax(1)
+    return torch.where(counts.amax(1) > 0, classes, torch.zeros_like(classes)), predicted
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    import torch
+
     from . import render
-    from .figures import overlay_image, save_png_atomic, side_by_side, signed_overlay_image
+    from .figures import mask_image, overlay_image, save_png_atomic, side_by_side, signed_overlay_image
     from .methods import build_method, needs_layer
     from .models import load_model
     from .postprocess import resize_bilinear
+    from .targets import SegmentationTarget, SimilarityTarget
 
     # 1. every input checked before anything is written
     _check_device(args.device)
     images = load_images(args.images) if args.images else []
-    if not images and args.model != "builtin":
-        raise InputError("give image files to explain (only the built-in model can generate its own samples)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file, not a folder; give a folder name")
-    bundle = load_model(args.model, args.device, args.size)
-    truth = None
-    if not images:
-        from .zoo import generate
-
-        batch = generate(args.samples, seed=SAMPLE_SEED)
-        images = [(f"sample_{i:02d}", batch.images[i]) for i in range(args.samples)]
-        truth = batch.labels
-    target = resolve_target(args.target, bundle)
+    bundle = load_model(args.model, args.device, args.size, task=args.task)
+    images, info = _task_inputs(args, bundle, images)
+    task = bundle.task
+    target = resolve_target(args.target, bundle) if task != "similarity" else None
+    if args.target is not None and task == "similarity":
+        raise InputError("--target has no meaning for --task similarity (the similarity is the one score)")
     layer = args.layer or (bundle.default_layer if needs_layer(args.method) else None)
     batch_size = min(args.batch_size, len(images))
     options = {**method_options(args.method, bundle), **_multi_pass_options(args.method, args, batch_size)}
     method = build_method(args.method, bundle.model, layer, **options)
+    if task != "classification":
+        from .targets import TARGETS
+
+        method.check_target_kind(TARGETS[task]())
+    embeddings = None
+    if info["references"] is not None:
+        with torch.no_grad():
+            embeddings = bundle.model(_to_input([a for _, a in info["references"]], bundle, args.device))
+        from .targets.similarity import embedding_of
+
+        embeddings = embedding_of(embeddings)
+        if not (isinstance(embeddings, torch.Tensor) and embeddings.dim() == 2):
+            raise InputError(f"--task similarity needs a model that outputs an embedding (N, D); {bundle.name} "
+                             "does not")
     signed = bool(method.signed)
     cmap = args.cmap or ("bwr" if signed else "jet")
     alpha = args.alpha if args.alpha is not None else (1.0 if signed else 0.5)
@@ -271,27 +359,34 @@ def cmd_explain(args: argparse.Namespace) -> int:
     created = prepare_out(out)
     sweep_stale_staging(out)
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=out))
-    h, w = bundle.input_size
     lines = []
     progress = _Progress(bundle.model, len(images), args.method, disable=args.quiet)
     published = False
     try:
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
-            resized = np.stack([np.asarray(Image.fromarray(a).resize((w, h), Image.BILINEAR)) for _, a in chunk])
-            x = torch.from_numpy(resized).to(args.device).permute(0, 3, 1, 2).float() / 255
+            x = _to_input([a for _, a in chunk], bundle, args.device)
+            predicted = None
+            if task == "segmentation":
+                classes, predicted = _segmentation_classes(bundle, x, target)
+                region = None if info["region"] is None else torch.from_numpy(info["region"]).to(args.device)
+                explained_target = SegmentationTarget(classes=classes, region=region)
+            elif task == "similarity":
+                refs = embeddings if len(embeddings) == 1 else embeddings[start:start + len(chunk)]
+                explained_target = SimilarityTarget(refs)
+            else:
+                explained_target = target
             try:
-                result = method(bundle.normalize(x), target=target)
+                result = method(x, explained_target)
             except (MemoryError, RuntimeError) as err:
                 if _is_out_of_memory(err):
+                    h, w = bundle.input_size
                     raise InputError(f"out of memory running {args.method} on {len(chunk)} images of "
                                      f"{h}x{w}: {_memory_hint(args.method, args)}") from None
                 raise
             logits = result.scores.detach().float().cpu()
-            probs = torch.softmax(logits, 1)
             for j, (_, original) in enumerate(chunk):
                 i = start + j
-                pred = int(logits[j].argmax())
                 explained = int(result.target[j])
                 if signed:  # evidence for (+) and against (-): 0 at the middle of a diverging colormap
                     unit = torch.from_numpy(render.normalize(result.raw[j:j + 1].cpu().numpy(), sign="centered"))
@@ -302,16 +397,39 @@ def cmd_explain(args: argparse.Namespace) -> int:
                     over = signed_overlay_image(original, heat, alpha=alpha, cmap=cmap)
                 else:
                     over = overlay_image(original, heat, alpha=alpha, cmap=cmap)
-                score, probability = float(logits[j, explained]), float(probs[j, explained])
-                title = (f"{args.method}: explains {bundle.class_name(explained)} (score {score:.2f}, "
-                         f"probability {probability:.2f}) | predicted {bundle.class_name(pred)}")
+                context = None
+                if task == "classification":
+                    probs = bundle.probabilities(logits)
+                    pred = int(logits[j].argmax())
+                    title = (f"{args.method}: explains {bundle.class_name(explained)} (score "
+                             f"{float(logits[j, explained]):.2f}, probability {float(probs[j, explained]):.2f}) | "
+                             f"predicted {bundle.class_name(pred)}")
+                elif task == "segmentation":
+                    mine = (predicted[j] == explained).cpu().numpy()
+                    if info["region"] is not None:
+                        context = (mask_image(info["region"]), "region")
+                        where = "the --region mask"
+                    else:
+                        context = (mask_image(mine.astype(np.float32)), f"{bundle.class_name(explained)} pixels")
+                        where = f"its {int(mine.sum())} predicted pixels"
+                    if info["region"] is None and not mine.any():
+                        where = "no predicted pixel: an empty region"
+                    title = (f"{args.method}: why {bundle.class_name(explained)} over {where} (score "
+                             f"{float(logits[j, explained]):.1f})")
+                else:
+                    ref_name, ref_image = info["references"][0 if len(info["references"]) == 1 else i]
+                    context = (ref_image, "reference")
+                    title = f"{args.method}: why similar to {ref_name} (cosine {float(logits[j, 0]):.3f})"
                 base = f"{stems[i]}_{args.method}"
                 save_png_atomic(over, staging / f"{base}_overlay.png")
-                save_png_atomic(side_by_side(original, heat, over, title, cmap=cmap), staging / f"{base}_figure.png")
+                save_png_atomic(side_by_side(original, heat, over, title, cmap=cmap, context=context),
+                                staging / f"{base}_figure.png")
                 line = f"{stems[i]}: {title} -> {out / base}_figure.png"
-                if truth is not None:
-                    present = [bundle.class_name(k) for k in np.flatnonzero(truth[i])]
-                    line += f"  [contains: {', '.join(present)}]"
+                if info["truth"] is not None:
+                    from .zoo import SHAPE_CLASSES
+
+                    present = [SHAPE_CLASSES[k] for k in info["truth"][i]]
+                    line += f"  [{'shared' if task == 'similarity' else 'contains'}: {', '.join(present)}]"
                 lines.append(line)
             progress.update(len(chunk))
         progress.close()
@@ -350,14 +468,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"cannot write {path}: the folder {parent} is not writable")
     _check_device(args.device)
-    bundle = load_model(args.model, args.device, args.size)
+    bundle = load_model(args.model, args.device, args.size, task=args.task)
     layer = args.layer or (bundle.default_layer if needs_layer(args.method) else None)
     method = build_method(args.method, bundle.model, layer, **method_options(args.method, bundle))
     h, w = bundle.input_size
     example = bundle.normalize(torch.rand(1, 3, h, w, device=args.device))
+    from .targets import TARGETS
+
+    kind = None if bundle.task == "classification" else TARGETS[bundle.task]()
     try:
         export(method, example, path, format=args.format, class_names=bundle.class_names,
-               preprocessing=bundle.preprocessing(), metadata={"model": bundle.name, "multilabel": bundle.multilabel})
+               preprocessing=bundle.preprocessing(), metadata={"model": bundle.name, "multilabel": bundle.multilabel},
+               target=kind)
     except OSError as err:
         raise InputError(f"cannot write {path}: {err.strerror or err}") from None
     print(f"wrote {path} ({args.method}{' on ' + layer if layer else ''}, model {bundle.name}, input 3x{h}x{w}, "
@@ -433,6 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pyattr",
         description="Explain the decisions of PyTorch vision models, and export each explanation as one graph.",
         epilog="Examples:\n  pyattr explain                       # generated samples, built-in model\n"
+               "  pyattr explain --task segmentation   # the built-in segmenter: why these pixels are a square\n"
+               "  pyattr explain --task similarity     # generated query/reference pairs, built-in embedding\n"
                "  pyattr explain cat.jpg --model torchvision:resnet18:resnet18.pth --method gradcam\n"
                "  pyattr export gradcam.onnx --method gradcam\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -452,6 +576,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--size", type=_int_in("--size", 8, MAX_SIZE),
                        help=f"input size the images are resized to, 8..{MAX_SIZE} (default: the model's)")
         p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N")
+        p.add_argument("--task", default="classification", choices=["classification", "segmentation", "similarity"],
+                       help="what is explained: a class (default); segmentation: a class over a region of a "
+                            "segmenter's per-pixel scores (the built-in segmenter with --model builtin, "
+                            "torchvision:fcn_resnet50, ...); similarity: an embedding's cosine similarity to "
+                            "a reference (the built-in classifier's pooled features with --model builtin)")
 
     ex = sub.add_parser("explain", help="write heatmap overlays and figures for images",
                         description="Explain images: per image, an overlay PNG and a figure "
@@ -461,7 +590,14 @@ def build_parser() -> argparse.ArgumentParser:
                                     "blue against the class, the photo unchanged where the attribution is 0.")
     ex.add_argument("images", nargs="*", help="image files (PNG, JPEG, ...)")
     model_options(ex)
-    ex.add_argument("--target", help="class to explain, id or name (default: each image's top class)")
+    ex.add_argument("--target", help="class to explain, id or name (default: each image's top class; segmentation: "
+                                     "the class with the most predicted pixels, background excepted)")
+    ex.add_argument("--region", metavar="MASK",
+                    help="--task segmentation: explain the class over this mask image's non-zero pixels (default: "
+                         "the pixels the model predicts as the class)")
+    ex.add_argument("--reference", metavar="IMAGE",
+                    help="--task similarity: the reference image whose embedding each image is compared with "
+                         "(default with generated samples: each sample's own reference)")
     ex.add_argument("--out", default="pyattr_out", help="output folder (default pyattr_out)")
     ex.add_argument("--samples", type=_int_in("--samples", 1, 10_000), default=6,
                     help="generated samples when no image is given (default 6)")

@@ -31,6 +31,8 @@ class ModelBundle:
         class_names: one name per output, or None.
         default_layer: the layer CAM methods use when none is named, or None.
         multilabel: scores are per-class sigmoids (True) or a softmax (False).
+        task: what the model outputs: ``classification`` (N, K) scores, ``segmentation`` per-pixel scores
+            (N, K, H, W) (or torchvision's dict), ``similarity`` an embedding (N, D).
     """
 
     model: nn.Module
@@ -42,6 +44,7 @@ class ModelBundle:
     default_layer: str | None = None
     multilabel: bool = False
     extra: dict = field(default_factory=dict)
+    task: str = "classification"
 
     def preprocessing(self) -> dict:
         """The preprocessing as stored in exported files' metadata."""
@@ -236,42 +239,105 @@ def weights_mismatch(model: nn.Module, state: dict) -> str:
     return "; ".join(parts) + hint + f". The model has {len(expected)} entries, the file {len(state)}."
 
 
-def load_builtin_bundle(device: str = "cpu") -> ModelBundle:
-    from .zoo import SHAPE_CLASSES, SHAPESNET_LAYER, load_builtin
+TASKS = ("classification", "segmentation", "similarity")
+"""What a model named on the command line does (``--task``)."""
+
+_TASK_OUTPUT = {"classification": "(1, K) class scores", "segmentation": "(1, K, H, W) per-pixel class scores",
+                "similarity": "a (1, D) embedding"}
+
+
+def load_builtin_bundle(device: str = "cpu", task: str = "classification") -> ModelBundle:
+    """The built-in model of ``task``: the shapes classifier, the shapes segmenter (background + 6 shapes)
+    or the classifier's pooled features as an embedding model."""
+    from . import zoo
 
     try:
-        model = load_builtin(device)
+        if task == "segmentation":
+            return ModelBundle(zoo.load_builtin_segmenter(device), "builtin", (64, 64),
+                               class_names=list(zoo.SEG_CLASSES), default_layer=zoo.SHAPESSEG_LAYER, task=task)
+        if task == "similarity":
+            return ModelBundle(zoo.load_builtin_embedding(device), "builtin", (64, 64),
+                               default_layer=zoo.SHAPESNET_LAYER, task=task)
+        model = zoo.load_builtin(device)
     except FileNotFoundError as err:
         raise InputError(str(err)) from err
-    return ModelBundle(model, "builtin", (64, 64), class_names=list(SHAPE_CLASSES),
-                       default_layer=SHAPESNET_LAYER, multilabel=True)
+    return ModelBundle(model, "builtin", (64, 64), class_names=list(zoo.SHAPE_CLASSES),
+                       default_layer=zoo.SHAPESNET_LAYER, multilabel=True)
+
+
+def _task_output_ok(out, task: str) -> bool:
+    if task == "segmentation" and isinstance(out, dict) and "out" in out:
+        out = out["out"]
+    if not isinstance(out, torch.Tensor) or out.shape[0] != 1:
+        return False
+    return out.dim() == (4 if task == "segmentation" else 2)
 
 
 def check_image_model(bundle: ModelBundle, spec: str, size: int | None, device: str) -> None:
-    """A model named on the command line must map (1, 3, H, W) images to (1, K) scores."""
+    """A model named on the command line must map (1, 3, H, W) images to what its task explains: (1, K)
+    scores, (1, K, H, W) per-pixel scores, or a (1, D) embedding."""
     h, w = (size, size) if size is not None else bundle.input_size
+    what = {"classification": "an image classifier", "segmentation": "a segmentation model",
+            "similarity": "an embedding model"}[bundle.task]
     try:
         with torch.no_grad():
             out = bundle.model(torch.zeros(1, 3, h, w, device=device))
     except Exception as err:
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
         detail = lines[-1][:300] if lines else type(err).__name__
-        raise InputError(f"{spec} is not an image classifier: it fails on a (1, 3, {h}, {w}) image ({detail})") from err
-    if not (isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == 1):
+        raise InputError(f"{spec} is not {what}: it fails on a (1, 3, {h}, {w}) image ({detail})") from err
+    if not _task_output_ok(out, bundle.task):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise InputError(f"{spec} is not an image classifier: a (1, 3, {h}, {w}) image gives {shape}, "
-                         "not (1, K) class scores")
+        hint = ""
+        for other in TASKS:
+            if other != bundle.task and _task_output_ok(out, other):
+                hint = f"; for a model that outputs {_TASK_OUTPUT[other]} use --task {other}"
+                break
+        raise InputError(f"{spec} is not {what}: a (1, 3, {h}, {w}) image gives {shape}, not "
+                         f"{_TASK_OUTPUT[bundle.task]}{hint}")
 
 
-def load_model(spec: str, device: str = "cpu", size: int | None = None) -> ModelBundle:
-    """``builtin`` | ``torchvision:NAME[:WEIGHTS.pth]`` | ``FILE.pt`` (a TorchScript module)."""
+def load_torchvision_segmentation(name: str, weights: str | None = None, device: str = "cpu") -> ModelBundle:
+    """A torchvision segmentation model (``torchvision.models.segmentation``) by name, random or from a local
+    state_dict file; its output dict's ``"out"`` holds the per-pixel scores."""
+    import torchvision
+
+    available = torchvision.models.list_models(module=torchvision.models.segmentation)
+    if name not in available:
+        raise InputError(f"torchvision has no segmentation model {name!r}; available: {', '.join(available)}")
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None)
+    if weights is None:
+        warnings.warn(f"torchvision:{name} has random weights (give torchvision:{name}:WEIGHTS.pth to load a "
+                      "state_dict); its explanations show an untrained model", stacklevel=2)
+    else:
+        load_state_dict_file(model, weights)
+    model = model.eval().to(device)
+    size = (224, 224)
+    categories = _imagenet_categories(name)
+    layer = find_default_layer(model, torch.zeros(1, 3, *size, device=device))
+    return ModelBundle(model, f"torchvision:{name}", size, IMAGENET_MEAN, IMAGENET_STD, categories, layer,
+                       task="segmentation")
+
+
+def load_model(spec: str, device: str = "cpu", size: int | None = None, task: str = "classification") -> ModelBundle:
+    """``builtin`` | ``torchvision:NAME[:WEIGHTS.pth]`` | ``FILE.pt`` (a TorchScript module), for ``task``
+    (:data:`TASKS`): a classifier, a segmenter (torchvision's segmentation models by name) or an embedding
+    model (a torchvision classifier's output serves as its embedding)."""
+    if task not in TASKS:
+        raise InputError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
     if spec == "builtin":
-        bundle = load_builtin_bundle(device)
+        bundle = load_builtin_bundle(device, task)
     elif spec.startswith("torchvision:"):
         parts = spec.split(":", 2)
         if len(parts) < 2 or not parts[1]:
             raise InputError("write torchvision models as torchvision:NAME or torchvision:NAME:WEIGHTS.pth")
-        bundle = load_torchvision(parts[1], parts[2] if len(parts) == 3 else None, device)
+        weights = parts[2] if len(parts) == 3 else None
+        if task == "segmentation":
+            bundle = load_torchvision_segmentation(parts[1], weights, device)
+        else:
+            bundle = load_torchvision(parts[1], weights, device)
+            if task == "similarity":
+                bundle.task, bundle.class_names = task, None
     else:
         path = Path(spec)
         if not path.is_file():
@@ -282,7 +348,7 @@ def load_model(spec: str, device: str = "cpu", size: int | None = None) -> Model
             model = torch.jit.load(str(path), map_location=device)
         except Exception as err:
             raise InputError(f"{spec} is not a TorchScript model file (save one with torch.jit.save)") from err
-        bundle = ModelBundle(model.eval(), str(path), (224, 224))
+        bundle = ModelBundle(model.eval(), str(path), (224, 224), task=task)
         check_image_model(bundle, spec, size, device)
     if size is not None:
         bundle.input_size = (size, size)
