@@ -314,9 +314,22 @@ def load_torchvision_segmentation(name: str, weights: str | None = None, device:
     model = model.eval().to(device)
     size = (224, 224)
     categories = _imagenet_categories(name)
-    layer = find_default_layer(model, torch.zeros(1, 3, *size, device=device))
+    layer = segmentation_layer(model, torch.zeros(1, 3, *size, device=device))
     return ModelBundle(model, f"torchvision:{name}", size, IMAGENET_MEAN, IMAGENET_STD, categories, layer,
                        task="segmentation")
+
+
+def segmentation_layer(model: nn.Module, example: torch.Tensor) -> str | None:
+    """The default CAM layer of a segmenter: the last module, in execution order, whose output is an
+    (N, C, h, w) map with h*w > 1 and C other than the number of classes K (the layers that output the
+    per-pixel class scores themselves are the head's last, not features)."""
+    from .targets.segmentation import segmentation_logits
+
+    with torch.no_grad():
+        k = int(segmentation_logits(model(example)).shape[1])
+    maps = [name for name, _, shape in _layer_outputs(model, example)
+            if len(shape) == 4 and shape[2] * shape[3] > 1 and shape[1] != k]
+    return maps[-1] if maps else None
 
 
 def load_model(spec: str, device: str = "cpu", size: int | None = None, task: str = "classification") -> ModelBundle:
