@@ -246,22 +246,28 @@ def load_embedding(path: Path) -> np.ndarray:
     if path.stat().st_size > MAX_EMBEDDING_FILE_BYTES:
         raise InputError(f"--reference-embedding {path}: {path.stat().st_size} bytes, over the limit of "
                          f"{MAX_EMBEDDING_FILE_BYTES}")
+    fmt = np.lib.format
     try:
         with open(path, "rb") as f:
-            value = np.load(f, allow_pickle=False)
-            if not isinstance(value, np.ndarray):  # an .npz archive
-                value.close()
+            start = f.read(len(fmt.MAGIC_PREFIX))
+            f.seek(0)
+            if start.startswith(b"PK"):
                 raise InputError(f"--reference-embedding {path} is an .npz archive; give a .npy file holding one "
                                  "float array (np.save(path, embedding))")
+            if start != fmt.MAGIC_PREFIX:
+                raise InputError(f"--reference-embedding {path} is not a .npy file (np.save writes them); refused "
+                                 "without reading it as a pickle")
+            version = fmt.read_magic(f)
+            _, _, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
+            if dtype.hasobject:  # decided from the header: nothing unpickled
+                raise InputError(f"--reference-embedding {path} holds an object array (pickled Python objects), "
+                                 "refused: loading it could run code. Save the embedding as a float array: "
+                                 "np.save(path, embedding.astype(np.float32))")
+            f.seek(0)
+            value = np.load(f, allow_pickle=False)
     except InputError:
         raise
-    except ValueError as err:
-        if "allow_pickle" in str(err) or "pickle" in str(err).lower():
-            raise InputError(f"--reference-embedding {path} holds an object array (pickled Python objects), "
-                             "refused: loading it could run code. Save the embedding as a float array: "
-                             "np.save(path, embedding.astype(np.float32))") from None
-        raise InputError(f"--reference-embedding {path} is not a readable .npy array ({err})") from None
-    except (OSError, EOFError) as err:
+    except (ValueError, OSError, EOFError, SyntaxError) as err:  # a corrupt header or a truncated file
         raise InputError(f"--reference-embedding {path} is not a readable .npy array ({err})") from None
     if value.dtype.kind not in "biuf":
         raise InputError(f"--reference-embedding {path} holds a {value.dtype} array; give float numbers")
