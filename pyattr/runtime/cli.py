@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
                 _save_png(e.overlay, staging / overlay.name)
                 line = {**e.summary(), "overlay": str(overlay)}
                 if task.reference_name is not None:
-                    line["reference"] = task.reference_name
+                    line = {**e.summary(), "reference": task.reference_name, "overlay": str(overlay)}
                 if figures:
                     figure = output_path(out, f"{e.name}_{method}", "_figure.png")
                     _figure(e, images[i], task, runtime, args).save(staging / figure.name, format="PNG")
