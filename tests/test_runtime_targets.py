@@ -396,9 +396,14 @@ def test_cli_similarity_reference_image_and_embedding(setup, runtimes, tmp_path,
     # the same reference as a .npy embedding: (D,), and one row per image
     npy = tmp_path / "ref.npy"
     np.save(npy, embedded[0])
-    code, again, _ = cli(capsys, setup["paths"]["sim"], *files, "--reference-embedding", npy, "--out", tmp_path / "e")
+    code, again, _ = cli(capsys, setup["paths"]["sim"], *files, "--reference-embedding", npy, "--out", tmp_path / "e",
+                         "--save-maps")
     assert code == 0 and [line["similarity"] for line in again] == pytest.approx([e.similarity for e in expected],
                                                                                   rel=1e-5)
+    for line, e in zip(again, expected):
+        saved = np.load(line["maps"])
+        np.testing.assert_allclose(saved["embedding"], e.embedding, rtol=1e-6)
+        np.testing.assert_allclose(saved["map"], e.map, rtol=0, atol=1e-6)
     rows = np.random.default_rng(5).standard_normal((3, D))
     np.save(npy, rows)
     code, per_image, _ = cli(capsys, setup["paths"]["sim"], *files, "--reference-embedding", npy,

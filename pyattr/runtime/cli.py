@@ -73,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--providers", help="onnxruntime providers, comma-separated (default: CUDA if usable, else CPU)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default 0 = all cores)")
     parser.add_argument("--save-maps", action="store_true",
-                        help="also write <name>_<method>_maps.npz (map, raw, scores) per image")
+                        help="also write <name>_<method>_maps.npz (map, raw, scores; embedding for similarity "
+                             "graphs) per image")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -147,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
                 if args.save_maps:
                     maps = output_path(out, f"{e.name}_{method}", "_maps.npz")
                     with open(staging / maps.name, "wb") as f:
-                        np.savez(f, map=e.map, raw=e.raw, scores=e.scores)
+                        extra = {} if e.embedding is None else {"embedding": e.embedding}
+                        np.savez(f, map=e.map, raw=e.raw, scores=e.scores, **extra)
                     line["maps"] = str(maps)
                 lines.append(line)
         for line in lines:  # every image done: move the outputs into place
