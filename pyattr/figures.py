@@ -33,31 +33,34 @@ def signed_overlay_image(image: np.ndarray, heatmap: np.ndarray, alpha: float = 
 
 
 def side_by_side(image: np.ndarray, heatmap: np.ndarray, overlay: np.ndarray, title: str,
-                 cmap: str = "jet", panel: int = 256, context: tuple[np.ndarray, str] | None = None) -> Image.Image:
+                 cmap: str = "jet", panel: int = 256, *,
+                 context: tuple[np.ndarray, str] | None = None) -> Image.Image:
     """A figure: image | heatmap | overlay, each ``panel`` pixels high, with a title line.
 
-    ``context``: an (H', W', 3) uint8 picture and its label shown after the image (e.g. the segmentation
-    mask explained, or the reference image of a similarity), resized to the panel's size."""
-    h, w = image.shape[:2]
-    scale = panel / h
-    pw = max(1, round(w * scale))
-    resample = Image.NEAREST if scale >= 2 else Image.BILINEAR
-    arrays = [image, render.colorize(heatmap[None], cmap=cmap)[0], overlay]
-    labels = ["image", "heatmap", "overlay"]
+    ``context``: an extra (H', W', 3) uint8 picture and its label, drawn between the image and the heatmap:
+    the region mask of a segmentation target or the reference image of a similarity target
+    (image | mask | heatmap | overlay). Each panel keeps its own aspect ratio.
+    """
+    pictures = [(image, "image")]
     if context is not None:
-        arrays.insert(1, context[0])
-        labels.insert(1, context[1])
-    panels = [Image.fromarray(a).resize((pw, panel), Image.NEAREST if a.shape[0] * 2 <= panel else resample)
-              for a in arrays]
+        pictures.append(context)
+    pictures += [(render.colorize(heatmap[None], cmap=cmap)[0], "heatmap"), (overlay, "overlay")]
+    panels = []
+    for array, label in pictures:
+        h, w = array.shape[:2]
+        scale = panel / h
+        resample = Image.NEAREST if scale >= 2 else Image.BILINEAR
+        panels.append((Image.fromarray(array).resize((max(1, round(w * scale)), panel), resample), label))
     font = _font(16)
     pad, head = 8, 30
-    fig = Image.new("RGB", (len(panels) * pw + (len(panels) + 1) * pad, panel + head + pad), "white")
+    fig = Image.new("RGB", (sum(p.width for p, _ in panels) + (len(panels) + 1) * pad, panel + head + pad), "white")
     draw = ImageDraw.Draw(fig)
     draw.text((pad, 6), title, fill="black", font=font)
-    for i, (p, label) in enumerate(zip(panels, labels)):
-        x = pad + i * (pw + pad)
+    x = pad
+    for p, label in panels:
         fig.paste(p, (x, head))
         draw.text((x + 4, head + 4), label, fill="white", font=_font(12), stroke_width=2, stroke_fill="black")
+        x += p.width + pad
     return fig
 
 

@@ -14,6 +14,18 @@ images into attribution maps and overlays::
 or from a pipeline: ``python -m pyattr.runtime gradcam.onnx *.jpg --out overlays/`` (also
 ``pyattr run ...``).
 
+Graphs exported with a target (``pyattr.export(..., target=SegmentationTarget())`` or
+``target=SimilarityTarget()``) take the target's run-time inputs, read from the metadata's ``"target"``
+and ``"inputs"``::
+
+    seg = AttributionRuntime("gradcam_seg.onnx")
+    seg.explain(["street.png"], target="road", region="road_mask.png")   # a region; None: where the model
+                                                                         # predicts the class
+    sim = AttributionRuntime("gradcam_embed.onnx")
+    reference = sim.embed(["query.png"])                                  # (1, D): the same graph's embedding
+    for e in sim.explain(["a.png", "b.png"], reference=reference):
+        print(e.similarity)                                               # cosine similarity to the reference
+
 This package imports numpy, Pillow, onnxruntime and :mod:`pyattr.render` (which uses the compiled
 ``pyattr._C`` when built, else its NumPy twin) -- never torch (``tests/test_runtime.py`` runs it
 in a process where importing torch fails).
@@ -43,7 +55,7 @@ import numpy as np
 
 from pyattr import render
 from pyattr.errors import InputError
-from pyattr.runtime.images import MAX_IMAGE_PIXELS, ImageLike, check_image_size, load_image
+from pyattr.runtime.images import MAX_IMAGE_PIXELS, ImageLike, check_image_size, load_image, load_mask
 
 from .metadata import parse_metadata, validate_metadata
 
@@ -61,7 +73,11 @@ __all__ = [
 
 METADATA_KEY = "pyattr"
 IMAGE_INPUT, TARGET_INPUT = "images", "target"
+REGION_INPUT, REFERENCE_INPUT = "region", "reference"
 OUTPUTS = ("scores", "explained_class", "raw", "maps")
+EMBEDDING_OUTPUT = "embedding"
+TARGET_OUTPUTS = {"similarity": (EMBEDDING_OUTPUT,)}
+"""The outputs, after :data:`OUTPUTS`, of the target kinds with outputs of their own."""
 
 # Limits on what a caller or a file can make the runtime allocate (see SECURITY.md).
 MAX_BATCH = 4096  # images per graph run (the export's dynamic batch goes to 4096)
@@ -69,12 +85,14 @@ MAX_CLASSES_SHOWN = 5  # close class names suggested for an unknown --target
 
 
 class GraphOutputs(NamedTuple):
-    """The four outputs of an exported graph, for a batch of N images."""
+    """The outputs of an exported graph, for a batch of N images: four, and the embedding of a
+    similarity graph."""
 
-    scores: np.ndarray  # (N, K) float32
-    explained_class: np.ndarray  # (N,) int64
+    scores: np.ndarray  # (N, K) float32; segmentation: class scores summed over the region; similarity: (N, 1)
+    explained_class: np.ndarray  # (N,) int64 (0 for similarity)
     raw: np.ndarray  # the method's raw map, e.g. (N, 16, 16) for Grad-CAM on the built-in model
     maps: np.ndarray  # (N, H, W) float32 in [0, 1] at the model's input size
+    embedding: np.ndarray | None = None  # (N, D) float32 for similarity graphs, else None
 
 
 @dataclass
@@ -83,33 +101,57 @@ class Explanation:
 
     Attributes:
         name: the image's name (file stem, or ``image_<i>``).
-        explained_class: the class the map explains (the target, or the arg-max).
-        class_name: its name from the metadata (``"class <k>"`` without names).
-        score: the model's score (logit) for that class.
+        explained_class: the class the map explains (the target, or the arg-max); 0 for similarity.
+        class_name: its name from the metadata (``"class <k>"`` without names); ``"similarity"`` for
+            similarity graphs.
+        score: the model's score (logit) for that class; segmentation: the class's scores summed over
+            the region; similarity: the similarity to the reference.
         probability: its probability: softmax over the scores (sigmoid for graphs whose metadata says
-            ``"multilabel": true``).
-        predicted_class: the arg-max of the scores.
+            ``"multilabel": true``); None for segmentation and similarity graphs (their scores are
+            not logits of one decision).
+        predicted_class: the arg-max of the scores (segmentation: the class with the largest summed
+            score).
         scores: (K,) all scores.
         raw: the method's raw map (e.g. (16, 16) for Grad-CAM on the built-in model).
         map: (H, W) float32 in [0, 1], at the model's input size.
         overlay: (H0, W0, 3) uint8, the heatmap over the image at its own size.
+        target_kind: the graph's target kind: ``"class"``, ``"segmentation"`` or ``"similarity"``.
+        region: segmentation: the (H, W) region fed to the graph at its input size, or None for the
+            region the model predicts.
+        similarity: similarity graphs: the similarity to the reference (the same as ``score``).
+        embedding: similarity graphs: the image's (D,) embedding.
     """
 
     name: str
     explained_class: int
     class_name: str
     score: float
-    probability: float
+    probability: float | None
     predicted_class: int
     scores: np.ndarray
     raw: np.ndarray
     map: np.ndarray
     overlay: np.ndarray
+    target_kind: str = "class"
+    region: np.ndarray | None = None
+    similarity: float | None = None
+    embedding: np.ndarray | None = None
 
     def summary(self) -> dict[str, Any]:
-        """A JSON-ready dict (without the arrays)."""
-        return {"image": self.name, "explained_class": self.explained_class, "class_name": self.class_name,
+        """A JSON-ready dict (without the arrays): for class graphs image, explained_class, class_name,
+        score, probability, predicted_class; segmentation graphs add ``target_kind`` and ``region``
+        (``"given"`` or ``"predicted"``) and have no probability; similarity graphs give image,
+        ``target_kind`` and ``similarity``."""
+        if self.target_kind == "similarity":
+            return {"image": self.name, "target_kind": self.target_kind, "similarity": self.similarity}
+        line = {"image": self.name, "explained_class": self.explained_class, "class_name": self.class_name,
                 "score": self.score, "probability": self.probability, "predicted_class": self.predicted_class}
+        if self.target_kind != "class":
+            del line["probability"]
+            line = {"image": self.name, "target_kind": self.target_kind, **line}
+            if self.target_kind == "segmentation":
+                line["region"] = "predicted" if self.region is None else "given"
+        return line
 
 
 def default_providers() -> list[str]:
@@ -175,15 +217,33 @@ class AttributionRuntime:
 
     Attributes:
         metadata: the file's pyattr metadata (``method``, ``layer``, ``preprocessing``,
-            ``class_names``, ...).
+            ``class_names``, ``target``, ``inputs``, ``outputs``, ...).
         input_size: (H, W) the images are resized to.
         providers: the providers the session runs with.
+        target_kind: what the graph explains, from the metadata's ``target``: ``"class"`` (also for
+            graphs exported before targets existed), ``"segmentation"`` (the graph takes a ``region``
+            (N, H, W)) or ``"similarity"`` (it takes a ``reference`` (N, D) and returns ``embedding``).
+        reference_dim: D, the embedding size of a similarity graph (None otherwise).
 
     Example:
         >>> runtime = AttributionRuntime("gradcam.onnx")                  # doctest: +SKIP
         >>> outputs = runtime.run(runtime.preprocess([image]))             # doctest: +SKIP
         >>> outputs.maps.shape                                             # doctest: +SKIP
         (1, 64, 64)
+
+        A segmentation graph, a given region and the model's predicted region::
+
+        >>> seg = AttributionRuntime("gradcam_seg.onnx")                  # doctest: +SKIP
+        >>> x = seg.preprocess([image, image])                             # doctest: +SKIP
+        >>> mask = np.zeros(seg.input_size, bool); mask[10:30, 5:40] = True  # doctest: +SKIP
+        >>> seg.run(x, target=[3, 3], region=np.stack([mask, np.full(seg.input_size, -1.0)]))  # doctest: +SKIP
+
+        A similarity graph: the reference embedding from the same graph::
+
+        >>> sim = AttributionRuntime("gradcam_embed.onnx")                # doctest: +SKIP
+        >>> ref = sim.embed(["reference.png"])                             # (1, D)  # doctest: +SKIP
+        >>> sim.explain(["query.png"], reference=ref)[0].similarity        # doctest: +SKIP
+        0.83
     """
 
     def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None, num_threads: int = 0):
@@ -199,16 +259,29 @@ class AttributionRuntime:
                                      self.num_threads)
         self.providers = self.session.get_providers()
         self.metadata = _metadata_of(self.session, self.path)
-        names = {i.name for i in self.session.get_inputs()}
+        self.target_kind, self.input_names, self.output_names = _interface(self.metadata, self.path.name)
+        inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
-        if names != {IMAGE_INPUT, TARGET_INPUT} or outputs != list(OUTPUTS):
-            raise InputError(f"{self.path.name} is not a pyattr attribution graph: inputs {sorted(names)}, "
-                             f"outputs {outputs} (expected {IMAGE_INPUT}, {TARGET_INPUT} -> {', '.join(OUTPUTS)})")
-        validate_metadata(self.metadata, input_shape=self.session.get_inputs()[0].shape,
-                          num_classes=self._graph_classes())
+        if set(inputs) != set(self.input_names) or outputs != list(self.output_names):
+            raise InputError(f"{self.path.name} is not a pyattr attribution graph: inputs {sorted(inputs)}, "
+                             f"outputs {outputs} (expected {', '.join(self.input_names)} -> "
+                             f"{', '.join(self.output_names)})")
+        validate_metadata(self.metadata, input_shape=inputs[IMAGE_INPUT].shape,
+                          num_classes=None if self.target_kind == "similarity" else self._graph_classes())
         self.preprocessing = _preprocessing(self.metadata, self.session)
         self.input_size: tuple[int, int] = tuple(self.preprocessing["size"])  # type: ignore[assignment]
         self.class_names: list[str] | None = self.metadata.get("class_names")
+        self.reference_dim: int | None = None
+        self.measure: str | None = None
+        if self.target_kind == "similarity":
+            self.reference_dim = _fixed(inputs[REFERENCE_INPUT].shape, 1) or _fixed(
+                self.session.get_outputs()[-1].shape, 1)
+            self.measure = str(self.metadata["target"].get("measure", "cosine"))
+        self.region_size: tuple[int, int] | None = None
+        if self.target_kind == "segmentation":
+            shape = inputs[REGION_INPUT].shape
+            given = (_fixed(shape, 1), _fixed(shape, 2)) if len(shape) == 3 else (None, None)
+            self.region_size = (given[0] or self.input_size[0], given[1] or self.input_size[1])
 
     def _graph_classes(self) -> int | None:
         shape = self.session.get_outputs()[0].shape
@@ -278,9 +351,32 @@ class AttributionRuntime:
         x = (x - np.asarray(p["mean"], np.float32)) / np.asarray(p["std"], np.float32)
         return np.ascontiguousarray(x.transpose(2, 0, 1)) if p["layout"] == "NCHW" else x
 
-    def run(self, batch: np.ndarray, target: int | str | Sequence[int] | np.ndarray | None = None) -> GraphOutputs:
-        """Run the graph on a preprocessed float32 batch; ``target``: None / -1 (arg-max), a class id
-        or name for every image, or one id per image."""
+    def run(self, batch: np.ndarray, target: int | str | Sequence[int] | np.ndarray | None = None,
+            region: np.ndarray | None = None, reference: np.ndarray | None = None) -> GraphOutputs:
+        """Run the graph on a preprocessed float32 batch (N, C, H, W).
+
+        Args:
+            batch: from :meth:`preprocess`.
+            target: None / -1 (arg-max), a class id or name for every image, or one id per image.
+                Similarity graphs: None, 0 or -1 (they explain one score).
+            region: segmentation graphs only: (N, H, W) or (H, W) (one for all images), bool or float
+                >= 0 at the graph's input size (:attr:`region_size`); a sample whose region is all
+                negative (e.g. -1), and ``region=None``, use the pixels the model predicts as the class.
+            reference: similarity graphs only, required: the reference embedding(s) (N, D), or (1, D)
+                / (D,) for every image; D = :attr:`reference_dim`.
+
+        Returns:
+            :class:`GraphOutputs`; ``embedding`` (N, D) for similarity graphs.
+
+        Raises:
+            InputError: a region or a reference the graph does not take, a missing reference, a region of
+            another size, a reference of another dimension, NaN or infinite values, an empty region.
+
+        Example:
+            >>> out = runtime.run(runtime.preprocess(["a.png"]), target="road", region=mask)  # doctest: +SKIP
+            >>> out.scores.shape, out.maps.shape                                            # doctest: +SKIP
+            ((1, 7), (1, 64, 64))
+        """
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         expected = tuple(self.session.get_inputs()[0].shape[1:])
         if batch.ndim != 4 or any(isinstance(e, int) and e != s for e, s in zip(expected, batch.shape[1:])):
@@ -288,13 +384,110 @@ class AttributionRuntime:
                              f"got {batch.shape}")
         if len(batch) > MAX_BATCH:
             raise InputError(f"at most {MAX_BATCH} images per graph run, got {len(batch)}; run them in batches")
-        targets = self._targets(target, len(batch))
+        feed = {IMAGE_INPUT: batch, TARGET_INPUT: self._targets(target, len(batch)),
+                **self._target_inputs(region, reference, len(batch))}
         try:
-            outputs = self.session.run(list(OUTPUTS), {IMAGE_INPUT: batch, TARGET_INPUT: targets})
+            outputs = self.session.run(list(self.output_names), feed)
         except Exception as err:  # onnxruntime's own types: a graph that fails or cannot allocate
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise InputError(f"onnxruntime failed running {self.path.name}: {first[:300]}") from err
         return self._checked(GraphOutputs(*[np.asarray(o) for o in outputs]), len(batch))
+
+    def _target_inputs(self, region: Any, reference: Any, n: int) -> dict[str, np.ndarray]:
+        """The target's graph inputs for a batch of ``n``, checked (see :meth:`run`)."""
+        kind = self.target_kind
+        if region is not None and kind != "segmentation":
+            raise InputError(f"{self.path.name} explains a {kind} target and takes no region; a region is for graphs "
+                             "exported with target=SegmentationTarget()")
+        if reference is not None and kind != "similarity":
+            raise InputError(f"{self.path.name} explains a {kind} target and takes no reference; a reference "
+                             "embedding is for graphs exported with target=SimilarityTarget()")
+        if kind == "segmentation":
+            return {REGION_INPUT: self._region(region, n)}
+        if kind == "similarity":
+            if reference is None:
+                raise InputError(f"{self.path.name} explains the similarity to a reference embedding: give "
+                                 f"reference=... ({self.reference_dim or 'D'} numbers, or one row per image), e.g. "
+                                 "runtime.embed([reference_image])")
+            return {REFERENCE_INPUT: self._reference(reference, n)}
+        return {}
+
+    def _region(self, region: Any, n: int) -> np.ndarray:
+        h, w = self.region_size or self.input_size
+        if region is None:
+            return np.full((n, h, w), -1.0, np.float32)
+        r = _numbers(region, "region")
+        if r.ndim == 2:
+            r = r[None]
+        if r.ndim != 3 or r.shape[1:] != (h, w) or r.shape[0] not in (1, n):
+            raise InputError(f"region must be (N, {h}, {w}) or ({h}, {w}) (one for all images), at the graph's input "
+                             f"size {h}x{w}, with N = {n}; got shape {np.shape(region)}" + (
+                                 " (resize the mask to the input size, or give a mask image to explain(), which "
+                                 "resizes it)" if r.ndim == 3 and r.shape[1:] != (h, w) else ""))
+        r = np.ascontiguousarray(np.broadcast_to(r, (n, h, w)), dtype=np.float32)
+        negative = (r < 0).reshape(n, -1)
+        mixed = negative.any(1) & ~negative.all(1)
+        if mixed.any():
+            raise InputError(f"region {int(np.argmax(mixed))} holds negative values: give a 0/1 mask or non-negative "
+                             "weights (a region that is all negative, e.g. -1, or region=None uses the pixels the "
+                             "model predicts as the class)")
+        empty = (r.reshape(n, -1) == 0).all(1)
+        if empty.any():
+            raise InputError(f"region {int(np.argmax(empty))} is empty (all zeros): its score and its map would be 0; "
+                             "give a mask with pixels in it, or -1 / None for the region the model predicts")
+        return r
+
+    def _reference(self, reference: Any, n: int) -> np.ndarray:
+        if isinstance(reference, (str, os.PathLike)) or _is_pil(reference):
+            raise InputError("reference must be an embedding array (N, D) or (D,); for a reference image, give "
+                             "runtime.embed([image])")
+        r = _numbers(reference, "reference")
+        if r.ndim == 1:
+            r = r[None]
+        d = self.reference_dim
+        if r.ndim != 2 or r.shape[0] not in (1, n) or r.shape[1] < 1:
+            raise InputError(f"reference must be an embedding (N, D), (1, D) or (D,) with N = {n}"
+                             f"{f' and D = {d}' if d else ''}; got shape {np.shape(reference)}")
+        if d is not None and r.shape[1] != d:
+            raise InputError(f"the reference embedding has dimension {r.shape[1]} but {self.path.name} embeds images "
+                             f"in {d} dimensions: compute the reference with the same model (runtime.embed)")
+        r = np.ascontiguousarray(np.broadcast_to(r, (n, r.shape[1])), dtype=np.float32)
+        if self.measure == "cosine" and (np.abs(r).max(1) == 0).any():
+            raise InputError("reference holds an all-zero embedding: its cosine similarity has no direction")
+        return r
+
+    def embed(self, images: Sequence[ImageLike] | ImageLike, batch_size: int = 32) -> np.ndarray:
+        """The embeddings of images, computed by a similarity graph (its ``embedding`` output): the
+        reference for :meth:`explain` / :meth:`run` from a reference image.
+
+        Args:
+            images: paths, PIL images or uint8 RGB arrays (one image, or a list of them).
+            batch_size: images per graph run.
+
+        Returns:
+            (N, D) float32, one row per image.
+
+        Example:
+            >>> ref = runtime.embed("reference.png")                         # doctest: +SKIP
+            >>> runtime.explain(["query.png"], reference=ref)                # doctest: +SKIP
+        """
+        if self.target_kind != "similarity":
+            raise InputError(f"{self.path.name} explains a {self.target_kind} target and returns no embedding; "
+                             "embed() needs a graph exported with target=SimilarityTarget()")
+        if self.reference_dim is None:
+            raise InputError(f"{self.path.name}: its reference input has no fixed dimension D")
+        if isinstance(images, (str, os.PathLike)) or _is_pil(images) or (
+                isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim in (2, 3)):
+            images = [images]
+        _check_batch_size(batch_size)
+        images = list(images)
+        rows = [np.zeros((0, self.reference_dim), np.float32)]
+        for start in range(0, len(images), batch_size):
+            batch = self.preprocess(images[start:start + batch_size])
+            # the graph needs a reference to run; the embedding does not depend on it
+            out = self.run(batch, reference=np.ones(self.reference_dim, np.float32))
+            rows.append(out.embedding)
+        return np.concatenate(rows)
 
     def _checked(self, out: GraphOutputs, n: int) -> GraphOutputs:
         """The graph's outputs must have the documented shapes and types (a foreign or crafted graph may
@@ -311,11 +504,24 @@ class AttributionRuntime:
         for name, value in (("raw", out.raw), ("maps", out.maps)):
             if value.ndim < 1 or value.shape[0] != n or value.dtype.kind != "f":
                 problems.append(f"{name} {value.dtype} {value.shape}, expected float (N={n}, ...)")
+        if self.target_kind == "similarity":
+            e, d = out.embedding, self.reference_dim
+            if e is None or e.ndim != 2 or e.shape[0] != n or e.dtype.kind != "f" or (d and e.shape[1] != d):
+                problems.append(f"embedding {getattr(e, 'dtype', None)} {getattr(e, 'shape', None)}, expected float "
+                                f"(N={n}, D={d})")
+            if k != 1:
+                problems.append(f"scores of a similarity graph must be (N, 1), got {out.scores.shape}")
         if problems:
             raise InputError(f"{self.path.name} returned outputs that are not a pyattr graph's: {'; '.join(problems)}")
         return out
 
     def _targets(self, target, n: int) -> np.ndarray:
+        if self.target_kind == "similarity":
+            if target is None or (not isinstance(target, (bool, np.bool_)) and isinstance(target, (int, np.integer))
+                                  and int(target) in (0, -1)):
+                return np.zeros(n, np.int64)
+            raise InputError(f"{self.path.name} explains a similarity (one score): it takes no class target "
+                             f"(give None, 0 or -1), got {target!r}")
         if target is None:
             return np.full(n, -1, np.int64)
         if isinstance(target, (int, str, float, np.integer, np.floating, np.bool_)):
@@ -327,6 +533,7 @@ class AttributionRuntime:
         return ids
 
     def explain(self, images: Sequence[ImageLike], target: int | str | Sequence[int] | None = None, *,
+                region: Any = None, reference: Any = None,
                 alpha: float = 0.5, cmap: str = "jet", source: str = "maps", sign: str = "all",
                 outlier_perc: float = 0.0, batch_size: int = 32, names: Sequence[str] | None = None,
                 ) -> list[Explanation]:
@@ -336,6 +543,13 @@ class AttributionRuntime:
         Args:
             images: paths, PIL images or uint8 RGB arrays, of any sizes.
             target: None (each image's top class), a class id or name, or one id per image.
+            region: segmentation graphs: None (the region the model predicts as the class); one mask
+                for every image: a mask image file or PIL image (non-zero pixels are the region, resized
+                nearest to the graph's input size) or an (H, W) array at the input size; an (N, H, W)
+                array; or a list of one mask per image (each a file, PIL image, (H, W) array, or None
+                for the predicted region). Arrays may be bool or float weights >= 0.
+            reference: similarity graphs, required: the reference embedding (D,), (1, D) or one row per
+                image (N, D), e.g. ``runtime.embed([reference_image])``.
             alpha, cmap: the overlay (see :func:`pyattr.render.heatmap_overlay`).
             source: ``"maps"`` (the graph's normalized maps, resized and clipped -- what
                 ``pyattr explain`` draws) or ``"raw"`` (the raw map, resized and normalized here
@@ -343,36 +557,79 @@ class AttributionRuntime:
                 signed maps, drawn with :func:`pyattr.render.heatmap_overlay_signed`: opacity ~ |value|).
             batch_size: images per graph run.
             names: one name per image (default: file stems, else ``image_<i>``).
+
+        Example:
+            >>> seg = AttributionRuntime("gradcam_seg.onnx")                       # doctest: +SKIP
+            >>> e = seg.explain(["street.png"], target="road", region="road_mask.png")[0]  # doctest: +SKIP
+            >>> e.score, e.region.shape, e.overlay.shape                             # doctest: +SKIP
+            (412.5, (64, 64), (480, 640, 3))
+            >>> sim = AttributionRuntime("gradcam_embed.onnx")                     # doctest: +SKIP
+            >>> sim.explain(["query.png"], reference=sim.embed("reference.png"))[0].similarity  # doctest: +SKIP
+            0.83
         """
         if source not in ("maps", "raw"):
             raise InputError(f"source must be 'maps' or 'raw', got {source!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-                or not 1 <= batch_size <= MAX_BATCH:
-            raise InputError(f"batch_size must be an int from 1 to {MAX_BATCH}, got {batch_size!r}")
+        _check_batch_size(batch_size)
         images = list(images)
         names = list(names) if names is not None else [_name_of(image, i) for i, image in enumerate(images)]
         if len(names) != len(images):
             raise InputError(f"give one name per image: {len(names)} names for {len(images)} images")
         single = target is None or isinstance(target, (int, str, float, np.integer, np.floating, np.bool_))
         targets = None if single else list(self._targets(target, len(images)))
-        if single and target is not None:
+        if single and target is not None and self.target_kind != "similarity":
             target = self.class_index(target)
+        # every target input checked for the whole list before the first graph run
+        regions = self._explain_regions(region, len(images)) if region is not None else None
+        extra = self._target_inputs(regions, reference, len(images)) if images else {}
+        references = extra.get(REFERENCE_INPUT)
         results: list[Explanation] = []
         for start in range(0, len(images), batch_size):
-            chunk = [load_image(image) for image in images[start:start + batch_size]]
-            batch_target = target if targets is None else targets[start:start + batch_size]
-            out = self.run(np.stack([self._preprocess_one(rgb) for rgb in chunk]), batch_target)
+            stop = min(start + batch_size, len(images))
+            chunk = [load_image(image) for image in images[start:stop]]
+            batch_target = target if targets is None else targets[start:stop]
+            out = self.run(np.stack([self._preprocess_one(rgb) for rgb in chunk]), batch_target,
+                           region=None if regions is None else regions[start:stop],
+                           reference=None if references is None else references[start:stop])
             overlays = self._overlays(out, chunk, alpha, cmap, source, sign, outlier_perc)
-            probabilities = self.probabilities(out.scores)
-            for j, rgb in enumerate(chunk):
-                k = int(out.explained_class[j])
-                results.append(Explanation(
-                    name=names[start + j], explained_class=k, class_name=self.class_name(k),
-                    score=float(out.scores[j, k]), probability=float(probabilities[j, k]),
-                    predicted_class=int(out.scores[j].argmax()),
-                    scores=out.scores[j], raw=out.raw[j], map=out.maps[j], overlay=overlays[j],
-                ))
+            results.extend(self._explanations(out, names[start:stop], overlays,
+                                              None if regions is None else regions[start:stop]))
         return results
+
+    def _explanations(self, out: GraphOutputs, names: list[str], overlays: list, regions: np.ndarray | None,
+                      ) -> list[Explanation]:
+        kind = self.target_kind
+        probabilities = self.probabilities(out.scores) if kind == "class" else None
+        results = []
+        for j, name in enumerate(names):
+            k = int(out.explained_class[j])
+            given = regions is not None and bool((regions[j] >= 0).any())
+            similarity = float(out.scores[j, 0]) if kind == "similarity" else None
+            results.append(Explanation(
+                name=name, explained_class=k,
+                class_name="similarity" if kind == "similarity" else self.class_name(k),
+                score=float(out.scores[j, k]),
+                probability=None if probabilities is None else float(probabilities[j, k]),
+                predicted_class=int(out.scores[j].argmax()),
+                scores=out.scores[j], raw=out.raw[j], map=out.maps[j], overlay=overlays[j],
+                target_kind=kind, region=regions[j] if given else None, similarity=similarity,
+                embedding=None if out.embedding is None else out.embedding[j],
+            ))
+        return results
+
+    def _explain_regions(self, region: Any, n: int) -> np.ndarray:
+        """explain()'s ``region`` as (n, H, W) float32 (-1 for the predicted region)."""
+        size = self.region_size or self.input_size
+        if self.target_kind != "segmentation":
+            self._target_inputs(region, None, n)  # raises: the graph takes no region
+        if isinstance(region, (str, os.PathLike)) or _is_pil(region):
+            return np.broadcast_to(load_mask(region, size), (n, *size))
+        if isinstance(region, (list, tuple)):
+            if len(region) != n:
+                raise InputError(f"give one region per image: {len(region)} regions for {n} images")
+            return np.stack([np.full(size, -1.0, np.float32) if r is None
+                             else load_mask(r, size) if isinstance(r, (str, os.PathLike)) or _is_pil(r)
+                             else self._region(r, 1)[0] for r in region]) if n else np.zeros((0, *size), np.float32)
+        return self._region(region, n)
 
     def probabilities(self, scores: np.ndarray) -> np.ndarray:
         """(N, K) scores -> probabilities: softmax over K, or sigmoid for multi-label graphs
@@ -484,6 +741,56 @@ def _pil_filter(name: str):
     if name not in filters:
         raise InputError(f"unsupported resize {name!r} in the metadata; known: {', '.join(filters)}")
     return filters[name]
+
+
+def _interface(metadata: dict[str, Any], name: str) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    """The target kind and the graph's input and output names, from the metadata. Graphs exported before
+    targets existed have no ``target``: a class target with inputs ``images, target``."""
+    from .metadata import TARGET_INPUTS
+
+    target = metadata.get("target")
+    kind = target.get("kind", "class") if isinstance(target, dict) else "class"
+    extra = TARGET_INPUTS.get(kind)
+    if extra is None:
+        # a user's own kind: runs here when it takes no run-time input and returns the usual outputs
+        declared = metadata.get("inputs") or [IMAGE_INPUT, TARGET_INPUT]
+        if list(declared) != [IMAGE_INPUT, TARGET_INPUT]:
+            raise InputError(f"{name} explains a {kind!r} target with inputs {declared}; the runtime knows the inputs "
+                             f"of {', '.join(TARGET_INPUTS)} targets only")
+        extra = ()
+    return (kind, (IMAGE_INPUT, TARGET_INPUT, *extra), (*OUTPUTS, *TARGET_OUTPUTS.get(kind, ())))
+
+
+def _fixed(shape: Sequence[Any], i: int) -> int | None:
+    """``shape[i]`` when it is a fixed positive int (onnxruntime gives a name for dynamic dimensions)."""
+    return shape[i] if len(shape) > i and isinstance(shape[i], int) and shape[i] > 0 else None
+
+
+def _numbers(value: Any, what: str) -> np.ndarray:
+    """``value`` as a finite float32 array; bools become 0/1."""
+    try:
+        array = np.asarray(value)
+        if array.dtype.kind not in "biuf":
+            raise TypeError(f"dtype {array.dtype}")
+        array = array.astype(np.float32)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{what} must be an array of numbers (or bools); got {type(value).__name__} ({err})") from None
+    if not np.isfinite(array).all():
+        raise InputError(f"{what} holds NaN or infinite values")
+    return array
+
+
+def _is_pil(value: Any) -> bool:
+    import sys
+
+    pil = sys.modules.get("PIL.Image")
+    return pil is not None and isinstance(value, pil.Image)
+
+
+def _check_batch_size(batch_size: Any) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+            or not 1 <= batch_size <= MAX_BATCH:
+        raise InputError(f"batch_size must be an int from 1 to {MAX_BATCH}, got {batch_size!r}")
 
 
 def _name_of(image: ImageLike, i: int) -> str:

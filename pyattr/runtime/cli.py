@@ -1,5 +1,19 @@
 """The runtime's command line: ``python -m pyattr.runtime MODEL.onnx IMAGES... --out DIR``
-(also ``pyattr run``). Torch-free, like the rest of :mod:`pyattr.runtime`."""
+(also ``pyattr run``). Torch-free, like the rest of :mod:`pyattr.runtime`.
+
+Graphs exported with a target take its inputs from options:
+
+* segmentation (``target=SegmentationTarget()``): ``--region MASK.png`` (one mask for every image; non-zero
+  pixels are the region, resized nearest to the graph's input size) or ``--region FOLDER`` (each image's
+  mask is the file of the folder with the image's file stem, e.g. ``masks/street1.png`` for
+  ``photos/street1.jpg``); without ``--region`` the region is where the model predicts the class;
+* similarity (``target=SimilarityTarget()``): ``--reference IMAGE`` (its embedding is computed by the same
+  graph) or ``--reference-embedding FILE.npy`` (a float array (D,), (1, D), or (N, D): one row per image
+  in order; read with ``allow_pickle=False``).
+
+For these graphs a figure ``<name>_<method>_figure.png`` (image | mask or reference | heatmap | overlay)
+is written per image besides the overlay.
+"""
 
 from __future__ import annotations
 
@@ -17,10 +31,15 @@ from pyattr.errors import InputError, PyattrError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
+MAX_EMBEDDING_FILE_BYTES = 256 << 20  # a --reference-embedding .npy: (N, D) float32 for N images
+
 DESCRIPTION = (
     "Run an exported attribution graph (.onnx from `pyattr export`) on images, without PyTorch: "
     "writes <name>_<method>_overlay.png per image into --out and prints one JSON line per image "
     "(image, explained_class, class_name, score, probability, predicted_class, overlay) on stdout. "
+    "Segmentation graphs take --region, similarity graphs --reference or --reference-embedding; for "
+    "those a figure <name>_<method>_figure.png (image | mask or reference | heatmap | overlay) is written "
+    "too, and the JSON line names the target_kind (and the similarity). "
     "Runs .onnx files only: TorchScript and .pt2 files execute code when loaded (see SECURITY.md)."
 )
 
@@ -31,6 +50,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", help="image files, or folders (their image files, sorted)")
     parser.add_argument("--out", default="pyattr_run", help="output folder (default pyattr_run)")
     parser.add_argument("--target", help="class to explain, id or name (default: each image's top class)")
+    inputs = parser.add_mutually_exclusive_group()
+    inputs.add_argument("--region", metavar="MASK",
+                        help="segmentation graphs: a mask image for every image (non-zero pixels are the region), "
+                             "or a folder holding each image's mask under the image's file stem (default: the "
+                             "pixels the model predicts as the class)")
+    inputs.add_argument("--reference", metavar="IMAGE",
+                        help="similarity graphs: the reference image, embedded by the same graph")
+    inputs.add_argument("--reference-embedding", metavar="FILE.npy",
+                        help="similarity graphs: the reference embedding, a .npy float array (D,), (1, D) or "
+                             "(N, D) (one row per image, in order)")
     parser.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity (default 0.5)")
     parser.add_argument("--cmap", help="colormap (default jet; bwr for signed graphs: LRP, IG, Input x Gradient)")
     parser.add_argument("--source", choices=["maps", "raw"],
@@ -44,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--providers", help="onnxruntime providers, comma-separated (default: CUDA if usable, else CPU)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default 0 = all cores)")
     parser.add_argument("--save-maps", action="store_true",
-                        help="also write <name>_<method>_maps.npz (map, raw, scores) per image")
+                        help="also write <name>_<method>_maps.npz (map, raw, scores; embedding for similarity "
+                             "graphs) per image")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,32 +113,47 @@ def run(args: argparse.Namespace) -> int:
     args.cmap = args.cmap or ("bwr" if signed else "jet")
     args.source = args.source or ("raw" if signed else "maps")
     args.sign = args.sign or ("centered" if signed and args.source == "raw" else "all")
+    kind = runtime.target_kind
+    task = _task_inputs(args, runtime, images)  # regions / reference, every file read and checked
+    if kind == "similarity" and args.target is not None:
+        raise InputError(f"--target does not apply: {Path(args.model).name} explains a similarity (one score)")
     target = runtime.class_index(args.target) if args.target is not None else None
     out = prepare_output_folder(Path(args.out))  # the first write, after every check
 
     names = unique_stems([p.stem.lstrip(".") or "image" for p in images])  # outputs are never hidden files
     method = runtime.method  # validated: a safe file-name part
     planned = [output_path(out, f"{name}_{method}", "_overlay.png") for name in names]
+    figures = kind in ("segmentation", "similarity")
     lines: list[dict] = []
     staging = _staging(out)
     try:
         for start in range(0, len(images), args.batch_size):
-            chunk = images[start:start + args.batch_size]
+            stop = start + args.batch_size
+            chunk = images[start:stop]
             explained = runtime.explain(chunk, target, alpha=args.alpha, cmap=args.cmap, source=args.source,
                                         sign=args.sign, outlier_perc=args.outlier_perc,
-                                        batch_size=args.batch_size, names=names[start:start + args.batch_size])
+                                        batch_size=args.batch_size, names=names[start:stop],
+                                        region=None if task.regions is None else task.regions[start:stop],
+                                        reference=None if task.reference is None else task.reference[start:stop])
             for i, e in enumerate(explained, start):
                 overlay = planned[i]
                 _save_png(e.overlay, staging / overlay.name)
                 line = {**e.summary(), "overlay": str(overlay)}
+                if task.reference_name is not None:
+                    line = {**e.summary(), "reference": task.reference_name, "overlay": str(overlay)}
+                if figures:
+                    figure = output_path(out, f"{e.name}_{method}", "_figure.png")
+                    _figure(e, images[i], task, runtime, args).save(staging / figure.name, format="PNG")
+                    line["figure"] = str(figure)
                 if args.save_maps:
                     maps = output_path(out, f"{e.name}_{method}", "_maps.npz")
                     with open(staging / maps.name, "wb") as f:
-                        np.savez(f, map=e.map, raw=e.raw, scores=e.scores)
+                        extra = {} if e.embedding is None else {"embedding": e.embedding}
+                        np.savez(f, map=e.map, raw=e.raw, scores=e.scores, **extra)
                     line["maps"] = str(maps)
                 lines.append(line)
         for line in lines:  # every image done: move the outputs into place
-            for key in ("overlay", "maps"):
+            for key in ("overlay", "figure", "maps"):
                 if key in line:
                     publish(staging / Path(line[key]).name, Path(line[key]))
     finally:
@@ -116,6 +161,150 @@ def run(args: argparse.Namespace) -> int:
     for line in lines:
         print(json.dumps(line), flush=True)
     return 0
+
+
+class _TaskInputs:
+    """A run's target inputs: regions (N, H, W) float32 (-1 = predicted), a reference (N, D) float32, and
+    what the figures show beside the image (the reference image)."""
+
+    def __init__(self, regions=None, reference=None, reference_name=None, reference_image=None):
+        self.regions = regions
+        self.reference = reference
+        self.reference_name = reference_name
+        self.reference_image = reference_image
+
+
+def _task_inputs(args: argparse.Namespace, runtime, images: list[Path]) -> _TaskInputs:
+    """Read and check --region / --reference / --reference-embedding for ``runtime``'s target kind."""
+    from .images import check_image_header, load_image
+
+    kind, model = runtime.target_kind, Path(args.model).name
+    given = next((f"--{name.replace('_', '-')}" for name in ("region", "reference", "reference_embedding")
+                  if getattr(args, name, None) is not None), None)
+    wanted = {"segmentation": ("--region",), "similarity": ("--reference", "--reference-embedding")}.get(kind, ())
+    if given is not None and given not in wanted:
+        use = f"it takes {' or '.join(wanted)}" if wanted else "it takes no region or reference"
+        raise InputError(f"{given} does not apply: {model} explains a {kind} target ({use})")
+    n = len(images)
+    if kind == "segmentation":
+        if args.region is None:
+            return _TaskInputs()
+        masks = _region_files(Path(args.region), images)
+        for mask in set(masks):
+            check_image_header(mask)
+        regions = runtime._explain_regions(masks, n)
+        for i in range(n):  # a mask whose pixels are lost when resized to the graph's size
+            if not regions[i].any():
+                h, w = regions.shape[1:]
+                raise InputError(f"--region: the mask {masks[i]} (for {images[i].name}) has no region pixels at the "
+                                 f"graph's input size {h}x{w}: give a mask with non-zero pixels")
+        return _TaskInputs(regions=regions)
+    if kind == "similarity":
+        if args.reference is not None:
+            check_image_header(args.reference)
+            picture = load_image(args.reference)
+            reference = runtime.embed([picture])
+            return _TaskInputs(reference=runtime._reference(reference, n), reference_name=str(args.reference),
+                               reference_image=picture)
+        if args.reference_embedding is not None:
+            embedding = load_embedding(Path(args.reference_embedding))
+            try:
+                reference = runtime._reference(embedding, n)
+            except InputError as err:
+                raise InputError(f"--reference-embedding {args.reference_embedding}: {err}") from None
+            return _TaskInputs(reference=reference, reference_name=str(args.reference_embedding))
+        raise InputError(f"{model} explains the similarity to a reference: give --reference IMAGE or "
+                         "--reference-embedding FILE.npy")
+    return _TaskInputs()
+
+
+def _region_files(region: Path, images: list[Path]) -> list[Path]:
+    """--region as one mask file per image: a file for all, or a folder matched by file stem."""
+    if region.is_file():
+        return [region] * len(images)
+    if not region.is_dir():
+        raise InputError(f"--region: no such file or folder: {region}")
+    by_stem: dict[str, list[Path]] = {}
+    for f in sorted(region.iterdir()):
+        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+            by_stem.setdefault(f.stem, []).append(f)
+    masks = []
+    for image in images:
+        found = by_stem.get(image.stem, [])
+        if len(found) != 1:
+            problem = "no mask" if not found else f"{len(found)} masks ({', '.join(f.name for f in found)})"
+            raise InputError(f"--region {region}: {problem} for the image {image.name}; the folder must hold "
+                             f"exactly one mask image named {image.stem}.<png, jpg, ...> per image")
+        masks.append(found[0])
+    return masks
+
+
+def load_embedding(path: Path) -> np.ndarray:
+    """A reference embedding from a ``.npy`` file, read as data (``allow_pickle=False``): an object array,
+    whose loading would unpickle (run) code, is refused; so are ``.npz`` archives and files over
+    :data:`MAX_EMBEDDING_FILE_BYTES`."""
+    if not path.is_file():
+        raise InputError(f"--reference-embedding: no such file: {path}")
+    if path.stat().st_size > MAX_EMBEDDING_FILE_BYTES:
+        raise InputError(f"--reference-embedding {path}: {path.stat().st_size} bytes, over the limit of "
+                         f"{MAX_EMBEDDING_FILE_BYTES}")
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as f:
+            start = f.read(len(fmt.MAGIC_PREFIX))
+            f.seek(0)
+            if start.startswith(b"PK"):
+                raise InputError(f"--reference-embedding {path} is an .npz archive; give a .npy file holding one "
+                                 "float array (np.save(path, embedding))")
+            if start != fmt.MAGIC_PREFIX:
+                raise InputError(f"--reference-embedding {path} is not a .npy file (np.save writes them); refused "
+                                 "without reading it as a pickle")
+            version = fmt.read_magic(f)
+            _, _, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
+            if dtype.hasobject:  # decided from the header: nothing unpickled
+                raise InputError(f"--reference-embedding {path} holds an object array (pickled Python objects), "
+                                 "refused: loading it could run code. Save the embedding as a float array: "
+                                 "np.save(path, embedding.astype(np.float32))")
+            f.seek(0)
+            value = np.load(f, allow_pickle=False)
+    except InputError:
+        raise
+    except (ValueError, OSError, EOFError, SyntaxError) as err:  # a corrupt header or a truncated file
+        raise InputError(f"--reference-embedding {path} is not a readable .npy array ({err})") from None
+    if value.dtype.kind not in "biuf":
+        raise InputError(f"--reference-embedding {path} holds a {value.dtype} array; give float numbers")
+    return value
+
+
+def _figure(e, image: Path, task: _TaskInputs, runtime, args: argparse.Namespace):
+    """image | mask (or reference image) | heatmap | overlay, drawn by :func:`pyattr.figures.side_by_side`."""
+    from PIL import Image
+
+    from pyattr import render
+    from pyattr.figures import side_by_side
+
+    from .images import load_image
+
+    rgb = load_image(image)
+    size = rgb.shape[:2]
+    if args.source == "maps":
+        heat = np.clip(render.resize(e.map, size, num_threads=runtime.num_threads), 0, 1)
+    else:
+        heat = render.normalize(render.resize(e.raw, size, num_threads=runtime.num_threads), sign=args.sign,
+                                outlier_perc=args.outlier_perc)
+    context = None
+    if e.target_kind == "similarity":
+        if task.reference_image is not None:
+            context = (task.reference_image, "reference")
+        title = f"{runtime.method}: similarity {e.similarity:.3f} ({runtime.measure}) to {task.reference_name}"
+    else:
+        if e.region is not None:
+            weights = np.clip(e.region / max(float(e.region.max()), 1e-12), 0, 1)
+            grey = Image.fromarray((weights * 255).round().astype(np.uint8)).resize((size[1], size[0]), Image.NEAREST)
+            context = (np.repeat(np.asarray(grey)[..., None], 3, axis=-1), "mask")
+        title = (f"{runtime.method}: explains {e.class_name} over the {'given' if e.region is not None else 'predicted'}"
+                 f" region (score {e.score:.2f}) | largest: {runtime.class_name(e.predicted_class)}")
+    return side_by_side(rgb, heat, e.overlay, title, cmap=args.cmap, context=context)
 
 
 def prepare_output_folder(out: Path) -> Path:

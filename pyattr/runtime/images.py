@@ -41,8 +41,8 @@ import numpy as np
 
 from pyattr.errors import InputError
 
-__all__ = ["MAX_IMAGE_PIXELS", "ImageLike", "check_image_header", "check_image_size", "load_image", "read_image",
-           "to_rgb"]
+__all__ = ["MAX_IMAGE_PIXELS", "ImageLike", "check_image_header", "check_image_size", "load_image", "load_mask",
+           "read_image", "to_rgb"]
 
 MAX_IMAGE_PIXELS = 89_478_485
 """Largest ``width * height`` accepted (Pillow's ``Image.MAX_IMAGE_PIXELS``: 3 bytes a pixel, 256 MiB)."""
@@ -126,6 +126,58 @@ def _open_checked(path: str | os.PathLike, use: Any) -> Any:
         detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise InputError(f"{path} is not an image that Pillow can read ({type(err).__name__}"
                          f"{': ' + detail if detail else ''})") from err
+
+
+def load_mask(mask: ImageLike, size: tuple[int, int], name: str | None = None) -> np.ndarray:
+    """A region mask as float32 (H, W) of 0 and 1 at ``size`` = (H, W): a mask image file, a PIL image,
+    or an (H0, W0) bool / number array, resized with nearest neighbour (no blending of the mask's edge).
+
+    A pixel is in the region when any of its colour channels is non-zero (white-on-black, 0/1 and
+    0/255 masks, palette and 16-bit masks alike) and, for images with transparency, it is not fully
+    transparent.
+
+    Example:
+        >>> load_mask(np.array([[0, 255], [0, 0]], np.uint8), (4, 4))[:, 2:].tolist()
+        [[1.0, 1.0], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]
+    """
+    from PIL import Image
+
+    if isinstance(mask, (str, os.PathLike)):
+        return _open_checked(mask, lambda im, label: _mask_of(im, size, label))
+    if isinstance(mask, Image.Image):
+        label = name or "mask"
+        check_image_size(mask.size, label)
+        return _mask_of(mask, size, label)
+    array = np.asarray(mask)
+    if array.ndim != 2 or array.dtype.kind not in "biuf":
+        raise InputError(f"{name or 'a mask'} must be an (H, W) array of bools or numbers, a mask image file or a "
+                         f"PIL image; got {array.dtype} {array.shape}")
+    check_image_size(array.shape[::-1], name or "mask")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise InputError(f"{name or 'the mask'} holds NaN or infinite values")
+    return _mask_of(Image.fromarray((array != 0).astype(np.uint8) * 255), size, name or "mask")
+
+
+def _mask_of(im: Any, size: tuple[int, int], label: str) -> np.ndarray:
+    from PIL import Image
+
+    if getattr(im, "n_frames", 1) > 1:
+        im.seek(0)
+    if im.mode in ("P", "PA") or "transparency" in im.info:
+        im = im.convert("RGBA")
+    bands = im.getbands()
+    values = np.asarray(im)
+    if values.ndim == 2:
+        values = values[..., None]
+    if "A" in bands or "a" in bands:
+        alpha = bands.index("A" if "A" in bands else "a")
+        colours = np.delete(values, alpha, axis=-1)
+        inside = (colours != 0).any(-1) & (values[..., alpha] != 0)
+    else:
+        inside = (values != 0).any(-1)
+    if inside.shape != (size[0], size[1]):
+        inside = np.asarray(Image.fromarray(inside.astype(np.uint8)).resize((size[1], size[0]), Image.NEAREST)) > 0
+    return inside.astype(np.float32)
 
 
 def check_image_size(size: tuple[int, int], label: str) -> None:
