@@ -84,15 +84,22 @@ class BasicBlock(nn.Module):
     """Two 3x3 conv+BN layers with an identity (or 1x1 conv+BN) shortcut, as in torchvision's ResNet,
     optionally followed by a fixed :class:`Blur2d` (``blur=True``; ``blur`` is ``nn.Identity`` otherwise).
 
+    ``dilation`` (default 1) dilates both 3x3 convolutions (padding = dilation keeps the size), as the
+    segmentation model's :mod:`pyattr.zoo.segmodel` uses to see a whole object from each pixel.
+
     Shapes: (N, in_channels, H, W) -> (N, out_channels, H / stride, W / stride).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, blur: bool = False) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int = 1, blur: bool = False, dilation: int = 1
+    ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(
+            in_channels, out_channels, 3, stride=stride, padding=dilation, dilation=dilation, bias=False
+        )
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.relu1 = nn.ReLU(inplace=False)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=dilation, dilation=dilation, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.relu2 = nn.ReLU(inplace=False)
         self.downsample: nn.Module
