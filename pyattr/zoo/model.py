@@ -191,3 +191,54 @@ def load_builtin(device: str | torch.device = "cpu", weights: str | os.PathLike 
     model = ShapesNet()
     model.load_state_dict(state_dict)
     return model.to(device).eval()
+
+
+class ShapesEmbedding(nn.Module):
+    """The built-in classifier's pooled features as an embedding model: (N, 3, H, W) -> (N, 128).
+
+    ``flatten(avgpool(layer3(layer2(layer1(stem(normalize(x)))))))``: ShapesNet without its ``fc``.
+    The submodules are the wrapped :class:`ShapesNet`'s own (the same objects, not copies, under the
+    same names ``stem``, ``layer1``, ``layer2``, ``layer3``, ``avgpool``), so :data:`SHAPESNET_LAYER`
+    names the CAM layer here too and no weight is duplicated; building the embedding changes nothing
+    in the classifier (moving or re-moding the embedding with ``.to()``/``.train()`` does move or
+    re-mode the shared submodules, as with any shared module).
+
+    Args:
+        classifier: the ShapesNet whose features to use (e.g. :func:`load_builtin`).
+
+    Example:
+        >>> import torch
+        >>> embed = ShapesEmbedding(ShapesNet().eval())
+        >>> embed(torch.rand(2, 3, 64, 64)).shape
+        torch.Size([2, 128])
+    """
+
+    def __init__(self, classifier: ShapesNet) -> None:
+        super().__init__()
+        self.register_buffer("mean", classifier.mean.detach().clone())
+        self.register_buffer("std", classifier.std.detach().clone())
+        self.stem = classifier.stem
+        self.layer1 = classifier.layer1
+        self.layer2 = classifier.layer2
+        self.layer3 = classifier.layer3
+        self.avgpool = classifier.avgpool
+        self.train(classifier.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean) / self.std
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+
+def load_builtin_embedding(device: str | torch.device = "cpu") -> ShapesEmbedding:
+    """The shipped ShapesNet's pooled features (:class:`ShapesEmbedding`), in eval mode, on ``device``.
+
+    Raises:
+        FileNotFoundError: when ``pyattr/zoo/shapesnet.pt`` is missing (see :func:`load_builtin`).
+
+    Example:
+        >>> embed = load_builtin_embedding()
+        >>> embed(torch.rand(1, 3, 64, 64)).shape
+        torch.Size([1, 128])
+    """
+    return ShapesEmbedding(load_builtin(device)).eval()
