@@ -7,10 +7,11 @@ image size; a map *hits* when its maximum pixel lies in the ground-truth mask (a
 (a) segmentation, the built-in ShapesSegNet at ``head``: for every object of ``generate(N, seed)``,
     objective = the logit of its class (``k + 1``) summed over the pixels where the model predicts
     ``k + 1``; ground truth = the object's class mask.
+    Also with the class logit summed over the whole image.
 (b) similarity, the built-in ShapesNet's pooled features (ShapesEmbedding) at ``layer3`` (or
     ``--embedding-layer``): objective = cosine similarity between the query's embedding and the
     (detached) reference's embedding, on ``generate_similarity(N, seed)``; ground truth = the shared
-    shape's mask in the query.
+    shape's mask in the query. Also with the dot product as the objective.
 
 Usage::
 
@@ -69,7 +70,7 @@ def pointing_hits(maps: torch.Tensor, masks: np.ndarray) -> np.ndarray:
     return inside & (flat.max(1).values > 0).numpy()
 
 
-def check_segmentation(n: int, seed: int, weights: str | None) -> float:
+def check_segmentation(n: int, seed: int, weights: str | None) -> dict[str, float]:
     model = load_builtin_segmenter(weights=weights)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -79,28 +80,34 @@ def check_segmentation(n: int, seed: int, weights: str | None) -> float:
     seg_class = torch.from_numpy(class_index + 1)
     with torch.no_grad():
         predicted = torch.cat([model(images[i : i + 100]).argmax(1) for i in range(0, len(images), 100)])
-    region = (predicted == seg_class[:, None, None]).float()  # where the model predicts the class
+    regions = {
+        "predicted region": (predicted == seg_class[:, None, None]).float(),  # where the model predicts it
+        "whole image": torch.ones_like(predicted, dtype=torch.float32),
+    }
+    results = {}
+    for name, region in regions.items():
 
-    def objective(logits: torch.Tensor, rows: slice) -> torch.Tensor:
-        chosen = logits.gather(1, seg_class[rows, None, None, None].expand(-1, 1, *logits.shape[2:]))[:, 0]
-        return (chosen * region[rows]).sum(dim=(1, 2))
+        def objective(logits: torch.Tensor, rows: slice, region: torch.Tensor = region) -> torch.Tensor:
+            index = seg_class[rows, None, None, None].expand(-1, 1, *logits.shape[2:])
+            return (logits.gather(1, index)[:, 0] * region[rows]).sum(dim=(1, 2))
 
-    start = time.perf_counter()
-    maps = grad_cam(model, SHAPESSEG_LAYER, images, objective)
-    hits = pointing_hits(maps, batch.masks[image_index, class_index])
-    empty = int((region.sum(dim=(1, 2)) == 0).sum())
-    print(
-        f"(a) segmentation, ShapesSegNet at {SHAPESSEG_LAYER!r}, generate({n}, seed={seed}): "
-        f"{len(hits)} objects, Grad-CAM pointing game {hits.mean():.2%} "
-        f"({empty} objects with an empty predicted region; {time.perf_counter() - start:.1f} s)"
-    )
-    for k, name in enumerate(SHAPE_CLASSES):
-        rows = class_index == k
-        print(f"    {SEG_CLASSES[k + 1]:>8}: {hits[rows].mean():.2%} of {rows.sum()}")
-    return float(hits.mean())
+        start = time.perf_counter()
+        maps = grad_cam(model, SHAPESSEG_LAYER, images, objective)
+        hits = pointing_hits(maps, batch.masks[image_index, class_index])
+        empty = int((region.sum(dim=(1, 2)) == 0).sum())
+        print(
+            f"(a) segmentation, ShapesSegNet at {SHAPESSEG_LAYER!r}, class logit summed over the {name}, "
+            f"generate({n}, seed={seed}): {len(hits)} objects, Grad-CAM pointing game {hits.mean():.2%} "
+            f"({empty} objects with an empty region; {time.perf_counter() - start:.1f} s)"
+        )
+        for k in range(len(SHAPE_CLASSES)):
+            rows = class_index == k
+            print(f"    {SEG_CLASSES[k + 1]:>8}: {hits[rows].mean():.2%} of {rows.sum()}")
+        results[name] = float(hits.mean())
+    return results
 
 
-def check_similarity(n: int, seed: int, layer: str) -> float:
+def check_similarity(n: int, seed: int, layer: str) -> dict[str, float]:
     model = load_builtin_embedding()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -108,24 +115,27 @@ def check_similarity(n: int, seed: int, layer: str) -> float:
     queries, references = to_tensor(pairs.queries), to_tensor(pairs.references)
     with torch.no_grad():
         reference_embeddings = model(references)
-
-    def objective(embeddings: torch.Tensor, rows: slice) -> torch.Tensor:
-        return F.cosine_similarity(embeddings, reference_embeddings[rows], dim=1)
-
-    start = time.perf_counter()
-    maps = grad_cam(model, layer, queries, objective)
-    hits = pointing_hits(maps, pairs.shared_masks)
-    with torch.no_grad():
         similarity = F.cosine_similarity(model(queries), reference_embeddings, dim=1)
-    print(
-        f"(b) similarity, ShapesEmbedding at {layer!r}, generate_similarity({n}, seed={seed}): "
-        f"Grad-CAM pointing game {hits.mean():.2%} (cosine similarity mean {similarity.mean():.3f}; "
-        f"{time.perf_counter() - start:.1f} s)"
-    )
-    for k, name in enumerate(SHAPE_CLASSES):
-        rows = pairs.shared_classes == k
-        print(f"    {name:>8}: {hits[rows].mean():.2%} of {rows.sum()}")
-    return float(hits.mean())
+    objectives = {
+        "cosine similarity": lambda e, rows: F.cosine_similarity(e, reference_embeddings[rows], dim=1),
+        "dot product": lambda e, rows: (e * reference_embeddings[rows]).sum(1),
+    }
+    results = {}
+    for name, objective in objectives.items():
+        start = time.perf_counter()
+        maps = grad_cam(model, layer, queries, objective)
+        hits = pointing_hits(maps, pairs.shared_masks)
+        print(
+            f"(b) similarity, ShapesEmbedding at {layer!r}, {name} to the reference, "
+            f"generate_similarity({n}, seed={seed}): Grad-CAM pointing game {hits.mean():.2%} "
+            f"(query-reference cosine similarity mean {similarity.mean():.3f}; "
+            f"{time.perf_counter() - start:.1f} s)"
+        )
+        for k, class_name in enumerate(SHAPE_CLASSES):
+            rows = pairs.shared_classes == k
+            print(f"    {class_name:>8}: {hits[rows].mean():.2%} of {rows.sum()}")
+        results[name] = float(hits.mean())
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:

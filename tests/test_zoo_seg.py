@@ -99,6 +99,20 @@ def test_segnet_output_and_cam_layer_shapes(height: int, width: int) -> None:
     assert gradient.abs().sum() > 0
 
 
+def test_segnet_traces_and_exports_with_dynamic_batch() -> None:
+    # Standard layers only: TorchScript tracing and torch.export take the plain forward as it is.
+    torch.manual_seed(1)
+    model = ShapesSegNet().eval()
+    images, other_batch = torch.rand(2, 3, 32, 32), torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, images)
+        torch.testing.assert_close(traced(other_batch), model(other_batch))
+        exported = torch.export.export(
+            model, (images,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},)
+        )
+        torch.testing.assert_close(exported.module()(other_batch), model(other_batch))
+
+
 def test_iou_from_confusion_analytic() -> None:
     # 2 classes: class 0 has TP 3, FN 1, FP 0 -> 3/4; class 1 TP 4, FP 1 -> 4/5; class 2 absent -> nan.
     mean_iou, per_class = train_seg.iou_from_confusion(torch.tensor([[3, 1, 0], [0, 4, 0], [0, 0, 0]]))
