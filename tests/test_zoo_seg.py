@@ -153,6 +153,12 @@ def test_train_seg_refuses_reserved_seeds_and_smoke_runs(tmp_path) -> None:
     assert per_class.shape == (7,) and 0.0 <= mean_iou <= 1.0
     reloaded = load_builtin_segmenter(weights=out)
     assert reloaded(torch.rand(1, 3, 64, 64)).shape == (1, 7, 64, 64)
+    # Seeded: the same run again gives the same weights (same machine, threads and software).
+    again = tmp_path / "again.pt"
+    mean_iou_again, _ = train_seg.train(again, epochs=1, train_size=32, heldout_size=8, num_threads=1)
+    assert mean_iou_again == mean_iou
+    first, second = torch.load(out, weights_only=True), torch.load(again, weights_only=True)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_seg_info_matches_files() -> None:
