@@ -253,6 +253,9 @@ def test_similarity_pairs_shapes_and_determinism(pairs) -> None:
     np.testing.assert_array_equal(tail.references, pairs.references[40:])
     assert len(generate_similarity(0, seed=1)) == 0
     assert not np.array_equal(generate_similarity(4, seed=1).queries, pairs.queries[:4])
+    # Its own stream: no query repeats the background of generate()'s image at the same seed and index.
+    same_seed = generate(8, seed=40_000).images.astype(int)
+    assert (np.abs(same_seed - pairs.queries[:8]).mean(axis=(1, 2, 3)) > 10).all()
     with pytest.raises(ValueError, match="seed"):
         generate_similarity(2, seed=-1)
 

@@ -144,14 +144,14 @@ class SimilarityBatch:
 def generate_similarity(n: int, seed: int, size: int = 64, *, start: int = 0) -> SimilarityBatch:
     """Render ``n`` query/reference pairs for the similarity pointing game.
 
-    Pair ``i`` is rendered from ``np.random.default_rng([seed, i])`` (as :func:`generate` renders its
-    images, so pair ``i`` does not depend on ``n``; ``start`` renders a later slice of the stream):
+    Pair ``i`` is rendered from its own generator, ``np.random.default_rng([seed, i, 1])`` (as
+    :func:`generate` renders image ``i`` from ``[seed, i]``, so pair ``i`` does not depend on ``n`` and
+    ``start`` renders a later slice of the stream; the extra ``1`` keeps the pairs' stream apart from
+    :func:`generate`'s, so the two never share a background at the same seed):
     the query gets 2 or 3 shapes of distinct classes on a textured background (drawn again, from the
     same generator, in the rare case that fewer than two found room); then one of the query's classes
     is drawn as the shared class and the reference is rendered with that one shape only -- a new
-    rendering with its own background, position, scale, rotation and colour, not a crop. Seed streams
-    are the same as :func:`generate`'s, so use seeds not used for training (e.g. 40,000 as the
-    benchmarks do).
+    rendering with its own background, position, scale, rotation and colour, not a crop.
 
     Args:
         n: number of pairs (>= 0).
@@ -185,7 +185,7 @@ def generate_similarity(n: int, seed: int, size: int = 64, *, start: int = 0) ->
     coords = np.arange(size, dtype=np.float32) + 0.5  # pixel centres
     grid_y, grid_x = np.meshgrid(coords, coords, indexing="ij")
     for index in range(n):
-        rng = np.random.default_rng([seed, start + index])
+        rng = np.random.default_rng([seed, start + index, 1])
         while True:
             query_masks[index] = False
             classes = rng.choice(NUM_CLASSES, size=int(rng.integers(2, 4)), replace=False)
