@@ -1,7 +1,14 @@
-"""pyattr's own model zoo: a procedural dataset with ground-truth masks and a small trained CNN.
+"""pyattr's own model zoo: a procedural dataset with ground-truth masks and small trained CNNs.
 
 Nothing is downloaded at run time: :func:`load_builtin` reads ``shapesnet.pt`` from this package,
-weights trained by ``python -m pyattr.zoo.train`` on :func:`generate` images.
+weights trained by ``python -m pyattr.zoo.train`` on :func:`generate` images. Built on the same data:
+
+- :func:`load_builtin_segmenter`: :class:`ShapesSegNet`, a per-pixel segmenter over
+  :data:`SEG_CLASSES` (background 0, shape class ``k`` at ``k + 1``), weights ``shapesseg.pt`` trained
+  by ``python -m pyattr.zoo.train_seg`` (:data:`SEG_INFO`);
+- :func:`load_builtin_embedding`: :class:`ShapesEmbedding`, the classifier's pooled 128-d features as an
+  embedding model (:data:`EMBEDDING_INFO`), with :func:`generate_similarity` query/reference pairs
+  whose shared shape's mask is the ground truth of a similarity explanation.
 
 Example:
     >>> import torch
@@ -15,8 +22,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from pyattr.zoo.model import SHAPESNET_LAYER, ShapesNet, load_builtin
-from pyattr.zoo.shapes import SHAPE_CLASSES, ShapesBatch, ShapesSample, generate, mean_average_precision
+from pyattr.zoo.model import SHAPESNET_LAYER, ShapesEmbedding, ShapesNet, load_builtin, load_builtin_embedding
+from pyattr.zoo.segmodel import SEG_CLASSES, SHAPESSEG_LAYER, ShapesSegNet, class_map, load_builtin_segmenter
+from pyattr.zoo.shapes import (
+    SHAPE_CLASSES,
+    ShapesBatch,
+    ShapesSample,
+    SimilarityBatch,
+    generate,
+    generate_similarity,
+    mean_average_precision,
+)
 
 BUILTIN_INFO: dict[str, Any] = {
     "name": "shapesnet",
@@ -40,14 +56,58 @@ BUILTIN_INFO: dict[str, Any] = {
     },
 }
 
+SEG_INFO: dict[str, Any] = {
+    "name": "shapesseg",
+    "classes": SEG_CLASSES,  # background at 0, SHAPE_CLASSES[k] at k + 1
+    "input_size": 64,  # any H, W divisible by 4 works; output logits (N, 7, H, W)
+    "preprocessing": "rgb in [0,1]; normalization inside the model",
+    "default_layer": SHAPESSEG_LAYER,
+    "task": "semantic segmentation (softmax over 7 classes per pixel)",
+    "num_parameters": 276_351,
+    "weights_file": "pyattr/zoo/shapesseg.pt",
+    "training_command": "python -m pyattr.zoo.train_seg",
+    # IoU over every pixel of generate(1000, seed=10_000), a seed never used for training (train_seg prints it).
+    "heldout_miou": 0.9483,
+    "heldout_iou_per_class": {
+        "background": 0.9934,
+        "circle": 0.9764,
+        "square": 0.9565,
+        "triangle": 0.9276,
+        "star": 0.9229,
+        "cross": 0.9073,
+        "ring": 0.9536,
+    },
+}
+
+EMBEDDING_INFO: dict[str, Any] = {
+    "name": "shapesnet-embedding",
+    "embedding_dim": 128,
+    "input_size": 64,
+    "preprocessing": "rgb in [0,1]; normalization inside the model",
+    "default_layer": SHAPESNET_LAYER,
+    "task": "embedding: ShapesNet's global-average-pooled layer3 features (ShapesNet without fc)",
+    "weights_file": "pyattr/zoo/shapesnet.pt",
+}
+
 __all__ = [
     "BUILTIN_INFO",
+    "EMBEDDING_INFO",
+    "SEG_CLASSES",
+    "SEG_INFO",
     "SHAPESNET_LAYER",
+    "SHAPESSEG_LAYER",
     "SHAPE_CLASSES",
     "ShapesBatch",
+    "ShapesEmbedding",
     "ShapesNet",
     "ShapesSample",
+    "ShapesSegNet",
+    "SimilarityBatch",
+    "class_map",
     "generate",
+    "generate_similarity",
     "load_builtin",
+    "load_builtin_embedding",
+    "load_builtin_segmenter",
     "mean_average_precision",
 ]

@@ -84,15 +84,22 @@ class BasicBlock(nn.Module):
     """Two 3x3 conv+BN layers with an identity (or 1x1 conv+BN) shortcut, as in torchvision's ResNet,
     optionally followed by a fixed :class:`Blur2d` (``blur=True``; ``blur`` is ``nn.Identity`` otherwise).
 
+    ``dilation`` (default 1) dilates both 3x3 convolutions (padding = dilation keeps the size), as the
+    segmentation model's :mod:`pyattr.zoo.segmodel` uses to see a whole object from each pixel.
+
     Shapes: (N, in_channels, H, W) -> (N, out_channels, H / stride, W / stride).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, blur: bool = False) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int = 1, blur: bool = False, dilation: int = 1
+    ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(
+            in_channels, out_channels, 3, stride=stride, padding=dilation, dilation=dilation, bias=False
+        )
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.relu1 = nn.ReLU(inplace=False)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=dilation, dilation=dilation, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.relu2 = nn.ReLU(inplace=False)
         self.downsample: nn.Module
@@ -184,3 +191,54 @@ def load_builtin(device: str | torch.device = "cpu", weights: str | os.PathLike 
     model = ShapesNet()
     model.load_state_dict(state_dict)
     return model.to(device).eval()
+
+
+class ShapesEmbedding(nn.Module):
+    """The built-in classifier's pooled features as an embedding model: (N, 3, H, W) -> (N, 128).
+
+    ``flatten(avgpool(layer3(layer2(layer1(stem(normalize(x)))))))``: ShapesNet without its ``fc``.
+    The submodules are the wrapped :class:`ShapesNet`'s own (the same objects, not copies, under the
+    same names ``stem``, ``layer1``, ``layer2``, ``layer3``, ``avgpool``), so :data:`SHAPESNET_LAYER`
+    names the CAM layer here too and no weight is duplicated; building the embedding changes nothing
+    in the classifier (moving or re-moding the embedding with ``.to()``/``.train()`` does move or
+    re-mode the shared submodules, as with any shared module).
+
+    Args:
+        classifier: the ShapesNet whose features to use (e.g. :func:`load_builtin`).
+
+    Example:
+        >>> import torch
+        >>> embed = ShapesEmbedding(ShapesNet().eval())
+        >>> embed(torch.rand(2, 3, 64, 64)).shape
+        torch.Size([2, 128])
+    """
+
+    def __init__(self, classifier: ShapesNet) -> None:
+        super().__init__()
+        self.register_buffer("mean", classifier.mean.detach().clone())
+        self.register_buffer("std", classifier.std.detach().clone())
+        self.stem = classifier.stem
+        self.layer1 = classifier.layer1
+        self.layer2 = classifier.layer2
+        self.layer3 = classifier.layer3
+        self.avgpool = classifier.avgpool
+        self.train(classifier.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean) / self.std
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+
+def load_builtin_embedding(device: str | torch.device = "cpu") -> ShapesEmbedding:
+    """The shipped ShapesNet's pooled features (:class:`ShapesEmbedding`), in eval mode, on ``device``.
+
+    Raises:
+        FileNotFoundError: when ``pyattr/zoo/shapesnet.pt`` is missing (see :func:`load_builtin`).
+
+    Example:
+        >>> embed = load_builtin_embedding()
+        >>> embed(torch.rand(1, 3, 64, 64)).shape
+        torch.Size([1, 128])
+    """
+    return ShapesEmbedding(load_builtin(device)).eval()

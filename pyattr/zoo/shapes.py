@@ -112,6 +112,104 @@ def generate(n: int, seed: int, size: int = 64, *, start: int = 0) -> ShapesBatc
     return ShapesBatch(images=images, labels=labels, masks=masks)
 
 
+@dataclass(frozen=True)
+class SimilarityBatch:
+    """Query/reference pairs for explaining similarity: the query holds 2-3 shapes, the reference one
+    of them, re-rendered (its own background, position, scale, rotation and colour).
+
+    Attributes:
+        queries: uint8 RGB query images, (N, H, W, 3).
+        references: uint8 RGB reference images, (N, H, W, 3), each with exactly one shape.
+        shared_classes: int64 (N,), the class (index into :data:`SHAPE_CLASSES`) of the reference's
+            shape, which is also in the query.
+        shared_masks: bool (N, H, W), the visible pixels of the shared shape in the query: what a
+            similarity explanation should point at.
+        query_labels: float32 multi-hot (N, 6), the classes of the query's shapes (2 or 3 of them).
+        query_masks: bool (N, 6, H, W), the query's per-class masks (as :attr:`ShapesBatch.masks`).
+        reference_masks: bool (N, H, W), the visible pixels of the reference's shape.
+    """
+
+    queries: np.ndarray
+    references: np.ndarray
+    shared_classes: np.ndarray
+    shared_masks: np.ndarray
+    query_labels: np.ndarray
+    query_masks: np.ndarray
+    reference_masks: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.queries.shape[0])
+
+
+def generate_similarity(n: int, seed: int, size: int = 64, *, start: int = 0) -> SimilarityBatch:
+    """Render ``n`` query/reference pairs for the similarity pointing game.
+
+    Pair ``i`` is rendered from its own generator, ``np.random.default_rng([seed, i, 1])`` (as
+    :func:`generate` renders image ``i`` from ``[seed, i]``, so pair ``i`` does not depend on ``n`` and
+    ``start`` renders a later slice of the stream; the extra ``1`` keeps the pairs' stream apart from
+    :func:`generate`'s, so the two never share a background at the same seed):
+    the query gets 2 or 3 shapes of distinct classes on a textured background (drawn again, from the
+    same generator, in the rare case that fewer than two found room); then one of the query's classes
+    is drawn as the shared class and the reference is rendered with that one shape only -- a new
+    rendering with its own background, position, scale, rotation and colour, not a crop.
+
+    Args:
+        n: number of pairs (>= 0).
+        seed: non-negative integer seed.
+        size: height and width in pixels (>= 32).
+        start: index of the first pair in the seed's stream (>= 0).
+
+    Returns:
+        A :class:`SimilarityBatch`.
+
+    Example:
+        >>> pairs = generate_similarity(4, seed=40_000)
+        >>> pairs.queries.shape, pairs.shared_masks.shape, pairs.shared_classes.shape
+        ((4, 64, 64, 3), (4, 64, 64), (4,))
+        >>> bool(pairs.query_labels[np.arange(4), pairs.shared_classes].all())
+        True
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if size < 32:
+        raise ValueError(f"size must be >= 32, got {size}")
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
+    queries = np.empty((n, size, size, 3), dtype=np.uint8)
+    references = np.empty((n, size, size, 3), dtype=np.uint8)
+    shared_classes = np.zeros(n, dtype=np.int64)
+    query_masks = np.zeros((n, NUM_CLASSES, size, size), dtype=bool)
+    reference_masks = np.zeros((n, size, size), dtype=bool)
+    coords = np.arange(size, dtype=np.float32) + 0.5  # pixel centres
+    grid_y, grid_x = np.meshgrid(coords, coords, indexing="ij")
+    for index in range(n):
+        rng = np.random.default_rng([seed, start + index, 1])
+        while True:
+            query_masks[index] = False
+            classes = rng.choice(NUM_CLASSES, size=int(rng.integers(2, 4)), replace=False)
+            queries[index] = _render_image(rng, grid_x, grid_y, query_masks[index], classes)
+            present = np.flatnonzero(query_masks[index].any(axis=(1, 2)))
+            if present.size >= 2:
+                break
+        shared = int(rng.choice(present))
+        shared_classes[index] = shared
+        masks = np.zeros((NUM_CLASSES, size, size), dtype=bool)
+        references[index] = _render_image(rng, grid_x, grid_y, masks, np.array([shared]))
+        reference_masks[index] = masks[shared]
+    rows = np.arange(n)
+    return SimilarityBatch(
+        queries=queries,
+        references=references,
+        shared_classes=shared_classes,
+        shared_masks=query_masks[rows, shared_classes],
+        query_labels=query_masks.any(axis=(2, 3)).astype(np.float32),
+        query_masks=query_masks,
+        reference_masks=reference_masks,
+    )
+
+
 def mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
     """Macro mean average precision of multi-label scores.
 
@@ -168,14 +266,23 @@ def mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> tuple[floa
 
 
 def _render_image(
-    rng: np.random.Generator, grid_x: np.ndarray, grid_y: np.ndarray, masks_out: np.ndarray
+    rng: np.random.Generator,
+    grid_x: np.ndarray,
+    grid_y: np.ndarray,
+    masks_out: np.ndarray,
+    classes: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Render one image into float RGB, fill ``masks_out`` (6,H,W) in place, return uint8 (H,W,3)."""
+    """Render one image into float RGB, fill ``masks_out`` (6,H,W) in place, return uint8 (H,W,3).
+
+    ``classes``: the classes of the objects to paint, in order (an object that finds no room is left
+    out); None draws 1-3 distinct classes from ``rng`` (what :func:`generate` does).
+    """
     size = grid_x.shape[0]
     canvas = _render_background(rng, grid_x, grid_y)
 
-    num_objects = int(rng.integers(1, 4))
-    classes = rng.choice(NUM_CLASSES, size=num_objects, replace=False)
+    if classes is None:
+        num_objects = int(rng.integers(1, 4))
+        classes = rng.choice(NUM_CLASSES, size=num_objects, replace=False)
     placed: list[tuple[float, float, float]] = []  # (cx, cy, radius) of bounding circles
     scale = size / 64.0
     for class_index in classes:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,7 @@ from torch import nn
 
 from pyattr._files import publish, temp_beside
 from pyattr.zoo.model import WEIGHTS_PATH, ShapesNet
-from pyattr.zoo.shapes import SHAPE_CLASSES, generate, mean_average_precision
+from pyattr.zoo.shapes import SHAPE_CLASSES, ShapesBatch, generate, mean_average_precision
 
 HELDOUT_SEED = 10_000
 """Seed of the held-out evaluation images; training refuses to use it."""
@@ -62,19 +63,31 @@ DEFAULT_SEED = 3
 _GENERATE_CHUNK = 2000  # render in chunks and drop the masks, which training does not need
 
 
-def render_dataset(n: int, seed: int, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Render ``n`` images of ``seed``'s stream as (uint8 (N,3,H,W), float32 (N,6)) tensors.
+def _multi_hot_labels(batch: ShapesBatch) -> np.ndarray:
+    return batch.labels
 
-    Rendered in chunks whose masks are dropped (training does not need them), so memory stays at
-    the images' 12 KiB each.
+
+def render_dataset(
+    n: int,
+    seed: int,
+    size: int = 64,
+    targets: Callable[[ShapesBatch], np.ndarray] = _multi_hot_labels,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Render ``n`` images of ``seed``'s stream as (uint8 (N,3,H,W), ``targets`` (N,...)) tensors.
+
+    ``targets`` maps a rendered :class:`~pyattr.zoo.shapes.ShapesBatch` to the training targets; the
+    default is the multi-hot labels, float32 (N,6); the segmentation training
+    (:mod:`pyattr.zoo.train_seg`) passes per-pixel class maps. Rendered in chunks whose masks are
+    dropped once ``targets`` has read them, so memory stays at the images' 12 KiB each plus the targets.
     """
     images, labels = [], []
     for start in range(0, n, _GENERATE_CHUNK):
         chunk = generate(min(_GENERATE_CHUNK, n - start), seed, size, start=start)
         images.append(torch.from_numpy(chunk.images).permute(0, 3, 1, 2).contiguous())
-        labels.append(torch.from_numpy(chunk.labels))
+        labels.append(torch.from_numpy(targets(chunk)))
     if not images:
-        return torch.empty(0, 3, size, size, dtype=torch.uint8), torch.empty(0, len(SHAPE_CLASSES))
+        empty = generate(0, seed, size)
+        return torch.empty(0, 3, size, size, dtype=torch.uint8), torch.from_numpy(targets(empty))
     return torch.cat(images), torch.cat(labels)
 
 
