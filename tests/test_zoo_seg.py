@@ -183,7 +183,7 @@ def test_embedding_equals_classifier_pooled_features_and_leaves_it_unchanged() -
     with torch.no_grad():
         logits_before = classifier(images)
 
-    embed = ShapesEmbedding(classifier)
+    embed = ShapesEmbedding(classifier, pooling="avg")
     assert not embed.training
     # Same submodule names as ShapesNet, so SHAPESNET_LAYER names the CAM layer; same objects.
     assert dict(embed.named_modules())[SHAPESNET_LAYER] is classifier.layer3
@@ -221,9 +221,13 @@ def test_load_builtin_embedding() -> None:
     images = torch.rand(3, 3, 64, 64)
     with torch.no_grad():
         classifier = load_builtin()
-        expected = classifier.avgpool(classifier.layer3(classifier.layer2(classifier.layer1(
-            classifier.stem((images - classifier.mean) / classifier.std))))).flatten(1)
-        torch.testing.assert_close(embed(images), expected, rtol=0, atol=0)
+        features = classifier.layer3(classifier.layer2(classifier.layer1(
+            classifier.stem((images - classifier.mean) / classifier.std))))
+        # GeM, p = 3, written out: the cube root of the mean cube of the (clamped) features
+        gem = torch.from_numpy(np.cbrt((np.maximum(features.double().numpy(), 1e-6) ** 3).mean((2, 3))))
+        torch.testing.assert_close(embed(images).double(), gem, rtol=1e-5, atol=1e-7)
+        expected = classifier.avgpool(features).flatten(1)
+        torch.testing.assert_close(load_builtin_embedding(pooling="avg")(images), expected, rtol=0, atol=0)
     # A fresh ShapesNet in training mode gives a training-mode embedding (BN batch statistics).
     assert ShapesEmbedding(ShapesNet()).training
 

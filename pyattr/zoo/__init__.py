@@ -85,7 +85,7 @@ EMBEDDING_INFO: dict[str, Any] = {
     "input_size": 64,
     "preprocessing": "rgb in [0,1]; normalization inside the model",
     "default_layer": SHAPESNET_LAYER,
-    "task": "embedding: ShapesNet's global-average-pooled layer3 features (ShapesNet without fc)",
+    "task": "embedding: ShapesNet's layer3 features, GeM-pooled (p=3; pooling=\"avg\": the features fc reads)",
     "weights_file": "pyattr/zoo/shapesnet.pt",
 }
 
