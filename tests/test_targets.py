@@ -453,3 +453,24 @@ def test_threads_with_different_targets_get_their_own(embedder):
         t.join()
     for i in range(6):
         assert torch.equal(got[i], alone[i])
+
+
+def test_builtin_models_match_pytorch_grad_cam():
+    """The built-in segmenter (given masks) and embedding (a reference's embedding) against pytorch-grad-cam."""
+    from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
+
+    pairs = pyattr.zoo.generate_similarity(3, seed=50)
+    x = torch.from_numpy(pairs.queries).permute(0, 3, 1, 2).float() / 255
+    seg = pyattr.zoo.load_builtin_segmenter()
+    masks = pairs.shared_masks.astype(np.float32)
+    classes = [int(k) + 1 for k in pairs.shared_classes]
+    ours = pyattr.GradCAM(seg, pyattr.zoo.SHAPESSEG_LAYER)(
+        x, SegmentationTarget(classes=torch.tensor(classes), region=torch.from_numpy(masks)))
+    theirs = pgc_gradcam(seg, pyattr.zoo.SHAPESSEG_LAYER, x,
+                         [SemanticSegmentationTarget(c, m) for c, m in zip(classes, masks)])
+    assert rel_err(ours.raw, theirs) < 1e-5
+    embed = pyattr.zoo.load_builtin_embedding()
+    refs = embed(torch.from_numpy(pairs.references).permute(0, 3, 1, 2).float() / 255).detach()
+    ours = pyattr.GradCAM(embed, pyattr.zoo.SHAPESNET_LAYER)(x, SimilarityTarget(refs))
+    theirs = pgc_gradcam(embed, pyattr.zoo.SHAPESNET_LAYER, x, [SimilarityToConceptTarget(r) for r in refs])
+    assert rel_err(ours.raw, theirs) < 1e-5
