@@ -163,25 +163,33 @@ def _imagenet_categories(name: str) -> list[str] | None:
         return None
 
 
+def _torchvision_model(name: str, weights: str | None, device: str, module, kind: str, **options) -> nn.Module:
+    """torchvision's model ``name`` from ``module`` (its ``kind`` of models), random (with a warning) or loaded
+    from a local state_dict file, in eval mode on ``device``; an unknown name names close ones."""
+    import torchvision
+
+    available = torchvision.models.list_models(module=module)
+    if name not in available:
+        import difflib
+
+        close = difflib.get_close_matches(name, available, n=4)
+        hint = f" Did you mean {', '.join(close)}?" if close else f" Available: {', '.join(available)}"
+        raise InputError(f"torchvision has no {kind} model {name!r}.{hint}")
+    model = torchvision.models.get_model(name, weights=None, **options)
+    if weights is None:
+        warnings.warn(f"torchvision:{name} has random weights (give torchvision:{name}:WEIGHTS.pth to load a "
+                      "state_dict); its explanations show an untrained model", stacklevel=3)
+    else:
+        load_state_dict_file(model, weights)
+    return model.eval().to(device)
+
+
 def load_torchvision(name: str, weights: str | None = None, device: str = "cpu") -> ModelBundle:
     """A torchvision classification model by name, with weights from a local state_dict file
     (nothing is downloaded; without a file the model is randomly initialized, with a warning)."""
     import torchvision
 
-    available = torchvision.models.list_models(module=torchvision.models)
-    if name not in available:
-        import difflib
-
-        close = difflib.get_close_matches(name, available, n=4)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise InputError(f"torchvision has no classification model {name!r}.{hint}")
-    model = torchvision.models.get_model(name, weights=None)
-    if weights is None:
-        warnings.warn(f"torchvision:{name} has random weights (give torchvision:{name}:WEIGHTS.pth to load a "
-                      "state_dict); its explanations show an untrained model", stacklevel=2)
-    else:
-        load_state_dict_file(model, weights)
-    model = model.eval().to(device)
+    model = _torchvision_model(name, weights, device, torchvision.models, "classification")
     size = (224, 224)
     n_out = _num_outputs(model, size, device)
     categories = _imagenet_categories(name) if n_out == 1000 else None
@@ -302,16 +310,8 @@ def load_torchvision_segmentation(name: str, weights: str | None = None, device:
     state_dict file; its output dict's ``"out"`` holds the per-pixel scores."""
     import torchvision
 
-    available = torchvision.models.list_models(module=torchvision.models.segmentation)
-    if name not in available:
-        raise InputError(f"torchvision has no segmentation model {name!r}; available: {', '.join(available)}")
-    model = torchvision.models.get_model(name, weights=None, weights_backbone=None)
-    if weights is None:
-        warnings.warn(f"torchvision:{name} has random weights (give torchvision:{name}:WEIGHTS.pth to load a "
-                      "state_dict); its explanations show an untrained model", stacklevel=2)
-    else:
-        load_state_dict_file(model, weights)
-    model = model.eval().to(device)
+    model = _torchvision_model(name, weights, device, torchvision.models.segmentation, "segmentation",
+                               weights_backbone=None)
     size = (224, 224)
     categories = _imagenet_categories(name)
     layer = segmentation_layer(model, torch.zeros(1, 3, *size, device=device))

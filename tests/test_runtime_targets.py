@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from target_models import D, tiny_embedder, tiny_segmenter
 from torch import nn
 
 import pyattr
@@ -31,60 +32,17 @@ from pyattr.runtime.cli import main
 from pyattr.runtime.images import load_mask
 from pyattr.targets import SegmentationTarget, SimilarityTarget
 
-K, D, SIZE = 4, 6, 32
+SIZE = 32
 CLASSES = ["background", "disc", "square", "ring"]
 PREPROCESSING = {"color": "RGB", "scale": 1 / 255, "mean": [0.45, 0.5, 0.55], "std": [0.25, 0.2, 0.3],
                  "size": [SIZE, SIZE], "resize": "bilinear", "layout": "NCHW"}
 IMAGE_SIZES = [(32, 32), (40, 60), (50, 30)]  # (H, W)
 
 
-class TinySegmenter(nn.Module):
-    """(N, 3, H, W) -> {"out": (N, K, H, W)} (as in tests/test_targets.py)."""
-
-    def __init__(self, classes: int = K):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.down = nn.Sequential(nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.ReLU())
-        self.classifier = nn.Conv2d(12, classes, 1)
-
-    def forward(self, x):
-        out = self.classifier(self.down(self.stem(x)))
-        return {"out": F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)}
-
-
-class TinyEmbedder(nn.Module):
-    """(N, 3, H, W) -> embedding (N, D) (as in tests/test_targets.py)."""
-
-    def __init__(self, dim: int = D):
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                      nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.ReLU())
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(12, dim)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
-
-
-def _seeded(module: nn.Module, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-    return module.eval()
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("runtime_targets")
-    torch.manual_seed(0)
-    seg = _seeded(TinySegmenter(), 1)
-    with torch.no_grad():  # logits ~ +-70 rather than +-0.7: clear per-pixel arg-maxes for the predicted regions
-        seg.classifier.weight.mul_(100)
-        seg.classifier.bias.mul_(100)
-    torch.manual_seed(2)
-    emb = _seeded(TinyEmbedder(), 3)
+    seg, emb = tiny_segmenter(), tiny_embedder()
     example = torch.rand(1, 3, SIZE, SIZE)
     seg_method, sim_method = pyattr.GradCAM(seg, "down"), pyattr.GradCAM(emb, "features.4")
     paths = {

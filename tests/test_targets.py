@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from contract import assert_export_contract
+from target_models import D, K, TinySegmenter, tiny_embedder, tiny_segmenter
 from torch import nn
 
 import pyattr
@@ -24,57 +25,15 @@ from pyattr.errors import InputError
 from pyattr.methods import METHODS, build_method, needs_layer
 from pyattr.targets import ClassTarget, SegmentationTarget, SimilarityTarget, Target
 
-K = 4  # classes of the tiny segmenter
-D = 6  # embedding size of the tiny embedder
-
-
-class TinySegmenter(nn.Module):
-    """(N, 3, H, W) -> per-pixel scores (N, K, H, W): conv-BN-ReLU, a stride-2 block, 1x1 classifier, upsample."""
-
-    def __init__(self, classes: int = K):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.down = nn.Sequential(nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.ReLU())
-        self.classifier = nn.Conv2d(12, classes, 1)
-
-    def forward(self, x):
-        out = self.classifier(self.down(self.stem(x)))
-        return {"out": F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)}
-
-
-class TinyEmbedder(nn.Module):
-    """(N, 3, H, W) -> embedding (N, D)."""
-
-    def __init__(self, dim: int = D):
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                      nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.ReLU())
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(12, dim)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
-
-
-def _seeded(module: nn.Module, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-    return module.eval()
-
 
 @pytest.fixture(scope="module")
 def segmenter():
-    torch.manual_seed(0)
-    return _seeded(TinySegmenter(), 1)
+    return tiny_segmenter()
 
 
 @pytest.fixture(scope="module")
 def embedder():
-    torch.manual_seed(2)
-    return _seeded(TinyEmbedder(), 3)
+    return tiny_embedder()
 
 
 def images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:

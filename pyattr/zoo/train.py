@@ -225,29 +225,30 @@ def _train(
     return mean_ap, per_class
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train the ShapesNet weights shipped with pyattr.")
-    parser.add_argument("--out", type=Path, default=WEIGHTS_PATH, help="where to write the state_dict")
+def run_command_line(train_fn, description: str, default_out: Path, default_epochs: int, default_seed: int,
+                     argv: list[str] | None = None) -> None:
+    """The training scripts' shared command line (``--out --epochs --seed --quick --threads``): calls
+    ``train_fn(out, epochs=, seed=, num_threads=[, train_size=, heldout_size=])``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=default_out, help="where to write the state_dict")
     parser.add_argument(
-        "--epochs", type=int, default=None, help="number of epochs (default 4; 1 with --quick)"
+        "--epochs", type=int, default=None, help=f"number of epochs (default {default_epochs}; 1 with --quick)"
     )
     parser.add_argument(
-        "--seed", type=int, default=DEFAULT_SEED, help=f"training data and initialization seed (default {DEFAULT_SEED})"
+        "--seed", type=int, default=default_seed, help=f"training data and initialization seed (default {default_seed})"
     )
     parser.add_argument("--quick", action="store_true", help="tiny run (seconds) for smoke testing")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     args = parser.parse_args(argv)
     if args.quick:
-        train(
-            args.out,
-            epochs=args.epochs or 1,
-            seed=args.seed,
-            train_size=256,
-            heldout_size=128,
-            num_threads=args.threads,
-        )
+        train_fn(args.out, epochs=args.epochs or 1, seed=args.seed, train_size=256, heldout_size=128,
+                 num_threads=args.threads)
     else:
-        train(args.out, epochs=args.epochs or 4, seed=args.seed, num_threads=args.threads)
+        train_fn(args.out, epochs=args.epochs or default_epochs, seed=args.seed, num_threads=args.threads)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_command_line(train, "Train the ShapesNet weights shipped with pyattr.", WEIGHTS_PATH, 4, DEFAULT_SEED, argv)
 
 
 if __name__ == "__main__":

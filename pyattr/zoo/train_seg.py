@@ -31,7 +31,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from pathlib import Path
@@ -42,7 +41,13 @@ from torch import nn
 
 from pyattr.zoo.segmodel import NUM_SEG_CLASSES, SEG_CLASSES, SEG_WEIGHTS_PATH, ShapesSegNet, class_map
 from pyattr.zoo.shapes import ShapesBatch
-from pyattr.zoo.train import HELDOUT_SEED, random_dihedral, render_dataset, save_state_dict_atomically
+from pyattr.zoo.train import (
+    HELDOUT_SEED,
+    random_dihedral,
+    render_dataset,
+    run_command_line,
+    save_state_dict_atomically,
+)
 
 DEFAULT_SEED = 1
 """Training seed of the shipped weights."""
@@ -188,28 +193,8 @@ def _train(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train the ShapesSegNet weights shipped with pyattr.")
-    parser.add_argument("--out", type=Path, default=SEG_WEIGHTS_PATH, help="where to write the state_dict")
-    parser.add_argument(
-        "--epochs", type=int, default=None, help="number of epochs (default 2; 1 with --quick)"
-    )
-    parser.add_argument(
-        "--seed", type=int, default=DEFAULT_SEED, help=f"training data and initialization seed (default {DEFAULT_SEED})"
-    )
-    parser.add_argument("--quick", action="store_true", help="tiny run (seconds) for smoke testing")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        train(
-            args.out,
-            epochs=args.epochs or 1,
-            seed=args.seed,
-            train_size=256,
-            heldout_size=128,
-            num_threads=args.threads,
-        )
-    else:
-        train(args.out, epochs=args.epochs or 2, seed=args.seed, num_threads=args.threads)
+    run_command_line(train, "Train the ShapesSegNet weights shipped with pyattr.", SEG_WEIGHTS_PATH, 2, DEFAULT_SEED,
+                     argv)
 
 
 if __name__ == "__main__":
