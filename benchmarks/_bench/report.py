@@ -89,7 +89,8 @@ def _x(v) -> str:
 def config_table(cfg: dict) -> str:
     lines = [f"#### {cfg['model']} · {METHOD_LABELS.get(cfg['method'], cfg['method'])} · batch {cfg['batch']}"
              + (f" · layer `{cfg['layer']}`" if cfg.get("layer") and cfg["method"] in
-                ("gradcam", "gradcampp", "scorecam") else ""), ""]
+                ("gradcam", "gradcampp", "scorecam") else "")
+             + (f" · {cfg['task']}, {cfg['size']}x{cfg['size']}: {cfg['objective']}" if cfg.get("task") else ""), ""]
     lines.append("| contender | output | raw ms (IQR) | CPU ms | end-to-end ms | img/s (e2e) | × bound | × forward "
                  "| × pyattr eager | peak MiB |")
     lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
