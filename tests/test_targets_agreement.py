@@ -43,6 +43,15 @@ def rel_err(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-30))
 
 
+def agree(ours: torch.Tensor, theirs: torch.Tensor, what: str, tol: float = TOL) -> None:
+    """``ours`` == ``theirs`` within ``tol`` of the reference's largest magnitude; the reference must not be
+    all zero. Prints the error (``pytest -s`` lists them all)."""
+    assert float(theirs.detach().abs().amax()) > 0, f"{what}: degenerate reference (all zero)"
+    err = rel_err(ours.detach(), theirs.detach())
+    print(f"rel_err {what}: {err:.2e}")
+    assert err < tol, f"{what}: relative error {err:.2e} >= {tol:.0e}"
+
+
 def images(n: int, seed: int, size: int = SIZE) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
@@ -109,21 +118,26 @@ CAMS = {"gradcam": ("GradCAM", pyattr.GradCAM), "gradcampp": ("GradCAMPlusPlus",
         "xgradcam": ("XGradCAM", pyattr.methods.XGradCAM)}
 
 
-def pgc_raw(cls_name: str, model: nn.Module, layer: str, x: torch.Tensor, targets: list) -> torch.Tensor:
-    """pytorch-grad-cam's raw map for its target objects: its activation/gradient capture, ``get_cam_image``
-    and the ReLU of ``compute_cam_per_layer``, without its resize and rescale."""
-    cam = getattr(pgc, cls_name)(model=model, target_layers=[model.get_submodule(layer)])
+def pgc_raw(cls_names: tuple[str, ...], model: nn.Module, layer: str, x: torch.Tensor,
+            targets: list) -> dict[str, torch.Tensor]:
+    """pytorch-grad-cam's raw maps for its target objects, one per CAM class in ``cls_names``: its
+    activation/gradient capture (one forward and backward, by the first class's object), each class's
+    ``get_cam_image`` and the ReLU of ``compute_cam_per_layer``, without its resize and rescale."""
+    cams = [getattr(pgc, name)(model=model, target_layers=[model.get_submodule(layer)]) for name in cls_names]
     try:
-        outputs = cam.activations_and_grads(x)
+        outputs = cams[0].activations_and_grads(x)
         sum(t(o) for t, o in zip(targets, outputs)).backward()
-        acts = cam.activations_and_grads.activations[0].numpy()
-        grads = cam.activations_and_grads.gradients[0].numpy()
+        acts = cams[0].activations_and_grads.activations[0].numpy()
+        grads = cams[0].activations_and_grads.gradients[0].numpy()
+        out = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            raw = cam.get_cam_image(x, layer, targets, acts, grads, False)
-        return torch.from_numpy(np.maximum(raw, 0))
+            for name, cam in zip(cls_names, cams):
+                out[name] = torch.from_numpy(np.maximum(cam.get_cam_image(x, layer, targets, acts, grads, False), 0))
+        return out
     finally:
-        cam.activations_and_grads.release()
+        for cam in cams:
+            cam.activations_and_grads.release()
         model.zero_grad(set_to_none=True)
 
 
@@ -141,8 +155,8 @@ def masks(n: int) -> np.ndarray:
     return out
 
 
-def segmenter(request_name: str, fcn, deeplab) -> nn.Module:
-    return fcn if request_name == "fcn_resnet50" else deeplab
+def segmenter(name: str, fcn, deeplab) -> nn.Module:
+    return fcn if name == "fcn_resnet50" else deeplab
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,21 +164,20 @@ def segmenter(request_name: str, fcn, deeplab) -> nn.Module:
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", tuple(CAMS))
 @pytest.mark.parametrize("model_name", tuple(SEGMENTERS))
-def test_segmentation_cam_matches_pytorch_grad_cam(fcn, deeplab, model_name, method):
-    """A given mask per sample, a class per sample: pyattr's raw map == pytorch-grad-cam's."""
+def test_segmentation_cams_match_pytorch_grad_cam(fcn, deeplab, model_name):
+    """A given mask per sample, a class per sample: pyattr's Grad-CAM, Grad-CAM++ and XGrad-CAM raw maps ==
+    pytorch-grad-cam's with ``SemanticSegmentationTarget``."""
     model = segmenter(model_name, fcn, deeplab)
     layer = SEGMENTERS[model_name]
-    pgc_name, ours_cls = CAMS[method]
     x = images(2, seed=1)
     mask = masks(2)
     classes = [3, 1]
-    ours = ours_cls(model, layer)(x, SegmentationTarget(classes=torch.tensor(classes), region=torch.from_numpy(mask)))
-    theirs = pgc_raw(pgc_name, OutOnly(model), "model." + layer, x,
+    theirs = pgc_raw(tuple(name for name, _ in CAMS.values()), OutOnly(model), "model." + layer, x,
                      [SemanticSegmentationTarget(c, m) for c, m in zip(classes, mask)])
-    assert float(theirs.amax()) > 0, "degenerate reference: an all-zero map"
-    assert rel_err(ours.raw, theirs) < TOL
+    target = SegmentationTarget(classes=torch.tensor(classes), region=torch.from_numpy(mask))
+    for method, (pgc_name, ours_cls) in CAMS.items():
+        agree(ours_cls(model, layer)(x, target).raw, theirs[pgc_name], f"{model_name} {method} given region")
 
 
 @pytest.mark.parametrize("model_name", tuple(SEGMENTERS))
@@ -175,19 +188,17 @@ def test_predicted_region_matches_pytorch_grad_cam_with_the_argmax_mask(fcn, dee
     layer = SEGMENTERS[model_name]
     x = images(2, seed=2)
     with torch.no_grad():
-        predicted = model(x)["out"].argmax(1)
+        out = model(x)["out"]
+    predicted = out.argmax(1)
     counts = torch.stack([(predicted == k).flatten(1).sum(1) for k in range(CLASSES)], 1)
     classes = counts.argmax(1).tolist()  # each sample's most predicted class: a non-empty region
     pgc_masks = [(predicted[n] == c).float().numpy() for n, c in enumerate(classes)]
     ours = pyattr.GradCAM(model, layer)(x, SegmentationTarget(classes=torch.tensor(classes)))
-    theirs = pgc_raw("GradCAM", OutOnly(model), "model." + layer, x,
-                     [SemanticSegmentationTarget(c, m) for c, m in zip(classes, pgc_masks)])
-    assert float(theirs.amax()) > 0
-    assert rel_err(ours.raw, theirs) < TOL
-    with torch.no_grad():
-        out = model(x)["out"]
+    theirs = pgc_raw(("GradCAM",), OutOnly(model), "model." + layer, x,
+                     [SemanticSegmentationTarget(c, m) for c, m in zip(classes, pgc_masks)])["GradCAM"]
+    agree(ours.raw, theirs, f"{model_name} gradcam predicted region")
     expected = torch.stack([(out[n, c] * torch.from_numpy(m)).sum() for n, (c, m) in enumerate(zip(classes, pgc_masks))])
-    assert rel_err(ours.scores.gather(1, torch.tensor(classes)[:, None])[:, 0], expected) < TOL
+    agree(ours.scores.gather(1, torch.tensor(classes)[:, None])[:, 0], expected, f"{model_name} predicted-region score")
 
 
 EMBEDDER_LAYER = "layer3"
@@ -195,28 +206,67 @@ EMBEDDER_LAYER = "layer3"
 to (d cos / d e) . e = 0 over positions; at 32-64 px layer4 is 1x1 or 2x2 and its map is rounding noise
 (all-zero after the ReLU, or a single position), which would compare noise with noise."""
 
+SIMILARITY_TOL = {"xgradcam": 3e-5}
+"""XGrad-CAM on the similarity objective: 1.1e-5 measured. Not a different formula: float32 itself is only
+that good here. Against the same network evaluated in float64, pyattr's map is 1.2e-5 / 1.9e-5 off (one
+concept / per-sample references) and pytorch-grad-cam's 1.1e-5 / 0.85e-5 (Grad-CAM: 0.6e-5 / 1.3e-5 and
+0.6e-5 / 0.6e-5): :func:`test_similarity_cams_are_at_float32_precision` checks both against float64."""
 
-@pytest.mark.parametrize("method", tuple(CAMS))
-def test_similarity_cam_matches_pytorch_grad_cam(embedder, method):
-    """resnet18 embedding (64 px: layer3 is 4x4), the cosine similarity to a concept embedding (one for all
-    samples, as the tutorial's concept) and to one per sample."""
-    pgc_name, ours_cls = CAMS[method]
+
+def _similarity_case(embedder):
     x = images(3, seed=3, size=64)
     with torch.no_grad():
         refs = embedder(images(3, seed=4, size=64))
-    for reference, targets in ((refs[0], [SimilarityToConceptTarget(refs[0])] * 3),
-                               (refs, [SimilarityToConceptTarget(r) for r in refs])):
-        ours = ours_cls(embedder, EMBEDDER_LAYER)(x, SimilarityTarget(reference))
-        theirs = pgc_raw(pgc_name, embedder, EMBEDDER_LAYER, x, targets)
-        assert float(theirs.amax()) > 0
-        assert rel_err(ours.raw, theirs) < TOL
+    return x, refs
+
+
+def test_similarity_cams_match_pytorch_grad_cam(embedder):
+    """resnet18 embedding (64 px: layer3 is 4x4), the cosine similarity to a concept embedding (one for all
+    samples, as the tutorial's concept) and to one per sample: Grad-CAM, Grad-CAM++, XGrad-CAM."""
+    x, refs = _similarity_case(embedder)
+    names = tuple(name for name, _ in CAMS.values())
+    for label, reference, targets in (("one concept", refs[0], [SimilarityToConceptTarget(refs[0])] * 3),
+                                      ("per sample", refs, [SimilarityToConceptTarget(r) for r in refs])):
+        theirs = pgc_raw(names, embedder, EMBEDDER_LAYER, x, targets)
+        for method, (pgc_name, ours_cls) in CAMS.items():
+            ours = ours_cls(embedder, EMBEDDER_LAYER)(x, SimilarityTarget(reference))
+            agree(ours.raw, theirs[pgc_name], f"resnet18 embedding {method} {label}", SIMILARITY_TOL.get(method, TOL))
+
+
+def test_similarity_cams_are_at_float32_precision(embedder):
+    """pyattr's and pytorch-grad-cam's XGrad-CAM / Grad-CAM maps for per-sample references, against the
+    same network, activations, gradients and map evaluated in float64: both are within 3e-5, which is why
+    agreement between the two float32 maps cannot be asked much tighter than that (:data:`SIMILARITY_TOL`)."""
+    import copy
+
+    x, refs = _similarity_case(embedder)
+    gold_model = copy.deepcopy(embedder).double()
+    captured = []
+    handle = gold_model.get_submodule(EMBEDDER_LAYER).register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        e = gold_model(x.double())
+    finally:
+        handle.remove()
+    r = refs.double()
+    cos = (e * r).sum(1) / (e.norm(dim=1) * r.norm(dim=1))
+    act = captured[0]
+    grad = torch.autograd.grad(cos.sum(), act)[0]
+    act = act.detach()
+    gold = {"xgradcam": (grad * act).sum((2, 3)) / (act.sum((2, 3)) + 1e-7), "gradcam": grad.mean((2, 3))}
+    theirs = pgc_raw(("XGradCAM", "GradCAM"), embedder, EMBEDDER_LAYER, x, [SimilarityToConceptTarget(v) for v in refs])
+    for method, weights in gold.items():
+        pgc_name, ours_cls = CAMS[method]
+        expected = torch.relu((weights[:, :, None, None] * act).sum(1))
+        ours = ours_cls(embedder, EMBEDDER_LAYER)(x, SimilarityTarget(refs)).raw.double()
+        agree(ours, expected, f"resnet18 embedding {method} pyattr vs float64", 3e-5)
+        agree(theirs[pgc_name].double(), expected, f"resnet18 embedding {method} pytorch-grad-cam vs float64", 3e-5)
 
 
 # --------------------------------------------------------------------------------------------------
 # captum on a wrapped forward
 # --------------------------------------------------------------------------------------------------
 
-IG_STEPS = 8
+IG_STEPS = 4
 
 
 def captum_three(forward, x: torch.Tensor, args: tuple) -> dict[str, torch.Tensor]:
@@ -253,8 +303,7 @@ def test_segmentation_gradients_match_captum_on_a_wrapped_forward(fcn):
     ours = pyattr_three(fcn, x, SegmentationTarget(classes, region))
     fcn.zero_grad(set_to_none=True)
     for name in theirs:
-        assert float(theirs[name].abs().amax()) > 0, name
-        assert rel_err(ours[name], theirs[name]) < TOL, name
+        agree(ours[name], theirs[name], f"fcn_resnet50 {name} vs captum")
 
 
 def test_similarity_gradients_match_captum_on_a_wrapped_forward(embedder):
@@ -269,5 +318,4 @@ def test_similarity_gradients_match_captum_on_a_wrapped_forward(embedder):
     ours = pyattr_three(embedder, x, SimilarityTarget(reference))
     embedder.zero_grad(set_to_none=True)
     for name in theirs:
-        assert float(theirs[name].abs().amax()) > 0, name
-        assert rel_err(ours[name], theirs[name]) < TOL, name
+        agree(ours[name], theirs[name], f"resnet18 embedding {name} vs captum")
