@@ -57,6 +57,7 @@ def full_plan(device: str) -> tuple[list[tuple[str, str, int]], list[str]]:
                     if method == "scorecam" and batch > 8:
                         continue
                     plan.append((model, method, batch))
+        plan += [(m, meth, b) for m in cases.TASK_MODELS for meth in cases.TASK_METHODS for b in (1, 8, 64)]
         skipped.append("Score-CAM at batch 64: C x 64 masked forwards a call (131072 for resnet50's 2048 channels)")
         return plan, skipped
     # CPU (2 cores here): every method where it costs at most ~ a minute a round of contenders
@@ -69,6 +70,7 @@ def full_plan(device: str) -> tuple[list[tuple[str, str, int]], list[str]]:
     for model in ("resnet50", "mobilenet_v3_large"):
         plan += [(model, "integratedgradients", 1), (model, "smoothgrad", 1)]
     plan.append(("mobilenet_v3_large", "scorecam", 1))
+    plan += task_plan()
     skipped += [
         ("vgg16, vit_b_16 at batch 8 on CPU: 8-15 s per call and ~10 contenders a round (run them with "
         "--models vgg16 vit_b_16 --batches 8)"),
@@ -79,6 +81,13 @@ def full_plan(device: str) -> tuple[list[tuple[str, str, int]], list[str]]:
         "image; measured on mobilenet_v3_large only"),
     ]
     return plan, skipped
+
+
+def task_plan() -> list[tuple[str, str, int]]:
+    """Targets beyond class logits (cases.TASK_MODELS): segmentation and similarity, Saliency and Grad-CAM,
+    batches 1 and 8 (``--models deeplabv3_mobilenet_v3_large resnet50_embedding`` runs only these)."""
+    return [(model, method, batch) for model in cases.TASK_MODELS for method in cases.TASK_METHODS
+            for batch in (1, 8)]
 
 
 def quick_plan(device: str) -> list[tuple[str, str, int]]:
@@ -160,8 +169,10 @@ def default_backends(args, device: str) -> list[str]:
 
 def run_config(model_name: str, model, method: str, batch: int, args, device, backends, threads, log) -> dict:
     s = cases.make_setup(model_name, model, batch, args.size, device)
-    cfg = {"model": model_name, "method": method, "batch": batch, "size": args.size, "layer": s.layer_name,
+    cfg = {"model": model_name, "method": method, "batch": batch, "size": int(s.x.shape[-1]), "layer": s.layer_name,
            "load": [env.load_average()]}
+    if s.task != "class":
+        cfg.update(task=s.task, objective=s.objective_label)
     contenders: list[Contender] = cases.reference_contenders(method, s)
     with cases.quiet():
         ours, notes = cases.pyattr_contenders(method, s, backends, args.cache, threads, log)
@@ -282,7 +293,8 @@ def main(argv=None) -> int:
         try:
             cfg = run_config(model_key, model, method, batch, args, device, backends, threads, log)
         except Exception as err:  # noqa: BLE001 -- one broken configuration must not lose the others
-            cfg = {"model": model_key, "method": method, "batch": batch, "size": args.size, "rows": [],
+            cfg = {"model": model_key, "method": method, "batch": batch,
+                   "size": cases.model_size(model_key, args.size), "rows": [],
                    "error": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"}
             log(f"    ! {cfg['error']}")
         results["configs"].append(cfg)

@@ -14,6 +14,20 @@ fullgrad             1 forward + 1 backward to the input and to every biased lay
 lrp                  EpsilonPlus rules; 1 forward + 1 modified backward to the input
 ==================== ===========================================================================
 
+Targets beyond class logits (issue 14): two models explain another objective than a class logit
+(:data:`TASK_MODELS`), with Saliency and Grad-CAM:
+
+============================= ==================================================================
+model                         objective (pyattr's target, the bound's hand-written objective)
+============================= ==================================================================
+deeplabv3_mobilenet_v3_large  segmentation, 256x256: a class's score summed over a region mask
+                              (a box per sample, the class with the largest summed score in it);
+                              ``SegmentationTarget(classes, region)``; Grad-CAM on ``backbone.16``
+resnet50_embedding            similarity, 224x224: resnet50 with ``fc = Identity`` (2048-d pooled
+                              features), cosine similarity to a reference embedding (another
+                              image's); ``SimilarityTarget(reference)``; Grad-CAM on ``layer4``
+============================= ==================================================================
+
 Batching of the repeated passes (the same for pyattr, the bound and the peers that can batch):
 :func:`points_per_pass` points / samples per input in one pass (16, fewer at large batches so that a
 pass holds at most 128 images), :func:`channels_per_pass` Score-CAM masks per input in one pass (32,
@@ -80,15 +94,57 @@ class Setup:
     layer_name: str | None        # CAM layer (None for models where none applies)
     reshape: Callable | None      # tokens -> (N, C, h, w) for ViT, else None
     device: torch.device
+    task: str = "class"           # "class", "segmentation" or "similarity" (TASK_MODELS)
+    objective: Callable[[object], torch.Tensor] | None = None
+    """The hand-written objective of a task model: the model's output -> (N,) per-sample scalars
+    (the bound's, and the peers' wrapped forward); None for classifiers (the target class's logit)."""
+    eager_target: object = None   # what pyattr's eager call is given as its target (class ids or a Target)
+    kind: object = None           # the target kind exported graphs are traced with (None: class logits)
+    feeds: tuple[torch.Tensor, ...] = ()  # the exported graph's inputs after images, target (region / reference)
+    peer_model: nn.Module | None = None   # the model as the peers take it (a tensor output)
+    objective_label: str = ""
 
     @property
     def layer(self) -> nn.Module:
         return dict(self.model.named_modules())[self.layer_name]
 
 
+TASK_MODELS = {
+    "deeplabv3_mobilenet_v3_large": ("segmentation", 256, "backbone.16"),
+    "resnet50_embedding": ("similarity", 224, "layer4"),
+}
+"""Models explained for another objective than a class logit: name -> (task, input side, CAM layer)."""
+TASK_METHODS = ("saliency", "gradcam")
+
+
+def model_size(name: str, size: int) -> int:
+    """The input side of a model: a task model's own (TASK_MODELS), else ``size``."""
+    return TASK_MODELS[name][1] if name in TASK_MODELS else size
+
+
+class OutOnly(nn.Module):
+    """A torchvision segmenter's per-pixel scores: ``model(x)["out"]`` (the peers need a tensor output)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)["out"]
+
+
 def make_model(name: str, size: int, device: torch.device) -> nn.Module:
-    """A torchvision classifier with random (seeded) weights, in eval mode; nothing is downloaded."""
+    """A torchvision classifier with random (seeded) weights, in eval mode; nothing is downloaded.
+    Task models: ``deeplabv3_mobilenet_v3_large`` (21 classes, no aux head, returns ``{"out": ...}``),
+    ``resnet50_embedding`` (resnet50 with ``fc = nn.Identity()``: (N, 2048) pooled features)."""
     torch.manual_seed(0)
+    if name == "deeplabv3_mobilenet_v3_large":
+        model = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None)
+        return model.eval().to(device)
+    if name == "resnet50_embedding":
+        model = torchvision.models.resnet50(weights=None)
+        model.fc = nn.Identity()
+        return model.eval().to(device)
     kwargs = {"image_size": size} if name.startswith("vit") else {}
     model = torchvision.models.get_model(name, weights=None, **kwargs)
     return model.eval().to(device)
@@ -101,7 +157,61 @@ def tokens_to_grid(tokens: torch.Tensor) -> torch.Tensor:
     return tokens[:, 1:].reshape(n, side, side, d).permute(0, 3, 1, 2)
 
 
+def box_regions(batch: int, size: int) -> torch.Tensor:
+    """(N, size, size) 0/1 masks: a box per sample, shifted from sample to sample."""
+    region = torch.zeros(batch, size, size)
+    for n in range(batch):
+        top, left = (size // 8) + (n * size // 16) % (size // 4), (size // 4) + (n * size // 32) % (size // 4)
+        region[n, top:top + size // 2, left:left + size // 2] = 1.0
+    return region
+
+
+def segmentation_objective(region: torch.Tensor, target: torch.Tensor) -> Callable[[object], torch.Tensor]:
+    """sum_p region[n, p] * out[n, target[n], p], per sample (the model's dict output or its "out")."""
+    index = target[:, None, None, None]
+
+    def objective(output):
+        out = output["out"] if isinstance(output, dict) else output
+        picked = out.gather(1, index.expand(-1, 1, *out.shape[2:]))[:, 0]
+        return (picked * region).sum((1, 2))
+    return objective
+
+
+def similarity_objective(reference: torch.Tensor) -> Callable[[object], torch.Tensor]:
+    """cos(embedding[n], reference[n]), per sample."""
+    return lambda output: F.cosine_similarity(output, reference, dim=1, eps=1e-8)
+
+
+def make_task_setup(name: str, model: nn.Module, batch: int, device: torch.device) -> Setup:
+    from pyattr.targets import SegmentationTarget, SimilarityTarget
+
+    task, size, layer = TASK_MODELS[name]
+    g = torch.Generator().manual_seed(batch)
+    x = torch.rand(batch, 3, size, size, generator=g).to(device)
+    if task == "segmentation":
+        region = box_regions(batch, size).to(device)
+        with torch.no_grad():
+            out = model(x)["out"]
+            target = (out * region[:, None]).sum((2, 3)).argmax(1)
+        return Setup(name, model, x, target, layer, None, device, task=task,
+                     objective=segmentation_objective(region, target),
+                     eager_target=SegmentationTarget(classes=target, region=region), kind=SegmentationTarget(),
+                     feeds=(region.contiguous(),), peer_model=OutOnly(model),
+                     objective_label=f"class score summed over a box region ({size // 2}x{size // 2}) "
+                                     f"of {out.shape[1]} classes")
+    xr = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1000 + batch)).to(device)
+    with torch.no_grad():
+        reference = model(xr).contiguous()
+    target = torch.zeros(batch, dtype=torch.long, device=device)
+    return Setup(name, model, x, target, layer, None, device, task=task, objective=similarity_objective(reference),
+                 eager_target=SimilarityTarget(reference), kind=SimilarityTarget(), feeds=(reference,),
+                 peer_model=model,
+                 objective_label=f"cosine similarity to a reference embedding ({reference.shape[1]}-d)")
+
+
 def make_setup(name: str, model: nn.Module, batch: int, size: int, device: torch.device) -> Setup:
+    if name in TASK_MODELS:
+        return make_task_setup(name, model, batch, device)
     g = torch.Generator().manual_seed(batch)
     x = torch.rand(batch, 3, size, size, generator=g).to(device)
     with torch.no_grad():
@@ -163,11 +273,34 @@ def _layer_grad(model: nn.Module, layer: nn.Module, x: torch.Tensor, target: tor
     return torch.autograd.grad(_select(scores, target), captured[-1])[0]
 
 
+def _objective_input_grad(model: nn.Module, objective, x: torch.Tensor) -> torch.Tensor:
+    x = x.detach().requires_grad_(True)
+    return torch.autograd.grad(objective(model(x)).sum(), x)[0]
+
+
+def _objective_layer_grad(model: nn.Module, objective, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    captured = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        output = model(x)
+    finally:
+        handle.remove()
+    return torch.autograd.grad(objective(output).sum(), captured[-1])[0]
+
+
 def bound_fn(method: str, s: Setup) -> Callable[[], object]:
     """The plain forward + backward (torch.autograd) the method needs, nothing else (no mapping, no
-    normalization, no parameter gradient)."""
+    normalization, no parameter gradient). Task models: the forward, the hand-written objective
+    (:attr:`Setup.objective`) and its gradient."""
     model, x, t = s.model, s.x, s.target
     n = x.shape[0]
+    if s.objective is not None:
+        if method == "saliency":
+            return lambda: _objective_input_grad(model, s.objective, x)
+        if method == "gradcam":
+            layer = s.layer
+            return lambda: _objective_layer_grad(model, s.objective, layer, x)
+        raise KeyError(f"{method} on the {s.task} model {s.name}: not in the plan (TASK_METHODS)")
     if method in ("saliency", "fullgrad", "lrp"):
         return lambda: _input_grad(model, x, t)
     if method in ("gradcam", "gradcampp"):
@@ -210,7 +343,10 @@ def forward_fn(s: Setup) -> Callable[[], object]:
     return forward
 
 
-def bound_label(method: str) -> str:
+def bound_label(method: str, s: Setup | None = None) -> str:
+    if s is not None and s.objective is not None:
+        return {"saliency": f"fwd + {s.task} objective + bwd to input",
+                "gradcam": f"fwd + {s.task} objective + bwd to layer"}[method]
     return {"saliency": "fwd + bwd to input", "fullgrad": "fwd + bwd to input", "lrp": "fwd + bwd to input",
             "gradcam": "fwd + bwd to layer", "gradcampp": "fwd + bwd to layer",
             "integratedgradients": f"{IG_STEPS} x (fwd + bwd to input)",
@@ -244,8 +380,8 @@ def export_all(method_obj: pyattr.AttributionMethod, key: str, s: Setup, formats
                log: Callable[[str], None]) -> dict[str, tuple[Path, float, bool]]:
     """Export ``method_obj`` once per format (trace once, write each format from that graph, as
     :func:`pyattr.export` does), cached under ``cache``. Returns {format: (path, seconds, cached)}."""
-    from pyattr.exporting import build_metadata, write_graph
-    from pyattr.exporting.trace import example_inputs, trace_graph
+    from pyattr.exporting import build_metadata, checked_example_inputs, write_graph
+    from pyattr.exporting.trace import trace_graph
 
     folder = cache / f"{_source_hash()}-{s.device.type}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -261,11 +397,16 @@ def export_all(method_obj: pyattr.AttributionMethod, key: str, s: Setup, formats
     if not todo:
         return out
     example = method_obj._check_input(s.x[:1])
+    kind = s.kind
+    inputs = checked_example_inputs(method_obj, example, kind) if kind is not None else None
     t0 = time.perf_counter()
-    gm = trace_graph(method_obj, example)
+    gm = trace_graph(method_obj, example, kind, inputs)
     trace_s = time.perf_counter() - t0
-    inputs = example_inputs(method_obj, example)
-    meta = build_metadata(method_obj, example)
+    if inputs is None:
+        from pyattr.exporting.trace import example_inputs
+
+        inputs = example_inputs(method_obj, example)
+    meta = build_metadata(method_obj, example, kind=kind)
     for fmt in todo:
         path = folder / f"{key}{SUFFIX[fmt]}"
         tmp = path.with_name("." + path.name)
@@ -307,8 +448,10 @@ def ort_runner(sess, s: Setup) -> Callable[[], object]:
     """One call of the graph. CPU: NumPy in and out. CUDA: I/O binding on the torch tensors already
     on the GPU, outputs left on the GPU (no host copy, as the torch backends)."""
     x, t = s.x.contiguous(), s.target.contiguous()
+    names_in = [i.name for i in sess.get_inputs()]
+    extra = dict(zip(names_in[2:], s.feeds))
     if s.device.type != "cuda":
-        feeds = {"images": x.numpy(), "target": t.numpy()}
+        feeds = {"images": x.numpy(), "target": t.numpy(), **{k: v.numpy() for k, v in extra.items()}}
         return lambda: sess.run(None, feeds)
     import numpy as np
 
@@ -319,6 +462,8 @@ def ort_runner(sess, s: Setup) -> Callable[[], object]:
         binding = sess.io_binding()
         binding.bind_input("images", "cuda", index, np.float32, list(x.shape), x.data_ptr())
         binding.bind_input("target", "cuda", index, np.int64, list(t.shape), t.data_ptr())
+        for key, v in extra.items():
+            binding.bind_input(key, "cuda", index, np.float32, list(v.shape), v.data_ptr())
         for name in names:
             binding.bind_output(name, "cuda", index)
         sess.run_with_iobinding(binding)
@@ -332,10 +477,12 @@ def pyattr_contenders(method: str, s: Setup, backends: list[str], cache: Path, t
     (export and compile times, errors) for the results."""
     notes: dict[str, object] = {}
     method_obj = build_pyattr(method, s)
-    x, t = s.x, s.target
+    x, t, feeds = s.x, s.target, s.feeds
+    eager_target = t if s.eager_target is None else s.eager_target
     out = []
     if "eager" in backends:
-        out.append(Contender("pyattr eager", "pyattr", "eager", "pyattr", lambda: method_obj(x, t), "e2e"))
+        out.append(Contender("pyattr eager", "pyattr", "eager", "pyattr", lambda: method_obj(x, eager_target),
+                             "e2e"))
     formats = [f for f in ("torchscript", "pt2", "onnx") if f in backends]
     if formats:
         key = export_key(method, method_obj, s)
@@ -348,7 +495,7 @@ def pyattr_contenders(method: str, s: Setup, backends: list[str], cache: Path, t
         notes["export_s"] = {fmt: round(sec, 1) for fmt, (_, sec, _) in files.items()}
         if "torchscript" in files:
             ts = torch.jit.load(str(files["torchscript"][0]), map_location=s.device)
-            out.append(Contender("pyattr TorchScript", "pyattr", "torchscript", "pyattr", lambda: ts(x, t), "e2e"))
+            out.append(Contender("pyattr TorchScript", "pyattr", "torchscript", "pyattr", lambda: ts(x, t, *feeds), "e2e"))
         if "pt2" in files:
             ep = torch.export.load(str(files["pt2"][0]))
             if s.device.type != "cpu":
@@ -356,7 +503,7 @@ def pyattr_contenders(method: str, s: Setup, backends: list[str], cache: Path, t
 
                 ep = move_to_device_pass(ep, s.device)
             pt2 = ep.module()
-            out.append(Contender("pyattr .pt2", "pyattr", "pt2", "pyattr", lambda: pt2(x, t), "e2e"))
+            out.append(Contender("pyattr .pt2", "pyattr", "pt2", "pyattr", lambda: pt2(x, t, *feeds), "e2e"))
         if "onnx" in files:
             try:
                 sess = ort_session(files["onnx"][0], s.device, threads)
@@ -370,15 +517,15 @@ def pyattr_contenders(method: str, s: Setup, backends: list[str], cache: Path, t
         from pyattr.exporting.trace import trace_graph
 
         try:
-            gm = trace_graph(method_obj, method_obj._check_input(x[:1]))
+            gm = trace_graph(method_obj, method_obj._check_input(x[:1]), s.kind)
             compiled = torch.compile(gm, dynamic=False)
             t0 = time.perf_counter()
-            compiled(x, t)
+            compiled(x, t, *feeds)
             if s.device.type == "cuda":
                 torch.cuda.synchronize()
             notes["compile_s"] = round(time.perf_counter() - t0, 1)
             log(f"    torch.compile: first call {notes['compile_s']} s")
-            out.append(Contender("pyattr torch.compile", "pyattr", "compile", "pyattr", lambda: compiled(x, t), "e2e"))
+            out.append(Contender("pyattr torch.compile", "pyattr", "compile", "pyattr", lambda: compiled(x, t, *feeds), "e2e"))
         except Exception as err:  # noqa: BLE001
             notes["compile_error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"
             log(f"    ! torch.compile: {notes['compile_error']}")
@@ -386,7 +533,7 @@ def pyattr_contenders(method: str, s: Setup, backends: list[str], cache: Path, t
 
 
 def reference_contenders(method: str, s: Setup) -> list[Contender]:
-    return [Contender(f"bound: {bound_label(method)}", "reference", "eager", "bound", bound_fn(method, s)),
+    return [Contender(f"bound: {bound_label(method, s)}", "reference", "eager", "bound", bound_fn(method, s)),
             Contender("forward only", "reference", "eager", "forward", forward_fn(s))]
 
 

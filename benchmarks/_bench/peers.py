@@ -9,6 +9,12 @@ turns that raw output into pyattr's ``maps`` (channel reduction as pyattr's, bil
 input size, per-sample min-max), timed on the cached raw output. "End to end" = raw + post.
 
 Settings as in :mod:`_bench.cases` (targets given explicitly, same steps / samples / batching).
+
+Task models (segmentation, similarity; :data:`_bench.cases.TASK_MODELS`): captum on a wrapped forward
+(the model followed by the hand-written objective, :attr:`Setup.objective`), pytorch-grad-cam and
+torchcam with per-sample target callables: pytorch-grad-cam's ``SemanticSegmentationTarget`` and the
+``SimilarityToConceptTarget`` of its tutorial "Pixel Attribution for embeddings" (the package does not
+ship it; defined here as there), on the segmenter's ``"out"`` tensor (:class:`_bench.cases.OutOnly`).
 """
 
 from __future__ import annotations
@@ -59,10 +65,87 @@ def _free_grads(model: torch.nn.Module) -> Callable[[], None]:
     return lambda: model.zero_grad(set_to_none=True)
 
 
+class SimilarityToConceptTarget:
+    """pytorch-grad-cam's target for embeddings, as its tutorial defines it: cos(embedding, concept)."""
+
+    def __init__(self, features: torch.Tensor):
+        self.features = features
+
+    def __call__(self, model_output: torch.Tensor) -> torch.Tensor:
+        cos = torch.nn.CosineSimilarity(dim=0)
+        return cos(model_output, self.features)
+
+
+def task_targets(s: Setup) -> list:
+    """Per-sample target callables (pytorch-grad-cam's, also taken by torchcam) for a task model."""
+    if s.task == "segmentation":
+        from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
+
+        region = s.feeds[0].cpu().numpy()
+        return [SemanticSegmentationTarget(int(c), region[n]) for n, c in enumerate(s.target.tolist())]
+    return [SimilarityToConceptTarget(r) for r in s.feeds[0]]
+
+
+def captum_task(method: str, s: Setup) -> list[Contender]:
+    import captum.attr as ca
+
+    model, x, objective = s.model, s.x, s.objective
+    size = tuple(x.shape[-2:])
+
+    def wrapped(inp):
+        return objective(model(inp))
+
+    if method == "saliency":
+        sal = ca.Saliency(wrapped)
+        return _pair("captum Saliency (wrapped forward)", "captum", lambda: sal.attribute(x, abs=True),
+                     lambda a: minmax(a.amax(1)), after=_free_grads(model))
+    if method == "gradcam":
+        gc = ca.LayerGradCam(wrapped, s.layer)
+        return _pair("captum LayerGradCam (wrapped forward)", "captum",
+                     lambda: gc.attribute(x, relu_attributions=True),
+                     lambda a: minmax(to_input_size(a, size)), after=_free_grads(model))
+    return []
+
+
+def pytorch_grad_cam_task(method: str, s: Setup) -> list[Contender]:
+    import pytorch_grad_cam as pgc
+
+    if method != "gradcam":
+        return []
+    model, x = s.peer_model, s.x
+    targets = task_targets(s)
+
+    def run():
+        with pgc.GradCAM(model=model, target_layers=[s.layer]) as cam:
+            return cam(input_tensor=x, targets=targets)
+
+    label = "SemanticSegmentationTarget" if s.task == "segmentation" else "SimilarityToConceptTarget"
+    return _pair(f"pytorch-grad-cam GradCAM ({label})", "pytorch-grad-cam", run, None, after=_free_grads(model))
+
+
+def torchcam_task(method: str, s: Setup) -> list[Contender]:
+    import torchcam.methods as tcm
+
+    if method != "gradcam":
+        return []
+    model, x = s.peer_model, s.x
+    size = tuple(x.shape[-2:])
+    targets = task_targets(s)
+
+    def run():
+        with tcm.GradCAM(model, s.layer, input_shape=tuple(x.shape[1:])) as extractor:
+            return extractor(scores=model(x), targets=targets)
+
+    return _pair("torchcam GradCAM (targets)", "torchcam", run, lambda cams: minmax(to_input_size(cams[0], size)),
+                 after=_free_grads(model))
+
+
 # --- captum -------------------------------------------------------------------------------------
 
 
 def captum(method: str, s: Setup) -> list[Contender]:
+    if s.task != "class":
+        return captum_task(method, s)
     import captum.attr as ca
 
     model, x, t = s.model, s.x, s.target
@@ -100,6 +183,8 @@ def captum(method: str, s: Setup) -> list[Contender]:
 
 
 def pytorch_grad_cam(method: str, s: Setup) -> list[Contender]:
+    if s.task != "class":
+        return pytorch_grad_cam_task(method, s)
     import pytorch_grad_cam as pgc
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -125,6 +210,8 @@ def pytorch_grad_cam(method: str, s: Setup) -> list[Contender]:
 
 
 def torchcam(method: str, s: Setup) -> list[Contender]:
+    if s.task != "class":
+        return torchcam_task(method, s)
     import torchcam.methods as tcm
 
     classes = {"gradcam": tcm.GradCAM, "gradcampp": tcm.GradCAMpp, "scorecam": tcm.ScoreCAM}
@@ -154,6 +241,8 @@ def torchcam(method: str, s: Setup) -> list[Contender]:
 
 
 def zennit(method: str, s: Setup) -> list[Contender]:
+    if s.task != "class":  # its attributors take a one-hot output gradient of a classifier
+        return []
     import zennit.attribution as za
 
     model, x, t = s.model, s.x, s.target

@@ -89,7 +89,8 @@ def _x(v) -> str:
 def config_table(cfg: dict) -> str:
     lines = [f"#### {cfg['model']} · {METHOD_LABELS.get(cfg['method'], cfg['method'])} · batch {cfg['batch']}"
              + (f" · layer `{cfg['layer']}`" if cfg.get("layer") and cfg["method"] in
-                ("gradcam", "gradcampp", "scorecam") else ""), ""]
+                ("gradcam", "gradcampp", "scorecam") else "")
+             + (f" · {cfg['task']}, {cfg['size']}x{cfg['size']}: {cfg['objective']}" if cfg.get("task") else ""), ""]
     lines.append("| contender | output | raw ms (IQR) | CPU ms | end-to-end ms | img/s (e2e) | × bound | × forward "
                  "| × pyattr eager | peak MiB |")
     lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -189,6 +190,13 @@ def e2e_table(e2e: dict) -> str:
     return "\n".join(lines)
 
 
+def _sizes(results: dict) -> str:
+    """The input side(s): ``--size``, or each configuration's own (task models have theirs)."""
+    meta = results["metadata"]
+    sizes = sorted({c.get("size", meta["size"]) for c in results["configs"]} or {meta["size"]})
+    return ", ".join(f"{v}x{v}" for v in sizes)
+
+
 def markdown(results: dict) -> str:
     meta = results["metadata"]
     device = meta["device"].split(":")[0]
@@ -197,7 +205,7 @@ def markdown(results: dict) -> str:
         f"# pyattr benchmarks — {meta['device_name']} ({meta['device']})", "",
         (f"`{meta['command']}` · {meta['date']} · pyattr {meta['pyattr']} ({meta['pyattr_commit']}) · "
         f"torch {meta['torch']} · onnxruntime {meta['onnxruntime']} · threads {meta['torch_threads']} · "
-        f"input {meta['size']}x{meta['size']} · load average at start {meta['load']['load_at_start']} "
+        f"input {_sizes(results)} · load average at start {meta['load']['load_at_start']} "
         f"(waited {meta['load']['waited_s']} s for < {meta['load']['threshold']}), at end {meta.get('load_at_end')}"),
         "",
         ("Times are medians over interleaved rounds (IQR in brackets); ratios are medians of per-round "
