@@ -193,24 +193,18 @@ def load_builtin(device: str | torch.device = "cpu", weights: str | os.PathLike 
     return model.to(device).eval()
 
 
-class GeneralizedMeanPool(nn.Module):
+def generalized_mean_pool(x: torch.Tensor, p: float = 3.0, eps: float = 1e-6) -> torch.Tensor:
     """GeM pooling (Radenović, Tolias and Chum, TPAMI 2018, arXiv:1711.02512), the pooling of image-retrieval
-    embeddings: ``(mean_hw clamp(x, eps)^p)^(1/p)`` per channel, (N, C, h, w) -> (N, C, 1, 1). ``p = 1`` is
-    average pooling, ``p -> inf`` max pooling; fixed ``p`` (no parameter is trained)."""
-
-    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.p, self.eps = float(p), float(eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.clamp_min(self.eps).pow(self.p).mean((2, 3), keepdim=True).pow(1.0 / self.p)
+    embeddings: ``(mean_hw clamp(x, eps)^p)^(1/p)`` per channel, (N, C, h, w) -> (N, C). ``p = 1`` is average
+    pooling, ``p -> inf`` max pooling. A function, not a layer: LRP passes its relevance by the gradient."""
+    return x.clamp_min(eps).pow(p).mean((2, 3)).pow(1.0 / p)
 
 
 class ShapesEmbedding(nn.Module):
     """The built-in classifier's pooled features as an embedding model: (N, 3, H, W) -> (N, 128).
 
-    ``flatten(pool(layer3(layer2(layer1(stem(normalize(x)))))))``: ShapesNet without its ``fc``, with
-    ``pooling="gem"`` (default: GeM, p = 3, :class:`GeneralizedMeanPool`) or ``"avg"`` (the classifier's own
+    ``pool(layer3(layer2(layer1(stem(normalize(x))))))``: ShapesNet without its ``fc``, with
+    ``pooling="gem"`` (default: GeM, p = 3, :func:`generalized_mean_pool`) or ``"avg"`` (the classifier's own
     average pooling: exactly the features its ``fc`` reads). GeM is the retrieval default because average
     pooling lets the background texture dominate the cosine similarity: Grad-CAM's similarity pointing game
     (``benchmarks/targets_pointing_game.py``, 300 pairs of seed 40,000) is 82.7% with average pooling, 93.7%
@@ -242,14 +236,17 @@ class ShapesEmbedding(nn.Module):
         self.layer1 = classifier.layer1
         self.layer2 = classifier.layer2
         self.layer3 = classifier.layer3
-        self.pool = GeneralizedMeanPool() if pooling == "gem" else classifier.avgpool
+        if pooling == "avg":
+            self.avgpool = classifier.avgpool
         self.pooling = pooling
         self.train(classifier.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.mean) / self.std
         x = self.layer3(self.layer2(self.layer1(self.stem(x))))
-        return torch.flatten(self.pool(x), 1)
+        if self.pooling == "gem":
+            return generalized_mean_pool(x)
+        return torch.flatten(self.avgpool(x), 1)
 
 
 def load_builtin_embedding(device: str | torch.device = "cpu", pooling: str = "gem") -> ShapesEmbedding:
