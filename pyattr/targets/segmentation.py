@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .._callview import is_tracing
 from ..errors import InputError
 from .base import Target, per_sample
 
@@ -34,7 +35,8 @@ class SegmentationTarget(Target):
     same objective for a given mask.
 
     Exported graphs take ``region`` (N, H, W) float32 after ``target``: a sample whose region has no
-    value >= 0 (e.g. all -1) uses the predicted region.
+    value >= 0 (e.g. all -1) uses the predicted region. (They compute both sums and pick one per sample;
+    eager calls skip the sum that no sample of the batch uses, with the same results.)
 
     Args:
         classes: class ids to explain (None: the arg-max of the summed scores).
@@ -63,13 +65,17 @@ class SegmentationTarget(Target):
         h, w = int(out.shape[2]), int(out.shape[3])
         if tuple(region.shape[-2:]) != (h, w):
             region = F.interpolate(region[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+        given = (region.flatten(1).amax(1) >= 0)[:, None]
+        if not is_tracing() and bool(given.all()):  # eager, every region given: the same numbers, one product
+            return (out * region[:, None]).sum((2, 3))
         detached = out.detach()
         # the pixels where class k scores highest (a pixel whose best classes tie exactly counts for each of
         # them): a comparison with the per-pixel maximum, ~10x cheaper than argmax + one-hot on a 21-class map
         predicted = (detached == detached.amax(1, keepdim=True)).to(out.dtype)
-        given = (region.flatten(1).amax(1) >= 0)[:, None]
-        over_region = (out * region[:, None]).sum((2, 3))
         over_predicted = (out * predicted).sum((2, 3))
+        if not is_tracing() and not bool(given.any()):  # eager, no region given
+            return over_predicted
+        over_region = (out * region[:, None]).sum((2, 3))
         return torch.where(given, over_region, over_predicted)
 
     def check_output(self, output: Any, x: torch.Tensor, inputs: dict[str, torch.Tensor]) -> None:
