@@ -6,6 +6,9 @@ weights trained by ``python -m pyattr.zoo.train`` on :func:`generate` images. Bu
 - :func:`load_builtin_segmenter`: :class:`ShapesSegNet`, a per-pixel segmenter over
   :data:`SEG_CLASSES` (background 0, shape class ``k`` at ``k + 1``), weights ``shapesseg.pt`` trained
   by ``python -m pyattr.zoo.train_seg`` (:data:`SEG_INFO`);
+- :func:`load_builtin_detector`: :class:`ShapesDetNet`, a one-stage dense detector over
+  :data:`DET_CLASSES` (raw output decoded by :func:`decode_detections`, boxes + NMS by :func:`detect`),
+  weights ``shapesdet.pt`` trained by ``python -m pyattr.zoo.train_det`` (:data:`DET_INFO`);
 - :func:`load_builtin_embedding`: :class:`ShapesEmbedding`, the classifier's pooled 128-d features as an
   embedding model (:data:`EMBEDDING_INFO`), with :func:`generate_similarity` query/reference pairs
   whose shared shape's mask is the ground truth of a similarity explanation.
@@ -22,6 +25,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from pyattr.zoo.detmodel import (
+    DET_CLASSES,
+    DETMODEL_LAYER,
+    ShapesDetNet,
+    decode_detections,
+    detect,
+    detection_average_precision,
+    load_builtin_detector,
+    mask_boxes,
+)
 from pyattr.zoo.model import SHAPESNET_LAYER, ShapesEmbedding, ShapesNet, load_builtin, load_builtin_embedding
 from pyattr.zoo.segmodel import SEG_CLASSES, SHAPESSEG_LAYER, ShapesSegNet, class_map, load_builtin_segmenter
 from pyattr.zoo.shapes import (
@@ -79,6 +92,23 @@ SEG_INFO: dict[str, Any] = {
     },
 }
 
+DET_INFO: dict[str, Any] = {
+    "name": "shapesdet",
+    "classes": DET_CLASSES,  # SHAPE_CLASSES; sigmoid scores, no background class
+    "input_size": 64,  # any H, W divisible by 4 works; raw output (N, 4 + 6, H/4, W/4)
+    "preprocessing": "rgb in [0,1]; normalization inside the model",
+    "default_layer": DETMODEL_LAYER,
+    "task": "object detection (one-stage, dense: a box and 6 sigmoid scores per stride-4 cell)",
+    "box_format": "xyxy in input pixels; a mask's tight box ends at its last column/row + 1",
+    "num_parameters": 276_546,
+    "weights_file": "pyattr/zoo/shapesdet.pt",
+    "training_command": "python -m pyattr.zoo.train_det",
+    # VOC all-point AP at IoU 0.5 of detect(score_threshold=0.01) on generate(2000, seed=10_000), a seed
+    # never used for training: python benchmarks/builtin_detector.py (benchmarks/results/builtin_detector.md).
+    "heldout_map50": None,
+    "heldout_ap50_per_class": None,
+}
+
 EMBEDDING_INFO: dict[str, Any] = {
     "name": "shapesnet-embedding",
     "embedding_dim": 128,
@@ -91,6 +121,9 @@ EMBEDDING_INFO: dict[str, Any] = {
 
 __all__ = [
     "BUILTIN_INFO",
+    "DETMODEL_LAYER",
+    "DET_CLASSES",
+    "DET_INFO",
     "EMBEDDING_INFO",
     "SEG_CLASSES",
     "SEG_INFO",
@@ -98,16 +131,22 @@ __all__ = [
     "SHAPESSEG_LAYER",
     "SHAPE_CLASSES",
     "ShapesBatch",
+    "ShapesDetNet",
     "ShapesEmbedding",
     "ShapesNet",
     "ShapesSample",
     "ShapesSegNet",
     "SimilarityBatch",
     "class_map",
+    "decode_detections",
+    "detect",
+    "detection_average_precision",
     "generate",
     "generate_similarity",
     "load_builtin",
+    "load_builtin_detector",
     "load_builtin_embedding",
     "load_builtin_segmenter",
+    "mask_boxes",
     "mean_average_precision",
 ]
