@@ -373,8 +373,8 @@ def load_builtin_detector(
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file: say which file and what to do
         raise InputError(
-            f"{path} is not a readable ShapesDetNet state_dict ({type(error).__name__}: {error}); "
-            "train one with `python -m pyattr.zoo.train_det --out FILE`"
+            f"{path} is not a readable ShapesDetNet state_dict (torch.load(weights_only=True) failed: "
+            f"{type(error).__name__}); train one with `python -m pyattr.zoo.train_det --out FILE`"
         ) from error
     model = ShapesDetNet()
     try:
