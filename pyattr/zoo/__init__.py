@@ -105,8 +105,18 @@ DET_INFO: dict[str, Any] = {
     "training_command": "python -m pyattr.zoo.train_det",
     # VOC all-point AP at IoU 0.5 of detect(score_threshold=0.01) on generate(2000, seed=10_000), a seed
     # never used for training: python benchmarks/builtin_detector.py (benchmarks/results/builtin_detector.md).
-    "heldout_map50": None,
-    "heldout_ap50_per_class": None,
+    "heldout_map50": 1.0,
+    "heldout_ap50_per_class": {
+        "circle": 1.0,
+        "square": 1.0,
+        "triangle": 1.0,
+        "star": 1.0,
+        "cross": 1.0,
+        "ring": 1.0,
+    },
+    "heldout_map75": 0.9990,
+    "heldout_map50_95": 0.8844,  # VOC AP averaged over IoU 0.50:0.05:0.95
+    "training_time_s": 969,  # 750 steps from the segmenter's weights, 1 thread on the shared 2-core machine
 }
 
 EMBEDDING_INFO: dict[str, Any] = {
