@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pyattr.zoo.segmodel import SHAPESSEG_LAYER
 
 import pyattr
 from pyattr.methods import METHODS, build_method
@@ -44,6 +43,7 @@ from pyattr.zoo import (
     load_builtin_embedding,
     load_builtin_segmenter,
 )
+from pyattr.zoo.segmodel import SHAPESSEG_LAYER
 
 EVAL_SEED = 40_000
 SKIPPED = {"cam": "reads a classifier's head: class logits only"}
