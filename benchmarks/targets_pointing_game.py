@@ -135,11 +135,17 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=300, help="images (segmentation) and pairs (similarity); default 300")
     parser.add_argument("--seed", type=int, default=EVAL_SEED)
     parser.add_argument("--methods", default="all", help="comma-separated method names, or all")
+    parser.add_argument("--skip", default="", help="comma-separated method names to leave out of all")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "targets_pointing_game"))
     args = parser.parse_args()
     torch.manual_seed(0)
-    names = [m for m in METHODS if m not in SKIPPED] if args.methods == "all" else args.methods.split(",")
+    skip = set(filter(None, args.skip.split(",")))
+    names = ([m for m in METHODS if m not in SKIPPED and m not in skip] if args.methods == "all"
+             else args.methods.split(","))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"n": args.n, "seed": args.seed, "torch": torch.__version__, "pyattr": pyattr.__version__}
     seg, sim = [], []
     for name in names:
         seg.append(segmentation(name, args.n, args.seed, args.batch_size))
@@ -148,11 +154,10 @@ def main() -> None:
         print(f"{name:28s} segmentation {100 * a['pointing_game']:5.1f}% (energy {100 * a['energy']:5.1f}%)  "
               f"similarity {100 * b['pointing_game']:5.1f}% (energy {100 * b['energy']:5.1f}%)  "
               f"[{seg[-1]['seconds'] + sim[-1]['seconds']:.0f} s]", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"n": args.n, "seed": args.seed, "torch": torch.__version__, "pyattr": pyattr.__version__}
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "segmentation": seg, "similarity": sim}, indent=1))
-    out.with_suffix(".md").write_text(markdown(seg, sim, args.n, args.seed))
+        # written after every method: a long run that stops keeps the rows it has
+        out.with_suffix(".json").write_text(json.dumps({"meta": meta, "segmentation": seg, "similarity": sim},
+                                                       indent=1))
+        out.with_suffix(".md").write_text(markdown(seg, sim, args.n, args.seed))
     print(f"wrote {out}.json and {out}.md")
 
 
