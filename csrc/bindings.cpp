@@ -73,8 +73,8 @@ Maps checked_maps(const py::object& obj) {
   return {a, half};
 }
 
-// uint8 (N, H, W, 3) images that go with maps of batch n.
-py::array checked_images(const py::object& obj, std::int64_t n) {
+// uint8 (N, H, W, 3) images that go with maps (or `other`) of batch n.
+py::array checked_images(const py::object& obj, std::int64_t n, const char* other = "maps") {
   py::array a = as_array(obj, "images", "uint8", "uint8");
   if (!a.dtype().equal(py::dtype::of<std::uint8_t>())) {
     throw py::type_error("images must have dtype uint8, got " + std::string(py::str(a.dtype())) +
@@ -85,8 +85,8 @@ py::array checked_images(const py::object& obj, std::int64_t n) {
     throw py::value_error("images must be RGB with 3 channels in the last axis, got shape " + shape_of(a));
   }
   if (a.shape(0) != n) {
-    throw py::value_error("maps and images must have the same batch size: maps " + std::to_string(n) +
-                          ", images " + shape_of(a));
+    throw py::value_error(std::string(other) + " and images must have the same batch size: " + other + " " +
+                          std::to_string(n) + ", images " + shape_of(a));
   }
   return a;
 }
@@ -242,6 +242,47 @@ py::array_t<std::uint8_t> render(const py::object& maps_obj, const py::object& i
   return out;
 }
 
+// draw_boxes(images uint8 (N, H, W, 3), boxes float64 (N, B, 4), colors uint8 (N, B, 3) | None) -> new images.
+py::array_t<std::uint8_t> draw_boxes(const py::object& images_obj, const py::object& boxes_obj,
+                                     const py::object& colors_obj, std::int64_t thickness, int num_threads) {
+  py::array boxes = as_array(boxes_obj, "boxes", "float64", "float64");
+  if (!boxes.dtype().equal(py::dtype::of<double>())) {
+    throw py::type_error("boxes must have dtype float64, got " + std::string(py::str(boxes.dtype())) +
+                         fix_hint("boxes", "float64"));
+  }
+  check_layout(boxes, "boxes", "float64", alignof(double), 3, "(N, B, 4)");
+  if (boxes.shape(2) != 4) {
+    throw py::value_error("boxes must have shape (N, B, 4) (x1, y1, x2, y2 per box), got shape " + shape_of(boxes));
+  }
+  const std::int64_t n = boxes.shape(0), b = boxes.shape(1);
+  const py::array images = checked_images(images_obj, n, "boxes");
+  const std::uint8_t* colors = nullptr;
+  py::array colors_array;
+  if (!colors_obj.is_none()) {
+    colors_array = as_array(colors_obj, "colors", "uint8", "uint8");
+    if (!colors_array.dtype().equal(py::dtype::of<std::uint8_t>())) {
+      throw py::type_error("colors must have dtype uint8, got " + std::string(py::str(colors_array.dtype())) +
+                           fix_hint("colors", "uint8"));
+    }
+    check_layout(colors_array, "colors", "uint8", 1, 3, "(N, B, 3)");
+    if (colors_array.shape(0) != n || colors_array.shape(1) != b || colors_array.shape(2) != 3) {
+      throw py::value_error("colors must have shape (N, B, 3) = (" + std::to_string(n) + ", " + std::to_string(b) +
+                            ", 3) to go with boxes " + shape_of(boxes) + ", got shape " + shape_of(colors_array));
+    }
+    colors = static_cast<const std::uint8_t*>(colors_array.data());
+  }
+  const std::int64_t h = images.shape(1), w = images.shape(2);
+  auto out = rgb_output(n, h, w);
+  const auto* img = static_cast<const std::uint8_t*>(images.data());
+  const auto* box = static_cast<const double*>(boxes.data());
+  std::uint8_t* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    pyattr::draw_boxes(img, n, h, w, box, b, colors, thickness, o, num_threads);
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -289,4 +330,19 @@ PYBIND11_MODULE(_C, m) {
         "render(maps (N, h, w), images uint8 (N, H, W, 3) | None) -> uint8 (N, H, W, 3): resize -> normalize ->\n"
         "colorize -> overlay fused, bit-identical to the steps. Without images: the colored heatmaps at size\n"
         "(default: the maps' size).");
+  m.def("draw_boxes", &draw_boxes, py::arg("images"), py::arg("boxes"), py::arg("colors") = py::none(),
+        py::arg("thickness") = 2, py::arg("num_threads") = 0,
+        "draw_boxes(images uint8 (N, H, W, 3), boxes float64 (N, B, 4) xyxy, colors uint8 (N, B, 3) | None)\n"
+        "-> uint8 (N, H, W, 3): a copy with the box outlines drawn inside the boxes, thickness pixels wide;\n"
+        "colors None: the 10-color palette by box index. NaN or empty boxes are skipped; +/-inf raise\n"
+        "ValueError (see csrc/postprocess.hpp).");
+  m.def(
+      "box_palette",
+      [] {
+        const auto& palette = pyattr::box_palette();
+        py::array_t<std::uint8_t> out(std::vector<py::ssize_t>{pyattr::kBoxPaletteSize, 3});
+        std::copy(palette.begin(), palette.end(), out.mutable_data());
+        return out;
+      },
+      "The (10, 3) uint8 RGB default box colors (matplotlib's tab10); box j gets color j % 10.");
 }

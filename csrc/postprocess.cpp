@@ -833,6 +833,38 @@ void render_impl(const T* maps, std::int64_t n, std::int64_t h, std::int64_t w, 
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// Box outlines.
+
+// A box's pixel extent (inclusive, clamped; see postprocess.hpp), or visible == false.
+struct BoxExtent {
+  std::int64_t r0 = 0, r1 = -1, c0 = 0, c1 = -1;
+  bool visible = false;
+};
+
+BoxExtent box_extent(const double* box, std::int64_t h, std::int64_t w, std::int64_t thickness) {
+  BoxExtent e;
+  const double x1 = box[0], y1 = box[1], x2 = box[2], y2 = box[3];
+  if (!(x2 > x1 && y2 > y1)) return e;  // also NaN
+  const double t = static_cast<double>(thickness);
+  const auto clamp = [t](double v, std::int64_t side) {
+    return static_cast<std::int64_t>(std::min(std::max(v, -1.0 - t), static_cast<double>(side) + t));
+  };
+  e.r0 = clamp(std::floor(y1), h);
+  e.r1 = clamp(std::ceil(y2) - 1.0, h);
+  e.c0 = clamp(std::floor(x1), w);
+  e.c1 = clamp(std::ceil(x2) - 1.0, w);
+  e.visible = e.r1 >= 0 && e.r0 < h && e.c1 >= 0 && e.c0 < w;
+  return e;
+}
+
+// row[3 c .. 3 c + 2] = color for c in [max(lo, 0), min(hi, w - 1)].
+inline void fill_span(std::uint8_t* row, std::int64_t w, std::int64_t lo, std::int64_t hi, const std::uint8_t* color) {
+  lo = std::max<std::int64_t>(lo, 0);
+  hi = std::min<std::int64_t>(hi, w - 1);
+  for (std::int64_t c = lo; c <= hi; ++c) std::memcpy(row + 3 * c, color, 3);
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -975,6 +1007,59 @@ void render(const Half* maps, std::int64_t n, std::int64_t h, std::int64_t w, co
             std::int64_t out_h, std::int64_t out_w, const RenderOptions& options, const Lut& lut,
             std::uint8_t* out, int num_threads) {
   render_impl(maps, n, h, w, images, out_h, out_w, options, lut, out, num_threads);
+}
+
+const std::array<std::uint8_t, 3 * kBoxPaletteSize>& box_palette() {
+  static constexpr std::array<std::uint8_t, 3 * kBoxPaletteSize> palette = {
+      31, 119, 180, 255, 127, 14, 44, 160, 44, 214, 39, 40, 148, 103, 189,
+      140, 86, 75, 227, 119, 194, 127, 127, 127, 188, 189, 34, 23, 190, 207};
+  return palette;
+}
+
+void draw_boxes(const std::uint8_t* images, std::int64_t n, std::int64_t h, std::int64_t w, const double* boxes,
+                std::int64_t b, const std::uint8_t* colors, std::int64_t thickness, std::uint8_t* out,
+                int num_threads) {
+  check_dims(n, h, w);
+  if (b < 0) throw std::invalid_argument("draw_boxes: number of boxes must be >= 0, got " + std::to_string(b));
+  if (thickness < 1 || thickness > kMaxThickness) {
+    throw std::invalid_argument("thickness must lie in [1, " + std::to_string(kMaxThickness) + "], got " +
+                                std::to_string(thickness));
+  }
+  resolve_num_threads(num_threads);
+  if (n * b > 0 && boxes == nullptr) throw std::invalid_argument("draw_boxes: null boxes pointer");
+  std::int64_t infinite = 0;
+  for (std::int64_t i = 0; i < 4 * n * b; ++i) infinite += std::isinf(boxes[i]);
+  if (infinite) {
+    throw std::invalid_argument("boxes contain " + std::to_string(infinite) +
+                                " infinite coordinates; give finite xyxy pixel coordinates (NaN rows are skipped as "
+                                "padding), e.g. clip them to the image first");
+  }
+  if (n * h * w == 0) return;
+  if (images == nullptr || out == nullptr) throw std::invalid_argument("draw_boxes: null data pointer");
+
+  std::vector<BoxExtent> extents(static_cast<std::size_t>(n * b));
+  for (std::int64_t i = 0; i < n * b; ++i) extents[i] = box_extent(boxes + 4 * i, h, w, thickness);
+  const std::uint8_t* palette = box_palette().data();
+  const std::int64_t t = thickness;
+
+  parallel_for(n * h, 3 * w + 4 * b, num_threads, [&](std::int64_t begin, std::int64_t end) {
+    for (std::int64_t row = begin; row < end; ++row) {
+      const std::int64_t s = row / h, r = row % h;
+      std::uint8_t* dst = out + 3 * w * row;
+      if (dst != images + 3 * w * row) std::memcpy(dst, images + 3 * w * row, static_cast<std::size_t>(3 * w));
+      for (std::int64_t j = 0; j < b; ++j) {
+        const BoxExtent& e = extents[s * b + j];
+        if (!e.visible || r < e.r0 || r > e.r1) continue;
+        const std::uint8_t* color = colors ? colors + 3 * (s * b + j) : palette + 3 * (j % kBoxPaletteSize);
+        if (r < e.r0 + t || r > e.r1 - t) {
+          fill_span(dst, w, e.c0, e.c1, color);
+        } else {
+          fill_span(dst, w, e.c0, std::min(e.c0 + t - 1, e.c1), color);
+          fill_span(dst, w, std::max(e.c1 - t + 1, e.c0), e.c1, color);
+        }
+      }
+    }
+  });
 }
 
 }  // namespace pyattr

@@ -10,6 +10,9 @@
 // output before the checks pass. Work is split across threads by rows; results do not depend
 // on the number of threads.
 //
+// draw_boxes draws box outlines on RGB images: uint8 (N, H, W, 3) images, float64 (N, B, 4)
+// boxes, uint8 (N, B, 3) colors; infinite coordinates throw std::invalid_argument.
+//
 // Non-finite values:
 //   * colorize / overlay: +/-inf are clipped to [0, 1] like any value; NaN pixels get lut[0]
 //     and are counted (the caller decides; pyattr.render raises).
@@ -170,5 +173,36 @@ void render(const float* maps, std::int64_t n, std::int64_t h, std::int64_t w,
 void render(const Half* maps, std::int64_t n, std::int64_t h, std::int64_t w,
             const std::uint8_t* images, std::int64_t out_h, std::int64_t out_w,
             const RenderOptions& options, const Lut& lut, std::uint8_t* out, int num_threads = 0);
+
+// ---------------------------------------------------------------------------------------------
+// Box outlines.
+//
+// Coordinates: xyxy in pixels, pixel (r, c) covering [c, c + 1) x [r, r + 1). A box covers the
+// pixels its interior meets, in float64:
+//   columns c0 = floor(x1) .. c1 = ceil(x2) - 1,   rows r0 = floor(y1) .. r1 = ceil(y2) - 1
+// (so [1, 1, 3, 3] covers columns and rows 1 and 2; [1.2, 0, 2.7, 1] columns 1 and 2, row 0).
+// The outline is drawn inside the box, `thickness` pixels inward from each edge:
+//   top rows r0 .. min(r0 + t - 1, r1), bottom rows max(r1 - t + 1, r0) .. r1 (columns c0 .. c1),
+//   left columns c0 .. min(c0 + t - 1, c1), right columns max(c1 - t + 1, c0) .. c1 (rows r0 .. r1);
+// a box at most 2t pixels wide and high is filled. The outline is computed for the whole box and
+// clipped to the image: a box partly outside is drawn where visible (its edges outside the
+// image are not moved in), one wholly outside draws nothing. Boxes with a NaN coordinate or
+// x2 <= x1 or y2 <= y1 are skipped (padding rows). Boxes are drawn in index order, a later box
+// over an earlier one. Extents are clamped to [-(t + 1), side + t] before the integer math,
+// which changes nothing visible and keeps it in range for any finite coordinate.
+
+constexpr int kBoxPaletteSize = 10;
+constexpr std::int64_t kMaxThickness = 2147483647;
+
+// The default box colors, box j of each image in color j % 10: matplotlib's "tab10"
+// (blue, orange, green, red, purple, brown, pink, gray, olive, cyan), RGB.
+const std::array<std::uint8_t, 3 * kBoxPaletteSize>& box_palette();
+
+// out (n, h, w, 3) = images with the outlines of boxes (n, b, 4) drawn on; colors (n, b, 3) or
+// nullptr for box_palette(). out may be images (drawn in place). Throws std::invalid_argument if
+// thickness is outside [1, kMaxThickness], num_threads < 0 or a box coordinate is +/-inf.
+void draw_boxes(const std::uint8_t* images, std::int64_t n, std::int64_t h, std::int64_t w,
+                const double* boxes, std::int64_t b, const std::uint8_t* colors, std::int64_t thickness,
+                std::uint8_t* out, int num_threads = 0);
 
 }  // namespace pyattr

@@ -2,10 +2,11 @@
 """Type stub of pyattr._C, the compiled post-processing core (csrc/bindings.cpp).
 
 Inputs must already be C-contiguous, aligned arrays of an accepted dtype (the module never
-copies them): maps float32 or float16, images uint8. Wrong dtype raises TypeError, wrong layout,
-shape or option ValueError; NaN or +/-inf in maps raise ValueError in normalize, resize and
-render (colorize and overlay clip infinities and return the NaN count). Use :mod:`pyattr.render`,
-which converts its inputs, raises on NaN and has a NumPy fallback with identical results.
+copies them): maps float32 or float16, images and colors uint8, boxes float64. Wrong dtype raises
+TypeError, wrong layout, shape or option ValueError; NaN or +/-inf in maps raise ValueError in
+normalize, resize and render (colorize and overlay clip infinities and return the NaN count), and
++/-inf in boxes in draw_boxes. Use :mod:`pyattr.render`, which converts its inputs, raises on NaN
+and has a NumPy fallback with identical results.
 """
 
 from typing import TypeAlias
@@ -47,3 +48,11 @@ def render(
     align_corners: bool = False,
     num_threads: int = 0,
 ) -> npt.NDArray[np.uint8]: ...
+def draw_boxes(
+    images: npt.NDArray[np.uint8],
+    boxes: npt.NDArray[np.float64],
+    colors: npt.NDArray[np.uint8] | None = None,
+    thickness: int = 2,
+    num_threads: int = 0,
+) -> npt.NDArray[np.uint8]: ...
+def box_palette() -> npt.NDArray[np.uint8]: ...

@@ -16,6 +16,7 @@ Functions:
 * :func:`colorize`, :func:`overlay` -- maps already in ``[0, 1]`` -> LUT colors / alpha blend;
 * :func:`heatmap`, :func:`heatmap_overlay` -- the fused path, raw maps of any size ->
   resize -> normalize -> colorize (-> overlay) in one C++ pass, equal to the steps run one by one;
+* :func:`draw_boxes` -- box outlines (e.g. detections) drawn on uint8 images, padding rows skipped;
 * :func:`overlay_signed`, :func:`heatmap_overlay_signed` -- signed maps (evidence for and against)
   on a diverging colormap with an opacity that grows with ``|value|``: the image shows through
   unchanged where the map is 0 (a plain overlay of a white-at-zero colormap bleaches it).
@@ -47,7 +48,8 @@ import numpy as np
 from pyattr import colormaps
 
 __all__ = [
-    "HAVE_C", "SIGNS", "ExtensionMissingWarning", "backend", "colorize", "heatmap", "heatmap_overlay",
+    "BOX_PALETTE", "HAVE_C", "SIGNS", "ExtensionMissingWarning", "backend", "colorize", "draw_boxes", "heatmap",
+    "heatmap_overlay",
     "heatmap_overlay_signed", "normalize", "overlay", "overlay_signed", "resize",
 ]
 
@@ -61,6 +63,18 @@ MAX_SIDE = 1 << 16
 """Largest output side accepted by :func:`resize` and the fused path (larger is a mistake)."""
 MAX_PIXELS = 1 << 31
 """Largest ``N * H * W`` accepted per call by :func:`resize` and the fused path."""
+
+MAX_THICKNESS = 2**31 - 1
+"""Largest outline ``thickness`` accepted by :func:`draw_boxes`."""
+
+BOX_PALETTE: np.ndarray = np.array(
+    [[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
+     [140, 86, 75], [227, 119, 194], [127, 127, 127], [188, 189, 34], [23, 190, 207]],
+    dtype=np.uint8,
+)
+"""The default colors of :func:`draw_boxes`, box ``j`` of each image in ``BOX_PALETTE[j % 10]``: matplotlib's
+``tab10`` (blue, orange, green, red, purple, brown, pink, gray, olive, cyan), as in ``csrc/``'s ``box_palette``."""
+BOX_PALETTE.flags.writeable = False
 
 _FLT_MIN = np.float32(np.finfo(np.float32).tiny)
 
@@ -452,6 +466,117 @@ def heatmap_overlay(
     return out[0] if maps.ndim == 2 else out
 
 
+def draw_boxes(
+    images: Any,
+    boxes: Any,
+    colors: Any = None,
+    thickness: int = 2,
+    num_threads: int = 0,
+    *,
+    backend: Backend = "auto",
+) -> np.ndarray:
+    """Draw box outlines (e.g. detections) on uint8 RGB images; returns a new array.
+
+    Coordinates are ``(x1, y1, x2, y2)`` in pixels, pixel ``(r, c)`` covering ``[c, c + 1) x [r, r + 1)``;
+    a box covers the pixels its interior meets, columns ``floor(x1) .. ceil(x2) - 1`` and rows
+    ``floor(y1) .. ceil(y2) - 1`` (so ``[1, 1, 3, 3]`` covers columns and rows 1 and 2, and
+    ``[1.2, 0, 2.7, 1]`` columns 1 and 2 of row 0). The outline lies inside the box, ``thickness``
+    pixels inward from each edge (a box at most ``2 * thickness`` pixels across is filled). It is
+    computed for the whole box, then clipped to the image: a box partly outside is drawn where
+    visible (edges outside the image are not moved in), a box wholly outside draws nothing. Rows
+    with a NaN coordinate or ``x2 <= x1`` or ``y2 <= y1`` are skipped, so padded detections
+    (``NaN`` or zero rows) can be passed as they are. Boxes are drawn in order, later over earlier.
+
+    Args:
+        images: uint8 RGB, ``(N, H, W, 3)`` or ``(H, W, 3)`` (NumPy array or torch tensor); not modified.
+        boxes: real numbers, ``(N, B, 4)`` with ``(N, H, W, 3)`` images or ``(B, 4)`` with ``(H, W, 3)``;
+            ``+/-inf`` raise ``ValueError``.
+        colors: ``None`` for :data:`BOX_PALETTE` by box index (``j % 10``), one color ``(3,)`` for all
+            boxes, ``(B, 3)`` per box (the same in every image) or ``(N, B, 3)``; uint8, or integers in
+            ``[0, 255]``.
+        thickness: outline width in pixels, in ``[1, 2**31 - 1]``.
+        num_threads: threads of the C++ backend (by image rows); 0 means all cores. Ignored by NumPy.
+        backend: ``"auto"`` (C++ if built, else NumPy), ``"C++"`` or ``"numpy"``; both give the same pixels.
+
+    Returns:
+        uint8 RGB array shaped like ``images``.
+
+    Raises:
+        ValueError: wrong ranks or shapes, images without 3 channels, infinite coordinates, colors
+            outside ``[0, 255]``, thickness < 1, negative num_threads, unknown backend.
+        TypeError: images that are not uint8, boxes that are not real numbers, colors that are not
+            integers, a thickness that is not an int.
+
+    Example:
+        >>> import numpy as np
+        >>> from pyattr.render import draw_boxes
+        >>> image = np.zeros((4, 5, 3), np.uint8)
+        >>> out = draw_boxes(image, [[0.5, 0, 4, 3]], colors=[255, 0, 0], thickness=1)
+        >>> (out[..., 0] > 0).astype(int).tolist()
+        [[1, 1, 1, 1, 0], [1, 0, 0, 1, 0], [1, 1, 1, 1, 0], [0, 0, 0, 0, 0]]
+    """
+    images = _as_numpy(images)
+    if images.dtype != np.uint8:
+        raise TypeError(
+            f"images must be uint8 RGB, got dtype {images.dtype}; convert floats in [0, 1] with "
+            "(images * 255).round().astype(np.uint8)"
+        )
+    if images.ndim not in (3, 4) or images.shape[-1] != 3:
+        raise ValueError(f"images must be uint8 RGB of shape (N, H, W, 3) or (H, W, 3), got shape {images.shape}")
+    single = images.ndim == 3
+    boxes = _as_numpy(boxes)
+    if boxes.dtype.kind not in "biuf":
+        raise TypeError(f"boxes must hold real numbers (xyxy pixel coordinates), got dtype {boxes.dtype}")
+    layout = "(B, 4)" if single else "(N, B, 4)"
+    if boxes.ndim != images.ndim - 1 or boxes.shape[-1] != 4:
+        raise ValueError(
+            f"boxes must have shape {layout} (x1, y1, x2, y2 per box) to go with images of shape {images.shape}, "
+            f"got shape {boxes.shape}"
+        )
+    image_batch, box_batch = (images[None], boxes[None]) if single else (images, boxes)
+    if len(box_batch) != len(image_batch):
+        raise ValueError(
+            f"boxes and images must have the same batch size: boxes {boxes.shape}, images {images.shape}"
+        )
+    box_batch = np.ascontiguousarray(box_batch, dtype=np.float64)
+    infinite = int(np.count_nonzero(np.isinf(box_batch)))
+    if infinite:
+        raise ValueError(
+            f"boxes contain {infinite} infinite coordinates; give finite xyxy pixel coordinates (NaN rows are "
+            "skipped as padding), e.g. clip them to the image first"
+        )
+    n, b = box_batch.shape[:2]
+    color_batch = None if colors is None else _box_colors(colors, n, b, single)
+    try:
+        thickness = operator.index(thickness)
+    except TypeError:
+        raise TypeError(f"thickness must be an int, got {thickness!r}") from None
+    if not 1 <= thickness <= MAX_THICKNESS:
+        raise ValueError(f"thickness must lie in [1, {MAX_THICKNESS}], got {thickness}")
+    _, num_threads, use_c = _check_options("jet", num_threads, backend)
+    image_batch = np.ascontiguousarray(image_batch)
+    if use_c:
+        out = _C.draw_boxes(image_batch, box_batch, color_batch, thickness, num_threads)
+    else:
+        out = _draw_boxes_numpy(image_batch, box_batch, color_batch, thickness)
+    return out[0] if single else out
+
+
+def _box_colors(colors: Any, n: int, b: int, single: bool) -> np.ndarray:
+    """colors (3,), (B, 3) or (N, B, 3) -> C-contiguous uint8 (N, B, 3)."""
+    colors = _as_numpy(colors)
+    if colors.dtype.kind not in "iu":
+        raise TypeError(f"colors must be uint8 RGB (or integers in [0, 255]), got dtype {colors.dtype}")
+    allowed = [(3,), (b, 3)] + ([] if single else [(n, b, 3)])
+    if colors.shape not in allowed:
+        shapes = ", ".join(str(s) for s in allowed)
+        raise ValueError(f"colors must have shape (3,), (B, 3){'' if single else ' or (N, B, 3)'} ({shapes} here), "
+                         f"got shape {colors.shape}")
+    if colors.dtype != np.uint8 and colors.size and (colors.min() < 0 or colors.max() > 255):
+        raise ValueError(f"colors must lie in [0, 255], got values from {colors.min()} to {colors.max()}")
+    return np.ascontiguousarray(np.broadcast_to(colors.astype(np.uint8, copy=False), (n, b, 3)))
+
+
 def _render(batch, image_batch, size, alpha, cmap, sign, outlier_perc, value_range, align_corners,
             num_threads, backend) -> np.ndarray:
     options = _check_normalization(sign, outlier_perc, value_range)
@@ -575,6 +700,44 @@ def _resize_numpy(maps: np.ndarray, size: tuple[int, int], align_corners: bool) 
     top = l0x * r0[:, :, x0] + l1x * r0[:, :, x1]
     bottom = l0x * r1[:, :, x0] + l1x * r1[:, :, x1]
     return l0y[:, None] * top + l1y[:, None] * bottom
+
+
+def _box_extents(boxes: np.ndarray, h: int, w: int, thickness: int):
+    """(valid, r0, r1, c0, c1) per box of boxes (N, B, 4) float64, as csrc's box_extent()."""
+    with np.errstate(invalid="ignore"):
+        valid = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])  # False with NaN
+    boxes = np.where(valid[..., None], boxes, 0.0)
+    t = float(thickness)
+
+    def clamp(v: np.ndarray, side: int) -> np.ndarray:
+        return np.minimum(np.maximum(v, -1.0 - t), float(side) + t).astype(np.int64)
+
+    r0, r1 = clamp(np.floor(boxes[..., 1]), h), clamp(np.ceil(boxes[..., 3]) - 1.0, h)
+    c0, c1 = clamp(np.floor(boxes[..., 0]), w), clamp(np.ceil(boxes[..., 2]) - 1.0, w)
+    valid &= (r1 >= 0) & (r0 < h) & (c1 >= 0) & (c0 < w)
+    return valid, r0, r1, c0, c1
+
+
+def _draw_boxes_numpy(images: np.ndarray, boxes: np.ndarray, colors: np.ndarray | None, thickness: int) -> np.ndarray:
+    """images (N, H, W, 3) uint8, boxes (N, B, 4) float64, colors (N, B, 3) uint8 or None: the outline of
+    each box painted as four rectangles (top, bottom, left, right bands), clipped to the image."""
+    out = images.copy()
+    _, h, w, _ = images.shape
+    t = thickness
+    valid, r0s, r1s, c0s, c1s = _box_extents(boxes, h, w, t)
+    for s, j in zip(*np.nonzero(valid)):  # row-major: image by image, boxes in order
+        r0, r1, c0, c1 = int(r0s[s, j]), int(r1s[s, j]), int(c0s[s, j]), int(c1s[s, j])
+        color = BOX_PALETTE[j % len(BOX_PALETTE)] if colors is None else colors[s, j]
+        for top, bottom, left, right in (
+            (r0, min(r0 + t - 1, r1), c0, c1),
+            (max(r1 - t + 1, r0), r1, c0, c1),
+            (r0, r1, c0, min(c0 + t - 1, c1)),
+            (r0, r1, max(c1 - t + 1, c0), c1),
+        ):
+            top, bottom, left, right = max(top, 0), min(bottom, h - 1), max(left, 0), min(right, w - 1)
+            if top <= bottom and left <= right:
+                out[s, top:bottom + 1, left:right + 1] = color
+    return out
 
 
 # --- input handling shared by both backends ---
