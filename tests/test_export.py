@@ -176,8 +176,41 @@ def test_exported_graph_matches_eager(exported, eager_reference, kind, model_nam
             seen_argmax |= bool((t == -1).any())
             seen_explicit |= bool((t >= 0).any())
             outs = run_file(item.path, x, t, runners)
-            assert_outputs_match(outs, ref, f"{item.path.name} batch {b} target {t.tolist()}")
+            what = f"{item.path.name} batch {b} target {t.tolist()}"
+            try:
+                assert_outputs_match(outs, ref, what)
+            except AssertionError:
+                assert_matches_exact(outs, item, x, ref, what)
     assert seen_argmax and seen_explicit
+
+
+def float64_reference(item: Exported, x: torch.Tensor, t: torch.Tensor) -> pyattr.Attribution:
+    """The same method on a float64 copy of the model: the answer both float32 runs approximate."""
+    model = copy.deepcopy(item.method.model).double()
+    layer = getattr(item.method, "layer_name", None)
+    method = type(item.method)(model, layer) if layer is not None else type(item.method)(model)
+    return method(x.double(), t)
+
+
+def assert_matches_exact(outs: list[torch.Tensor], item: Exported, x: torch.Tensor, ref: pyattr.Attribution,
+                         what: str) -> None:
+    """An exported graph that differs from eager float32 passes only when eager is the inaccurate side: the
+    export agrees with the float64 computation to the contract's tolerances and eager float32 does not.
+
+    Two float32 runtimes with different convolution kernels (torch's, onnxruntime's MLAS) round differently,
+    and a ReLU whose pre-activation is within rounding of zero can switch off in one and not the other: the
+    gradient below it changes (seen here: Saliency on a random vgg11, eager 6.4e-2 from float64 on one sample,
+    onnxruntime 8.5e-7, on an AVX2-only CPU). Neither side can be made to round like the other, so the exact
+    computation decides."""
+    exact = float64_reference(item, x, ref.target)
+    assert_outputs_match(outs, float32(exact), what + " (against float64: the export is inaccurate)")
+    eager_err = float((ref.maps.double() - exact.maps).abs().max())
+    assert eager_err > 1e-4, f"{what}: eager float32 is within 1e-4 of float64 ({eager_err:.2e}), the export is not"
+
+
+def float32(result: pyattr.Attribution) -> pyattr.Attribution:
+    return pyattr.Attribution(maps=result.maps.float(), raw=result.raw.float(), scores=result.scores.float(),
+                              target=result.target)
 
 
 # --------------------------------------------------------------------------------------------------
