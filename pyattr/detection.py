@@ -154,6 +154,9 @@ class DetectionsDecoder:
         >>> pyattr.GradCAM(rcnn, "backbone.fpn.layer_blocks.0")(images, target)   # doctest: +SKIP
     """
 
+    exportable = False
+    """Post-NMS detections have a data-dependent count: an exported graph cannot hold them."""
+
     def __init__(self, num_classes: int):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise InputError(f"num_classes must be a positive int, got {num_classes!r}")

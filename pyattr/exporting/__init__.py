@@ -237,6 +237,7 @@ def export(method: AttributionMethod, example_input: torch.Tensor, path: str | o
         raise InputError(f"export's target= is a target kind (e.g. pyattr.targets.SegmentationTarget()), not class "
                          f"ids ({type(target).__name__}): the exported graph takes the class ids as its input")
     method.check_target_kind(kind)
+    kind.check_export(method)
     try:
         example = method._check_input(example_input)  # CAM methods run the model here to find their layer
     except PyattrError:

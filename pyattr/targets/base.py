@@ -91,6 +91,10 @@ class Target:
         with its scores (a detection target's matching) computes both at once here."""
         return self.scores(output, inputs), (self.extra_outputs(output, inputs) if outputs else {})
 
+    def check_export(self, method: Any) -> None:
+        """Raise :class:`~pyattr.errors.ExportError` before tracing when ``method``'s model cannot be exported
+        with this target (default: nothing to check)."""
+
     def prepare_inputs(self, x: torch.Tensor, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The run-time inputs as the scores use them, given the batch ``x`` (eager calls and exported graphs
         alike; traceable), e.g. boxes clipped to the image. Default: unchanged."""

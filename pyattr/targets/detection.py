@@ -176,6 +176,22 @@ class DetectionTarget(Target):
         objective, matched, iou, _ = self.matching(output, inputs)
         return objective, ({"matched": matched, "iou": iou} if outputs else {})
 
+    def check_export(self, method: Any) -> None:
+        """Two-stage detectors (torchvision's Faster/Mask R-CNN) and decoders of post-NMS detections
+        (``exportable = False``) cannot be one graph: refused with the reason."""
+        from ..errors import ExportError
+
+        model = getattr(method, "_model", None)
+        two_stage = isinstance(model, torch.nn.Module) and any(
+            type(m).__name__ in ("GeneralizedRCNN", "FasterRCNN", "MaskRCNN", "KeypointRCNN") for m in model.modules())
+        if two_stage or getattr(self.decode, "exportable", True) is False:
+            raise ExportError(
+                "cannot export a detection target on post-NMS detections (a two-stage detector such as Faster "
+                "R-CNN, or a decoder of the model's detections list): the number of detections depends on the data "
+                "(score thresholds, non-maximum suppression, region proposals and RoI pooling), so there is no "
+                "fixed graph to write. Explain it eagerly, or export a one-stage detector's candidates before NMS "
+                "(pyattr.detection.DenseCandidates: RetinaNet, FCOS, SSD)")
+
     # -- inputs -----------------------------------------------------------------------------------
     def check_output(self, output: Any, x: torch.Tensor, inputs: dict[str, torch.Tensor]) -> None:
         cand = self.candidates(output)
