@@ -10,11 +10,15 @@
   Faster R-CNN's, to the detections' boxes and one-hot scores: eager calls only (the list's lengths depend
   on the data; such a model cannot be exported).
 
-Which layer for the CAM family: an FPN's levels are separate outputs of one module (a dict), so name one
-level's tensor: ``"backbone.fpn.layer_blocks.0"`` is the finest level (stride 8 on RetinaNet/FCOS), ``.1``,
-``.2`` the coarser ones; ``layer=[...]`` of several levels fuses their maps (each normalized, resized to the
-finest, then averaged: :func:`pyattr.methods.cam.fuse_maps`). SSDlite's levels are the backbone's
-``"backbone.features.0"`` (its first output) and ``"backbone.extra.0"`` ... ``"backbone.extra.3"``.
+Which layer for the CAM family: an FPN's levels are separate outputs of one module (a dict), so name the
+modules that output each level's tensor: ``"backbone.fpn.layer_blocks.0"`` is the finest level (stride 8 on
+RetinaNet/FCOS), ``.1``, ``.2`` the coarser ones. A candidate's score depends only on the level its anchor
+is on (and on the levels it is computed from): a box found on P5 has a zero gradient at P3's block, so
+one level's Grad-CAM is zero for the boxes of the other levels. ``layer=feature_levels(model)`` (every
+level) fuses one map per level (each normalized, resized to the finest, then averaged:
+:func:`pyattr.methods.cam.fuse_maps`) and explains every box; a single level is cheaper when the boxes'
+scale is known. SSDlite's levels are ``"backbone.features.0"``, ``"backbone.features.1"`` and
+``"backbone.extra.0"`` ... ``"backbone.extra.3"``.
 
 Example:
     >>> import torch, torchvision, pyattr
@@ -54,6 +58,28 @@ def detector_family(model: nn.Module) -> str:
         return "rcnn"
     raise InputError(f"{type(model).__name__} is not a torchvision detector pyattr knows (RetinaNet, FCOS, SSD, "
                      "Faster/Mask R-CNN); write a decode= callable output -> (boxes, scores) for your own")
+
+
+def feature_levels(model: nn.Module) -> list[str]:
+    """The names of the modules whose outputs are a torchvision detector's feature levels, finest first, for the
+    CAM family (``layer=feature_levels(model)`` fuses one map per level): an FPN's ``backbone.fpn.layer_blocks.i``
+    (the extra P6/P7 levels of RetinaNet/FCOS are computed from P5, so P5's block explains their candidates
+    too), SSD's ``backbone.features.i`` and ``backbone.extra.i``. The names hold for the model and for its
+    :class:`DenseCandidates` alike. InputError for a model without such levels.
+
+    Example:
+        >>> pyattr.detection.feature_levels(det)                      # doctest: +SKIP
+        ['backbone.fpn.layer_blocks.0', 'backbone.fpn.layer_blocks.1', 'backbone.fpn.layer_blocks.2']
+    """
+    backbone = getattr(model, "backbone", None)
+    fpn = getattr(backbone, "fpn", None)
+    if fpn is not None and hasattr(fpn, "layer_blocks"):
+        return [f"backbone.fpn.layer_blocks.{i}" for i in range(len(fpn.layer_blocks))]
+    if backbone is not None and hasattr(backbone, "features") and hasattr(backbone, "extra"):
+        return ([f"backbone.features.{i}" for i in range(len(backbone.features))]
+                + [f"backbone.extra.{i}" for i in range(len(backbone.extra))])
+    raise InputError(f"{type(model).__name__} has no FPN (backbone.fpn) or SSD feature extractor (backbone.features/"
+                     "extra): name its feature layers yourself")
 
 
 class DenseCandidates(nn.Module):
@@ -194,4 +220,4 @@ class DetectionsDecoder:
         return f"DetectionsDecoder(num_classes={self.num_classes})"
 
 
-__all__ = ["FAMILIES", "DenseCandidates", "DetectionsDecoder", "detector_family"]
+__all__ = ["FAMILIES", "DenseCandidates", "DetectionsDecoder", "detector_family", "feature_levels"]
