@@ -35,10 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-import pyattr  # noqa: E402
-from pyattr.detection import DenseCandidates, DetectionsDecoder, feature_levels  # noqa: E402
-from pyattr.methods import build_method, needs_layer  # noqa: E402
-from pyattr.targets import DetectionTarget  # noqa: E402
+import pyattr
+from pyattr.detection import DenseCandidates, DetectionsDecoder, feature_levels
+from pyattr.methods import build_method, needs_layer
+from pyattr.targets import DetectionTarget
 
 D = torchvision.models.detection
 METHODS = ("gradcam", "gradcampp", "xgradcam", "layercam", "hirescam", "saliency", "inputxgradient",
@@ -117,7 +117,7 @@ def export(models: list[str], methods: list[str], formats: list[str], size: int,
 
     rows = []
     for mname in models:
-        model, decode, detector = build(mname, size)
+        model, _decode, detector = build(mname, size)
         x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(3))
         boxes, labels = boxes_for(detector, x)
         labels[1, 2] = -1

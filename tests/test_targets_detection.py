@@ -118,7 +118,7 @@ def test_match_zero_area_outside_and_zero_score():
 
 def test_clipping_partly_outside():
     # [-10, 0, 10, 10] clipped to [0, 0, 10, 10]: IoU 1 with candidate 0
-    objective, matched, iou, best = match([[-10.0, 0, 10, 10]], [2])
+    objective, matched, iou, _ = match([[-10.0, 0, 10, 10]], [2])
     assert bool(matched[0]) and float(iou[0]) == 1.0 and float(objective[0]) == pytest.approx(0.6)
 
 
@@ -360,7 +360,7 @@ def fcos_case():
     pytest.param("gradcam", ("torchscript", "pt2"), marks=pytest.mark.slow),
     pytest.param("saliency", ("onnx", "torchscript"), marks=pytest.mark.slow)])
 def test_export_contract_fcos(fcos_case, method, formats, tmp_path):
-    model, wrapped, x, boxes, labels = fcos_case
+    _, wrapped, x, boxes, labels = fcos_case
     levels = feature_levels(wrapped)
     assert levels == [f"backbone.fpn.layer_blocks.{i}" for i in range(3)]
     m = pyattr.GradCAM(wrapped, levels) if method == "gradcam" else pyattr.Saliency(wrapped)

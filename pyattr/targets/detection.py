@@ -146,7 +146,7 @@ class DetectionTarget(Target):
         Traceable: masked maxima and gathers."""
         cand_boxes, cand_scores = self.candidates(output)
         boxes, labels = inputs["boxes"], inputs["box_classes"]
-        n, m, k = cand_scores.shape
+        n, _, k = cand_scores.shape
         b = boxes.shape[1]
         cls = labels.clamp(0, k - 1)
         iou = pairwise_iou(boxes.to(cand_boxes.dtype), cand_boxes)  # (N, B, M)
