@@ -376,4 +376,22 @@ def test_export_contract_fcos(fcos_case, method, formats, tmp_path):
     if method == "gradcam":
         assert meta["layer"] == levels
     assert meta["outputs"] == ["scores", "explained_class", "raw", "maps", "matched", "iou"]
-    assert meta["target"] == {"kind": "detection", "iou_threshold": 0.5, "objective": "score", "match": "iou"}
+    assert meta["target"] == {"kind": "detection", "iou_threshold": 0.5, "objective": "score", "match": "iou",
+                              "boxes": 3}
+
+
+def test_export_examples_and_metadata():
+    x = torch.zeros(2, 3, 16, 16)
+    boxes, labels = torch.rand(3, 4, 4) * 8, torch.zeros(3, 4, dtype=torch.long)
+    given = DetectionTarget(boxes=boxes, box_classes=labels).example_inputs(x, None)  # 3 images' boxes, batch 2
+    assert given["boxes"].shape == (2, 4, 4) and torch.equal(given["boxes"][1], boxes[0])
+    assert given["box_classes"].shape == (2, 4)
+    assert DetectionTarget(boxes=boxes, box_classes=labels, max_boxes=7).metadata()["boxes"] == 4
+    made = DetectionTarget(max_boxes=5).example_inputs(x, None)
+    assert made["boxes"].shape == (2, 5, 4) and made["box_classes"].shape == (2, 5)
+    assert DetectionTarget().metadata() == {"kind": "detection", "iou_threshold": 0.5, "objective": "score",
+                                            "match": "iou", "boxes": 1}
+    from pyattr.exporting.trace import input_names, output_names
+
+    assert input_names(DetectionTarget()) == ("images", "boxes", "box_classes")
+    assert output_names(DetectionTarget()) == ("scores", "explained_class", "raw", "maps", "matched", "iou")

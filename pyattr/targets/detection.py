@@ -79,7 +79,8 @@ class DetectionTarget(Target):
     (:class:`InputError`).
 
     Exported graphs take ``images, boxes, box_classes`` (no ``target``: every box is explained) with B fixed
-    at export (from the boxes given to the target, or ``max_boxes``): pad with class -1 for fewer boxes.
+    at export (from the boxes given to the target, or ``max_boxes``; recorded as ``boxes`` in the metadata's
+    ``target``): pad with class -1 for fewer boxes; more boxes are a shape error of the runtime.
     They return ``scores`` (N, B), ``explained_class`` (N, B) (the box indices; -1 for an invalid sample),
     ``raw``, ``maps`` (N, B, H, W), ``matched`` (N, B) bool and ``iou`` (N, B).
 
@@ -258,17 +259,26 @@ class DetectionTarget(Target):
         return torch.arange(boxes.shape[1], device=boxes.device)[None].expand(boxes.shape[0], boxes.shape[1])
 
     def example_inputs(self, x: torch.Tensor, output: Any) -> dict[str, torch.Tensor]:
-        if self.boxes is not None and self.box_classes is not None:
-            return self.run_time_inputs(x)
-        b = self.max_boxes or 1
+        if self.boxes is not None and self.box_classes is not None:  # the first image's boxes, for every image
+            boxes, labels = torch.as_tensor(self.boxes), torch.as_tensor(self.box_classes)
+            example = DetectionTarget(boxes[0] if boxes.dim() == 3 else boxes,
+                                      labels[0] if labels.dim() == 2 else labels)
+            return example.run_time_inputs(x)
+        b = self.export_boxes()
         h, w = int(x.shape[-2]), int(x.shape[-1])
         box = torch.tensor([0.0, 0.0, w / 2, h / 2], dtype=x.dtype, device=x.device)
         return {"boxes": box.expand(x.shape[0], b, 4).contiguous(),
                 "box_classes": torch.zeros(x.shape[0], b, dtype=torch.long, device=x.device)}
 
+    def export_boxes(self) -> int:
+        """B of an exported graph: the number of boxes given to the target, else ``max_boxes`` (default 1)."""
+        if self.boxes is not None:
+            return int(torch.as_tensor(self.boxes).shape[-2])
+        return self.max_boxes or 1
+
     def metadata(self) -> dict[str, Any]:
         return {"kind": self.kind, "iou_threshold": self.iou_threshold, "objective": self.objective,
-                "match": self.match}
+                "match": self.match, "boxes": self.export_boxes()}
 
     def __repr__(self) -> str:
         boxes = None if self.boxes is None else tuple(torch.as_tensor(self.boxes).shape)
