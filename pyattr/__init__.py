@@ -50,12 +50,14 @@ _LAZY = {
     "LayerNotFoundError": "pyattr.errors",
     "ExportError": "pyattr.errors",
     "ClassTarget": "pyattr.targets",
+    "DetectionTarget": "pyattr.targets",
     "SegmentationTarget": "pyattr.targets",
     "SimilarityTarget": "pyattr.targets",
     "Target": "pyattr.targets",
 }
 _SUBMODULES = {"zoo", "render", "colormaps", "methods", "exporting", "metrics", "models", "figures", "lrp",
-               "postprocess", "errors", "sanity", "runtime", "targets"}
+               "postprocess", "errors", "sanity", "runtime", "targets",
+               "detection"}
 
 __all__ = [
     "CAM",
@@ -65,6 +67,7 @@ __all__ = [
     "AttributionMethod",
     "ClassTarget",
     "DeconvNet",
+    "DetectionTarget",
     "ExportError",
     "FullGrad",
     "GradCAM",
@@ -88,6 +91,7 @@ __all__ = [
     "XGradCAM",
     "__version__",
     "colormaps",
+    "detection",
     "energy_pointing_game",
     "errors",
     "export",

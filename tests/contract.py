@@ -76,3 +76,38 @@ def assert_export_contract(method: pyattr.AttributionMethod, inputs: torch.Tenso
             raw_scale = ref.raw.abs().max().clamp_min(1e-12)
             raw_err = float((raw - ref.raw).abs().max() / raw_scale)
             assert raw_err <= 1e-3, f"{fmt} batch {b}: raw maps differ by {raw_err:.2e} relative"
+
+
+def assert_detection_contract(method: pyattr.AttributionMethod, images: torch.Tensor, boxes: torch.Tensor,
+                              box_classes: torch.Tensor, tmp_path: Path, target, formats=tuple(FORMATS),
+                              batches=(1, 2), atol: float = 1e-4) -> None:
+    """The contract for a detection target (:class:`pyattr.targets.DetectionTarget`, exported as ``target``):
+    the graph takes ``images, boxes, box_classes`` (no class ids: every box is explained) and returns
+    ``scores, explained_class, raw, maps, matched, iou``, each (N, B, ...); every output equals the eager call
+    ``method(x, DetectionTarget(boxes, box_classes, ...))`` at each batch size (the first ``b`` samples)."""
+    from pyattr.targets import DetectionTarget
+
+    options = {"decode": target.decode, "iou_threshold": target.iou_threshold, "objective": target.objective,
+               "match": target.match}
+    for fmt in formats:
+        path = tmp_path / f"{method.name}{FORMATS[fmt]}"
+        pyattr.export(method, images[:1], path, target=target)
+        if fmt == "onnx":
+            model = onnx.load(str(path))
+            onnx.checker.check_model(model, full_check=True)
+            assert [i.name for i in model.graph.input] == ["images", "boxes", "box_classes"]
+        for b in batches:
+            x, bx, bc = images[:b], boxes[:b], box_classes[:b]
+            ref = method(x, DetectionTarget(boxes=bx, box_classes=bc, **options))
+            scores, explained, raw, maps, matched, iou = run_exported(fmt, path, x, bx, bc)
+            assert torch.equal(explained.long(), ref.target), f"{fmt} batch {b}: explained boxes differ"
+            assert torch.equal(matched.bool(), ref.outputs["matched"]), f"{fmt} batch {b}: matched differs"
+            # tiny random-init boxes (< 1 px wide at 32 px from the origin) cost IoUs a few 1e-6 of rounding
+            assert float((iou - ref.outputs["iou"]).abs().max()) < 1e-4, f"{fmt} batch {b}: iou differs"
+            scale = ref.scores.abs().max().clamp_min(1e-12)
+            assert float((scores - ref.scores).abs().max() / scale) < 1e-4, f"{fmt} batch {b}: scores differ"
+            assert maps.shape == ref.maps.shape, f"{fmt} batch {b}: maps shape {tuple(maps.shape)}"
+            err = float((maps - ref.maps).abs().max())
+            assert err <= atol, f"{fmt} batch {b}: normalized maps differ by {err:.2e} (> {atol})"
+            raw_err = float((raw - ref.raw).abs().max() / ref.raw.abs().max().clamp_min(1e-12))
+            assert raw_err <= 1e-3, f"{fmt} batch {b}: raw maps differ by {raw_err:.2e} relative"

@@ -117,10 +117,8 @@ def check_class_names(meta: dict[str, Any], gm) -> None:
 
 def _dynamic_shapes(count: int):
     batch = torch.export.Dim("batch", min=1, max=4096)
-    shapes = {"images": {0: batch}, "target": {0: batch}}
-    if count > 2:  # the target's inputs (GraphModule.forward's *inputs)
-        shapes["inputs"] = tuple({0: batch} for _ in range(count - 2))
-    return shapes
+    # images, then the target ids (when the kind takes them) and the target's inputs: GraphModule's *inputs
+    return {"images": {0: batch}, "inputs": tuple({0: batch} for _ in range(count - 1))}
 
 
 def _export_program(gm, inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
@@ -239,6 +237,7 @@ def export(method: AttributionMethod, example_input: torch.Tensor, path: str | o
         raise InputError(f"export's target= is a target kind (e.g. pyattr.targets.SegmentationTarget()), not class "
                          f"ids ({type(target).__name__}): the exported graph takes the class ids as its input")
     method.check_target_kind(kind)
+    kind.check_export(method)
     try:
         example = method._check_input(example_input)  # CAM methods run the model here to find their layer
     except PyattrError:
@@ -284,7 +283,7 @@ def checked_example_inputs(method: AttributionMethod, example: torch.Tensor, kin
     from ..targets.base import bound_target
 
     x = inputs[0][:1]
-    extra = {name: value[:1] for name, value in zip(kind.inputs, inputs[2:])}
+    extra = {name: value[:1] for name, value in zip(kind.inputs, inputs[len(inputs) - len(kind.inputs):])}
     with torch.no_grad(), call_view(method.model) as view, bound_target(kind, extra, 1) as bound:
         bound.scores(select_output(view.root(x), method.output), x, checks=True)
     return inputs

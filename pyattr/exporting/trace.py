@@ -25,8 +25,11 @@ OUTPUT_NAMES = ("scores", "explained_class", "raw", "maps")
 
 
 def input_names(kind: Target | None = None) -> tuple[str, ...]:
-    """The graph's inputs: ``images``, ``target``, then the target's run-time inputs (e.g. ``region``)."""
-    return INPUT_NAMES + (() if kind is None else tuple(kind.inputs))
+    """The graph's inputs: ``images``, ``target``, then the target's run-time inputs (e.g. ``region``); a kind
+    that derives its ids from its inputs takes no ``target`` (detection: ``images, boxes, box_classes``)."""
+    if kind is None:
+        return INPUT_NAMES
+    return (INPUT_NAMES if kind.target_input else INPUT_NAMES[:1]) + tuple(kind.inputs)
 
 
 def output_names(kind: Target | None = None) -> tuple[str, ...]:
@@ -50,6 +53,7 @@ def example_inputs(method: AttributionMethod, example: torch.Tensor, kind: Targe
     x, t = example_batch(example)
     if kind is None or not kind.inputs:
         return x, t
+    head = (x, t) if kind.target_input else (x,)
     from .._callview import call_view
 
     with torch.no_grad(), call_view(method.model) as view:
@@ -58,7 +62,7 @@ def example_inputs(method: AttributionMethod, example: torch.Tensor, kind: Targe
     missing = [name for name in kind.inputs if name not in extra]
     if missing:
         raise ExportError(f"the {kind.kind} target gave no example for its input(s) {', '.join(missing)}")
-    return (x, t, *(extra[name].detach().contiguous() for name in kind.inputs))
+    return (*head, *(extra[name].detach().contiguous() for name in kind.inputs))
 
 
 def batch_symbolic(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -102,7 +106,8 @@ def trace_graph(method: AttributionMethod, example: torch.Tensor, kind: Target |
     if inputs is None:
         inputs = example_inputs(method, example, kind)
 
-    def attribution_graph(images, target, *extra):
+    def attribution_graph(images, *rest):
+        target, extra = (rest[0], rest[1:]) if kind.target_input else (None, rest)
         with ExportRewrites():
             return method.graph(images, target, *extra, kind=kind)
 
@@ -204,8 +209,8 @@ class GraphModule(torch.nn.Module):
         super().__init__()
         self.graph_module = gm
 
-    def forward(self, images: torch.Tensor, target: torch.Tensor, *inputs: torch.Tensor):
-        return self.graph_module(images, target, *inputs)
+    def forward(self, images: torch.Tensor, *inputs: torch.Tensor):
+        return self.graph_module(images, *inputs)
 
 
 def scriptable(gm: fx.GraphModule) -> fx.GraphModule:

@@ -276,20 +276,24 @@ class AttributionMethod:
         return normalize_minmax(maps.flatten(0, lead - 1)).view_as(maps)
 
     def graph(
-        self, x: torch.Tensor, target: torch.Tensor, *inputs: torch.Tensor, kind: Target | None = None
+        self, x: torch.Tensor, target: torch.Tensor | None, *inputs: torch.Tensor, kind: Target | None = None
     ) -> tuple[torch.Tensor, ...]:
         """The whole traceable computation: (scores, resolved target, raw map, normalized maps, then the
         target's extra outputs). ``kind``: the target (default: a class logit), whose run-time inputs
-        (``kind.inputs``, each (N, ...)) follow ``target``.
+        (``kind.inputs``, each (N, ...)) follow ``target``; ``target`` is None for a kind that derives its ids
+        from its inputs (:attr:`~pyattr.targets.Target.target_input` False). (N, T) targets give (N, T, ...) maps.
 
         Runs on a per-call view of the model (the enclosing call's when there is one)."""
         kind = CLASS_TARGET if kind is None else kind
         if len(inputs) != len(kind.inputs):
             raise InputError(f"the {kind.kind} target takes the inputs {', '.join(kind.inputs) or 'none'} after "
                              f"target; got {len(inputs)}")
-        with call_view(self._model), bound_target(kind, dict(zip(kind.inputs, inputs)), x.shape[0]) as bound:
+        given = kind.prepare_inputs(x, dict(zip(kind.inputs, inputs)))
+        with call_view(self._model), bound_target(kind, given, x.shape[0]) as bound:
             self.check_target_kind(kind)
-            scores, resolved, raw, maps, _ = self._compute(x, target, diagnostics=False)
+            if target is None:  # a kind without a target input (Target.target_input): ids from its inputs
+                target = kind.graph_target(x, bound.inputs)
+            scores, resolved, raw, maps, _ = self._compute_targets(x, target, bound, diagnostics=False)
             extra = tuple(bound.outputs[name] for name in kind.outputs)
         return (scores, resolved, raw, maps, *extra)
 
@@ -324,19 +328,31 @@ class AttributionMethod:
         with call_view(self._model):
             x = self._check_input(x)
             self.check_target_kind(kind)
+            if classes is None:
+                classes = kind.default_classes(x)
             t = self._check_target(classes, x.shape[0], x.device)
-            with bound_target(kind, kind.run_time_inputs(x), x.shape[0]) as bound:
+            with bound_target(kind, kind.prepare_inputs(x, kind.run_time_inputs(x)), x.shape[0]) as bound:
                 return self._eager(x, t, bound)
 
-    def _eager(self, x: torch.Tensor, t: torch.Tensor, bound) -> Attribution:
+    def _compute_targets(self, x: torch.Tensor, t: torch.Tensor, bound, diagnostics: bool):
+        """:meth:`_compute` for (N,) or (N, T) targets: a method without ``multi_target`` runs on the batch
+        repeated T times (sample-major) and its results are viewed back as (N, T, ...)."""
         if t.dim() == 2 and not self.multi_target:
             n, k = t.shape
-            scores, resolved, raw, maps, extra = self._compute(x.repeat_interleave(k, 0), t.reshape(-1), True)
+            bound.repeats = k
+            try:
+                scores, resolved, raw, maps, extra = self._compute(x.repeat_interleave(k, 0), t.reshape(-1),
+                                                                   diagnostics)
+            finally:
+                bound.repeats = 1
             scores = scores.view(n, k, -1)[:, 0]
             resolved, raw, maps = (v.view(n, k, *v.shape[1:]) for v in (resolved, raw, maps))
             extra = {key: v.view(n, k, *v.shape[1:]) for key, v in extra.items()}
-        else:
-            scores, resolved, raw, maps, extra = self._compute(x, t, True)
+            return scores, resolved, raw, maps, extra
+        return self._compute(x, t, diagnostics)
+
+    def _eager(self, x: torch.Tensor, t: torch.Tensor, bound) -> Attribution:
+        scores, resolved, raw, maps, extra = self._compute_targets(x, t, bound, True)
         return Attribution(maps=maps, raw=raw, scores=scores, target=resolved,
                            completeness_error=extra.get("completeness_error"),
                            outputs={k: v.detach() for k, v in bound.outputs.items()})

@@ -14,11 +14,13 @@ Example:
 from __future__ import annotations
 
 from .base import CLASS_TARGET, ClassTarget, Target, as_target, bound_target, current_target
+from .detection import DetectionTarget
 from .segmentation import SegmentationTarget
 from .similarity import SimilarityTarget
 
 TARGETS: dict[str, type[Target]] = {
     "class": ClassTarget,
+    "detection": DetectionTarget,
     "segmentation": SegmentationTarget,
     "similarity": SimilarityTarget,
 }
@@ -28,6 +30,7 @@ __all__ = [
     "CLASS_TARGET",
     "TARGETS",
     "ClassTarget",
+    "DetectionTarget",
     "SegmentationTarget",
     "SimilarityTarget",
     "Target",

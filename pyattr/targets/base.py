@@ -58,6 +58,9 @@ class Target:
     class_scores: ClassVar[bool] = False
     """True when the scores are the model's class logits themselves (methods that read a classifier's weights,
     such as CAM, need it)."""
+    target_input: ClassVar[bool] = True
+    """False when exported graphs take no ``target`` input: the graph derives the ids from the target's own
+    inputs (:meth:`graph_target`; a detection target explains every box it is given)."""
 
     def __init__(self, classes: Any = None):
         self.classes = classes
@@ -81,6 +84,29 @@ class Target:
     def extra_outputs(self, output: Any, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Extra graph outputs (named in :attr:`outputs`) computed from the model's output."""
         return {}
+
+    def evaluate(self, output: Any, inputs: dict[str, torch.Tensor], outputs: bool
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(:meth:`scores`, :meth:`extra_outputs` when ``outputs``, else {}): a kind whose outputs share work
+        with its scores (a detection target's matching) computes both at once here."""
+        return self.scores(output, inputs), (self.extra_outputs(output, inputs) if outputs else {})
+
+    def check_export(self, method: Any) -> None:
+        """Raise :class:`~pyattr.errors.ExportError` before tracing when ``method``'s model cannot be exported
+        with this target (default: nothing to check)."""
+
+    def prepare_inputs(self, x: torch.Tensor, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The run-time inputs as the scores use them, given the batch ``x`` (eager calls and exported graphs
+        alike; traceable), e.g. boxes clipped to the image. Default: unchanged."""
+        return inputs
+
+    def default_classes(self, x: torch.Tensor) -> Any:
+        """The class ids of an eager call whose target gave none (``classes=None``); None: -1, the arg-max."""
+        return None
+
+    def graph_target(self, x: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The ids an exported graph explains when the kind takes no ``target`` input (:attr:`target_input`)."""
+        raise NotImplementedError
 
     def metadata(self) -> dict[str, Any]:
         """What an exported file records about the target (JSON values)."""
@@ -138,6 +164,9 @@ class BoundTarget:
     inputs: dict[str, torch.Tensor]
     batch: Any
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    repeats: Any = 1
+    """Set while a method runs on the call's batch repeated this many times (sample-major: several targets
+    per input); the extra outputs are then read from the first copy of each sample."""
 
     def inputs_for(self, m: Any) -> dict[str, torch.Tensor]:
         if not self.inputs:
@@ -154,13 +183,17 @@ class BoundTarget:
         inputs = self.inputs_for(x.shape[0])
         if checks:
             self.target.check_output(output, x, inputs)
-        scores = self.target.scores(output, inputs)
+        rows = self.batch * self.repeats
+        record = not self.outputs and bool(self.target.outputs) and x.shape[0] == rows
+        scores, extra = self.target.evaluate(output, inputs, record)
         if checks and not self.target.class_scores:
             from ..methods.base import check_scores
 
             check_scores(scores, x, None)
-        if not self.outputs and self.target.outputs and x.shape[0] == self.batch:
-            self.outputs = self.target.extra_outputs(output, inputs)
+        if record:
+            r = self.repeats
+            self.outputs = extra if r == 1 else {k: v.reshape(self.batch, r, *v.shape[1:])[:, 0]
+                                                  for k, v in extra.items()}
         return scores
 
 
