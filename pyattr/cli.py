@@ -306,6 +306,83 @@ def _segmentation_classes(bundle, x, target: int | None):
     return torch.where(counts.amax(1) > 0, classes, torch.zeros_like(classes)), predicted
 
 
+def _with_truth(line: str, info: dict, i: int, task: str) -> str:
+    """A result line, with the shapes a generated sample holds (or shares with its reference)."""
+    if info["truth"] is None:
+        return line
+    from .zoo import SHAPE_CLASSES
+
+    present = [SHAPE_CLASSES[k] for k in info["truth"][i]]
+    return line + f"  [{'shared' if task == 'similarity' else 'contains'}: {', '.join(present)}]"
+
+
+def _detections_to_explain(bundle, x, target: int | None, args: argparse.Namespace):
+    """--task detection: the detector's boxes per image (score threshold, NMS; of class ``target`` only when
+    given; the ``--max-boxes`` best), and the DetectionTarget that explains them all in one call (boxes padded
+    with class -1 to the chunk's largest count)."""
+    import torch
+
+    from .targets import DetectionTarget
+
+    threshold = 0.3 if args.score_threshold is None else args.score_threshold
+    with torch.no_grad():
+        found = bundle.extra["detect"](bundle.model, x, score_threshold=threshold)
+    keep = args.max_boxes or 5
+    detections = []
+    for det in found:
+        pick = torch.arange(len(det["labels"])) if target is None else torch.nonzero(det["labels"] == target).flatten()
+        detections.append({k: v[pick[:keep]].detach().cpu() for k, v in det.items()})
+    b = max(1, max(len(d["labels"]) for d in detections))
+    boxes = torch.zeros(x.shape[0], b, 4)
+    labels = torch.full((x.shape[0], b), -1, dtype=torch.long)
+    for j, det in enumerate(detections):
+        boxes[j, :len(det["labels"])] = det["boxes"]
+        labels[j, :len(det["labels"])] = det["labels"]
+    return detections, DetectionTarget(boxes=boxes.to(x.device), box_classes=labels.to(x.device),
+                                       decode=bundle.extra["decode"])
+
+
+def _detection_pictures(bundle, result, j: int, det: dict, original: np.ndarray, size, method: str, signed: bool,
+                        alpha: float, cmap: str):
+    """(overlay: the image with every box and their maps' maximum, figure: detections | one overlay per box,
+    title) of image ``j`` of a detection result."""
+    import torch
+
+    from . import render
+    from .figures import detection_figure, overlay_image, signed_overlay_image
+    from .postprocess import resize_bilinear
+
+    d = len(det["labels"])
+    h0, w0 = original.shape[:2]
+    scale = torch.tensor([w0 / size[1], h0 / size[0], w0 / size[1], h0 / size[0]])
+    boxes = (det["boxes"].float() * scale).numpy()
+    matched = result.outputs["matched"][j].cpu()
+    overlays, labels, heats = [], [], []
+    for b in range(d):
+        if signed:
+            unit = torch.from_numpy(render.normalize(result.raw[j, b:b + 1].cpu().numpy(), sign="centered"))
+        else:
+            unit = result.maps[j, b:b + 1].cpu()
+        heat = resize_bilinear(unit, (h0, w0))[0].clamp(0, 1).numpy()
+        heats.append(heat)
+        overlays.append(signed_overlay_image(original, heat, alpha=alpha, cmap=cmap) if signed
+                        else overlay_image(original, heat, alpha=alpha, cmap=cmap))
+        name = bundle.class_name(int(det["labels"][b]))
+        labels.append(f"{name} {float(det['scores'][b]):.2f}" + ("" if bool(matched[b]) else " (no match)"))
+    if d:
+        combined = np.max(np.stack(heats), 0)
+        over = (signed_overlay_image(original, combined, alpha=alpha, cmap=cmap) if signed
+                else overlay_image(original, combined, alpha=alpha, cmap=cmap))
+        over = render.draw_boxes(over, boxes, thickness=1)
+        title = f"{method}: why the detected box" if d == 1 else f"{method}: why each of the {d} detected boxes"
+    else:
+        over = original.copy()
+        title = f"{method}: no detection above the score threshold"
+    figure = detection_figure(original, boxes, labels, overlays, title)
+    found = ", ".join(f"#{b + 1} {labels[b]} [{', '.join(f'{v:.0f}' for v in boxes[b])}]" for b in range(d))
+    return over, figure, title + (f": {found}" if d else "")
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     import torch
 
@@ -325,6 +402,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     bundle = load_model(args.model, args.device, args.size, task=args.task)
     images, info = _task_inputs(args, bundle, images)
     task = bundle.task
+    if task != "detection" and (args.max_boxes is not None or args.score_threshold is not None):
+        raise InputError("--max-boxes and --score-threshold are options of --task detection")
     target = resolve_target(args.target, bundle) if task != "similarity" else None
     if args.target is not None and task == "similarity":
         raise InputError("--target has no meaning for --task similarity (the similarity is the one score)")
@@ -374,6 +453,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
             elif task == "similarity":
                 refs = embeddings if len(embeddings) == 1 else embeddings[start:start + len(chunk)]
                 explained_target = SimilarityTarget(refs)
+            elif task == "detection":
+                detections, explained_target = _detections_to_explain(bundle, x, target, args)
             else:
                 explained_target = target
             try:
@@ -387,6 +468,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
             logits = result.scores.detach().float().cpu()
             for j, (_, original) in enumerate(chunk):
                 i = start + j
+                if task == "detection":
+                    over, figure, title = _detection_pictures(bundle, result, j, detections[j], original, x.shape[-2:],
+                                                              args.method, signed, alpha, cmap)
+                    base = f"{stems[i]}_{args.method}"
+                    save_png_atomic(over, staging / f"{base}_overlay.png")
+                    save_png_atomic(figure, staging / f"{base}_figure.png")
+                    lines.append(_with_truth(f"{stems[i]}: {title} -> {out / base}_figure.png", info, i, task))
+                    continue
                 explained = int(result.target[j])
                 if signed:  # evidence for (+) and against (-): 0 at the middle of a diverging colormap
                     unit = torch.from_numpy(render.normalize(result.raw[j:j + 1].cpu().numpy(), sign="centered"))
@@ -424,13 +513,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
                 save_png_atomic(over, staging / f"{base}_overlay.png")
                 save_png_atomic(side_by_side(original, heat, over, title, cmap=cmap, context=context),
                                 staging / f"{base}_figure.png")
-                line = f"{stems[i]}: {title} -> {out / base}_figure.png"
-                if info["truth"] is not None:
-                    from .zoo import SHAPE_CLASSES
-
-                    present = [SHAPE_CLASSES[k] for k in info["truth"][i]]
-                    line += f"  [{'shared' if task == 'similarity' else 'contains'}: {', '.join(present)}]"
-                lines.append(line)
+                lines.append(_with_truth(f"{stems[i]}: {title} -> {out / base}_figure.png", info, i, task))
             progress.update(len(chunk))
         progress.close()
         for name in names:
@@ -475,7 +558,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     example = bundle.normalize(torch.rand(1, 3, h, w, device=args.device))
     from .targets import TARGETS
 
-    kind = None if bundle.task == "classification" else TARGETS[bundle.task]()
+    if bundle.task == "detection":
+        kind = TARGETS["detection"](decode=bundle.extra["decode"], max_boxes=args.max_boxes or 10)
+    elif args.max_boxes is not None:
+        raise InputError("--max-boxes is an option of --task detection")
+    else:
+        kind = None if bundle.task == "classification" else TARGETS[bundle.task]()
     try:
         export(method, example, path, format=args.format, class_names=bundle.class_names,
                preprocessing=bundle.preprocessing(), metadata={"model": bundle.name, "multilabel": bundle.multilabel},
@@ -557,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Examples:\n  pyattr explain                       # generated samples, built-in model\n"
                "  pyattr explain --task segmentation   # the built-in segmenter: why these pixels are a square\n"
                "  pyattr explain --task similarity     # generated query/reference pairs, built-in embedding\n"
+               "  pyattr explain --task detection      # the built-in detector: one map per detected box\n"
                "  pyattr explain cat.jpg --model torchvision:resnet18:resnet18.pth --method gradcam\n"
                "  pyattr export gradcam.onnx --method gradcam\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -576,11 +665,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--size", type=_int_in("--size", 8, MAX_SIZE),
                        help=f"input size the images are resized to, 8..{MAX_SIZE} (default: the model's)")
         p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N")
-        p.add_argument("--task", default="classification", choices=["classification", "segmentation", "similarity"],
+        p.add_argument("--task", default="classification",
+                       choices=["classification", "segmentation", "similarity", "detection"],
                        help="what is explained: a class (default); segmentation: a class over a region of a "
                             "segmenter's per-pixel scores (the built-in segmenter with --model builtin, "
                             "torchvision:fcn_resnet50, ...); similarity: an embedding's cosine similarity to "
-                            "a reference (the built-in classifier's pooled features with --model builtin)")
+                            "a reference (the built-in classifier's pooled features with --model builtin); "
+                            "detection: each box the built-in detector finds, one map per box")
+        p.add_argument("--max-boxes", type=_int_in("--max-boxes", 1, 100),
+                       help="--task detection: boxes explained per image (explain: the top-scored detections, "
+                            "default 5; export: the graph's number of box inputs B, default 10)")
 
     ex = sub.add_parser("explain", help="write heatmap overlays and figures for images",
                         description="Explain images: per image, an overlay PNG and a figure "
@@ -598,6 +692,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--reference", metavar="IMAGE",
                     help="--task similarity: the reference image whose embedding each image is compared with "
                          "(default with generated samples: each sample's own reference)")
+    ex.add_argument("--score-threshold", type=_float_in("--score-threshold", 0.0, 1.0),
+                    help="--task detection: explain the detections scored above this (default 0.3)")
     ex.add_argument("--out", default="pyattr_out", help="output folder (default pyattr_out)")
     ex.add_argument("--samples", type=_int_in("--samples", 1, 10_000), default=6,
                     help="generated samples when no image is given (default 6)")

@@ -64,6 +64,55 @@ def side_by_side(image: np.ndarray, heatmap: np.ndarray, overlay: np.ndarray, ti
     return fig
 
 
+def _panel(array: np.ndarray, panel: int) -> tuple[Image.Image, float]:
+    h, w = array.shape[:2]
+    scale = panel / h
+    resample = Image.NEAREST if scale >= 2 else Image.BILINEAR
+    return Image.fromarray(array).resize((max(1, round(w * scale)), panel), resample), scale
+
+
+def detection_figure(image: np.ndarray, boxes: np.ndarray, labels: list[str], overlays: list[np.ndarray],
+                     title: str, panel: int = 192) -> Image.Image:
+    """A figure of a detection explanation: the image with every box, then one overlay per box with its box.
+
+    Args:
+        image: (H, W, 3) uint8.
+        boxes: (B, 4) xyxy in the image's pixels.
+        labels: one text per box (e.g. ``"circle 0.98"``), drawn above its panel with the box's number.
+        overlays: one (H, W, 3) uint8 heatmap overlay per box (the box's own map).
+        title: the figure's title line.
+        panel: each panel's height in pixels (boxes are drawn at that resolution, 2 pixels wide).
+    """
+    from .render import BOX_PALETTE, draw_boxes
+
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    colors = BOX_PALETTE[np.arange(len(boxes)) % len(BOX_PALETTE)]
+    base, scale = _panel(image, panel)
+    first = draw_boxes(np.asarray(base), boxes * scale, colors=colors, thickness=2) if len(boxes) else np.asarray(base)
+    pictures = [(first, "detections" if len(boxes) else "no detection")]
+    for b, (over, label) in enumerate(zip(overlays, labels)):
+        big, _ = _panel(over, panel)
+        pictures.append((draw_boxes(np.asarray(big), boxes[b:b + 1] * scale, colors=colors[b], thickness=2),
+                         f"#{b + 1} {label}"))
+    font = _font(16)
+    pad, head = 8, 30
+    width = sum(p.shape[1] for p, _ in pictures) + (len(pictures) + 1) * pad
+    fig = Image.new("RGB", (width, panel + head + pad), "white")
+    draw = ImageDraw.Draw(fig)
+    draw.text((pad, 6), title, fill="black", font=font)
+    x = pad
+    for b, (p, label) in enumerate(pictures):
+        fig.paste(Image.fromarray(p), (x, head))
+        if b == 0:
+            for i, box in enumerate(boxes):
+                draw.text((x + float(box[0]) * scale + 3, head + float(box[1]) * scale + 2), str(i + 1),
+                          fill=tuple(int(c) for c in colors[i]), font=_font(14), stroke_width=2, stroke_fill="black")
+        draw.text((x + 4, head + 4) if b == 0 else (x + 4, head + panel - 20), label, fill="white", font=_font(12),
+                  stroke_width=2, stroke_fill="black")
+        x += p.shape[1] + pad
+    return fig
+
+
 def mask_image(mask: np.ndarray) -> np.ndarray:
     """(H, W) region weights (>= 0; 1 = fully inside) -> (H, W, 3) uint8 picture, white inside."""
     level = (np.clip(mask, 0, 1) * 255).astype(np.uint8)

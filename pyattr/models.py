@@ -247,16 +247,17 @@ def weights_mismatch(model: nn.Module, state: dict) -> str:
     return "; ".join(parts) + hint + f". The model has {len(expected)} entries, the file {len(state)}."
 
 
-TASKS = ("classification", "segmentation", "similarity")
+TASKS = ("classification", "segmentation", "similarity", "detection")
 """What a model named on the command line does (``--task``)."""
 
 _TASK_OUTPUT = {"classification": "(1, K) class scores", "segmentation": "(1, K, H, W) per-pixel class scores",
-                "similarity": "a (1, D) embedding"}
+                "similarity": "a (1, D) embedding", "detection": "candidate boxes and class scores"}
 
 
 def load_builtin_bundle(device: str = "cpu", task: str = "classification") -> ModelBundle:
-    """The built-in model of ``task``: the shapes classifier, the shapes segmenter (background + 6 shapes)
-    or the classifier's pooled features as an embedding model."""
+    """The built-in model of ``task``: the shapes classifier, the shapes segmenter (background + 6 shapes),
+    the classifier's pooled features as an embedding model, or the shapes detector (``extra``: its
+    ``decode`` (candidates for :class:`~pyattr.targets.DetectionTarget`) and ``detect`` (boxes after NMS))."""
     from . import zoo
 
     try:
@@ -266,6 +267,11 @@ def load_builtin_bundle(device: str = "cpu", task: str = "classification") -> Mo
         if task == "similarity":
             return ModelBundle(zoo.load_builtin_embedding(device), "builtin", (64, 64),
                                default_layer=zoo.SHAPESNET_LAYER, task=task)
+        if task == "detection":
+            return ModelBundle(zoo.load_builtin_detector(device), "builtin", (64, 64),
+                               class_names=list(zoo.DET_CLASSES), default_layer=zoo.DETMODEL_LAYER,
+                               multilabel=True, task=task,
+                               extra={"decode": zoo.decode_detections, "detect": zoo.detect})
         model = zoo.load_builtin(device)
     except FileNotFoundError as err:
         raise InputError(str(err)) from err
@@ -338,6 +344,10 @@ def load_model(spec: str, device: str = "cpu", size: int | None = None, task: st
     model (a torchvision classifier's output serves as its embedding)."""
     if task not in TASKS:
         raise InputError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+    if task == "detection" and spec != "builtin":
+        raise InputError("--task detection runs the built-in detector on the command line; explain other detectors "
+                         "from Python with pyattr.targets.DetectionTarget (docs/detection.md: torchvision's RetinaNet, "
+                         "FCOS and SSD through pyattr.detection.DenseCandidates, any detector through a decode function)")
     if spec == "builtin":
         bundle = load_builtin_bundle(device, task)
     elif spec.startswith("torchvision:"):

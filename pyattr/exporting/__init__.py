@@ -103,9 +103,10 @@ def _json_ok(value: Any) -> bool:
 
 
 def check_class_names(meta: dict[str, Any], gm) -> None:
-    """After the trace: ``class_names`` must hold one name per score of the traced graph."""
+    """After the trace: ``class_names`` must hold one name per score of the traced graph (targets whose scores
+    are not classes, a similarity or one score per box, are not checked: a detector's names are its classes)."""
     names = meta.get("class_names")
-    if names is None or meta.get("target", {}).get("kind") == "similarity":
+    if names is None or meta.get("target", {}).get("kind") in ("similarity", "detection"):
         return
     scores = gm.graph.output_node().args[0][0]
     shape = getattr(scores, "meta", {}).get("val")
