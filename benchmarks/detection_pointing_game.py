@@ -35,7 +35,15 @@ import pyattr
 from pyattr.methods import build_method, needs_layer
 from pyattr.postprocess import resize_bilinear
 from pyattr.targets import DetectionTarget
-from pyattr.zoo import DET_CLASSES, DETMODEL_LAYER, decode_detections, detect, generate, load_builtin_detector, mask_boxes
+from pyattr.zoo import (
+    DET_CLASSES,
+    DETMODEL_LAYER,
+    decode_detections,
+    detect,
+    generate,
+    load_builtin_detector,
+    mask_boxes,
+)
 from pyattr.zoo.detmodel import box_iou
 
 EVAL_SEED = 40_000
@@ -104,17 +112,17 @@ def markdown(results: list[dict], n: int, seed: int) -> str:
     layer = results[0].get("layer") if results else None
     lines = [f"### Detection (built-in ShapesDetNet, layer `{layer or DETMODEL_LAYER}` for CAMs; {boxes} detected boxes matched "
              f"to objects in {n} images, seed {seed})", "",
-             "| method | pointing game, mask | pointing game, box | energy, mask | "
-             + " | ".join(f"{c} (mask / box)" for c in DET_CLASSES) + " |",
+             ("| method | pointing game, mask | pointing game, box | energy, mask | "
+              + " | ".join(f"{c} (mask / box)" for c in DET_CLASSES) + " |"),
              "|---|---|---|---|" + "---|" * len(DET_CLASSES)]
     for r in results:
         cells = [f"{100 * r['per_class'][c]['mask']:.0f} / {100 * r['per_class'][c]['box']:.0f}"
                  if c in r["per_class"] else "-" for c in DET_CLASSES]
-        lines.append(f"| {r['method']} | **{100 * r['mask']:.1f}%** | {100 * r['box']:.1f}% | {100 * r['energy']:.1f}% | "
-                     + " | ".join(cells) + " |")
-    lines += ["", "Pointing game: the normalized map's maximum inside the object's mask (or its tight box); energy: the "
-              "share of the raw map's positive values inside the mask. Each detected box that matches an object "
-              "(same class, IoU >= 0.5) is explained with DetectionTarget (the matched candidate's probability)."]
+        lines.append((f"| {r['method']} | **{100 * r['mask']:.1f}%** | {100 * r['box']:.1f}% | "
+                      f"{100 * r['energy']:.1f}% | " + " | ".join(cells) + " |"))
+    lines += ["", ("Pointing game: the normalized map's maximum inside the object's mask (or its tight box); energy: "
+              "the share of the raw map's positive values inside the mask. Each detected box that matches an object "
+              "(same class, IoU >= 0.5) is explained with DetectionTarget (the matched candidate's probability).")]
     return "\n".join(lines) + "\n"
 
 
