@@ -110,16 +110,16 @@ def run(name: str, n: int, seed: int, batch_size: int, layer: str | None = None)
 def markdown(results: list[dict], n: int, seed: int) -> str:
     boxes = results[0]["boxes"] if results else 0
     layer = results[0].get("layer") if results else None
-    lines = [f"### Detection (built-in ShapesDetNet, layer `{layer or DETMODEL_LAYER}` for CAMs; {boxes} detected boxes matched "
-             f"to objects in {n} images, seed {seed})", "",
+    lines = [(f"### Detection (built-in ShapesDetNet, layer `{layer or DETMODEL_LAYER}` for CAMs; {boxes} detected boxes matched "
+             f"to objects in {n} images, seed {seed})"), "",
              ("| method | pointing game, mask | pointing game, box | energy, mask | "
               + " | ".join(f"{c} (mask / box)" for c in DET_CLASSES) + " |"),
              "|---|---|---|---|" + "---|" * len(DET_CLASSES)]
     for r in results:
         cells = [f"{100 * r['per_class'][c]['mask']:.0f} / {100 * r['per_class'][c]['box']:.0f}"
                  if c in r["per_class"] else "-" for c in DET_CLASSES]
-        lines.append((f"| {r['method']} | **{100 * r['mask']:.1f}%** | {100 * r['box']:.1f}% | "
-                      f"{100 * r['energy']:.1f}% | " + " | ".join(cells) + " |"))
+        lines.append(f"| {r['method']} | **{100 * r['mask']:.1f}%** | {100 * r['box']:.1f}% | "
+                      f"{100 * r['energy']:.1f}% | " + " | ".join(cells) + " |")
     lines += ["", ("Pointing game: the normalized map's maximum inside the object's mask (or its tight box); energy: "
               "the share of the raw map's positive values inside the mask. Each detected box that matches an object "
               "(same class, IoU >= 0.5) is explained with DetectionTarget (the matched candidate's probability).")]
