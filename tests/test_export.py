@@ -757,3 +757,19 @@ def test_channels_last_example_exports(tmp_path, builtin_model):
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     maps = sess.run(None, {"images": example.contiguous().numpy(), "target": np.full(2, -1, np.int64)})[3]
     assert np.abs(maps - method(example).maps.numpy()).max() < 1e-4
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pt2"])
+def test_exported_graph_takes_strided_images(builtin_model, tmp_path, suffix):
+    """A torch caller's image batch may be a permuted (channels-last) view: TorchScript and .pt2 graphs, traced on
+    contiguous inputs, copy their inputs to contiguous memory first (they failed with a view error before)."""
+    x = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(5)).permute(0, 3, 1, 2)
+    assert not x.is_contiguous()
+    method = pyattr.Saliency(builtin_model)
+    path = pyattr.export(method, x[:1].contiguous(), tmp_path / f"strided{suffix}")
+    runner = torch.jit.load(str(path)) if suffix == ".pt" else torch.export.load(str(path)).module()
+    t = torch.tensor([-1, 2])
+    with torch.no_grad():
+        maps = runner(x, t)[3]
+    ref = method(x, t)
+    assert float((maps - ref.maps).abs().max()) <= 1e-5

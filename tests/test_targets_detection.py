@@ -354,12 +354,12 @@ def fcos_case():
 
 
 # CI time (on 2 cores shared with 3 other jobs: Grad-CAM ONNX 139 s, Saliency TorchScript 74 s, Saliency .pt2
-# 190 s): Grad-CAM in ONNX and Saliency in TorchScript; the other formats with -m slow; every method in every
-# format: benchmarks/detection_export.py
+# 190 s): Grad-CAM in ONNX; the other formats with -m slow (the built-in detector below runs every format);
+# every method in every format: benchmarks/detection_export.py
 @pytest.mark.parametrize("method, formats", [
-    ("gradcam", ("onnx",)), ("saliency", ("torchscript",)),
+    ("gradcam", ("onnx",)),
     pytest.param("gradcam", ("torchscript", "pt2"), marks=pytest.mark.slow),
-    pytest.param("saliency", ("onnx", "pt2"), marks=pytest.mark.slow)])
+    pytest.param("saliency", ("onnx", "torchscript", "pt2"), marks=pytest.mark.slow)])
 def test_export_contract_fcos(fcos_case, method, formats, tmp_path):
     _, wrapped, x, boxes, labels = fcos_case
     levels = feature_levels(wrapped)
@@ -396,3 +396,25 @@ def test_export_examples_and_metadata():
 
     assert input_names(DetectionTarget()) == ("images", "boxes", "box_classes")
     assert output_names(DetectionTarget()) == ("scores", "explained_class", "raw", "maps", "matched", "iou")
+
+
+@pytest.mark.parametrize("method", ["gradcam", "saliency"])
+def test_export_contract_builtin_detector(method, tmp_path):
+    """The built-in one-stage detector, every format, batches 1 and 2, three boxes per image: the detections
+    of the first image, a padded box and a box with no candidate over the IoU threshold in the second."""
+    model = pyattr.zoo.load_builtin_detector()
+    data = pyattr.zoo.generate(2, seed=4242)
+    x = torch.from_numpy(data.images).permute(0, 3, 1, 2).float() / 255
+    found = pyattr.zoo.detect(model, x)
+    boxes = torch.zeros(2, 3, 4)
+    labels = torch.full((2, 3), -1, dtype=torch.long)
+    for j, det in enumerate(found):
+        k = min(2, len(det["labels"]))
+        boxes[j, :k], labels[j, :k] = det["boxes"][:k], det["labels"][:k]
+    boxes[1, 2], labels[1, 2] = torch.tensor([0.0, 0.0, 3.0, 3.0]), 0  # a 3x3 corner: no candidate's IoU > 0.5
+    m = pyattr.GradCAM(model, pyattr.zoo.DETMODEL_LAYER) if method == "gradcam" else pyattr.Saliency(model)
+    ref = m(x, DetectionTarget(boxes=boxes, box_classes=labels, decode=pyattr.zoo.decode_detections))
+    assert bool(ref.outputs["matched"][0, 0]) and not bool(ref.outputs["matched"][1, 2])
+    assert ((ref.maps.flatten(2).amax(2) > 0) == ref.outputs["matched"]).all()
+    assert_detection_contract(m, x, boxes, labels, tmp_path,
+                              DetectionTarget(decode=pyattr.zoo.decode_detections, max_boxes=3))

@@ -122,9 +122,9 @@ def _dynamic_shapes(count: int):
     return {"images": {0: batch}, "inputs": tuple({0: batch} for _ in range(count - 1))}
 
 
-def _export_program(gm, inputs: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
+def _export_program(gm, inputs: tuple[torch.Tensor, ...], dense_inputs: bool = False) -> torch.export.ExportedProgram:
     try:
-        return torch.export.export(GraphModule(gm).eval(), tuple(inputs), dynamic_shapes=_dynamic_shapes(len(inputs)),
+        return torch.export.export(GraphModule(gm, dense_inputs).eval(), tuple(inputs), dynamic_shapes=_dynamic_shapes(len(inputs)),
                                    strict=False)
     except Exception as err:
         raise ExportError(f"torch.export could not capture the traced attribution graph: "
@@ -180,7 +180,7 @@ def _write_torchscript(gm, tmp: Path, meta: dict) -> None:
 
 
 def _write_pt2(gm, inputs, tmp: Path, meta: dict) -> None:
-    ep = _export_program(gm, inputs)
+    ep = _export_program(gm, inputs, dense_inputs=True)  # a .pt2 is called with torch tensors of any strides
     torch.export.save(ep, str(tmp), extra_files={f"{METADATA_KEY}.json": json.dumps(meta)})
 
 

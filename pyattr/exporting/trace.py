@@ -205,11 +205,15 @@ def fold_constants(gm: fx.GraphModule) -> int:
 class GraphModule(torch.nn.Module):
     """A thin module with named inputs around the traced graph (for torch.export / ONNX)."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, dense_inputs: bool = False):
         super().__init__()
         self.graph_module = gm
+        self.dense_inputs = dense_inputs
 
     def forward(self, images: torch.Tensor, *inputs: torch.Tensor):
+        if self.dense_inputs:  # the graph may view its inputs as traced (contiguous); a caller's may be strided
+            images = images.clone(memory_format=torch.contiguous_format)
+            inputs = tuple(t.clone(memory_format=torch.contiguous_format) for t in inputs)
         return self.graph_module(images, *inputs)
 
 
@@ -218,7 +222,14 @@ def scriptable(gm: fx.GraphModule) -> fx.GraphModule:
     ``sym_size`` becomes ``size`` and device constants follow the input's device."""
     gm = copy.deepcopy(gm)
     graph = gm.graph
-    first = next(n for n in graph.nodes if n.op == "placeholder")
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    first = placeholders[0]
+    # the trace saw contiguous inputs and may view them; a caller's tensor may be strided (a permuted image
+    # batch): make every input contiguous first (free when it already is)
+    for node in placeholders:
+        with graph.inserting_after(placeholders[-1]):
+            dense = graph.call_method("contiguous", (node,))
+        node.replace_all_uses_with(dense, delete_user_cb=lambda user, dense=dense: user is not dense)
     with graph.inserting_after(first):
         device = graph.call_function(getattr, (first, "device"))
     for node in list(graph.nodes):
