@@ -50,7 +50,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pyattr.errors import InputError
-from pyattr.zoo.model import _INPUT_MEAN, _INPUT_STD, BasicBlock
+from pyattr.zoo.segmodel import Stride4Backbone
 from pyattr.zoo.shapes import SHAPE_CLASSES
 
 DET_CLASSES: tuple[str, ...] = SHAPE_CLASSES
@@ -71,7 +71,7 @@ DET_WEIGHTS_PATH = Path(__file__).resolve().parent / "shapesdet.pt"
 _PRIOR_PROBABILITY = 0.01  # initial class probability of every cell (focal-loss prior, Lin et al. 2017)
 
 
-class ShapesDetNet(nn.Module):
+class ShapesDetNet(Stride4Backbone):
     """One-stage dense detector for the six shape classes.
 
     Args:
@@ -95,40 +95,17 @@ class ShapesDetNet(nn.Module):
         num_classes: int = NUM_DET_CLASSES,
         widths: tuple[int, int, int, int, int] = (24, 32, 64, 96, 64),
     ) -> None:
-        super().__init__()
-        stem_width, width1, width2, width3, head_width = widths
-        self.register_buffer("mean", torch.tensor(_INPUT_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(_INPUT_STD).view(1, 3, 1, 1))
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, stem_width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(stem_width),
-            nn.ReLU(inplace=False),
-            nn.MaxPool2d(2),
-        )
-        self.layer1 = BasicBlock(stem_width, width1)
-        self.layer2 = BasicBlock(width1, width2, stride=2)
-        self.layer3 = BasicBlock(width2, width3, dilation=2)
-        self.head = nn.Sequential(
-            nn.Conv2d(width3, head_width, 3, padding=2, dilation=2, bias=False),
-            nn.BatchNorm2d(head_width),
-            nn.ReLU(inplace=False),
-        )
-        self.box = nn.Conv2d(head_width, 4, 1)
-        self.cls = nn.Conv2d(head_width, num_classes, 1)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d) and module not in (self.box, self.cls):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        for module in self.modules():  # zero-init the last BN of each block: blocks start as identity
-            if isinstance(module, BasicBlock):
-                nn.init.zeros_(module.bn2.weight)
+        super().__init__(widths)
+        self.box = nn.Conv2d(widths[-1], 4, 1)
+        self.cls = nn.Conv2d(widths[-1], num_classes, 1)
+        self.init_backbone()
         nn.init.normal_(self.cls.weight, std=0.01)
         nn.init.constant_(self.cls.bias, -math.log((1 - _PRIOR_PROBABILITY) / _PRIOR_PROBABILITY))
         nn.init.normal_(self.box.weight, std=0.01)
         nn.init.constant_(self.box.bias, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - self.mean) / self.std
-        x = self.head(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        x = self.features(x)
         return torch.cat([self.box(x), self.cls(x)], dim=1)
 
 

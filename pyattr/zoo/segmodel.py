@@ -54,7 +54,53 @@ SEG_WEIGHTS_PATH = Path(__file__).resolve().parent / "shapesseg.pt"
 """Where the shipped weights live (a plain ``state_dict`` written by :mod:`pyattr.zoo.train_seg`)."""
 
 
-class ShapesSegNet(nn.Module):
+class Stride4Backbone(nn.Module):
+    """The shared body of the built-in segmenter and detector: fixed input normalization, stem, three residual
+    blocks and a dilated ``head`` at stride 4 (layout in the module docstring). Subclasses create their own 1x1
+    output convolutions, then call :meth:`init_backbone`; :meth:`features` gives ``head``'s (N, C, H/4, W/4) map.
+
+    Args:
+        widths: channels of (stem, layer1, layer2, layer3, head).
+    """
+
+    def __init__(self, widths: tuple[int, int, int, int, int] = (24, 32, 64, 96, 64)) -> None:
+        super().__init__()
+        stem_width, width1, width2, width3, head_width = widths
+        self.register_buffer("mean", torch.tensor(_INPUT_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(_INPUT_STD).view(1, 3, 1, 1))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, stem_width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(stem_width),
+            nn.ReLU(inplace=False),
+            nn.MaxPool2d(2),
+        )
+        self.layer1 = BasicBlock(stem_width, width1)
+        self.layer2 = BasicBlock(width1, width2, stride=2)
+        self.layer3 = BasicBlock(width2, width3, dilation=2)
+        self.head = nn.Sequential(
+            nn.Conv2d(width3, head_width, 3, padding=2, dilation=2, bias=False),
+            nn.BatchNorm2d(head_width),
+            nn.ReLU(inplace=False),
+        )
+
+    def init_backbone(self) -> None:
+        """He-init the body's convolutions and zero the last BN of each block (blocks start as identity).
+        Called by subclasses after creating their output convolutions (which keep their own init)."""
+        for part in (self.stem, self.layer1, self.layer2, self.layer3, self.head):
+            for module in part.modules():
+                if isinstance(module, nn.Conv2d):
+                    nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        for module in self.modules():
+            if isinstance(module, BasicBlock):
+                nn.init.zeros_(module.bn2.weight)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) RGB in [0, 1] -> ``head``'s (N, C, H/4, W/4) features."""
+        x = (x - self.mean) / self.std
+        return self.head(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+
+
+class ShapesSegNet(Stride4Backbone):
     """Semantic segmenter for the shapes images: background + the six shape classes, per pixel.
 
     Args:
@@ -77,36 +123,13 @@ class ShapesSegNet(nn.Module):
         num_classes: int = NUM_SEG_CLASSES,
         widths: tuple[int, int, int, int, int] = (24, 32, 64, 96, 64),
     ) -> None:
-        super().__init__()
-        stem_width, width1, width2, width3, head_width = widths
-        self.register_buffer("mean", torch.tensor(_INPUT_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(_INPUT_STD).view(1, 3, 1, 1))
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, stem_width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(stem_width),
-            nn.ReLU(inplace=False),
-            nn.MaxPool2d(2),
-        )
-        self.layer1 = BasicBlock(stem_width, width1)
-        self.layer2 = BasicBlock(width1, width2, stride=2)
-        self.layer3 = BasicBlock(width2, width3, dilation=2)
-        self.head = nn.Sequential(
-            nn.Conv2d(width3, head_width, 3, padding=2, dilation=2, bias=False),
-            nn.BatchNorm2d(head_width),
-            nn.ReLU(inplace=False),
-        )
-        self.classifier = nn.Conv2d(head_width, num_classes, 1)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d) and module is not self.classifier:
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        for module in self.modules():  # zero-init the last BN of each block: blocks start as identity
-            if isinstance(module, BasicBlock):
-                nn.init.zeros_(module.bn2.weight)
+        super().__init__(widths)
+        self.classifier = nn.Conv2d(widths[-1], num_classes, 1)
+        self.init_backbone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
-        x = (x - self.mean) / self.std
-        x = self.head(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        x = self.features(x)
         return F.interpolate(self.classifier(x), size=size, mode="bilinear", align_corners=False)
 
 
