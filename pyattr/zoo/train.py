@@ -43,7 +43,8 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,18 @@ def save_state_dict_atomically(model: nn.Module, out_path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+@contextmanager
+def torch_threads(num_threads: int) -> Iterator[None]:
+    """Run the body with ``torch.set_num_threads(num_threads)``, restoring the previous count after (the
+    training scripts of the built-in models)."""
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
 def train(
     out_path: Path = WEIGHTS_PATH,
     epochs: int = 4,
@@ -147,14 +160,10 @@ def train(
     """
     if seed == HELDOUT_SEED:
         raise ValueError(f"seed {HELDOUT_SEED} is reserved for the held-out set")
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
+    with torch_threads(num_threads):
         return _train(
             out_path, epochs, seed, train_size, heldout_size, batch_size, learning_rate, weight_decay
         )
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _train(

@@ -69,7 +69,13 @@ from pyattr.zoo.detmodel import (
 )
 from pyattr.zoo.segmodel import SEG_WEIGHTS_PATH
 from pyattr.zoo.shapes import generate
-from pyattr.zoo.train import HELDOUT_SEED, random_dihedral, run_command_line, save_state_dict_atomically
+from pyattr.zoo.train import (
+    HELDOUT_SEED,
+    random_dihedral,
+    run_command_line,
+    save_state_dict_atomically,
+    torch_threads,
+)
 from pyattr.zoo.train_seg import render_segmentation_dataset
 
 DEFAULT_SEED = 1
@@ -246,15 +252,11 @@ def train(
     """
     if seed in RESERVED_SEEDS:
         raise ValueError(f"seeds {RESERVED_SEEDS} are reserved for evaluation; got --seed {seed}")
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
+    with torch_threads(num_threads):
         return _train(
             Path(out_path), epochs, seed, train_size, heldout_size, batch_size, learning_rate, weight_decay,
             from_segmenter,
         )
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _train(

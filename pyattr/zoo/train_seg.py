@@ -47,6 +47,7 @@ from pyattr.zoo.train import (
     render_dataset,
     run_command_line,
     save_state_dict_atomically,
+    torch_threads,
 )
 
 DEFAULT_SEED = 1
@@ -119,14 +120,10 @@ def train(
     """
     if seed in RESERVED_SEEDS:
         raise ValueError(f"seeds {RESERVED_SEEDS} are reserved for evaluation; got --seed {seed}")
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
+    with torch_threads(num_threads):
         return _train(
             Path(out_path), epochs, seed, train_size, heldout_size, batch_size, learning_rate, weight_decay
         )
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _train(
