@@ -79,13 +79,7 @@ def run(name: str, n: int, seed: int, batch_size: int, layer: str | None = None)
         x = images[s:s + batch_size]
         with torch.no_grad():
             matches = matched_boxes(model, x, data, s)
-        b = max(1, max(len(m["objects"]) for m in matches))
-        boxes = torch.zeros(len(x), b, 4)
-        labels = torch.full((len(x), b), -1, dtype=torch.long)
-        for j, m in enumerate(matches):
-            boxes[j, :len(m["objects"])] = m["boxes"]
-            labels[j, :len(m["objects"])] = m["labels"]
-        result = method(x, DetectionTarget(boxes=boxes, box_classes=labels, decode=decode_detections))
+        result = method(x, DetectionTarget.from_detections(matches, decode=decode_detections))
         raw = result.raw.float()
         if raw.shape[-2:] != x.shape[-2:]:
             raw = resize_bilinear(raw.flatten(0, 1), tuple(x.shape[-2:])).view(*raw.shape[:2], *x.shape[-2:])

@@ -332,14 +332,7 @@ def _detections_to_explain(bundle, x, target: int | None, args: argparse.Namespa
     for det in found:
         pick = torch.arange(len(det["labels"])) if target is None else torch.nonzero(det["labels"] == target).flatten()
         detections.append({k: v[pick[:keep]].detach().cpu() for k, v in det.items()})
-    b = max(1, max(len(d["labels"]) for d in detections))
-    boxes = torch.zeros(x.shape[0], b, 4)
-    labels = torch.full((x.shape[0], b), -1, dtype=torch.long)
-    for j, det in enumerate(detections):
-        boxes[j, :len(det["labels"])] = det["boxes"]
-        labels[j, :len(det["labels"])] = det["labels"]
-    return detections, DetectionTarget(boxes=boxes.to(x.device), box_classes=labels.to(x.device),
-                                       decode=bundle.extra["decode"])
+    return detections, DetectionTarget.from_detections(detections, decode=bundle.extra["decode"])
 
 
 def _detection_pictures(bundle, result, j: int, det: dict, original: np.ndarray, size, method: str, signed: bool,

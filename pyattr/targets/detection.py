@@ -96,6 +96,7 @@ class DetectionTarget(Target):
         max_boxes: B of an exported graph when no boxes are given.
 
     Example:
+        >>> import torchvision, pyattr
         >>> det = torchvision.models.detection.fcos_resnet50_fpn(weights=None, weights_backbone=None).eval()
         >>> wrapped = pyattr.detection.DenseCandidates(det)            # candidates before NMS, no resize
         >>> cam = pyattr.GradCAM(wrapped, "backbone.fpn.layer_blocks.0")
@@ -135,6 +136,28 @@ class DetectionTarget(Target):
         self.objective = objective
         self.match = match
         self.max_boxes = max_boxes
+
+    @classmethod
+    def from_detections(cls, detections: list[dict[str, Any]], **options: Any) -> DetectionTarget:
+        """A target for per-image detections in torchvision's format (one dict per image with ``boxes`` (D, 4)
+        and ``labels`` (D,), e.g. :func:`pyattr.zoo.detect`'s or a torchvision detector's output): boxes padded
+        with class -1 to the largest count (at least one box, so an image without detections gets a zero map).
+        ``options``: the other arguments of :class:`DetectionTarget` (``decode``, ``iou_threshold``, ...).
+
+        Example:
+            >>> t = DetectionTarget.from_detections([{"boxes": torch.ones(2, 4), "labels": torch.tensor([0, 3])},
+            ...                                      {"boxes": torch.ones(0, 4), "labels": torch.zeros(0)}])
+            >>> t.boxes.shape, t.box_classes.tolist()
+            (torch.Size([2, 2, 4]), [[0, 3], [-1, -1]])
+        """
+        b = max(1, max((len(d["labels"]) for d in detections), default=0))
+        boxes = torch.zeros(len(detections), b, 4)
+        labels = torch.full((len(detections), b), -1, dtype=torch.long)
+        for j, det in enumerate(detections):
+            d = len(det["labels"])
+            boxes[j, :d] = torch.as_tensor(det["boxes"], dtype=torch.float32).detach().cpu()
+            labels[j, :d] = torch.as_tensor(det["labels"]).long().cpu()
+        return cls(boxes=boxes, box_classes=labels, **options)
 
     # -- the computation ------------------------------------------------------------------------
     def candidates(self, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
