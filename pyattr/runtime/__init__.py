@@ -55,13 +55,25 @@ import numpy as np
 
 from pyattr import render
 from pyattr.errors import InputError
-from pyattr.runtime.images import MAX_IMAGE_PIXELS, ImageLike, check_image_size, load_image, load_mask
+from pyattr.runtime.images import (
+    MAX_IMAGE_PIXELS,
+    ImageLike,
+    check_image_size,
+    load_image,
+    load_mask,
+    pil_filter,
+    preprocess_rgb,
+)
 
+from .detection import DETECTOR_METADATA_KEY, DetectionExplanation, DetectionOutputs, Detector
 from .metadata import parse_metadata, validate_metadata
 
 __all__ = [
     "MAX_IMAGE_PIXELS",
     "AttributionRuntime",
+    "DetectionExplanation",
+    "DetectionOutputs",
+    "Detector",
     "Explanation",
     "GraphOutputs",
     "check_image_size",
@@ -74,9 +86,10 @@ __all__ = [
 METADATA_KEY = "pyattr"
 IMAGE_INPUT, TARGET_INPUT = "images", "target"
 REGION_INPUT, REFERENCE_INPUT = "region", "reference"
+BOXES_INPUT, BOX_CLASSES_INPUT = "boxes", "box_classes"
 OUTPUTS = ("scores", "explained_class", "raw", "maps")
 EMBEDDING_OUTPUT = "embedding"
-TARGET_OUTPUTS = {"similarity": (EMBEDDING_OUTPUT,)}
+TARGET_OUTPUTS = {"similarity": (EMBEDDING_OUTPUT,), "detection": ("matched", "iou")}
 """The outputs, after :data:`OUTPUTS`, of the target kinds with outputs of their own."""
 
 # Limits on what a caller or a file can make the runtime allocate (see SECURITY.md).
@@ -267,7 +280,7 @@ class AttributionRuntime:
                              f"outputs {outputs} (expected {', '.join(self.input_names)} -> "
                              f"{', '.join(self.output_names)})")
         validate_metadata(self.metadata, input_shape=inputs[IMAGE_INPUT].shape,
-                          num_classes=None if self.target_kind == "similarity" else self._graph_classes())
+                          num_classes=None if self.target_kind in ("similarity", "detection") else self._graph_classes())
         self.preprocessing = _preprocessing(self.metadata, self.session)
         self.input_size: tuple[int, int] = tuple(self.preprocessing["size"])  # type: ignore[assignment]
         self.class_names: list[str] | None = self.metadata.get("class_names")
@@ -277,6 +290,9 @@ class AttributionRuntime:
             self.reference_dim = _fixed(inputs[REFERENCE_INPUT].shape, 1) or _fixed(
                 self.session.get_outputs()[-1].shape, 1)
             self.measure = str(self.metadata["target"].get("measure", "cosine"))
+        self.max_boxes: int | None = None
+        if self.target_kind == "detection":
+            self.max_boxes = _detection_boxes(self.metadata, inputs[BOXES_INPUT].shape, self.path.name)
         self.region_size: tuple[int, int] | None = None
         if self.target_kind == "segmentation":
             shape = inputs[REGION_INPUT].shape
@@ -284,6 +300,8 @@ class AttributionRuntime:
             self.region_size = (given[0] or self.input_size[0], given[1] or self.input_size[1])
 
     def _graph_classes(self) -> int | None:
+        if self.target_kind == "detection":  # its scores are one per box; its classes are the metadata's names
+            return None
         shape = self.session.get_outputs()[0].shape
         return shape[-1] if shape and isinstance(shape[-1], int) else None
 
@@ -339,20 +357,12 @@ class AttributionRuntime:
         return np.stack(arrays)
 
     def _preprocess_one(self, rgb: np.ndarray) -> np.ndarray:
-        from PIL import Image
-
-        p = self.preprocessing
-        h, w = self.input_size
-        if rgb.shape[:2] != (h, w):
-            rgb = np.asarray(Image.fromarray(rgb).resize((w, h), _pil_filter(p["resize"])))
-        if p["color"] == "BGR":
-            rgb = rgb[..., ::-1]
-        x = rgb.astype(np.float32) * np.float32(p["scale"])
-        x = (x - np.asarray(p["mean"], np.float32)) / np.asarray(p["std"], np.float32)
-        return np.ascontiguousarray(x.transpose(2, 0, 1)) if p["layout"] == "NCHW" else x
+        return preprocess_rgb(rgb, self.preprocessing, self.input_size)
 
     def run(self, batch: np.ndarray, target: int | str | Sequence[int] | np.ndarray | None = None,
-            region: np.ndarray | None = None, reference: np.ndarray | None = None) -> GraphOutputs:
+            region: np.ndarray | None = None, reference: np.ndarray | None = None, *,
+            boxes: np.ndarray | None = None, box_classes: np.ndarray | None = None,
+            ) -> GraphOutputs | DetectionOutputs:
         """Run the graph on a preprocessed float32 batch (N, C, H, W).
 
         Args:
@@ -364,9 +374,13 @@ class AttributionRuntime:
                 negative (e.g. -1), and ``region=None``, use the pixels the model predicts as the class.
             reference: similarity graphs only, required: the reference embedding(s) (N, D), or (1, D)
                 / (D,) for every image; D = :attr:`reference_dim`.
+            boxes, box_classes: detection graphs only, required: boxes (N, C, 4) or (C, 4) xyxy in the graph's
+                input pixels and class ids (N, C) or (C,) (-1: a padded box), for any C: C < B is padded,
+                C > B runs the graph over chunks of B boxes (:attr:`max_boxes`), C = 0 returns empty outputs.
 
         Returns:
-            :class:`GraphOutputs`; ``embedding`` (N, D) for similarity graphs.
+            :class:`GraphOutputs`; ``embedding`` (N, D) for similarity graphs; detection graphs:
+            :class:`~pyattr.runtime.detection.DetectionOutputs` (maps (N, C, H, W), matched, iou).
 
         Raises:
             InputError: a region or a reference the graph does not take, a missing reference, a region of
@@ -384,6 +398,14 @@ class AttributionRuntime:
                              f"got {batch.shape}")
         if len(batch) > MAX_BATCH:
             raise InputError(f"at most {MAX_BATCH} images per graph run, got {len(batch)}; run them in batches")
+        if self.target_kind == "detection":
+            if target is not None or region is not None or reference is not None:
+                raise InputError(f"{self.path.name} explains boxes (a detection graph): it takes boxes and box_classes, "
+                                 "no target, region or reference")
+            return self._run_detection(batch, boxes, box_classes)
+        if boxes is not None or box_classes is not None:
+            raise InputError(f"{self.path.name} explains a {self.target_kind} target and takes no boxes; boxes are for "
+                             "graphs exported with target=DetectionTarget(...) (pyattr export --task detection)")
         feed = {IMAGE_INPUT: batch, TARGET_INPUT: self._targets(target, len(batch)),
                 **self._target_inputs(region, reference, len(batch))}
         try:
@@ -392,6 +414,71 @@ class AttributionRuntime:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise InputError(f"onnxruntime failed running {self.path.name}: {first[:300]}") from err
         return self._checked(GraphOutputs(*[np.asarray(o) for o in outputs]), len(batch))
+
+    def _run_detection(self, batch: np.ndarray, boxes: Any, box_classes: Any) -> DetectionOutputs:
+        """A detection graph on (N, C, 4) boxes, in chunks of :attr:`max_boxes` (padded with class -1)."""
+        n, b = len(batch), int(self.max_boxes or 1)
+        if boxes is None or box_classes is None:
+            raise InputError(f"{self.path.name} explains boxes: give boxes=(N, C, 4) xyxy in input pixels and "
+                             "box_classes=(N, C) class ids")
+        xyxy = _numbers(boxes, "boxes")
+        if xyxy.ndim == 2:
+            xyxy = np.broadcast_to(xyxy[None], (n, *xyxy.shape))
+        if xyxy.ndim != 3 or xyxy.shape[0] != n or xyxy.shape[2] != 4:
+            raise InputError(f"boxes must be (N, C, 4) or (C, 4) xyxy (4 numbers per box) with N = {n}; got shape "
+                             f"{np.shape(boxes)}")
+        count = xyxy.shape[1]
+        classes = np.asarray(box_classes)
+        if classes.dtype.kind not in "iu" and classes.size:
+            raise InputError(f"box_classes must be integer class ids (-1: padding), got dtype {classes.dtype}")
+        classes = classes.astype(np.int64)
+        if classes.ndim == 1:
+            classes = np.broadcast_to(classes[None], (n, len(classes)))
+        if classes.shape != (n, count):
+            raise InputError(f"box_classes must be ({n}, {count}) or ({count},): one class id per box; got shape "
+                             f"{np.shape(box_classes)}")
+        if (classes < -1).any() or (self.class_names and (classes >= len(self.class_names)).any()):
+            k = len(self.class_names) if self.class_names else None
+            raise InputError(f"box_classes holds ids outside {'0..' + str(k - 1) if k else '>= 0'} (-1: padding)")
+        parts: list[list[np.ndarray]] = []
+        for start in range(0, count, b):
+            stop = min(start + b, count)
+            chunk_boxes = np.zeros((n, b, 4), np.float32)
+            chunk_classes = np.full((n, b), -1, np.int64)
+            chunk_boxes[:, :stop - start] = xyxy[:, start:stop]
+            chunk_classes[:, :stop - start] = classes[:, start:stop]
+            feed = {IMAGE_INPUT: batch, BOXES_INPUT: chunk_boxes, BOX_CLASSES_INPUT: chunk_classes}
+            try:
+                outputs = [np.asarray(o) for o in self.session.run(list(self.output_names), feed)]
+            except Exception as err:  # onnxruntime's own types
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise InputError(f"onnxruntime failed running {self.path.name}: {first[:300]}") from err
+            self._check_detection(outputs, n, b)
+            parts.append([o[:, :stop - start] for o in outputs])
+        h, w = self.input_size
+        if not parts:  # no box: nothing to run
+            raw_shape = [s if isinstance(s, int) else 1 for s in self.session.get_outputs()[2].shape[2:]]
+            return DetectionOutputs(np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64),
+                                    np.zeros((n, 0, *raw_shape), np.float32), np.zeros((n, 0, h, w), np.float32),
+                                    np.zeros((n, 0), bool), np.zeros((n, 0), np.float32))
+        scores, _, raw, maps, matched, iou = (np.concatenate(group, axis=1) for group in zip(*parts))
+        explained = np.broadcast_to(np.arange(count, dtype=np.int64)[None], (n, count)).copy()
+        return DetectionOutputs(scores, explained, raw, maps, matched.astype(bool), iou)
+
+    def _check_detection(self, outputs: list[np.ndarray], n: int, b: int) -> None:
+        """A detection graph's outputs must have the documented shapes (N, B, ...)."""
+        h, w = self.input_size
+        expected = {"scores": ((n, b), "f"), "explained_class": ((n, b), "iu"), "matched": ((n, b), "b"),
+                    "iou": ((n, b), "f"), "maps": ((n, b, h, w), "f")}
+        problems = [f"{name} {value.dtype} {value.shape}" for name, value in zip(self.output_names, outputs)
+                    if name in expected and (value.shape != expected[name][0]
+                                             or value.dtype.kind not in expected[name][1])]
+        raw = outputs[2]
+        if raw.ndim < 2 or raw.shape[:2] != (n, b) or raw.dtype.kind != "f":
+            problems.append(f"raw {raw.dtype} {raw.shape}")
+        if problems:
+            raise InputError(f"{self.path.name} returned outputs that are not a pyattr detection graph's "
+                             f"(expected (N={n}, B={b}, ...)): {'; '.join(problems)}")
 
     def _target_inputs(self, region: Any, reference: Any, n: int) -> dict[str, np.ndarray]:
         """The target's graph inputs for a batch of ``n``, checked (see :meth:`run`)."""
@@ -533,10 +620,10 @@ class AttributionRuntime:
         return ids
 
     def explain(self, images: Sequence[ImageLike], target: int | str | Sequence[int] | None = None, *,
-                region: Any = None, reference: Any = None,
+                region: Any = None, reference: Any = None, boxes: Any = None, box_classes: Any = None,
                 alpha: float = 0.5, cmap: str = "jet", source: str = "maps", sign: str = "all",
                 outlier_perc: float = 0.0, batch_size: int = 32, names: Sequence[str] | None = None,
-                ) -> list[Explanation]:
+                ) -> list[Explanation] | list[DetectionExplanation]:
         """Explain images: preprocess, run the graph in batches, and overlay the maps on each image
         at its own size.
 
@@ -550,6 +637,13 @@ class AttributionRuntime:
                 for the predicted region). Arrays may be bool or float weights >= 0.
             reference: similarity graphs, required: the reference embedding (D,), (1, D) or one row per
                 image (N, D), e.g. ``runtime.embed([reference_image])``.
+            boxes, box_classes: detection graphs, required: the boxes to explain, xyxy in each image's own
+                pixels (scaled here to the graph's input size): a (B, 4) array for every image, (N, B, 4), or a
+                list of one (B_i, 4) per image (any B_i, 0 included; more than the graph's B run in chunks);
+                their classes: ids or class names, one per box (or one for all), shaped like the boxes. Or
+                ``boxes=`` one dict per image with ``boxes``, ``labels`` (and ``scores``), e.g.
+                :meth:`Detector.detect`'s result, and ``box_classes=None``. Returns one
+                :class:`~pyattr.runtime.detection.DetectionExplanation` per image (maps (B_i, H, W)).
             alpha, cmap: the overlay (see :func:`pyattr.render.heatmap_overlay`).
             source: ``"maps"`` (the graph's normalized maps, resized and clipped -- what
                 ``pyattr explain`` draws) or ``"raw"`` (the raw map, resized and normalized here
@@ -574,6 +668,15 @@ class AttributionRuntime:
         names = list(names) if names is not None else [_name_of(image, i) for i, image in enumerate(images)]
         if len(names) != len(images):
             raise InputError(f"give one name per image: {len(names)} names for {len(images)} images")
+        if self.target_kind == "detection":
+            if target is not None or region is not None or reference is not None:
+                raise InputError(f"{self.path.name} explains boxes (a detection graph): give boxes=... and "
+                                 "box_classes=..., no target, region or reference")
+            return self._explain_detection(images, names, boxes, box_classes, alpha=alpha, cmap=cmap, source=source,
+                                           sign=sign, outlier_perc=outlier_perc, batch_size=batch_size)
+        if boxes is not None or box_classes is not None:
+            raise InputError(f"{self.path.name} explains a {self.target_kind} target and takes no boxes; boxes are for "
+                             "graphs exported with target=DetectionTarget(...) (pyattr export --task detection)")
         single = target is None or isinstance(target, (int, str, float, np.integer, np.floating, np.bool_))
         targets = None if single else list(self._targets(target, len(images)))
         if single and target is not None and self.target_kind != "similarity":
@@ -594,6 +697,53 @@ class AttributionRuntime:
             results.extend(self._explanations(out, names[start:stop], overlays,
                                               None if regions is None else regions[start:stop]))
         return results
+
+    def _explain_detection(self, images: list, names: list[str], boxes: Any, box_classes: Any, *, alpha: float,
+                           cmap: str, source: str, sign: str, outlier_perc: float, batch_size: int,
+                           ) -> list[DetectionExplanation]:
+        """explain() for detection graphs: every box checked first, then the images in batches, each batch's boxes
+        padded to its largest count (chunks of :attr:`max_boxes` in :meth:`run`)."""
+        from .detection import per_image_boxes
+
+        given = per_image_boxes(boxes, box_classes, len(images), self.class_index)  # all checked before any run
+        h, w = self.input_size
+        results: list[DetectionExplanation] = []
+        for start in range(0, len(images), batch_size):
+            stop = start + batch_size
+            chunk = [load_image(image) for image in images[start:stop]]
+            sizes = [rgb.shape[:2] for rgb in chunk]
+            mine = given[start:stop]
+            count = max((len(b) for b, _, _ in mine), default=0)
+            xyxy = np.zeros((len(chunk), count, 4), np.float32)
+            classes = np.full((len(chunk), count), -1, np.int64)
+            for j, ((b, k, _), (h0, w0)) in enumerate(zip(mine, sizes)):
+                xyxy[j, :len(b)] = b * np.asarray([w / w0, h / h0, w / w0, h / h0], np.float32)
+                classes[j, :len(b)] = k
+            out = self.run(np.stack([self._preprocess_one(rgb) for rgb in chunk]), boxes=xyxy, box_classes=classes)
+            for j, (rgb, (b, k, detector_scores)) in enumerate(zip(chunk, mine)):
+                d = len(b)
+                overlays, combined = self._box_overlays(out.maps[j, :d], out.raw[j, :d], rgb, b, alpha, cmap, source,
+                                                        sign, outlier_perc)
+                results.append(DetectionExplanation(
+                    name=names[start + j], boxes=b, box_classes=k, class_names=[self.class_name(int(c)) for c in k],
+                    scores=out.scores[j, :d], matched=out.matched[j, :d], iou=out.iou[j, :d], raw=out.raw[j, :d],
+                    maps=out.maps[j, :d], overlays=overlays, overlay=combined, input_boxes=xyxy[j, :d],
+                    detector_scores=detector_scores))
+        return results
+
+    def _box_overlays(self, maps: np.ndarray, raw: np.ndarray, rgb: np.ndarray, boxes: np.ndarray, alpha: float,
+                      cmap: str, source: str, sign: str, outlier_perc: float) -> tuple[list[np.ndarray], np.ndarray]:
+        """One overlay per box (its map over the image, drawn as explain() draws class maps), and the image with
+        the per-pixel maximum of the box maps and every box outlined (:func:`pyattr.render.draw_boxes`)."""
+        d = len(boxes)
+        if d == 0:
+            return [], rgb.copy()
+        per_box = GraphOutputs(np.zeros((d, 1), np.float32), np.zeros(d, np.int64), raw, maps)
+        overlays = self._overlays(per_box, [rgb] * d, alpha, cmap, source, sign, outlier_perc)
+        most = GraphOutputs(np.zeros((1, 1), np.float32), np.zeros(1, np.int64), raw.max(0)[None], maps.max(0)[None])
+        combined = self._overlays(most, [rgb], alpha, cmap, source, sign, outlier_perc)[0]
+        thickness = max(1, round(min(rgb.shape[:2]) / 128))
+        return overlays, render.draw_boxes(combined, boxes, thickness=thickness, num_threads=self.num_threads)
 
     def _explanations(self, out: GraphOutputs, names: list[str], overlays: list, regions: np.ndarray | None,
                       ) -> list[Explanation]:
@@ -696,6 +846,9 @@ def _open_session(path: Path, providers: list[str], num_threads: int | None):
 
 def _metadata_of(session, path: Path) -> dict[str, Any]:
     text = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    if text is None and DETECTOR_METADATA_KEY in session.get_modelmeta().custom_metadata_map:
+        raise InputError(f"{path.name} is a detector graph (it finds boxes; it explains nothing): give it with "
+                         "--detector (Detector(path) in Python) beside the detection explanation graph")
     if text is None:
         raise InputError(f"{path.name} holds no pyattr metadata (was it written by pyattr.export?)")
     return parse_metadata(text, path.name)
@@ -729,18 +882,8 @@ def _preprocessing(metadata: dict[str, Any], session) -> dict[str, Any]:
     if channels != 3 or len(p["mean"]) != 3 or len(p["std"]) != 3 or not all(p["std"]):
         raise InputError(f"the runtime handles 3-channel images with 3 means and non-zero stds; got {given} "
                          f"for an input of shape {shape}")
-    _pil_filter(p["resize"])
+    pil_filter(p["resize"])
     return p
-
-
-def _pil_filter(name: str):
-    from PIL import Image
-
-    filters = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "bicubic": Image.BICUBIC,
-               "lanczos": Image.LANCZOS, "box": Image.BOX}
-    if name not in filters:
-        raise InputError(f"unsupported resize {name!r} in the metadata; known: {', '.join(filters)}")
-    return filters[name]
 
 
 def _interface(metadata: dict[str, Any], name: str) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
@@ -750,6 +893,8 @@ def _interface(metadata: dict[str, Any], name: str) -> tuple[str, tuple[str, ...
 
     target = metadata.get("target")
     kind = target.get("kind", "class") if isinstance(target, dict) else "class"
+    if kind == "detection":  # no target input: every box is explained
+        return kind, (IMAGE_INPUT, BOXES_INPUT, BOX_CLASSES_INPUT), (*OUTPUTS, *TARGET_OUTPUTS[kind])
     extra = TARGET_INPUTS.get(kind)
     if extra is None:
         # a user's own kind: runs here when it takes no run-time input and returns the usual outputs
@@ -759,6 +904,19 @@ def _interface(metadata: dict[str, Any], name: str) -> tuple[str, tuple[str, ...
                              f"of {', '.join(TARGET_INPUTS)} targets only")
         extra = ()
     return (kind, (IMAGE_INPUT, TARGET_INPUT, *extra), (*OUTPUTS, *TARGET_OUTPUTS.get(kind, ())))
+
+
+def _detection_boxes(metadata: dict[str, Any], shape: Sequence[Any], name: str) -> int:
+    """B, the boxes per run of a detection graph: its ``boxes`` input's fixed dimension, which the metadata's
+    ``target.boxes`` (where given) must equal."""
+    fixed = _fixed(shape, 1)
+    recorded = metadata["target"].get("boxes")
+    if len(shape) != 3 or _fixed(shape, 2) not in (None, 4) or (fixed is None and recorded is None):
+        raise InputError(f"{name}: its boxes input has shape {list(shape)}; a detection graph takes boxes (N, B, 4) "
+                         "with B fixed at export")
+    if fixed is not None and recorded is not None and fixed != recorded:
+        raise InputError(f"{name}: its boxes input takes {fixed} boxes but its metadata says target.boxes = {recorded}")
+    return int(fixed or recorded)
 
 
 def _fixed(shape: Sequence[Any], i: int) -> int | None:

@@ -42,7 +42,7 @@ import numpy as np
 from pyattr.errors import InputError
 
 __all__ = ["MAX_IMAGE_PIXELS", "ImageLike", "check_image_header", "check_image_size", "load_image", "load_mask",
-           "read_image", "to_rgb"]
+           "pil_filter", "preprocess_rgb", "read_image", "to_rgb"]
 
 MAX_IMAGE_PIXELS = 89_478_485
 """Largest ``width * height`` accepted (Pillow's ``Image.MAX_IMAGE_PIXELS``: 3 bytes a pixel, 256 MiB)."""
@@ -243,3 +243,31 @@ def _minmax(values: np.ndarray) -> np.ndarray:
 def _grey(values: np.ndarray) -> np.ndarray:
     grey = np.clip(values, 0, 255).astype(np.uint8)
     return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=-1))
+
+
+def pil_filter(name: str):
+    """The Pillow resampling filter of a metadata ``resize`` name; an :class:`InputError` for others."""
+    from PIL import Image
+
+    filters = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "bicubic": Image.BICUBIC,
+               "lanczos": Image.LANCZOS, "box": Image.BOX}
+    if name not in filters:
+        raise InputError(f"unsupported resize {name!r} in the metadata; known: {', '.join(filters)}")
+    return filters[name]
+
+
+def preprocess_rgb(rgb: np.ndarray, preprocessing: dict[str, Any], size: tuple[int, int]) -> np.ndarray:
+    """RGB uint8 (H0, W0, 3) -> float32 graph input (3, H, W) (or (H, W, 3) for ``"NHWC"``), by a filled-in
+    preprocessing dict (``color``, ``scale``, ``mean``, ``std``, ``resize``, ``layout``): Pillow resize to
+    ``size`` = (H, W), ``x * scale``, ``(x - mean) / std`` -- what ``pyattr explain`` does."""
+    from PIL import Image
+
+    p = preprocessing
+    h, w = size
+    if rgb.shape[:2] != (h, w):
+        rgb = np.asarray(Image.fromarray(rgb).resize((w, h), pil_filter(p["resize"])))
+    if p["color"] == "BGR":
+        rgb = rgb[..., ::-1]
+    x = rgb.astype(np.float32) * np.float32(p["scale"])
+    x = (x - np.asarray(p["mean"], np.float32)) / np.asarray(p["std"], np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)) if p["layout"] == "NCHW" else x

@@ -220,6 +220,10 @@ def validate_metadata(meta: Any, *, input_shape: Sequence[Any] | None = None,
 TARGET_INPUTS = {"class": (), "segmentation": ("region",), "similarity": ("reference",)}
 """The run-time inputs, after ``images`` and ``target``, of the target kinds pyattr knows."""
 
+DETECTION_INPUTS = ["images", "boxes", "box_classes"]
+"""The inputs of a detection graph (no ``target``: every box is explained)."""
+MAX_DETECTION_BOXES = 4096  # B, boxes per run of a detection graph
+
 
 def _validate_target(target: Any, inputs: Any) -> None:
     if not (isinstance(target, dict) and isinstance(target.get("kind"), str) and SAFE_NAME.match(target["kind"])):
@@ -227,6 +231,13 @@ def _validate_target(target: Any, inputs: Any) -> None:
     if len(target) > 32 or not all(isinstance(k, str) and (v is None or isinstance(v, (str, bool)) or _number(v))
                                    and (not isinstance(v, str) or _printable(v, 200)) for k, v in target.items()):
         raise _field("target", target, "a flat JSON object of at most 32 names, numbers, booleans or strings")
+    if target["kind"] == "detection":
+        if isinstance(inputs, list) and inputs != DETECTION_INPUTS:
+            raise _field("inputs", inputs, f"{', '.join(DETECTION_INPUTS)} for a detection target")
+        boxes = target.get("boxes")
+        if boxes is not None and not (_int(boxes) and 1 <= boxes <= MAX_DETECTION_BOXES):
+            raise _field("target.boxes", boxes, f"an int from 1 to {MAX_DETECTION_BOXES} (the graph's boxes per run)")
+        return
     known = TARGET_INPUTS.get(target["kind"])
     if known is not None and isinstance(inputs, list) and inputs[2:] != list(known):
         raise _field("inputs", inputs, f"images, target{''.join(', ' + n for n in known)} for a "
