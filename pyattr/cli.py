@@ -543,6 +543,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise InputError(f"cannot write {path}: the folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"cannot write {path}: the folder {parent} is not writable")
+    detector_path = _detector_out(args, path)
     _check_device(args.device)
     bundle = load_model(args.model, args.device, args.size, task=args.task)
     layer = args.layer or (bundle.default_layer if needs_layer(args.method) else None)
@@ -565,7 +566,34 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise InputError(f"cannot write {path}: {err.strerror or err}") from None
     print(f"wrote {path} ({args.method}{' on ' + layer if layer else ''}, model {bundle.name}, input 3x{h}x{w}, "
           "dynamic batch)")
+    if detector_path is not None:
+        from .exporting.detector import export_detector
+
+        try:
+            export_detector(bundle.model, example, detector_path, decode=bundle.extra["decode"],
+                            class_names=bundle.class_names, preprocessing=bundle.preprocessing())
+        except OSError as err:
+            raise InputError(f"cannot write {detector_path}: {err.strerror or err}") from None
+        print(f"wrote {detector_path} (the detector {bundle.name}: boxes and class scores of every candidate, "
+              f"for pyattr run {path.name} IMAGES --detector {detector_path.name})")
     return 0
+
+
+def _detector_out(args: argparse.Namespace, path: Path) -> Path | None:
+    """--detector-out checked before any work: --task detection, an .onnx file in a writable folder, not the
+    explanation graph's own path."""
+    if args.detector_out is None:
+        return None
+    if args.task != "detection":
+        raise InputError("--detector-out is an option of --task detection")
+    out = Path(args.detector_out)
+    if out.suffix.lower() != ".onnx":
+        raise InputError(f"--detector-out: name the detector graph .onnx, got {out.name!r}")
+    if out.resolve() == path.resolve():
+        raise InputError("--detector-out must differ from the explanation graph's file")
+    if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK | os.X_OK):
+        raise InputError(f"--detector-out: cannot write {out} (a folder, or its folder is missing or not writable)")
+    return out
 
 
 MAX_SIZE = 4096
@@ -711,6 +739,9 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("output", help="output file: .onnx, .pt (TorchScript) or .pt2 (torch.export)")
     model_options(xp)
     xp.add_argument("--format", choices=["onnx", "torchscript", "pt2"], help="override the format told by the suffix")
+    xp.add_argument("--detector-out", metavar="DETECTOR.onnx",
+                    help="--task detection: also write the detector itself (model + box decoding, every candidate, no "
+                         "NMS) as an ONNX graph, for `pyattr run OUTPUT IMAGES --detector DETECTOR.onnx`")
     xp.set_defaults(func=cmd_export)
 
     # `pyattr run` is handled by pyattr.runtime.cli (torch-free); listed here for --help.

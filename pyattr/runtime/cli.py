@@ -11,8 +11,13 @@ Graphs exported with a target take its inputs from options:
   graph) or ``--reference-embedding FILE.npy`` (a float array (D,), (1, D), or (N, D): one row per image
   in order; read with ``allow_pickle=False``).
 
-For these graphs a figure ``<name>_<method>_figure.png`` (image | mask or reference | heatmap | overlay)
-is written per image besides the overlay.
+* detection (``pyattr export --task detection``: one map per box): ``--boxes FILE.json`` (the boxes to explain,
+  see :func:`load_boxes_file` for the format) or ``--detector DETECTOR.onnx`` (a detector graph finds them first:
+  ``--score-threshold``, default 0.3, and ``--max-boxes``, default 5 per image; :class:`~pyattr.runtime.Detector`
+  for its two output layouts). Any number of boxes per image: the graph runs over chunks of its B boxes.
+
+For these graphs a figure ``<name>_<method>_figure.png`` (image | mask or reference | heatmap | overlay; for
+detection: the image with its boxes | one overlay per box) is written per image besides the overlay.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from pyattr.errors import InputError, PyattrError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 MAX_EMBEDDING_FILE_BYTES = 256 << 20  # a --reference-embedding .npy: (N, D) float32 for N images
+MAX_BOXES_FILE_BYTES = 64 << 20  # a --boxes .json
+DEFAULT_SCORE_THRESHOLD, DEFAULT_MAX_BOXES = 0.3, 5  # --detector's, as pyattr explain --task detection's
 
 DESCRIPTION = (
     "Run an exported attribution graph (.onnx from `pyattr export`) on images, without PyTorch: "
@@ -39,7 +46,9 @@ DESCRIPTION = (
     "(image, explained_class, class_name, score, probability, predicted_class, overlay) on stdout. "
     "Segmentation graphs take --region, similarity graphs --reference or --reference-embedding; for "
     "those a figure <name>_<method>_figure.png (image | mask or reference | heatmap | overlay) is written "
-    "too, and the JSON line names the target_kind (and the similarity). "
+    "too, and the JSON line names the target_kind (and the similarity). Detection graphs take --boxes FILE.json "
+    "or --detector DETECTOR.onnx and write per image an overlay (every box, the maximum of their maps), a "
+    "figure (the boxes | one overlay per box) and a JSON line listing each box (box, class, score, matched, iou). "
     "Runs .onnx files only: TorchScript and .pt2 files execute code when loaded (see SECURITY.md)."
 )
 
@@ -60,6 +69,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     inputs.add_argument("--reference-embedding", metavar="FILE.npy",
                         help="similarity graphs: the reference embedding, a .npy float array (D,), (1, D) or "
                              "(N, D) (one row per image, in order)")
+    inputs.add_argument("--boxes", metavar="FILE.json",
+                        help="detection graphs: the boxes to explain, xyxy in each image's pixels: a JSON list with one "
+                             "entry per image (in order) or an object keyed by image file name; an entry is a list of "
+                             '{"box": [x0, y0, x1, y1], "class": id or name} or {"boxes": [[...]], "labels": [...]}')
+    inputs.add_argument("--detector", metavar="DETECTOR.onnx",
+                        help="detection graphs: find the boxes with this detector graph first (pyattr export --task "
+                             "detection --detector-out writes the built-in one)")
+    parser.add_argument("--score-threshold", type=float,
+                        help=f"with --detector: explain the detections scored above this (default "
+                             f"{DEFAULT_SCORE_THRESHOLD})")
+    parser.add_argument("--max-boxes", type=int,
+                        help=f"with --detector: the best this many detections per image (default {DEFAULT_MAX_BOXES})")
     parser.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity (default 0.5)")
     parser.add_argument("--cmap", help="colormap (default jet; bwr for signed graphs: LRP, IG, Input x Gradient)")
     parser.add_argument("--source", choices=["maps", "raw"],
@@ -99,6 +120,12 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"unknown --sign {args.sign!r}; use one of {', '.join(SIGNS)}")
     if not 0.0 <= args.outlier_perc < 50.0:
         raise InputError("--outlier-perc must be in [0, 50)")
+    if (args.score_threshold is not None or args.max_boxes is not None) and args.detector is None:
+        raise InputError("--score-threshold and --max-boxes are options of --detector")
+    if args.score_threshold is not None and not 0.0 <= args.score_threshold <= 1.0:
+        raise InputError("--score-threshold must be in [0, 1]")
+    if args.max_boxes is not None and not 1 <= args.max_boxes <= 10_000:
+        raise InputError("--max-boxes must be from 1 to 10000")
     try:
         check_num_threads(args.threads)
     except InputError as err:
@@ -114,11 +141,13 @@ def run(args: argparse.Namespace) -> int:
     args.source = args.source or ("raw" if signed else "maps")
     args.sign = args.sign or ("centered" if signed and args.source == "raw" else "all")
     kind = runtime.target_kind
-    task = _task_inputs(args, runtime, images)  # regions / reference, every file read and checked
+    task = _task_inputs(args, runtime, images)  # regions / reference / boxes, every file read and checked
     if kind == "similarity" and args.target is not None:
         raise InputError(f"--target does not apply: {Path(args.model).name} explains a similarity (one score)")
     target = runtime.class_index(args.target) if args.target is not None else None
     out = prepare_output_folder(Path(args.out))  # the first write, after every check
+    if kind == "detection":
+        return _run_detection(args, runtime, images, task, target, out)
 
     names = unique_stems([p.stem.lstrip(".") or "image" for p in images])  # outputs are never hidden files
     method = runtime.method  # validated: a safe file-name part
@@ -165,13 +194,17 @@ def run(args: argparse.Namespace) -> int:
 
 class _TaskInputs:
     """A run's target inputs: regions (N, H, W) float32 (-1 = predicted), a reference (N, D) float32, and
-    what the figures show beside the image (the reference image)."""
+    what the figures show beside the image (the reference image); detection: the boxes of each image (dicts
+    with boxes, labels) or the detector that finds them."""
 
-    def __init__(self, regions=None, reference=None, reference_name=None, reference_image=None):
+    def __init__(self, regions=None, reference=None, reference_name=None, reference_image=None, boxes=None,
+                 detector=None):
         self.regions = regions
         self.reference = reference
         self.reference_name = reference_name
         self.reference_image = reference_image
+        self.boxes = boxes
+        self.detector = detector
 
 
 def _task_inputs(args: argparse.Namespace, runtime, images: list[Path]) -> _TaskInputs:
@@ -179,11 +212,13 @@ def _task_inputs(args: argparse.Namespace, runtime, images: list[Path]) -> _Task
     from .images import check_image_header, load_image
 
     kind, model = runtime.target_kind, Path(args.model).name
-    given = next((f"--{name.replace('_', '-')}" for name in ("region", "reference", "reference_embedding")
+    given = next((f"--{name.replace('_', '-')}" for name in ("region", "reference", "reference_embedding", "boxes",
+                                                              "detector")
                   if getattr(args, name, None) is not None), None)
-    wanted = {"segmentation": ("--region",), "similarity": ("--reference", "--reference-embedding")}.get(kind, ())
+    wanted = {"segmentation": ("--region",), "similarity": ("--reference", "--reference-embedding"),
+              "detection": ("--boxes", "--detector")}.get(kind, ())
     if given is not None and given not in wanted:
-        use = f"it takes {' or '.join(wanted)}" if wanted else "it takes no region or reference"
+        use = f"it takes {' or '.join(wanted)}" if wanted else "it takes no region, reference or boxes"
         raise InputError(f"{given} does not apply: {model} explains a {kind} target ({use})")
     n = len(images)
     if kind == "segmentation":
@@ -215,6 +250,23 @@ def _task_inputs(args: argparse.Namespace, runtime, images: list[Path]) -> _Task
             return _TaskInputs(reference=reference, reference_name=str(args.reference_embedding))
         raise InputError(f"{model} explains the similarity to a reference: give --reference IMAGE or "
                          "--reference-embedding FILE.npy")
+    if kind == "detection":
+        if args.boxes is not None:
+            return _TaskInputs(boxes=load_boxes_file(Path(args.boxes), images, runtime))
+        if args.detector is not None:
+            from .detection import Detector
+
+            detector = Detector(args.detector, preprocessing=runtime.preprocessing, providers=runtime.providers,
+                                num_threads=runtime.num_threads)
+            if detector.class_names is None:
+                detector.class_names = runtime.class_names
+            elif runtime.class_names is not None and detector.class_names != runtime.class_names:
+                raise InputError(f"--detector {Path(args.detector).name} has the classes {detector.class_names[:5]}... "
+                                 f"but {model} explains {runtime.class_names[:5]}...: give the detector the explanation "
+                                 "graph was exported for")
+            return _TaskInputs(detector=detector)
+        raise InputError(f"{model} explains detections (one map per box): give --boxes FILE.json (the boxes) or "
+                         "--detector DETECTOR.onnx (a detector graph that finds them)")
     return _TaskInputs()
 
 
@@ -274,6 +326,183 @@ def load_embedding(path: Path) -> np.ndarray:
     if value.dtype.kind not in "biuf":
         raise InputError(f"--reference-embedding {path} holds a {value.dtype} array; give float numbers")
     return value
+
+
+def load_boxes_file(path: Path, images: list[Path], runtime) -> list[dict[str, np.ndarray]]:
+    """The boxes of ``--boxes FILE.json``, one dict (``boxes`` (B, 4) float32, ``labels`` (B,) int64, and
+    ``scores`` when every box has one) per image; every box and class checked.
+
+    The file holds, for each image, its boxes in the image's own pixels (xyxy: left, top, right, bottom):
+
+    * a JSON list with one entry per image, in the order of the images on the command line (folders expanded,
+      sorted), or an object whose keys are the images' file names (``"street.jpg"``) or stems (``"street"``);
+    * an entry is a list of boxes ``{"box": [x0, y0, x1, y1], "class": 3}`` (``"class"``: an id or a class name
+      of the graph's metadata; an optional ``"score"``), or torchvision's layout ``{"boxes": [[x0, y0, x1, y1],
+      ...], "labels": [...]}`` (optional ``"scores"``); ``[]`` for an image without boxes.
+
+    Example file for two images::
+
+        [[{"box": [10, 12, 40, 44], "class": "circle"}, {"box": [30, 5, 60, 30], "class": 3}],
+         {"boxes": [[4, 4, 20, 20]], "labels": [0]}]
+
+    The JSON lines that ``pyattr run`` prints for detection graphs list each image's boxes in the first form.
+    """
+    from .detection import MAX_BOXES_PER_IMAGE, box_array, class_ids
+
+    label = f"--boxes {path}"
+    if not path.is_file():
+        raise InputError(f"{label}: no such file")
+    if path.stat().st_size > MAX_BOXES_FILE_BYTES:
+        raise InputError(f"{label}: {path.stat().st_size} bytes, over the limit of {MAX_BOXES_FILE_BYTES}")
+    try:
+        data = json.loads(path.read_bytes(), parse_constant=_reject_json_constant)
+    except (ValueError, RecursionError) as err:
+        raise InputError(f"{label} is not valid JSON ({err}); see `pyattr run --help` for the format") from None
+    if isinstance(data, dict):
+        keys = {image.name: i for i, image in enumerate(images)}
+        stems = {image.stem: i for i, image in enumerate(images)}
+        entries: list = [None] * len(images)
+        for key, value in data.items():
+            i = keys.get(key, stems.get(key))
+            if i is None:
+                raise InputError(f"{label}: the key {key!r} names none of the {len(images)} images (keys are image "
+                                 "file names or stems)")
+            if entries[i] is not None:
+                raise InputError(f"{label}: two entries for the image {images[i].name}")
+            entries[i] = value
+        missing = [images[i].name for i, e in enumerate(entries) if e is None]
+        if missing:
+            raise InputError(f"{label}: no entry for the image(s) {', '.join(missing[:5])}; give each image an "
+                             "entry ([] for no box)")
+    elif isinstance(data, list):
+        if len(data) != len(images):
+            raise InputError(f"{label} holds {len(data)} entries for {len(images)} images; give one entry per image, "
+                             "in order ([] for an image without boxes), or key the entries by image file name")
+        entries = data
+    else:
+        raise InputError(f"{label} must hold a JSON list (one entry per image) or an object keyed by image file "
+                         f"name, got a {type(data).__name__}")
+    result = []
+    for i, entry in enumerate(entries):
+        where = f"{label}, image {i} ({images[i].name})"
+        if isinstance(entry, dict):
+            unknown = sorted(set(entry) - {"boxes", "labels", "scores"})
+            if unknown or "boxes" not in entry or "labels" not in entry:
+                raise InputError(f"{where}: an entry in torchvision's layout holds 'boxes' and 'labels' (and "
+                                 f"'scores'); got keys {sorted(entry)}")
+            boxes, labels, scores = entry["boxes"], entry["labels"], entry.get("scores")
+            if not isinstance(labels, list):
+                raise InputError(f"{where}: 'labels' must be a list of class ids or names")
+        elif isinstance(entry, list):
+            if len(entry) > MAX_BOXES_PER_IMAGE:
+                raise InputError(f"{where}: {len(entry)} boxes, over the limit of {MAX_BOXES_PER_IMAGE}")
+            for b, item in enumerate(entry):
+                if not isinstance(item, dict) or "box" not in item or "class" not in item \
+                        or set(item) - {"box", "class", "score", "class_id", "matched", "iou", "detector_score"}:
+                    raise InputError(f"{where}, box {b}: each box is {{\"box\": [x0, y0, x1, y1], \"class\": id or "
+                                     f"name}} (optional \"score\"); got {str(item)[:80]}")
+            boxes = [item["box"] for item in entry]
+            labels = [item["class"] for item in entry]
+            scores = [item["score"] for item in entry] if entry and all("score" in item for item in entry) else None
+        else:
+            raise InputError(f"{where}: an entry is a list of boxes or a dict with 'boxes' and 'labels', got "
+                             f"{type(entry).__name__}")
+        if isinstance(boxes, list) and any(not isinstance(b, list) or len(b) != 4 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in b) for b in boxes):
+            bad = next(b for b in boxes if not (isinstance(b, list) and len(b) == 4 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in b)))
+            raise InputError(f"{where}: a box must be 4 numbers [x0, y0, x1, y1] in the image's pixels, got "
+                             f"{str(bad)[:80]}")
+        try:
+            xyxy = box_array(boxes, "boxes")
+            ids = class_ids(labels, len(xyxy), "classes", runtime.class_index) if len(xyxy) else \
+                np.zeros(0, np.int64)
+            if len(xyxy) == 0 and len(labels):
+                raise InputError(f"{len(labels)} classes for no box")
+            if scores is not None:
+                scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+                if len(scores) != len(xyxy) or not np.isfinite(scores).all():
+                    raise InputError(f"'scores' must hold one finite number per box ({len(xyxy)})")
+        except InputError as err:
+            raise InputError(f"{where}: {err}") from None
+        except (TypeError, ValueError) as err:
+            raise InputError(f"{where}: scores must be numbers ({err})") from None
+        found = {"boxes": xyxy, "labels": ids}
+        if scores is not None:
+            found["scores"] = scores.astype(np.float32)
+        result.append(found)
+    return result
+
+
+def _reject_json_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _run_detection(args: argparse.Namespace, runtime, images: list[Path], task: _TaskInputs, target: int | None,
+                   out: Path) -> int:
+    """``pyattr run`` for a detection graph: boxes from --boxes or from --detector (per batch), explained, drawn
+    (:func:`pyattr.figures.detection_figure`), written through the staging folder; one JSON line per image."""
+    from pyattr.figures import detection_figure
+
+    from .images import load_image
+
+    names = unique_stems([p.stem.lstrip(".") or "image" for p in images])
+    method = runtime.method
+    lines: list[dict] = []
+    staging = _staging(out)
+    threshold = DEFAULT_SCORE_THRESHOLD if args.score_threshold is None else args.score_threshold
+    keep = DEFAULT_MAX_BOXES if args.max_boxes is None else args.max_boxes
+    try:
+        for start in range(0, len(images), args.batch_size):
+            chunk = [load_image(p) for p in images[start:start + args.batch_size]]  # decoded once per run
+            if task.detector is not None:
+                found = task.detector.detect(chunk, score_threshold=threshold, max_boxes=None,
+                                             batch_size=args.batch_size)
+            else:
+                found = task.boxes[start:start + args.batch_size]
+            if target is not None:  # --target: the boxes of that class only
+                found = [{k: v[d["labels"] == target] for k, v in d.items()} for d in found]
+            if task.detector is not None:
+                found = [{k: v[:keep] for k, v in d.items()} for d in found]
+            explained = runtime.explain(chunk, boxes=found, alpha=args.alpha, cmap=args.cmap, source=args.source,
+                                        sign=args.sign, outlier_perc=args.outlier_perc, batch_size=args.batch_size,
+                                        names=names[start:start + args.batch_size])
+            for i, e in enumerate(explained, start):
+                base = f"{e.name}_{method}"
+                overlay, figure = output_path(out, base, "_overlay.png"), output_path(out, base, "_figure.png")
+                _save_png(e.overlay, staging / overlay.name)
+                _detection_figure(e, chunk[i - start], method, detection_figure).save(staging / figure.name,
+                                                                                       format="PNG")
+                line = {**e.summary(), "overlay": str(overlay), "figure": str(figure)}
+                if args.save_maps:
+                    maps = output_path(out, base, "_maps.npz")
+                    extra = {} if e.detector_scores is None else {"detector_scores": e.detector_scores}
+                    with open(staging / maps.name, "wb") as f:
+                        np.savez(f, maps=e.maps, raw=e.raw, scores=e.scores, matched=e.matched, iou=e.iou,
+                                 boxes=e.boxes, box_classes=e.box_classes, input_boxes=e.input_boxes, **extra)
+                    line["maps"] = str(maps)
+                lines.append(line)
+        for line in lines:  # every image done: move the outputs into place
+            for key in ("overlay", "figure", "maps"):
+                if key in line:
+                    publish(staging / Path(line[key]).name, Path(line[key]))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for line in lines:
+        print(json.dumps(line), flush=True)
+    return 0
+
+
+def _detection_figure(e, rgb: np.ndarray, method: str, detection_figure):
+    """The image with every box | one overlay per box, labelled with class, score and match."""
+    d = len(e.boxes)
+    scores = e.detector_scores if e.detector_scores is not None else e.scores
+    labels = [f"{e.class_names[b]} {float(scores[b]):.2f}" + ("" if e.matched[b] else " (no match)") for b in range(d)]
+    if d:
+        title = f"{method}: why the box" if d == 1 else f"{method}: why each of the {d} boxes"
+    else:
+        title = f"{method}: no box to explain"
+    return detection_figure(rgb, e.boxes, labels, e.overlays, title)
 
 
 def _figure(e, image: Path, task: _TaskInputs, runtime, args: argparse.Namespace):

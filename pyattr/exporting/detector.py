@@ -1,0 +1,103 @@
+"""A detector as an ONNX graph for the torch-free runtime: ``images -> boxes (N, M, 4), scores (N, M, K)``.
+
+The dense layout of :class:`pyattr.runtime.Detector`: every candidate before score threshold and NMS (those
+are data-dependent; the runtime applies them in NumPy as :func:`pyattr.zoo.detect` does). With an
+explanation graph of the same model (``pyattr export det.onnx --task detection --detector-out
+detector.onnx``), ``pyattr run det.onnx IMAGES --detector detector.onnx`` finds and explains boxes without
+torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._files import publish, temp_beside
+from ..errors import ExportError, InputError
+from ..runtime.detection import DETECTOR_METADATA_KEY, detector_metadata
+
+
+class _Candidates(nn.Module):
+    """model + decode as one module (the user's model is held by reference, unchanged)."""
+
+    def __init__(self, model: nn.Module, decode: Callable[[Any], tuple[torch.Tensor, torch.Tensor]]):
+        super().__init__()
+        self.model = model
+        self.decode = decode
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        boxes, scores = self.decode(self.model(images))
+        return boxes, scores
+
+
+def export_detector(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike, *,
+                    decode: Callable[[Any], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                    class_names: Sequence[str] | None = None, preprocessing: dict[str, Any] | None = None,
+                    nms_iou_threshold: float = 0.5) -> Path:
+    """Write a dense detector as an ONNX graph ``images (N, C, H, W) -> boxes (N, M, 4), scores (N, M, K)``
+    (dynamic batch) for :class:`pyattr.runtime.Detector`, with its metadata (``pyattr_detector``: layout,
+    preprocessing, class names, the NMS IoU threshold the runtime applies).
+
+    Args:
+        model: the detector (in eval mode); not changed.
+        example_input: an (N, C, H, W) input in the model's input convention (what ``preprocessing`` makes).
+        path: the ``.onnx`` file (written atomically).
+        decode: ``output -> (boxes (N, M, 4) xyxy in input pixels, scores (N, M, K))``; default: the output
+            already is that pair (e.g. :class:`pyattr.detection.DenseCandidates`).
+        class_names, preprocessing: recorded for the runtime.
+        nms_iou_threshold: the IoU above which the runtime's per-class NMS drops a box.
+
+    Example:
+        >>> from pyattr import zoo
+        >>> export_detector(zoo.load_builtin_detector(), torch.rand(1, 3, 64, 64), "detector.onnx",
+        ...                 decode=zoo.decode_detections, class_names=zoo.DET_CLASSES)  # doctest: +SKIP
+        PosixPath('detector.onnx')
+    """
+    import onnx_ir as ir
+
+    path = Path(path)
+    if path.suffix.lower() != ".onnx":
+        raise InputError(f"the detector graph is written as ONNX: name it .onnx, got {path.name!r}")
+    if not 0 <= nms_iou_threshold <= 1:
+        raise InputError(f"nms_iou_threshold must be in [0, 1], got {nms_iou_threshold!r}")
+    wrapper = _Candidates(model, decode or (lambda output: (output[0], output[1]))).eval()
+    with torch.no_grad():
+        boxes, scores = wrapper(example_input)
+    if boxes.dim() != 3 or boxes.shape[-1] != 4 or scores.dim() != 3 or scores.shape[:2] != boxes.shape[:2]:
+        raise InputError(f"the detector must give boxes (N, M, 4) and scores (N, M, K), got {tuple(boxes.shape)} and "
+                         f"{tuple(scores.shape)}")
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(wrapper, (example_input,), None, dynamo=True, input_names=["images"],
+                                        output_names=["boxes", "scores"], dynamic_shapes=({0: batch},),
+                                        verbose=False)
+    except Exception as err:  # torch.export / torch.onnx raise many types
+        raise ExportError(f"cannot export the detector to ONNX: {str(err).strip().splitlines()[0][:300]}") from err
+    model_ir = program.model
+    forbidden = sorted({node.op_type for node in ir.traversal.RecursiveGraphIterator(model_ir.graph)
+                        if node.domain not in ("", "ai.onnx")})
+    if forbidden:
+        raise ExportError(f"the detector's ONNX graph holds non-standard ops: {', '.join(forbidden)}")
+    model_ir.metadata_props.clear()
+    model_ir.metadata_props[DETECTOR_METADATA_KEY] = detector_metadata(
+        preprocessing or {}, class_names, nms_iou_threshold=float(nms_iou_threshold))
+    tmp = temp_beside(path, ".onnx")
+    try:
+        ir.save(model_ir, str(tmp))
+        publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+__all__ = ["export_detector"]
