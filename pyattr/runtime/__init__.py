@@ -705,7 +705,8 @@ class AttributionRuntime:
         padded to its largest count (chunks of :attr:`max_boxes` in :meth:`run`)."""
         from .detection import per_image_boxes
 
-        given = per_image_boxes(boxes, box_classes, len(images), self.class_index)  # all checked before any run
+        given = per_image_boxes(boxes, box_classes, len(images), self.class_index,
+                                len(self.class_names) if self.class_names else None)  # all checked before any run
         h, w = self.input_size
         results: list[DetectionExplanation] = []
         for start in range(0, len(images), batch_size):

@@ -161,9 +161,9 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def class_ids(value: Any, count: int, what: str, class_index) -> np.ndarray:
-    """(count,) int64 class ids from one id or name for every box, or one per box; ids must be >= 0
-    (``class_index`` checks the range and resolves names)."""
+def class_ids(value: Any, count: int, what: str, class_index, num_classes: int | None = None) -> np.ndarray:
+    """(count,) int64 class ids from one id or name for every box, or one per box; ids must be in
+    0..num_classes-1 (>= 0 when the number of classes is unknown); ``class_index`` resolves names."""
     if isinstance(value, (int, str, np.integer, np.str_)) and not isinstance(value, (bool, np.bool_)):
         values = [value] * count
     elif value is None:
@@ -177,6 +177,13 @@ def class_ids(value: Any, count: int, what: str, class_index) -> np.ndarray:
     for v in values:
         if isinstance(v, (float, np.floating)) and float(v).is_integer():
             raise InputError(f"{what}: class {v!r} is a float; give an int class id or a class name")
+        if isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) and int(v) < 0:
+            raise InputError(f"{what}: class {int(v)}: give a class id >= 0 or a class name (-1 marks padding, added "
+                             "by the runtime itself)")
+        if isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) and num_classes is not None \
+                and not 0 <= int(v) < num_classes:
+            raise InputError(f"{what}: class {int(v)} is out of range: the graph's metadata names {num_classes} classes "
+                             f"(ids 0..{num_classes - 1})")
         try:
             k = class_index(v)
         except InputError as err:
@@ -188,7 +195,7 @@ def class_ids(value: Any, count: int, what: str, class_index) -> np.ndarray:
     return np.asarray(ids, np.int64).reshape(count)
 
 
-def per_image_boxes(boxes: Any, box_classes: Any, n: int, class_index,
+def per_image_boxes(boxes: Any, box_classes: Any, n: int, class_index, num_classes: int | None = None,
                     ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
     """``explain()``'s boxes as one (boxes (B_i, 4), classes (B_i,), scores (B_i,) or None) per image.
 
@@ -214,7 +221,7 @@ def per_image_boxes(boxes: Any, box_classes: Any, n: int, class_index,
             if scores is not None and len(scores) != len(b):
                 raise InputError(f"image {i}: {len(scores)} scores for {len(b)} boxes")
             out.append((b, class_ids(np.asarray(d["labels"]).reshape(-1).tolist(), len(b), f"image {i}'s labels",
-                                     class_index), scores))
+                                     class_index, num_classes), scores))
         return out
     per_image = isinstance(boxes, np.ndarray) and boxes.ndim == 3
     if isinstance(boxes, (list, tuple)):
@@ -225,7 +232,7 @@ def per_image_boxes(boxes: Any, box_classes: Any, n: int, class_index,
             per_image = True
     if not per_image:
         b = box_array(boxes, "boxes")
-        k = class_ids(box_classes, len(b), "box_classes", class_index)
+        k = class_ids(box_classes, len(b), "box_classes", class_index, num_classes)
         return [(b, k, None)] * n
     if len(boxes) != n:
         raise InputError(f"give one list of boxes per image: {len(boxes)} lists for {n} images (a 2-D (B, 4) array "
@@ -237,7 +244,8 @@ def per_image_boxes(boxes: Any, box_classes: Any, n: int, class_index,
     out = []
     for i in range(n):
         b = box_array(boxes[i], f"image {i}'s boxes")
-        out.append((b, class_ids(box_classes[i], len(b), f"image {i}'s box_classes", class_index), None))
+        out.append((b, class_ids(box_classes[i], len(b), f"image {i}'s box_classes", class_index, num_classes),
+                    None))
     return out
 
 
@@ -312,6 +320,10 @@ class Detector:
         self.num_threads = check_num_threads(num_threads)
         self.session = _open_session(self.path, list(providers) if providers else default_providers(),
                                      self.num_threads)
+        if "pyattr" in self.session.get_modelmeta().custom_metadata_map:
+            raise InputError(f"{self.path.name} is an explanation graph (pyattr export), not a detector: give the "
+                             "detector graph, e.g. the one `pyattr export --task detection --detector-out "
+                             "DETECTOR.onnx` writes")
         meta = self._metadata()
         inputs, outputs = self.session.get_inputs(), {o.name: o for o in self.session.get_outputs()}
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
