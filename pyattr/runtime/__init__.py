@@ -26,6 +26,14 @@ and ``"inputs"``::
     for e in sim.explain(["a.png", "b.png"], reference=reference):
         print(e.similarity)                                               # cosine similarity to the reference
 
+Detection graphs (``pyattr export --task detection``) take boxes, in each image's pixels, given or found by a
+detector graph (:mod:`pyattr.runtime.detection`: any number per image, run in chunks of the graph's B)::
+
+    det = AttributionRuntime("det.onnx")
+    found = Detector("detector.onnx").detect(["a.png"])                   # boxes, labels, scores per image
+    e = det.explain(["a.png"], boxes=found)[0]                            # or boxes=[[x0, y0, x1, y1]], box_classes=["star"]
+    e.maps, e.matched, e.overlays                                         # one map and one overlay per box
+
 This package imports numpy, Pillow, onnxruntime and :mod:`pyattr.render` (which uses the compiled
 ``pyattr._C`` when built, else its NumPy twin) -- never torch (``tests/test_runtime.py`` runs it
 in a process where importing torch fails).
@@ -235,8 +243,11 @@ class AttributionRuntime:
         providers: the providers the session runs with.
         target_kind: what the graph explains, from the metadata's ``target``: ``"class"`` (also for
             graphs exported before targets existed), ``"segmentation"`` (the graph takes a ``region``
-            (N, H, W)) or ``"similarity"`` (it takes a ``reference`` (N, D) and returns ``embedding``).
+            (N, H, W)), ``"similarity"`` (it takes a ``reference`` (N, D) and returns ``embedding``) or
+            ``"detection"`` (boxes and their classes; one map per box).
         reference_dim: D, the embedding size of a similarity graph (None otherwise).
+        max_boxes: B, the boxes per run of a detection graph (``target_kind == "detection"``: inputs
+            ``images, boxes, box_classes``; None otherwise); :meth:`run` and :meth:`explain` take any number.
 
     Example:
         >>> runtime = AttributionRuntime("gradcam.onnx")                  # doctest: +SKIP

@@ -80,7 +80,8 @@ class DetectionTarget(Target):
 
     Exported graphs take ``images, boxes, box_classes`` (no ``target``: every box is explained) with B fixed
     at export (from the boxes given to the target, or ``max_boxes``; recorded as ``boxes`` in the metadata's
-    ``target``): pad with class -1 for fewer boxes; more boxes are a shape error of the runtime.
+    ``target``): pad with class -1 for fewer boxes; more boxes are a shape error of onnxruntime
+    (:class:`pyattr.runtime.AttributionRuntime` pads, and runs more boxes over chunks of B).
     They return ``scores`` (N, B), ``explained_class`` (N, B) (the box indices; -1 for an invalid sample),
     ``raw``, ``maps`` (N, B, H, W), ``matched`` (N, B) bool and ``iou`` (N, B).
 
