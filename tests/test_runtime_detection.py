@@ -15,6 +15,8 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 import pyattr
@@ -306,3 +308,33 @@ def test_detection_runs_without_torch(setup, tmp_path):
         expected = eager(setup, setup["x"][j:j + 1], det["boxes"][:100], det["labels"][:100]).scores[0]
         assert got["scores"][j] == pytest.approx(expected.tolist(), abs=1e-5)
     assert len(list(tmp_path.glob("*_figure.png"))) == 3 == len(list(tmp_path.glob("*_overlay.png")))
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-5, 70) | st.floats(-10, 100) | st.sampled_from(
+    ["star", "ring", "nope", "3", "img0.png", "box", "class", "boxes", "labels"]),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.sampled_from(
+        ["box", "class", "score", "boxes", "labels", "scores", "img0.png", "img1", "x"]), inner, max_size=4),
+    max_leaves=20)
+BOX = st.fixed_dictionaries({"box": st.lists(st.floats(-10, 100), min_size=4, max_size=4).map(
+    lambda v: [min(v[0], v[2]), min(v[1], v[3]), max(v[0], v[2]), max(v[1], v[3])]),
+    "class": st.integers(0, 5) | st.sampled_from(zoo.DET_CLASSES)})
+VALID = st.lists(st.lists(BOX, max_size=3), min_size=2, max_size=2)  # one list of boxes per image
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=JSON | VALID)
+def test_fuzz_boxes_file(setup, tmp_path, data):
+    """Any JSON in a --boxes file: per image checked boxes and class ids, or an InputError; nothing else."""
+    from pyattr.runtime.cli import load_boxes_file
+
+    path = tmp_path / "boxes.json"
+    path.write_text(json.dumps(data))
+    try:
+        found = load_boxes_file(path, setup["files"][:2], setup["runtime"])
+    except InputError as err:
+        assert str(err).startswith(f"--boxes {path}")
+        return
+    assert len(found) == 2
+    for d in found:
+        assert d["boxes"].dtype == np.float32 and d["boxes"].shape == (len(d["labels"]), 4)
+        assert np.isfinite(d["boxes"]).all() and ((d["labels"] >= 0) & (d["labels"] < 6)).all()

@@ -47,7 +47,7 @@ def export_detector(model: nn.Module, example_input: torch.Tensor, path: str | o
     preprocessing, class names, the NMS IoU threshold the runtime applies).
 
     Args:
-        model: the detector (in eval mode); not changed.
+        model: the detector, in eval mode (it is traced as it is; nothing of it is changed).
         example_input: an (N, C, H, W) input in the model's input convention (what ``preprocessing`` makes).
         path: the ``.onnx`` file (written atomically).
         decode: ``output -> (boxes (N, M, 4) xyxy in input pixels, scores (N, M, K))``; default: the output
@@ -68,7 +68,9 @@ def export_detector(model: nn.Module, example_input: torch.Tensor, path: str | o
         raise InputError(f"the detector graph is written as ONNX: name it .onnx, got {path.name!r}")
     if not 0 <= nms_iou_threshold <= 1:
         raise InputError(f"nms_iou_threshold must be in [0, 1], got {nms_iou_threshold!r}")
-    wrapper = _Candidates(model, decode or (lambda output: (output[0], output[1]))).eval()
+    # the model runs in the mode it is in (call .eval() first): nothing of it is changed, not even its training flag
+    wrapper = _Candidates(model, decode or (lambda output: (output[0], output[1])))
+    wrapper.training = model.training
     with torch.no_grad():
         boxes, scores = wrapper(example_input)
     if boxes.dim() != 3 or boxes.shape[-1] != 4 or scores.dim() != 3 or scores.shape[:2] != boxes.shape[:2]:
