@@ -150,6 +150,56 @@ def _functionalize(gm: fx.GraphModule) -> bool:
     return True
 
 
+def _spell_unregistered(gm: fx.GraphModule) -> None:
+    """Write two ops torch.onnx has no function for with ops it has: ``rsub.Scalar(x, c, alpha)`` (the backward
+    of ``sigmoid``, ``1 - y``) as ``c + x * -alpha``, and ``sym_numel(x)`` (the size arithmetic of a gather's
+    backward) as the product of ``x``'s sizes. Same values; without it such graphs take torch.onnx.export's
+    slower route (a detection graph on the built-in detector: 60 s instead of 15 s)."""
+    import operator
+
+    aten = torch.ops.aten
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target == aten.rsub.Scalar:
+            x, other = node.args[0], node.args[1]
+            alpha = node.args[2] if len(node.args) > 2 else node.kwargs.get("alpha", 1)
+            with gm.graph.inserting_before(node):
+                scaled = gm.graph.call_function(aten.mul.Scalar, (x, -alpha))
+                total = gm.graph.call_function(aten.add.Scalar, (scaled, other))
+            total.meta = dict(node.meta)
+            scaled.meta = {k: v for k, v in node.meta.items() if k != "val"}
+            if "val" in node.meta:
+                scaled.meta["val"] = node.meta["val"]
+            node.replace_all_uses_with(total)
+            gm.graph.erase_node(node)
+            changed = True
+        elif node.target == aten.sym_numel.default:
+            x = node.args[0]
+            shape = x.meta["val"].shape if "val" in x.meta else None
+            if shape is None:
+                continue
+            with gm.graph.inserting_before(node):
+                product = None
+                for i in range(len(shape)):
+                    size = gm.graph.call_function(aten.sym_size.int, (x, i))
+                    size.meta["val"] = shape[i]
+                    if product is None:
+                        product = size
+                    else:
+                        value = product.meta["val"] * shape[i]
+                        product = gm.graph.call_function(operator.mul, (product, size))
+                        product.meta["val"] = value
+            if product is None:
+                continue
+            node.replace_all_uses_with(product)
+            gm.graph.erase_node(node)
+            changed = True
+    if changed:
+        gm.recompile()
+
+
 def _missing_ops(gm: fx.GraphModule, registry) -> list[str]:
     missing = set()
     for node in gm.graph.nodes:
@@ -258,6 +308,7 @@ def translate(gm: fx.GraphModule, example_shape, input_names, output_names):
 
     registry = _registry()
     lifted, constants = _lifted_graph(gm)
+    _spell_unregistered(lifted)
     _specialize(lifted, example_shape)
     if not _functionalize(lifted) or _missing_ops(lifted, registry):
         return None
