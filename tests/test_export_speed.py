@@ -181,3 +181,40 @@ def test_name_dims_rewrites_expressions():
     _onnx.name_dims(ir.Model(graph, ir_version=10), (1, 3, 20, 20))
     assert [d if isinstance(d, int) else d.value for d in images.shape] == ["batch", 3, 20, 20]
     assert [d if isinstance(d, int) else d.value for d in other.shape] == ["2*batch", "s345", 16, 10, "20*batch"]
+
+
+class TinyDetector(nn.Module):
+    """A dense detector in ShapesDetNet's output layout (4 box distances + 3 class logits per 4x4 cell)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv2d(3, 7, 4, stride=4)
+
+    def forward(self, x):
+        return self.head(x)
+
+
+def test_detection_graph_takes_the_fast_route(tmp_path, no_recapture):
+    """A detection target's graph holds rsub.Scalar (sigmoid's backward) and sym_numel (a gather's backward),
+    which torch.onnx has no function for: spelled with ops it has, the graph is translated directly."""
+    from pyattr.targets import DetectionTarget
+
+    torch.manual_seed(0)
+    model = TinyDetector().eval()
+    boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0], [4.0, 4.0, 16.0, 12.0]])
+    target = DetectionTarget(boxes=boxes, box_classes=torch.tensor([1, 2]), decode=pyattr.zoo.decode_detections,
+                             iou_threshold=0.0)
+    method = pyattr.Saliency(model)
+    path = pyattr.export(method, torch.rand(1, 3, 16, 16), tmp_path / "det.onnx", target=target)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.rand(3, 3, 16, 16)
+    per_image = boxes.expand(3, 2, 4)
+    labels = torch.tensor([[1, 2], [0, -1], [2, 2]])
+    got = dict(zip([o.name for o in session.get_outputs()],
+                   session.run(None, {"images": x.numpy(), "boxes": per_image.numpy(), "box_classes": labels.numpy()})))
+    expected = method(x, DetectionTarget(boxes=per_image, box_classes=labels, decode=pyattr.zoo.decode_detections,
+                                         iou_threshold=0.0))
+    assert expected.outputs["matched"].sum() >= 4
+    np.testing.assert_allclose(got["scores"], expected.scores.numpy(), atol=1e-6)
+    np.testing.assert_allclose(got["raw"], expected.raw.numpy(), atol=1e-6, rtol=1e-4)
+    np.testing.assert_allclose(got["maps"], expected.maps.numpy(), atol=1e-5)
