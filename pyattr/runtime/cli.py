@@ -95,7 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default 0 = all cores)")
     parser.add_argument("--save-maps", action="store_true",
                         help="also write <name>_<method>_maps.npz (map, raw, scores; embedding for similarity "
-                             "graphs) per image")
+                             "graphs; detection: maps, raw, scores, matched, iou, boxes, box_classes, input_boxes, "
+                             "detector_scores) per image")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -403,7 +404,10 @@ def load_boxes_file(path: Path, images: list[Path], runtime) -> list[dict[str, n
                                      f"name}} (optional \"score\"); got {str(item)[:80]}")
             boxes = [item["box"] for item in entry]
             labels = [item["class"] for item in entry]
-            scores = [item["score"] for item in entry] if entry and all("score" in item for item in entry) else None
+            # a box's own score: "score", or "detector_score" in the JSON lines pyattr run prints (where "score" is
+            # the explanation's objective)
+            scores = [item.get("detector_score", item.get("score")) for item in entry]
+            scores = scores if entry and all(v is not None for v in scores) else None
         else:
             raise InputError(f"{where}: an entry is a list of boxes or a dict with 'boxes' and 'labels', got "
                              f"{type(entry).__name__}")

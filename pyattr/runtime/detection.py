@@ -114,7 +114,8 @@ class DetectionExplanation:
         and the detector's ``detector_score`` when known)."""
         boxes = []
         for b in range(len(self.boxes)):
-            entry = {"box": [round(float(v), 3) for v in self.boxes[b]], "class": self.class_names[b],
+            k, name = int(self.box_classes[b]), self.class_names[b]
+            entry = {"box": [round(float(v), 3) for v in self.boxes[b]], "class": k if name == f"class {k}" else name,
                      "class_id": int(self.box_classes[b]), "score": float(self.scores[b]),
                      "matched": bool(self.matched[b]), "iou": float(self.iou[b])}
             if self.detector_scores is not None:
