@@ -338,3 +338,17 @@ def test_fuzz_boxes_file(setup, tmp_path, data):
     for d in found:
         assert d["boxes"].dtype == np.float32 and d["boxes"].shape == (len(d["labels"]), 4)
         assert np.isfinite(d["boxes"]).all() and ((d["labels"] >= 0) & (d["labels"] < 6)).all()
+
+
+def test_class_range_comes_from_the_graph_without_names(setup):
+    """A detection graph's metadata records the detector's K (its outputs do not show it), so a runtime without
+    class names still rejects an id the graph would otherwise clamp to K - 1."""
+    runtime = AttributionRuntime(setup["graph"], num_threads=1)
+    assert runtime.metadata["target"]["num_classes"] == len(zoo.DET_CLASSES) == 6
+    runtime.class_names = None
+    batch = runtime.preprocess(setup["images"][:1])
+    with pytest.raises(InputError, match=r"outside 0\.\.5"):
+        runtime.run(batch, boxes=BOXES[None, :1], box_classes=np.array([[6]]))
+    with pytest.raises(InputError, match="out of range: the graph's metadata names 6 classes"):
+        runtime.explain(setup["images"][:1], boxes=BOXES[:1], box_classes=[6])
+    assert runtime.run(batch, boxes=BOXES[None, :1], box_classes=np.array([[5]])).maps.shape == (1, 1, 64, 64)

@@ -106,6 +106,10 @@ def check_class_names(meta: dict[str, Any], gm) -> None:
     """After the trace: ``class_names`` must hold one name per score of the traced graph (targets whose scores
     are not classes, a similarity or one score per box, are not checked: a detector's names are its classes)."""
     names = meta.get("class_names")
+    recorded = meta.get("target", {}).get("num_classes")  # a detector's K (Target.output_metadata)
+    if names is not None and recorded is not None and len(names) != recorded:
+        raise InputError(f"class_names holds {len(names)} names but the detector scores {recorded} classes: "
+                         "give one name per class")
     if names is None or meta.get("target", {}).get("kind") in ("similarity", "detection"):
         return
     scores = gm.graph.output_node().args[0][0]
@@ -250,7 +254,7 @@ def export(method: AttributionMethod, example_input: torch.Tensor, path: str | o
     if not path.parent.exists():
         raise InputError(f"the folder {str(path.parent)!r} does not exist; create it first")
     meta = build_metadata(method, example, class_names, preprocessing, metadata, kind)
-    inputs = checked_example_inputs(method, example, kind)
+    inputs = checked_example_inputs(method, example, kind, meta)
     gm = trace_graph(method, example, kind, inputs)
     check_class_names(meta, gm)
     check_exportable(gm, method, fmt)  # fail fast, before minutes in an exporter
@@ -272,10 +276,12 @@ def export(method: AttributionMethod, example_input: torch.Tensor, path: str | o
     return path
 
 
-def checked_example_inputs(method: AttributionMethod, example: torch.Tensor, kind: Target) -> tuple[torch.Tensor, ...]:
+def checked_example_inputs(method: AttributionMethod, example: torch.Tensor, kind: Target,
+                           meta: dict[str, Any] | None = None) -> tuple[torch.Tensor, ...]:
     """The tracing inputs, after an eager run of the method on the example with the target's example
     inputs: what the target does not accept (a segmentation target on a classifier, a reference of another
-    dimension) is an :class:`InputError` here, not a tracing failure."""
+    dimension) is an :class:`InputError` here, not a tracing failure. ``meta["target"]`` gets the target's
+    :meth:`~pyattr.targets.base.Target.output_metadata` of that run."""
     inputs = example_inputs(method, example, kind)
     if kind is CLASS_TARGET:
         return inputs
@@ -286,7 +292,10 @@ def checked_example_inputs(method: AttributionMethod, example: torch.Tensor, kin
     x = inputs[0][:1]
     extra = {name: value[:1] for name, value in zip(kind.inputs, inputs[len(inputs) - len(kind.inputs):])}
     with torch.no_grad(), call_view(method.model) as view, bound_target(kind, extra, 1) as bound:
-        bound.scores(select_output(view.root(x), method.output), x, checks=True)
+        output = select_output(view.root(x), method.output)
+        bound.scores(output, x, checks=True)
+        if meta is not None:
+            meta["target"].update(kind.output_metadata(output))
     return inputs
 
 

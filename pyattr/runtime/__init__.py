@@ -352,6 +352,14 @@ class AttributionRuntime:
             raise InputError(f"target {k} is out of range: the model has {n} classes (0..{n - 1}; -1 = arg-max)")
         return k
 
+    def _box_classes(self) -> int | None:
+        """K of a detection graph: its metadata's ``target.num_classes`` (recorded by pyattr.export), else the
+        number of class names, else None (ids are then only checked to be >= 0)."""
+        k = self.metadata.get("target", {}).get("num_classes")
+        if k is not None:
+            return int(k)
+        return len(self.class_names) if self.class_names else None
+
     def _num_classes(self) -> int:
         k = self._graph_classes()
         if k is not None:
@@ -448,8 +456,8 @@ class AttributionRuntime:
         if classes.shape != (n, count):
             raise InputError(f"box_classes must be ({n}, {count}) or ({count},): one class id per box; got shape "
                              f"{np.shape(box_classes)}")
-        if (classes < -1).any() or (self.class_names and (classes >= len(self.class_names)).any()):
-            k = len(self.class_names) if self.class_names else None
+        k = self._box_classes()
+        if (classes < -1).any() or (k is not None and (classes >= k).any()):
             raise InputError(f"box_classes holds ids outside {'0..' + str(k - 1) if k else '>= 0'} (-1: padding)")
         parts: list[list[np.ndarray]] = []
         for start in range(0, count, b):
@@ -717,7 +725,7 @@ class AttributionRuntime:
         from .detection import per_image_boxes
 
         given = per_image_boxes(boxes, box_classes, len(images), self.class_index,
-                                len(self.class_names) if self.class_names else None)  # all checked before any run
+                                self._box_classes())  # all checked before any run
         h, w = self.input_size
         results: list[DetectionExplanation] = []
         for start in range(0, len(images), batch_size):

@@ -237,6 +237,9 @@ def _validate_target(target: Any, inputs: Any) -> None:
         boxes = target.get("boxes")
         if boxes is not None and not (_int(boxes) and 1 <= boxes <= MAX_DETECTION_BOXES):
             raise _field("target.boxes", boxes, f"an int from 1 to {MAX_DETECTION_BOXES} (the graph's boxes per run)")
+        k = target.get("num_classes")
+        if k is not None and not (_int(k) and k >= 1):
+            raise _field("target.num_classes", k, "a positive int (the detector's number of classes)")
         return
     known = TARGET_INPUTS.get(target["kind"])
     if known is not None and isinstance(inputs, list) and inputs[2:] != list(known):

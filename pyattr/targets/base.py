@@ -112,6 +112,11 @@ class Target:
         """What an exported file records about the target (JSON values)."""
         return {"kind": self.kind}
 
+    def output_metadata(self, output: Any) -> dict[str, Any]:
+        """What an exported file records about the model's output on the example (JSON values, merged into
+        :meth:`metadata`), e.g. a detector's number of classes, which its graph's outputs do not show."""
+        return {}
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(classes={self.classes!r})"
 

@@ -300,6 +300,10 @@ class DetectionTarget(Target):
             return int(torch.as_tensor(self.boxes).shape[-2])
         return self.max_boxes or 1
 
+    def output_metadata(self, output: Any) -> dict[str, Any]:
+        """``num_classes``: K of the decoder's scores, so that a runtime rejects class ids the graph would clamp."""
+        return {"num_classes": int(self.candidates(output)[1].shape[-1])}
+
     def metadata(self) -> dict[str, Any]:
         return {"kind": self.kind, "iou_threshold": self.iou_threshold, "objective": self.objective,
                 "match": self.match, "boxes": self.export_boxes()}
