@@ -152,7 +152,8 @@ def dense_targets(
     object: among the object's best-covered cells (``coverage``: the share of the cell's 4x4 pixels in
     the object's mask, :func:`cell_coverage`; 1 where the object has cells fully inside it), the one
     maximizing ``gauss``, the usual Gaussian around the box centre (sigma = the box's larger side / 6, at
-    least half a cell). For the solid shapes (circle, square, triangle, star, cross) that is the centre
+    least half a cell; ties, as when the centre is a cell corner, go to the first cell in row-major
+    order). For the solid shapes (circle, square, triangle, star, cross) that is the centre
     cell, as in CenterNet; for a ring it is a cell of the band nearest the hole. The class heat is
     ``gauss * coverage / (the peak's gauss * coverage)``, clipped at 1, on the cells at least half on the
     object (0 elsewhere: around the object and in a ring's hole): the peak has heat 1, and the cells on
