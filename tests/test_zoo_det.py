@@ -241,6 +241,29 @@ def test_shipped_detector_reaches_map_on_heldout_images(detector, heldout) -> No
     assert np.mean(exact) >= 0.95
 
 
+def test_gradcam_of_each_detection_peaks_on_the_object_rings_included(detector, heldout) -> None:
+    """The training targets put each object's peak on the object, so Grad-CAM of a detected box peaks on its
+    mask -- also for a ring, whose box centre is its hole (the centre-peak weights hit 0% of rings)."""
+    import pyattr
+    from pyattr.targets import DetectionTarget
+
+    images = _to_tensor(heldout.images[:40])
+    with torch.no_grad():
+        found = detect(detector, images)
+    result = pyattr.GradCAM(detector, DETMODEL_LAYER)(
+        images, DetectionTarget.from_detections(found, decode=decode_detections))
+    hits = {name: [] for name in DET_CLASSES}
+    for index, result_boxes in enumerate(found):
+        for box in range(len(result_boxes["labels"])):
+            label = int(result_boxes["labels"][box])
+            mask = torch.from_numpy(heldout.masks[index, label])
+            if not mask.any():
+                continue  # a false detection: no object of that class
+            hits[DET_CLASSES[label]].append(bool(pyattr.pointing_game(result.maps[index, box][None], mask[None])[0]))
+    assert len(hits["ring"]) >= 8 and all(hits["ring"]), hits["ring"]
+    assert np.mean([hit for h in hits.values() for hit in h]) >= 0.95, {name: np.mean(h) for name, h in hits.items()}
+
+
 def test_detect_output_contract(detector, heldout) -> None:
     images = _to_tensor(heldout.images[:8])
     found = detect(detector, images, score_threshold=0.05, iou_threshold=0.4)
