@@ -129,9 +129,9 @@ def main(argv: list[str] | None = None) -> None:
         "",
         (f"Grad-CAM at `{DETMODEL_LAYER}` (by hand; objective: the logit of the class's best candidate), "
         f"`generate(300, seed=40000)`, {total[2]} objects: the map's maximum lies in the object's **box** for "
-        f"{100 * total[0] / total[2]:.2f}%, in its **mask** for {100 * total[1] / total[2]:.2f}%. A centre-based "
-        "detector's evidence peaks at the object's centre, which for a ring is its hole: score detection "
-        "explanations against boxes."),
+        f"{100 * total[0] / total[2]:.2f}%, in its **mask** for {100 * total[1] / total[2]:.2f}%. The detector's evidence peaks at each object's "
+        "peak cell, which training puts on the object (`pyattr.zoo.train_det.dense_targets`): the cell of the "
+        "object nearest its box centre, for a ring a cell of its band rather than its hole."),
         "",
         "| class | box hits | mask hits | objects |",
         "|---|---|---|---|",

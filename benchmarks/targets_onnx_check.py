@@ -4,7 +4,8 @@
 
 Grad-CAM and Saliency on the built-in segmenter (each image's first present class over its predicted region),
 embedding (cosine to a generated reference) and detector (every detected box, padded): three generated images
-(seed 999), exported at batch 1 and run at batch 3; prints max |maps_onnxruntime - maps_eager|.
+(seed 999), exported at batch 1 and run at batch 3; prints max |maps_onnxruntime - maps_eager|
+(last output: ``benchmarks/results/targets_onnx_check.txt``).
 """
 
 from __future__ import annotations

@@ -70,17 +70,48 @@ def test_mask_boxes_are_tight_and_match_the_training_targets() -> None:
             assert 12 <= x1 - x0 <= 29 and 12 <= y1 - y0 <= 29
 
 
-def test_dense_targets_peak_at_the_object_centre() -> None:
-    present = torch.tensor([[False, True, False, False, False, False]])
-    boxes = torch.zeros(1, 6, 4)
-    boxes[0, 1] = torch.tensor([10.0, 20.0, 30.0, 36.0])  # centre (20, 28): cell (x 5, y 7)
-    heat, peaks, distances, weights = train_det.dense_targets(present, boxes, 16, 16)
+def test_dense_targets_peak_on_the_object() -> None:
+    # A solid object: the peak is the cell holding the box centre, as in CenterNet.
+    maps = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    maps[0, 20:37, 10:31] = 2  # square: box (10, 20, 31, 37), centre (20.5, 28.5): cell (x 5, y 7)
+    present, boxes = train_det.class_map_boxes(maps)
+    heat, peaks, distances, weights = train_det.dense_targets(present, boxes, train_det.cell_coverage(maps))
     assert peaks.sum() == 1 and peaks[0, 1, 7, 5]
     assert heat[0, 1, 7, 5] == 1.0 and heat[0, 1].max() == 1.0 and heat[0, [0, 2, 3, 4, 5]].abs().sum() == 0
-    # Cell (7, 5) has centre (22, 30): 12 px to the left side, 10 to the top, 8 right, 6 bottom.
-    torch.testing.assert_close(distances[0, :, 7, 5], torch.tensor([12.0, 10.0, 8.0, 6.0]))
+    # Cell (7, 5) has centre (22, 30): 12 px to the left side, 10 to the top, 9 right, 7 bottom.
+    torch.testing.assert_close(distances[0, :, 7, 5], torch.tensor([12.0, 10.0, 9.0, 7.0]))
     assert weights[0, 7, 5] == 1.0 and (weights[0] > 0).sum() > 1
     assert weights[0, 0, 0] == 0 and weights[0, 12, 5] == 0  # outside the box
+    assert heat[0, 1, 4, 5] == 0 and heat[0, 1, 5, 5] > 0  # heat only on cells at least half on the object
+
+    # A ring centred on cell (7, 9): its centre is its hole. The peak is a cell fully on the band, next to
+    # the hole; the hole gets no heat; the peak regresses the ring's whole box.
+    yy, xx = torch.meshgrid(torch.arange(64) + 0.5, torch.arange(64) + 0.5, indexing="ij")
+    distance = ((xx - 38) ** 2 + (yy - 30) ** 2).sqrt()
+    maps = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    maps[0][(distance > 5) & (distance < 12)] = 6
+    present, boxes = train_det.class_map_boxes(maps)
+    heat, peaks, distances, weights = train_det.dense_targets(present, boxes, train_det.cell_coverage(maps))
+    assert peaks.sum() == 1
+    y, x = (int(i) for i in peaks[0, 5].nonzero()[0])
+    assert (maps[0, 4 * y : 4 * y + 4, 4 * x : 4 * x + 4] == 6).all()
+    full = train_det.cell_coverage(maps)[0, 5] == 1
+    cell_distance = (torch.arange(16.0).view(-1, 1) - 7) ** 2 + (torch.arange(16.0) - 9) ** 2
+    assert cell_distance[y, x] == 4 and cell_distance[full].min() == 4  # the nearest full cells to the hole
+    assert heat[0, 5, y, x] == 1.0 and heat[0, 5, 7, 9] == 0 and maps[0, 28:32, 36:40].eq(0).all()
+    x0, y0, x1, y1 = boxes[0, 5].tolist()
+    cx, cy = 4 * x + 2, 4 * y + 2
+    torch.testing.assert_close(distances[0, :, y, x], torch.tensor([cx - x0, cy - y0, x1 - cx, y1 - cy]))
+    assert weights[0, y, x] == 1.0 and weights[0, 7, 9] > 0.3  # the hole cell still regresses the box
+
+    # Rendered images: every object's peak lies on it (its 4x4 patch's central pixels in its mask), once.
+    batch = generate(32, seed=5)
+    maps = torch.from_numpy(class_map(batch.masks))
+    present, boxes = train_det.class_map_boxes(maps)
+    _, peaks, _, _ = train_det.dense_targets(present, boxes, train_det.cell_coverage(maps))
+    assert torch.equal(peaks.flatten(2).sum(-1), present.long())
+    for image, k, y, x in peaks.nonzero().tolist():
+        assert batch.masks[image, k, 4 * y + 1 : 4 * y + 3, 4 * x + 1 : 4 * x + 3].all(), (image, k)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,6 +239,29 @@ def test_shipped_detector_reaches_map_on_heldout_images(detector, heldout) -> No
     found = detect(detector, _to_tensor(heldout.images))
     exact = [sorted(d["labels"].tolist()) == np.flatnonzero(label).tolist() for d, label in zip(found, heldout.labels)]
     assert np.mean(exact) >= 0.95
+
+
+def test_gradcam_of_each_detection_peaks_on_the_object_rings_included(detector, heldout) -> None:
+    """The training targets put each object's peak on the object, so Grad-CAM of a detected box peaks on its
+    mask -- also for a ring, whose box centre is its hole (the centre-peak weights hit 0% of rings)."""
+    import pyattr
+    from pyattr.targets import DetectionTarget
+
+    images = _to_tensor(heldout.images[:40])
+    with torch.no_grad():
+        found = detect(detector, images)
+    result = pyattr.GradCAM(detector, DETMODEL_LAYER)(
+        images, DetectionTarget.from_detections(found, decode=decode_detections))
+    hits = {name: [] for name in DET_CLASSES}
+    for index, result_boxes in enumerate(found):
+        for box in range(len(result_boxes["labels"])):
+            label = int(result_boxes["labels"][box])
+            mask = torch.from_numpy(heldout.masks[index, label])
+            if not mask.any():
+                continue  # a false detection: no object of that class
+            hits[DET_CLASSES[label]].append(bool(pyattr.pointing_game(result.maps[index, box][None], mask[None])[0]))
+    assert len(hits["ring"]) >= 8 and all(hits["ring"]), hits["ring"]
+    assert np.mean([hit for h in hits.values() for hit in h]) >= 0.95, {name: np.mean(h) for name, h in hits.items()}
 
 
 def test_detect_output_contract(detector, heldout) -> None:

@@ -25,10 +25,13 @@ Box convention: ``xyxy`` in input pixels, continuous coordinates in which pixel 
 sits at cell ``(y, x)``, centre ``((x + 0.5) * 4, (y + 0.5) * 4)``; its box is that centre minus/plus
 ``softplus(raw) * 4`` on each side.
 
-Explanations: the evidence of a centre-based detector sits at the object's centre. Grad-CAM at
-:data:`DETMODEL_LAYER` of a class's best candidate peaks inside the object's box for every object of
-``generate(300, seed=40_000)``, inside its mask for every class but ``ring``, whose centre is its hole
-(``benchmarks/results/builtin_detector.md``): score detection explanations against boxes.
+Training targets (:func:`pyattr.zoo.train_det.dense_targets`): each object's score peaks at one cell ON
+the object -- the cell fully on it nearest its box centre -- and any cell regresses the object's whole box.
+For the solid shapes that is the centre cell, as in CenterNet; a ring's centre is its hole, so its peak
+is a cell of its band (a centre peak would put the detector's evidence, and every explanation of the
+detection, on background). Grad-CAM at :data:`DETMODEL_LAYER` of each detected box peaks inside the
+object's mask for every matched box of ``generate(300, seed=40_000)``, rings included
+(``benchmarks/results/detection_pointing_game.md``, ``builtin_detector.md``).
 
 Example:
     >>> import torch
