@@ -14,8 +14,8 @@ object:
 The detector's evidence sits at each object's peak cell, which its training puts on the object
 (:func:`pyattr.zoo.train_det.dense_targets`; with CenterNet's centre peaks, a ring's peak was its hole and
 every CAM missed every ring on the mask: 81.6% overall). Integrated Gradients (32 steps, zero baseline)
-runs on the first 100 images only (:data:`SLOW_METHODS`); LRP's EpsilonGammaBox gets the input bounds of
-the detector's first convolution from its normalization (:func:`method_options`).
+runs on the first 100 images only (:data:`SLOW_METHODS`); LRP's EpsilonGammaBox takes the input bounds of
+the detector's first convolution from its normalization (as for every built-in model).
 
     python benchmarks/detection_pointing_game.py                      # 300 images, a set of methods
     python benchmarks/detection_pointing_game.py --n 50 --methods gradcam,saliency
@@ -57,16 +57,6 @@ SLOW_METHODS = {"integratedgradients": 100}
 per box."""
 
 
-def method_options(name: str, model) -> dict:
-    """Constructor options a method needs on this model: EpsilonGammaBox's input bounds. ShapesDetNet
-    normalizes inside (``(x - mean) / std``) images in [0, 1], so its first convolution sees values in
-    ``[(0 - mean) / std, (1 - mean) / std]`` per channel."""
-    if name == "lrp_epsilon_gamma_box":
-        mean, std = model.mean.detach().flatten(), model.std.detach().flatten()
-        return {"low": (0 - mean) / std, "high": (1 - mean) / std}
-    return {}
-
-
 def matched_boxes(model, images: torch.Tensor, data, start: int) -> list[dict]:
     """Per image: detected boxes that match a ground-truth object (class and IoU >= 0.5), with that object."""
     found = detect(model, images)
@@ -86,8 +76,7 @@ def matched_boxes(model, images: torch.Tensor, data, start: int) -> list[dict]:
 
 def run(name: str, n: int, seed: int, batch_size: int, layer: str | None = None) -> dict:
     model = load_builtin_detector()
-    method = build_method(name, model, (layer or DETMODEL_LAYER) if needs_layer(name) else None,
-                          **method_options(name, model))
+    method = build_method(name, model, (layer or DETMODEL_LAYER) if needs_layer(name) else None)
     n = min(n, SLOW_METHODS.get(name, n))
     data = generate(n, seed=seed)
     images = torch.from_numpy(data.images).permute(0, 3, 1, 2).float() / 255

@@ -709,3 +709,22 @@ def test_cli_explains_with_lrp_and_passes_zbox_bounds(tmp_path):
     assert torch.allclose(options["low"], torch.tensor([-2.5, -1.6, -0.6]))
     assert torch.allclose(options["high"], torch.tensor([2.5, 2.4, 1.4]))
     assert method_options("lrp_epsilon_plus", bundle) == {}
+
+
+def test_epsilon_gamma_box_takes_the_built_in_detectors_bounds():
+    """The segmenter and detector normalize inside, like ShapesNet: EpsilonGammaBox reads their input bounds
+    ((0 - mean) / std, (1 - mean) / std) instead of asking for low= and high=."""
+    from pyattr import zoo
+    from pyattr.targets import DetectionTarget
+
+    model = zoo.load_builtin_detector()
+    x = torch.from_numpy(zoo.generate(2, seed=3).images).permute(0, 3, 1, 2).float() / 255
+    target = DetectionTarget.from_detections(zoo.detect(model, x), decode=zoo.decode_detections)
+    mean, std = model.mean.flatten(), model.std.flatten()
+    implicit = lrp.LRP(model, "epsilon_gamma_box")(x, target)
+    explicit = lrp.LRP(model, "epsilon_gamma_box", low=(0 - mean) / std, high=(1 - mean) / std)(x, target)
+    wrong = lrp.LRP(model, "epsilon_gamma_box", low=0.0, high=1.0)(x, target)
+    assert bool(implicit.outputs["matched"].all()) and implicit.raw.abs().amax() > 1e-3
+    torch.testing.assert_close(implicit.raw, explicit.raw, rtol=0, atol=0)
+    # the bounds matter (not the [0, 1] of raw pixels): > 5% of the map's range apart
+    assert (implicit.raw - wrong.raw).abs().amax() > 0.05 * implicit.raw.abs().amax()

@@ -71,10 +71,12 @@ class _LayerRule(torch.autograd.Function):
 
 
 def _bounds_of(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """ShapesNet's input bounds after its in-model normalization: RGB in [0, 1] -> ((0, 1) - mean) / std."""
+    """The built-in models' input bounds after their in-model normalization (ShapesNet, and the segmenter and
+    detector on :class:`~pyattr.zoo.segmodel.Stride4Backbone`): RGB in [0, 1] -> ((0, 1) - mean) / std."""
     from ...zoo.model import ShapesNet
+    from ...zoo.segmodel import Stride4Backbone
 
-    if isinstance(model, ShapesNet):
+    if isinstance(model, (ShapesNet, Stride4Backbone)):
         mean, std = model.mean.detach().flatten().clone(), model.std.detach().flatten().clone()
         return (0 - mean) / std, (1 - mean) / std
     return None
@@ -91,7 +93,8 @@ class LRP(AttributionMethod):
             e.g. ``{"features.0": Flat(), nn.Linear: Epsilon(0.25)}`` (names win over types).
         low, high: input bounds of the first convolution for ``epsilon_gamma_box`` (floats or
             per-channel tensors, in the space the first layer sees: ``(0 - mean) / std`` for images
-            normalized outside [0, 1]); taken from the model for pyattr's built-in ShapesNet.
+            normalized outside [0, 1]); taken from the model for pyattr's built-in models (classifier,
+            segmenter, detector).
         canonize: merge BatchNorms into the preceding layer, canonical residual blocks and
             out-of-place activations (default True; applied to the call's view of the model only,
             never to the model itself).
