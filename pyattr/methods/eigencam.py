@@ -120,6 +120,7 @@ class EigenCAM(CAMMethod):
 
     name = "eigencam"
     depends_on_target: ClassVar[bool] = False
+    multi_target: ClassVar[bool] = True  # T targets: one forward pass, the one map repeated T times
 
     def __init__(self, model: nn.Module, layer: LayerSpec = None, *, squarings: int = SQUARINGS, **options):
         super().__init__(model, layer, **options)
@@ -131,7 +132,10 @@ class EigenCAM(CAMMethod):
             resolved = self.resolve(scores, target)
             maps = [torch.relu(principal_projection(self.as_map(out, name), self.squarings))
                     for out, name in zip(outputs, self.layer_names)]
-        return scores, fuse_maps(maps, self.fuse), resolved
+            raw = fuse_maps(maps, self.fuse)
+        if target.dim() == 2:  # (N, T) targets (several classes, a detection target's boxes): (N, T, h, w)
+            raw = raw[:, None].expand(-1, target.shape[1], -1, -1)
+        return scores, raw, resolved
 
     def metadata(self) -> dict[str, Any]:
         return {**super().metadata(), "squarings": self.squarings}
