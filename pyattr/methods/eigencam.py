@@ -36,12 +36,12 @@ def principal_direction(x: torch.Tensor, squarings: int = SQUARINGS) -> torch.Te
 
     :math:`v_1` is the top eigenvector of the (C, C) Gram matrix :math:`G = X^\top X` (the first right
     singular vector of X), found with matrix products only, so that the function traces into any graph
-    (ONNX has no SVD or eigen-decomposition): the Gram matrix of the smaller side, (C, C) or (R, R), is
-    normalized to unit Frobenius norm and squared ``squarings`` times (its :math:`2^s`-th power, a multiple
-    of the projector :math:`v_1 v_1^\top` once :math:`(\lambda_2/\lambda_1)^{2^s}` is negligible); the
-    column of largest diagonal is :math:`\pm v_1` (for the (R, R) side, :math:`\pm u_1`, and
-    :math:`v_1 \propto X^\top u_1`). No step can overflow (X is scaled to max |x| = 1, every power to unit
-    norm) and an all-zero X gives v = 0 (no NaN).
+    (ONNX has no SVD or eigen-decomposition): the Gram matrix M of the smaller side, (C, C) or (R, R), is
+    squared ``squarings`` times, each time as :math:`M^2 / \lVert M \rVert_F^2` (trace 1), which gives its
+    :math:`2^s`-th power scaled: a multiple of the projector :math:`v_1 v_1^\top` once
+    :math:`(\lambda_2/\lambda_1)^{2^s}` is negligible; its column of largest diagonal is :math:`\pm v_1`
+    (on the (R, R) side :math:`\pm u_1`, and :math:`v_1 \propto X^\top u_1`). No step can overflow or
+    underflow to 0 (X is scaled to max |x| = 1, every power to trace 1) and an all-zero X gives v = 0 (no NaN).
 
     Sign: singular vectors have no sign (LAPACK returns either). Here v is chosen with
     :math:`\sum_c v_c \ge 0`, which for a centred X means that the projection :math:`X v` correlates
@@ -51,9 +51,9 @@ def principal_direction(x: torch.Tensor, squarings: int = SQUARINGS) -> torch.Te
     When :math:`\sum_c v_c` is 0 the sign is +, and when it is within rounding of 0 either sign may come out.
 
     Ties: when :math:`\lambda_1 = \lambda_2` (to float precision) the power is a multiple of the projector on
-    the whole top eigenspace, and v is the normalized projection onto it of the coordinate axis with the
-    largest projection (the first such axis): a unit vector of the top eigenspace, as any SVD's choice is,
-    but not necessarily the one LAPACK picks.
+    the whole top eigenspace, and v comes from the normalized projection onto it of the coordinate axis (of
+    the smaller side: a channel, or a row) with the largest projection, the first such axis: a unit vector
+    of the top eigenspace, as any SVD's choice is, but not necessarily the one LAPACK picks.
 
     Example:
         >>> x = torch.tensor([[[2.0, 1.0], [-2.0, -1.0], [0.0, 0.0]]])   # rows along (2, 1)
