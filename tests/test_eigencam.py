@@ -195,6 +195,17 @@ def test_eigencam_ignores_the_target_eigengradcam_does_not(builtin_model):
     assert float((c.raw - d.raw).abs().max()) > 0.1 * float(c.raw.abs().max())
 
 
+@pytest.mark.parametrize("cls", [EigenCAM, EigenGradCAM])
+def test_batch_equals_samples_alone(builtin_model, cls):
+    """The principal component is per sample: a batch gives each sample's own map."""
+    x, target = make_shapes(3, seed=11), torch.tensor([-1, 3, 5])
+    method = cls(builtin_model, "layer3")
+    batch = method(x, target)
+    assert float(batch.raw.abs().amax()) > 0
+    for i in range(3):
+        assert_maps_close(method(x[i:i + 1], target[i:i + 1]).raw, batch.raw[i:i + 1], rtol=1e-4)
+
+
 def test_registered_and_layers_fused(builtin_model):
     assert METHODS["eigencam"] is EigenCAM and METHODS["eigengradcam"] is EigenGradCAM
     x = make_shapes(2, seed=9)

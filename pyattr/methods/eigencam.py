@@ -102,7 +102,8 @@ class EigenCAM(CAMMethod):
 
     **It does not depend on the target**: no gradient is taken, and every class (with a
     :class:`~pyattr.targets.DetectionTarget`, every box, matched or not) gets the same map; ``scores`` and
-    ``target`` are still the model's and the resolved ones. The principal component's sign is fixed so that
+    ``target`` are still the model's and the resolved ones (T targets per input: one forward pass, the map
+    repeated T times). The principal component's sign is fixed so that
     the map correlates non-negatively with the channel sum of the activations (pytorch-grad-cam's
     ``EigenCAM`` keeps LAPACK's arbitrary sign: its map can be the ReLU of the opposite projection).
     Raw map at the layer's resolution; several layers are fused as in :class:`CAMMethod`.
