@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..postprocess import TINY
 from .cam import CAMMethod, GradientCAM, LayerSpec, fuse_maps
 
@@ -174,8 +175,6 @@ class EigenGradCAM(GradientCAM):
 
 
 def _check_squarings(squarings: Any) -> int:
-    from ..errors import InputError
-
     if isinstance(squarings, bool) or not isinstance(squarings, int) or not 1 <= squarings <= 64:
         raise InputError(f"squarings must be an int in [1, 64] (default {SQUARINGS}), got {squarings!r}")
     return squarings
