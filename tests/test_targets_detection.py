@@ -351,8 +351,10 @@ def test_faster_rcnn_eigencam_agrees_with_pytorch_grad_cam(rcnn, method):
         assert float(res.raw[0, 2].abs().sum()) == 0 and float(res.maps[0, 2].abs().sum()) == 0
 
 
-# the built-in detector's graph goes through torch.onnx's slower route (its decoder's sym_numel has no direct
-# ONNX function): ~40-60 s per export on 2 loaded cores. In CI: Eigen-CAM in ONNX, Eigen-Grad-CAM eagerly.
+# CI time: Eigen-CAM's ONNX export takes the direct route (~12 s on 2 loaded cores); Eigen-Grad-CAM's, like
+# Grad-CAM's, goes through torch.onnx's slower public route (the repeated batch of a (N, B) target leaves
+# aten::sym_numel and aten::rsub.Scalar, which have no direct ONNX function: ~40-60 s). So in CI: Eigen-CAM in
+# ONNX, Eigen-Grad-CAM eagerly, its ONNX with -m slow.
 @pytest.mark.parametrize("method, export", [
     ("EigenCAM", True), ("EigenGradCAM", False), pytest.param("EigenGradCAM", True, marks=pytest.mark.slow)])
 def test_eigencam_on_the_builtin_detector_and_in_onnx(method, export, tmp_path):

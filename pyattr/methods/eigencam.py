@@ -136,7 +136,9 @@ class EigenCAM(CAMMethod):
                     for out, name in zip(outputs, self.layer_names)]
             raw = fuse_maps(maps, self.fuse)
         if target.dim() == 2:  # (N, T) targets (several classes, a detection target's boxes): (N, T, h, w)
-            raw = raw[:, None].expand(-1, target.shape[1], -1, -1)
+            # (a copy, not an expand: reshaping an expand to (N * T, h, w) in postprocess leaves aten::sym_numel,
+            # which has no direct ONNX translation)
+            raw = raw[:, None].repeat(1, target.shape[1], 1, 1)
         return scores, raw, resolved
 
     def metadata(self) -> dict[str, Any]:
