@@ -43,7 +43,9 @@ def _lifted_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, torch.T
     out = graph.graph_copy(gm.graph, mapping)
     graph.output(out)
     copy = fx.GraphModule(gm, graph)
-    first_op = next(n for n in copy.graph.nodes if n.op != "placeholder")
+    # after the inputs, in order (not "before the first op": that may be a get_attr node erased below, as in a
+    # graph that starts with the model's first weight, e.g. a method that takes no gradient)
+    last_input = [n for n in copy.graph.nodes if n.op == "placeholder"][-1]
     seen: dict[tuple, fx.Node] = {}
     constants: dict[str, torch.Tensor] = {}
     for node in list(copy.graph.nodes):
@@ -58,8 +60,9 @@ def _lifted_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, torch.T
         key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), tuple(value.stride()),
                value.dtype) if value.numel() else (node.target,)
         if key not in seen:
-            with copy.graph.inserting_before(first_op):
+            with copy.graph.inserting_after(last_input):
                 lifted = copy.graph.placeholder(node.name)
+            last_input = lifted
             lifted.meta = dict(node.meta)
             lifted.meta["val"] = value if value.is_contiguous() else value.contiguous()
             constants[lifted.name] = lifted.meta["val"]

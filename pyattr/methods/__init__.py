@@ -9,6 +9,7 @@ from torch import nn
 from ..errors import InputError
 from .base import Attribution, AttributionMethod
 from .cam import CAM, GradCAM, GradCAMPlusPlus, GuidedGradCAM, HiResCAM, LayerCAM, TokensToGrid, XGradCAM
+from .eigencam import EigenCAM, EigenGradCAM
 from .fullgrad import FullGrad
 from .gradient import DeconvNet, GuidedBackprop, InputXGradient, IntegratedGradients, Saliency, SmoothGrad
 from .lrp import LRP, LRPEpsilonAlpha2Beta1, LRPEpsilonGammaBox, LRPEpsilonPlus, LRPEpsilonPlusFlat
@@ -22,6 +23,8 @@ METHODS: dict[str, type[AttributionMethod]] = {
     "xgradcam": XGradCAM,
     "layercam": LayerCAM,
     "hirescam": HiResCAM,
+    "eigencam": EigenCAM,
+    "eigengradcam": EigenGradCAM,
     "scorecam": ScoreCAM,
     "fullgrad": FullGrad,
     "inputxgradient": InputXGradient,
@@ -66,6 +69,8 @@ __all__ = [
     "Attribution",
     "AttributionMethod",
     "DeconvNet",
+    "EigenCAM",
+    "EigenGradCAM",
     "FullGrad",
     "GradCAM",
     "GradCAMPlusPlus",

@@ -163,6 +163,9 @@ class AttributionMethod:
     signed: ClassVar[bool] = False
     """True when the raw map is signed evidence (LRP's relevance), drawn centered on a diverging colormap:
     ``pyattr explain`` does, and exported files record it (``"signed"``) for ``pyattr run``."""
+    depends_on_target: ClassVar[bool] = True
+    """False for a method whose map is the same whatever the target (Eigen-CAM: a principal component of the
+    activations); its ``scores`` and ``target`` are still the model's and the resolved ones."""
 
     def __init__(self, model: nn.Module, *, output: OutputSelector = None, layout: str = "image"):
         if not isinstance(model, nn.Module):
