@@ -181,7 +181,8 @@ def contract(models: list[str], methods: list[str], formats: list[str], size: in
             refs = {b: m(x[:b], DetectionTarget(boxes=boxes[:b], box_classes=labels[:b])) for b in (1, 2)}
             for fmt in formats:
                 row = {"model": mname, "method": meth, "format": fmt, "size": size,
-                       "matched_eager": refs[2].outputs["matched"].tolist()}
+                       "matched_eager": refs[2].outputs["matched"].tolist(),
+                       "boxes_path": "one forward, B backward" if m.multi_target else "batch repeated B times"}
                 with tempfile.TemporaryDirectory() as tmp:
                     path = Path(tmp) / f"{meth}{FORMATS[fmt]}"
                     t0 = time.perf_counter()
@@ -225,7 +226,7 @@ def write_contract(rows: list[dict]) -> None:
     out = ROOT / "benchmarks" / "results" / "detection_export_contract"
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     keys = ["model", "method", "format", "status", "maps_err", "scores_err", "iou_err", "matched_equal", "export_s",
-            "matched_eager", "error"]
+            "boxes_path", "matched_eager", "error"]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
     head = (f"# detection export contract ({time.strftime('%Y-%m-%d')}, torch {torch.__version__}, torchvision "
@@ -236,7 +237,10 @@ def write_contract(rows: list[dict]) -> None:
             "`matched_eager` is eager's matched flags at batch 2. Errors: max over both batches; maps_err absolute "
             "(maps in [0, 1]), scores_err relative to the largest score, iou_err absolute. `ok` = all of "
             "tests/contract.py's assert_detection_contract checks (maps <= 1e-4, scores and iou < 1e-4, matched "
-            "and explained boxes equal). export_s: pyattr.export wall seconds on a shared 2-core machine.\n\n")
+            "and explained boxes equal). export_s: pyattr.export wall seconds on a shared 2-core machine (load average 6-11 "
+            "during these runs: seconds are only indicative). `boxes_path`: how the method explained the B boxes "
+            "(Grad-CAM before commit 280122b: the batch repeated B times; since: one forward pass and one backward "
+            "pass per box; Saliency: always the latter).\n\n")
     out.with_suffix(".md").write_text(head + "\n".join(lines) + "\n")
 
 
