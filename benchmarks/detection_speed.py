@@ -65,6 +65,27 @@ BOXES = 10
 CONFIGS = {"builtin64": ("builtin", 64), "builtin256": ("builtin", 256), "retinanet320": ("retinanet", 320)}
 
 
+NOTES = [
+    ("- The machine was shared with 3-8 other jobs (load averages above) on 2 cores: absolute times are inflated and "
+    "noisy (RetinaNet's forward median came out above forward + backward to the layers), the ratios of one round are "
+    "the steadier numbers."),
+    ("- Where pyattr's time goes (profile, built-in detector at 256 px, 10 boxes): the forward (~65%), the 10 backward "
+    "passes to the layer (~15%), post-processing of 10 maps at 256x256 with the validity checks (~10%: "
+    "normalize_minmax's where/isfinite). On RetinaNet pyattr eager is at its bound (forward + 10 backward passes "
+    "to the FPN levels, 1.02x of it)."),
+    ("- Before commit 280122b Grad-CAM explained B boxes (any (N, T) target) on the batch repeated B times: 10 "
+    "forward passes. Built-in detector, 64 px, the same shared machine: 483.6 ms = 6.6x the forward then, "
+    "2.42x now (and 384 -> 129 ms in a quieter side-by-side check). These runs used that change (uncommitted in "
+    "the recorded pyattr commit b1f11ca, committed as 280122b)."),
+    ("- Export cost of that change: the graph holds one backward pass per box. Built-in detector, B = 10, ONNX: "
+    "pyattr.export CPU seconds 32.1-32.9 (one backward per box) vs 20.2-21.8 (batch repeated), "
+    "2 runs each, interleaved."),
+    ("- pytorch-grad-cam calls backward() on the summed target (parameter gradients too) and post-processes in NumPy/"
+    "OpenCV per call; one call per box is what its API gives for separate maps of one image (its batch of 10 "
+    "copies does the same work in one call)."),
+]
+
+
 class Candidates(nn.Module):
     """The detector as pytorch-grad-cam needs it: one tensor (N, M, 4 + K), candidates' boxes then scores
     (grad-cam zips its targets with the output's first dimension). Holds the detector by reference."""
@@ -278,6 +299,7 @@ def write(results: list[dict], meta: dict, out: Path) -> None:
                 lines.append(f"| {row['contender']} | {row['ms']} | {row['q1_ms']}-{row['q3_ms']} | "
                              f"{row['x_forward']} | {row['rounds']} |")
         lines.append("")
+    lines += ["## Notes", "", *NOTES]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
