@@ -426,13 +426,17 @@ def test_several_targets_per_input_equal_separate_calls(fresh_model, name):
         assert result.completeness_error.shape == (2, 3)
 
 
-def test_several_targets_for_methods_without_native_support(fresh_model):
-    """The base class repeats the batch for methods that take one target per input (Grad-CAM)."""
-    method = pyattr.GradCAM(fresh_model, "layer3")
+@pytest.mark.parametrize("name", ["GradCAM", "GuidedGradCAM"])
+def test_several_targets_for_cam_methods(fresh_model, name):
+    """Grad-CAM takes one forward pass and one backward pass per target (``multi_target``); the base class
+    repeats the batch for methods that take one target per input (Guided Grad-CAM): both equal separate calls."""
+    method = getattr(pyattr, name)(fresh_model, "layer3")
+    assert method.multi_target == (name == "GradCAM")
     # Not class 1: its Grad-CAM is zero everywhere on this random net (negative evidence only).
     x, targets = make_images(2, seed=81), torch.tensor([[3, 2], [0, -1]])
     result = method(x, targets)
-    assert result.raw.shape == (2, 2, 16, 16) and result.maps.shape == (2, 2, 64, 64)
+    raw_size = 16 if name == "GradCAM" else 64
+    assert result.raw.shape == (2, 2, raw_size, raw_size) and result.maps.shape == (2, 2, 64, 64)
     for j in range(2):
         alone = method(x, targets[:, j])
         assert torch.equal(alone.target, result.target[:, j])

@@ -251,10 +251,28 @@ class GradientCAM(CAMMethod):
         """(N, C, h, w) activation and gradient -> (N, h, w) map."""
         raise NotImplementedError
 
+    multi_target = True
+    """An (N, T) target (several classes, or a detection target's boxes) takes one forward pass and one
+    backward pass to the layers per target, not T forward passes of the repeated batch: the activations
+    are the same for every target, only the gradients differ."""
+
     def attribute_raw(self, x: torch.Tensor, target: torch.Tensor):
-        scores, acts, grads, resolved = self.activations_and_grads(x, target)
-        maps = [self.layer_map(a, g) for a, g in zip(acts, grads)]
-        return scores, fuse_maps(maps, self.fuse), resolved
+        if target.dim() == 1:
+            scores, acts, grads, resolved = self.activations_and_grads(x, target)
+            maps = [self.layer_map(a, g) for a, g in zip(acts, grads)]
+            return scores, fuse_maps(maps, self.fuse), resolved
+        x = x.detach().requires_grad_(True)  # so that A requires grad even for a frozen model
+        scores, outputs = self.forward_with_layers(x)
+        resolved = self.resolve(scores, target)
+        selected = scores.gather(1, resolved)  # (N, T)
+        acts = [self.as_map(a, n) for a, n in zip(outputs, self.layer_names)]
+        columns = selected.shape[1]
+        raw = []
+        for j in range(columns):
+            grads = torch.autograd.grad(selected[:, j].sum(), outputs, retain_graph=j + 1 < columns)
+            maps = [self.layer_map(a, self.as_map(g, n)) for a, g, n in zip(acts, grads, self.layer_names)]
+            raw.append(fuse_maps(maps, self.fuse))
+        return scores, torch.stack(raw, 1), resolved
 
 
 def weighted_sum(weights: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
