@@ -23,10 +23,12 @@ detection: the image with its boxes | one overlay per box) is written per image 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -154,9 +156,7 @@ def run(args: argparse.Namespace) -> int:
     method = runtime.method  # validated: a safe file-name part
     planned = [output_path(out, f"{name}_{method}", "_overlay.png") for name in names]
     figures = kind in ("segmentation", "similarity")
-    lines: list[dict] = []
-    staging = _staging(out)
-    try:
+    with _staged(out) as (staging, lines):
         for start in range(0, len(images), args.batch_size):
             stop = start + args.batch_size
             chunk = images[start:stop]
@@ -182,12 +182,6 @@ def run(args: argparse.Namespace) -> int:
                         np.savez(f, map=e.map, raw=e.raw, scores=e.scores, **extra)
                     line["maps"] = str(maps)
                 lines.append(line)
-        for line in lines:  # every image done: move the outputs into place
-            for key in ("overlay", "figure", "maps"):
-                if key in line:
-                    publish(staging / Path(line[key]).name, Path(line[key]))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     for line in lines:
         print(json.dumps(line), flush=True)
     return 0
@@ -453,11 +447,9 @@ def _run_detection(args: argparse.Namespace, runtime, images: list[Path], task: 
 
     names = unique_stems([p.stem.lstrip(".") or "image" for p in images])
     method = runtime.method
-    lines: list[dict] = []
-    staging = _staging(out)
     threshold = DEFAULT_SCORE_THRESHOLD if args.score_threshold is None else args.score_threshold
     keep = DEFAULT_MAX_BOXES if args.max_boxes is None else args.max_boxes
-    try:
+    with _staged(out) as (staging, lines):
         for start in range(0, len(images), args.batch_size):
             chunk = [load_image(p) for p in images[start:start + args.batch_size]]  # decoded once per run
             if task.detector is not None:
@@ -487,12 +479,6 @@ def _run_detection(args: argparse.Namespace, runtime, images: list[Path], task: 
                                  boxes=e.boxes, box_classes=e.box_classes, input_boxes=e.input_boxes, **extra)
                     line["maps"] = str(maps)
                 lines.append(line)
-        for line in lines:  # every image done: move the outputs into place
-            for key in ("overlay", "figure", "maps"):
-                if key in line:
-                    publish(staging / Path(line[key]).name, Path(line[key]))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     for line in lines:
         print(json.dumps(line), flush=True)
     return 0
@@ -555,6 +541,23 @@ def prepare_output_folder(out: Path) -> Path:
     if not os.access(out, os.W_OK | os.X_OK):
         raise InputError(f"cannot write into the output folder {str(out)!r}: permission denied")
     return out
+
+
+@contextlib.contextmanager
+def _staged(out: Path) -> Iterator[tuple[Path, list[dict]]]:
+    """A hidden staging folder inside ``out`` and the run's JSON lines: when the body finishes, the files each
+    line names (overlay, figure, maps) move into place; the folder is removed either way, so a failed run
+    leaves no partial output."""
+    staging = _staging(out)
+    lines: list[dict] = []
+    try:
+        yield staging, lines
+        for line in lines:  # every image done: move the outputs into place
+            for key in ("overlay", "figure", "maps"):
+                if key in line:
+                    publish(staging / Path(line[key]).name, Path(line[key]))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _staging(out: Path) -> Path:
