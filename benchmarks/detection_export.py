@@ -125,17 +125,23 @@ def eager(models: list[str], methods: list[str], size: int) -> list[dict]:
     return rows
 
 
+def contract_case(mname: str, size: int):
+    """(model, images (2, 3, size, size), boxes (2, 3, 4), labels (2, 3), CAM layers): image 0's boxes
+    are detections and an unmatched box, image 1's last box is padding (-1)."""
+    model, _decode, detector = build(mname, size)
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(3))
+    boxes, labels = boxes_for(detector, x)
+    labels[1, 2] = -1
+    return model, x, boxes, labels, feature_levels(detector)
+
+
 def export(models: list[str], methods: list[str], formats: list[str], size: int, out_name: str | None = None
            ) -> list[dict]:
     from contract import assert_detection_contract
 
     rows = []
     for mname in models:
-        model, _decode, detector = build(mname, size)
-        x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(3))
-        boxes, labels = boxes_for(detector, x)
-        labels[1, 2] = -1
-        layer = feature_levels(detector)
+        model, x, boxes, labels, layer = contract_case(mname, size)
         for meth in methods:
             for fmt in formats:
                 row = {"model": mname, "method": meth, "format": fmt, "size": size}
@@ -171,11 +177,7 @@ def contract(models: list[str], methods: list[str], formats: list[str], size: in
     out = ROOT / "benchmarks" / "results" / "detection_export_contract.json"
     mine = []
     for mname in models:
-        model, _decode, detector = build(mname, size)
-        x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(3))
-        boxes, labels = boxes_for(detector, x)
-        labels[1, 2] = -1
-        layer = feature_levels(detector)
+        model, x, boxes, labels, layer = contract_case(mname, size)
         for meth in methods:
             m = method_for(meth, model, layer)
             refs = {b: m(x[:b], DetectionTarget(boxes=boxes[:b], box_classes=labels[:b])) for b in (1, 2)}

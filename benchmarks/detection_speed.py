@@ -174,24 +174,21 @@ def run_config(name: str, rounds: int, budget: float, log) -> dict:
         xi = x.detach().requires_grad_(True)
         return torch.autograd.grad(objective(model(xi)), xi)[0]
 
-    def bound_layers():
+    def forward_capturing():  # the model's output and the CAM layers' activations (hooks removed after)
         acts: list[torch.Tensor] = []
         handles = [m.register_forward_hook(lambda _m, _i, o: acts.append(o)) for m in modules]
         try:
-            out = model(x)
+            return model(x), acts
         finally:
             for h in handles:
                 h.remove()
+
+    def bound_layers():
+        out, acts = forward_capturing()
         return torch.autograd.grad(objective(out), acts)
 
     def bound_layers_per_box():
-        acts: list[torch.Tensor] = []
-        handles = [m.register_forward_hook(lambda _m, _i, o: acts.append(o)) for m in modules]
-        try:
-            out = model(x)
-        finally:
-            for h in handles:
-                h.remove()
+        out, acts = forward_capturing()
         inputs = target.prepare_inputs(x, target.run_time_inputs(x))
         scores = target.scores(out, inputs)[0]
         return [torch.autograd.grad(scores[j], acts, retain_graph=j + 1 < len(scores)) for j in range(len(scores))]
