@@ -8,15 +8,13 @@ job does not depend on the weights). The torch-free checks run in subprocesses w
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchfree import run_without_torch
 
 import pyattr
 from pyattr import render
@@ -28,25 +26,6 @@ PREPROCESSING = {"color": "RGB", "scale": 1 / 255, "mean": [0.45, 0.5, 0.55], "s
                  "size": [64, 64], "resize": "bilinear", "layout": "NCHW"}
 SIZES = [(64, 64), (90, 120), (50, 40), (64, 64), (200, 150)]  # (H, W) of the test images
 
-BLOCK_TORCH = textwrap.dedent(
-    """
-    import sys
-
-    class _BlockTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("torch", "torchvision"):
-                raise ImportError(f"{name} is blocked in this test: pyattr.runtime must not import it")
-            return None
-
-    sys.meta_path.insert(0, _BlockTorch())
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("the torch blocker does not work")
-    """
-)
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +56,6 @@ def preprocess_reference(file: Path) -> np.ndarray:
     return ((x - mean) / std).numpy()
 
 
-def run_python(code: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", BLOCK_TORCH + textwrap.dedent(code), *args],
-                          capture_output=True, text=True, check=False, timeout=300)
-
-
 def test_runtime_without_torch_matches_eager(setup, tmp_path):
     out = tmp_path / "out.npz"
     code = """
@@ -99,7 +73,7 @@ def test_runtime_without_torch_matches_eager(setup, tmp_path):
     print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision")))
     print(runtime)
     """
-    result = run_python(code, str(setup["path"]), str(out), *map(str, setup["images"]))
+    result = run_without_torch(code, str(setup["path"]), str(out), *map(str, setup["images"]))
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0] == "[]"  # torch was never imported
     assert "CUDA" not in result.stderr and "rror" not in result.stderr, result.stderr  # no provider noise
@@ -134,7 +108,7 @@ def test_cli_entry_point_without_torch(setup, tmp_path):
     """
     out = tmp_path / "overlays"
     files = [str(f) for f in setup["images"][:3]]
-    result = run_python(code, str(setup["path"]), *files, "--out", str(out), "--save-maps", "--batch-size", "2")
+    result = run_without_torch(code, str(setup["path"]), *files, "--out", str(out), "--save-maps", "--batch-size", "2")
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["image"] for line in lines] == ["img0", "img1", "img2"]

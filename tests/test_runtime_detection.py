@@ -8,9 +8,6 @@ eager pyattr (Grad-CAM + DetectionTarget, pyattr.zoo.detect) on 64x64 images.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -18,6 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from torchfree import run_without_torch
 
 import pyattr
 from pyattr import zoo
@@ -266,24 +264,11 @@ def test_post_nms_detector_layout(setup, tmp_path):
     assert e.box_classes.tolist() == [4, 2] and e.detector_scores.tolist() == pytest.approx([0.9, 0.6])
 
 
-BLOCK_TORCH = textwrap.dedent(
-    """
-    import sys
-
-    class _BlockTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("torch", "torchvision"):
-                raise ImportError(f"{name} is blocked in this test: pyattr.runtime must not import it")
-            return None
-
-    sys.meta_path.insert(0, _BlockTorch())
-    """
-)
 
 
 def test_detection_runs_without_torch(setup, tmp_path):
     """Detector + explain in Python and pyattr run --detector, in a process where importing torch fails."""
-    code = BLOCK_TORCH + textwrap.dedent(
+    code = (
         """
         import json, sys
         from pyattr.runtime import AttributionRuntime, Detector
@@ -298,8 +283,7 @@ def test_detection_runs_without_torch(setup, tmp_path):
                           "torch": sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision"))}))
         """
     )
-    result = subprocess.run([sys.executable, "-c", code, str(setup["graph"]), str(setup["detector"]), str(tmp_path),
-                             *map(str, setup["files"])], capture_output=True, text=True, check=False, timeout=300)
+    result = run_without_torch(code, setup["graph"], setup["detector"], tmp_path, *setup["files"])
     assert result.returncode == 0, result.stderr
     got = json.loads(result.stdout.splitlines()[-1])
     assert got["torch"] == []

@@ -11,9 +11,6 @@ import.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from target_models import D, tiny_embedder, tiny_segmenter
 from torch import nn
+from torchfree import run_without_torch
 
 import pyattr
 from pyattr.errors import InputError
@@ -461,25 +459,12 @@ def test_cli_failure_mid_run_leaves_no_partial_output(setup, tmp_path, capsys, m
 # Torch-free
 # --------------------------------------------------------------------------------------------------
 
-BLOCK_TORCH = textwrap.dedent(
-    """
-    import sys
-
-    class _BlockTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("torch", "torchvision"):
-                raise ImportError(f"{name} is blocked in this test: pyattr.runtime must not import it")
-            return None
-
-    sys.meta_path.insert(0, _BlockTorch())
-    """
-)
 
 
 def test_targets_run_without_torch(setup, tmp_path):
     """The runtime (explain with a region, embed + explain with a reference) and the CLI with --region and
     --reference, in a process where importing torch fails; same numbers as in this process."""
-    code = BLOCK_TORCH + textwrap.dedent(
+    code = (
         """
         import json, sys
         import numpy as np
@@ -497,9 +482,8 @@ def test_targets_run_without_torch(setup, tmp_path):
         """
     )
     files = [str(f) for f in setup["images"]]
-    result = subprocess.run([sys.executable, "-c", code, str(setup["paths"]["seg"]), str(setup["paths"]["sim"]),
-                             str(setup["mask"]), str(setup["reference"]), str(tmp_path), *files],
-                            capture_output=True, text=True, check=False, timeout=300)
+    result = run_without_torch(code, setup["paths"]["seg"], setup["paths"]["sim"], setup["mask"], setup["reference"],
+                               tmp_path, *files)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     got = json.loads(lines[-1])
