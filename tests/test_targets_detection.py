@@ -467,8 +467,9 @@ def test_export_contract_fcos(fcos_case, method, formats, tmp_path):
     if method == "gradcam":
         assert meta["layer"] == levels
     assert meta["outputs"] == ["scores", "explained_class", "raw", "maps", "matched", "iou"]
+    # num_classes: the detector's K (small_fcos's 5), recorded at export for the runtime's class checks
     assert meta["target"] == {"kind": "detection", "iou_threshold": 0.5, "objective": "score", "match": "iou",
-                              "boxes": 3}
+                              "boxes": 3, "num_classes": 5}
 
 
 def test_export_examples_and_metadata():
