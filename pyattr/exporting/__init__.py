@@ -141,20 +141,36 @@ def _onnx_via_torch(gm, inputs, names):
     from . import _onnx
 
     ep = _export_program(gm, inputs)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(ep, tuple(inputs), None, dynamo=True, input_names=list(names[0]),
-                                    output_names=list(names[1]), verbose=False, optimize=False)
-    model = program.model
+    model = quiet_onnx_export(ep, inputs, names[0], names[1], optimize=False)
     _onnx.name_dims(model, inputs[0].shape)
     _onnx.clean_up(model)
     model.graph.metadata_props.clear()
     return model
 
 
-def _write_onnx(gm, inputs, tmp: Path, meta: dict) -> None:
+def quiet_onnx_export(program_or_module, inputs, input_names, output_names, **options: Any):
+    """``torch.onnx.export(..., dynamo=True)`` without its warnings and printed progress: the ONNX IR model."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        return torch.onnx.export(program_or_module, tuple(inputs), None, dynamo=True, input_names=list(input_names),
+                                 output_names=list(output_names), verbose=False, **options).model
+
+
+def save_onnx(model, path: Path, key: str, text: str, what: str = "the ONNX graph") -> None:
+    """Save an ONNX IR model with ``text`` as its only metadata entry ``key``, after checking that it holds
+    standard ops only (no ``Gradient``, no custom domain: the runtimes pyattr targets run nothing else)."""
     import onnx_ir as ir
 
+    forbidden = sorted({node.op_type for node in ir.traversal.RecursiveGraphIterator(model.graph)
+                        if node.op_type == "Gradient" or node.domain not in ("", "ai.onnx")})
+    if forbidden:
+        raise ExportError(f"{what} holds non-standard ops: {', '.join(forbidden)}")
+    model.metadata_props.clear()
+    model.metadata_props[key] = text
+    ir.save(model, str(path))
+
+
+def _write_onnx(gm, inputs, tmp: Path, meta: dict) -> None:
     from . import _onnx
 
     names = (meta.get("inputs", input_names()), meta.get("outputs", output_names()))
@@ -167,13 +183,7 @@ def _write_onnx(gm, inputs, tmp: Path, meta: dict) -> None:
         logging.getLogger(__name__).debug("direct ONNX translation failed (%s); using torch.onnx.export", err)
     if model is None:
         model = _onnx_via_torch(gm, inputs, names)
-    forbidden = sorted({node.op_type for node in ir.traversal.RecursiveGraphIterator(model.graph)
-                        if node.op_type == "Gradient" or node.domain not in ("", "ai.onnx")})
-    if forbidden:
-        raise ExportError(f"the ONNX graph holds non-standard ops: {', '.join(forbidden)}")
-    model.metadata_props.clear()
-    model.metadata_props[METADATA_KEY] = json.dumps(meta)
-    ir.save(model, str(tmp))
+    save_onnx(model, tmp, METADATA_KEY, json.dumps(meta))
 
 
 def _write_torchscript(gm, tmp: Path, meta: dict) -> None:

@@ -9,10 +9,7 @@ torch.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,7 +58,7 @@ def export_detector(model: nn.Module, example_input: torch.Tensor, path: str | o
         ...                 decode=zoo.decode_detections, class_names=zoo.DET_CLASSES)  # doctest: +SKIP
         PosixPath('detector.onnx')
     """
-    import onnx_ir as ir
+    from . import quiet_onnx_export, save_onnx
 
     path = Path(path)
     if path.suffix.lower() != ".onnx":
@@ -78,24 +75,15 @@ def export_detector(model: nn.Module, example_input: torch.Tensor, path: str | o
                          f"{tuple(scores.shape)}")
     batch = torch.export.Dim("batch", min=1, max=4096)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(wrapper, (example_input,), None, dynamo=True, input_names=["images"],
-                                        output_names=["boxes", "scores"], dynamic_shapes=({0: batch},),
-                                        verbose=False)
+        model_ir = quiet_onnx_export(wrapper, (example_input,), ["images"], ["boxes", "scores"],
+                                     dynamic_shapes=({0: batch},))
     except Exception as err:  # torch.export / torch.onnx raise many types
         raise ExportError(f"cannot export the detector to ONNX: {str(err).strip().splitlines()[0][:300]}") from err
-    model_ir = program.model
-    forbidden = sorted({node.op_type for node in ir.traversal.RecursiveGraphIterator(model_ir.graph)
-                        if node.domain not in ("", "ai.onnx")})
-    if forbidden:
-        raise ExportError(f"the detector's ONNX graph holds non-standard ops: {', '.join(forbidden)}")
-    model_ir.metadata_props.clear()
-    model_ir.metadata_props[DETECTOR_METADATA_KEY] = detector_metadata(
-        preprocessing or {}, class_names, nms_iou_threshold=float(nms_iou_threshold))
     tmp = temp_beside(path, ".onnx")
     try:
-        ir.save(model_ir, str(tmp))
+        save_onnx(model_ir, tmp, DETECTOR_METADATA_KEY,
+                  detector_metadata(preprocessing or {}, class_names, nms_iou_threshold=float(nms_iou_threshold)),
+                  what="the detector's ONNX graph")
         publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
