@@ -291,7 +291,7 @@ class AttributionRuntime:
                              f"outputs {outputs} (expected {', '.join(self.input_names)} -> "
                              f"{', '.join(self.output_names)})")
         validate_metadata(self.metadata, input_shape=inputs[IMAGE_INPUT].shape,
-                          num_classes=None if self.target_kind in ("similarity", "detection") else self._graph_classes())
+                          num_classes=None if self.target_kind == "similarity" else self._graph_classes())
         self.preprocessing = _preprocessing(self.metadata, self.session)
         self.input_size: tuple[int, int] = tuple(self.preprocessing["size"])  # type: ignore[assignment]
         self.class_names: list[str] | None = self.metadata.get("class_names")
@@ -417,22 +417,23 @@ class AttributionRuntime:
                              f"got {batch.shape}")
         if len(batch) > MAX_BATCH:
             raise InputError(f"at most {MAX_BATCH} images per graph run, got {len(batch)}; run them in batches")
+        self._check_kind_arguments(target, region, reference, boxes, box_classes)
         if self.target_kind == "detection":
-            if target is not None or region is not None or reference is not None:
-                raise InputError(f"{self.path.name} explains boxes (a detection graph): it takes boxes and box_classes, "
-                                 "no target, region or reference")
             return self._run_detection(batch, boxes, box_classes)
-        if boxes is not None or box_classes is not None:
-            raise InputError(f"{self.path.name} explains a {self.target_kind} target and takes no boxes; boxes are for "
-                             "graphs exported with target=DetectionTarget(...) (pyattr export --task detection)")
         feed = {IMAGE_INPUT: batch, TARGET_INPUT: self._targets(target, len(batch)),
                 **self._target_inputs(region, reference, len(batch))}
-        try:
-            outputs = self.session.run(list(self.output_names), feed)
-        except Exception as err:  # onnxruntime's own types: a graph that fails or cannot allocate
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise InputError(f"onnxruntime failed running {self.path.name}: {first[:300]}") from err
-        return self._checked(GraphOutputs(*[np.asarray(o) for o in outputs]), len(batch))
+        outputs = run_session(self.session, self.output_names, feed, self.path.name)
+        return self._checked(GraphOutputs(*outputs), len(batch))
+
+    def _check_kind_arguments(self, target: Any, region: Any, reference: Any, boxes: Any, box_classes: Any) -> None:
+        """A detection graph takes boxes and their classes only; other graphs take no boxes."""
+        if self.target_kind == "detection":
+            if target is not None or region is not None or reference is not None:
+                raise InputError(f"{self.path.name} explains boxes (a detection graph): give boxes=... and "
+                                 "box_classes=..., no target, region or reference")
+        elif boxes is not None or box_classes is not None:
+            raise InputError(f"{self.path.name} explains a {self.target_kind} target and takes no boxes; boxes are for "
+                             "graphs exported with target=DetectionTarget(...) (pyattr export --task detection)")
 
     def _run_detection(self, batch: np.ndarray, boxes: Any, box_classes: Any) -> DetectionOutputs:
         """A detection graph on (N, C, 4) boxes, in chunks of :attr:`max_boxes` (padded with class -1)."""
@@ -467,11 +468,7 @@ class AttributionRuntime:
             chunk_boxes[:, :stop - start] = xyxy[:, start:stop]
             chunk_classes[:, :stop - start] = classes[:, start:stop]
             feed = {IMAGE_INPUT: batch, BOXES_INPUT: chunk_boxes, BOX_CLASSES_INPUT: chunk_classes}
-            try:
-                outputs = [np.asarray(o) for o in self.session.run(list(self.output_names), feed)]
-            except Exception as err:  # onnxruntime's own types
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise InputError(f"onnxruntime failed running {self.path.name}: {first[:300]}") from err
+            outputs = run_session(self.session, self.output_names, feed, self.path.name)
             self._check_detection(outputs, n, b)
             parts.append([o[:, :stop - start] for o in outputs])
         h, w = self.input_size
@@ -687,15 +684,10 @@ class AttributionRuntime:
         names = list(names) if names is not None else [_name_of(image, i) for i, image in enumerate(images)]
         if len(names) != len(images):
             raise InputError(f"give one name per image: {len(names)} names for {len(images)} images")
+        self._check_kind_arguments(target, region, reference, boxes, box_classes)
         if self.target_kind == "detection":
-            if target is not None or region is not None or reference is not None:
-                raise InputError(f"{self.path.name} explains boxes (a detection graph): give boxes=... and "
-                                 "box_classes=..., no target, region or reference")
             return self._explain_detection(images, names, boxes, box_classes, alpha=alpha, cmap=cmap, source=source,
                                            sign=sign, outlier_perc=outlier_perc, batch_size=batch_size)
-        if boxes is not None or box_classes is not None:
-            raise InputError(f"{self.path.name} explains a {self.target_kind} target and takes no boxes; boxes are for "
-                             "graphs exported with target=DetectionTarget(...) (pyattr export --task detection)")
         single = target is None or isinstance(target, (int, str, float, np.integer, np.floating, np.bool_))
         targets = None if single else list(self._targets(target, len(images)))
         if single and target is not None and self.target_kind != "similarity":
@@ -862,6 +854,16 @@ def _open_session(path: Path, providers: list[str], num_threads: int | None):
     except Exception as err:  # onnxruntime raises its own exception types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(f"onnxruntime cannot load {path.name}: {first[:300]}") from err
+
+
+def run_session(session, names: Sequence[str], feed: dict[str, np.ndarray], what: str) -> list[np.ndarray]:
+    """``session.run`` of the outputs ``names``, as arrays; onnxruntime's own exceptions (a graph that fails or
+    cannot allocate) become an :class:`InputError` naming ``what`` (the graph)."""
+    try:
+        return [np.asarray(o) for o in session.run(list(names), feed)]
+    except Exception as err:  # onnxruntime's own types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"onnxruntime failed running {what}: {first[:300]}") from err
 
 
 def _metadata_of(session, path: Path) -> dict[str, Any]:

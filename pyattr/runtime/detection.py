@@ -400,13 +400,10 @@ class Detector:
         return results
 
     def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        from . import run_session
+
         names = ["boxes", "scores"] + (["labels"] if self.layout == "post-nms" else [])
-        try:
-            values = self.session.run(names, {self.input_name: x})
-        except Exception as err:  # onnxruntime's own types
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise InputError(f"onnxruntime failed running the detector {self.path.name}: {first[:300]}") from err
-        return {k: np.asarray(v) for k, v in zip(names, values)}
+        return dict(zip(names, run_session(self.session, names, {self.input_name: x}, f"the detector {self.path.name}")))
 
     def _decode(self, out: dict[str, np.ndarray], j: int, n: int, threshold: float, max_boxes: int | None,
                 ) -> dict[str, np.ndarray]:
