@@ -220,12 +220,27 @@ class CAMMethod(AttributionMethod):
     def activations_and_grads(self, x: torch.Tensor, target: torch.Tensor):
         """(scores, [A_l], [dS_t/dA_l], resolved target): each layer's activation and the gradient
         of the summed target scores with respect to it, both as (N, C, h, w) maps."""
+        scores, acts, grads, resolved = self.activations_and_column_grads(x, target)
+        return scores, acts, grads[0], resolved
+
+    def activations_and_column_grads(self, x: torch.Tensor, target: torch.Tensor):
+        """(scores, [A_l], grads, resolved target) for an (N,) or (N, T) target: ``grads[j]`` is
+        [dS_t/dA_l] for the target's column j (an (N,) target is one column), from one forward pass and
+        one backward pass per column (the activations are the same for every column)."""
         x = x.detach().requires_grad_(True)  # so that A requires grad even for a frozen model
         scores, outputs = self.forward_with_layers(x)
-        score, resolved = self.select(scores, target)
-        grads = torch.autograd.grad(score, outputs)
+        if target.dim() == 1:
+            score, resolved = self.select(scores, target)
+            columns = [score]
+        else:
+            resolved = self.resolve(scores, target)
+            selected = scores.gather(1, resolved)  # (N, T)
+            columns = [selected[:, j].sum() for j in range(selected.shape[1])]
         acts = [self.as_map(a, n) for a, n in zip(outputs, self.layer_names)]
-        grads = [self.as_map(g, n) for g, n in zip(grads, self.layer_names)]
+        grads = []
+        for j, column in enumerate(columns):
+            layer_grads = torch.autograd.grad(column, outputs, retain_graph=j + 1 < len(columns))
+            grads.append([self.as_map(g, n) for g, n in zip(layer_grads, self.layer_names)])
         return scores, acts, grads, resolved
 
     def layer_activation_and_grad(self, x: torch.Tensor, target: torch.Tensor):
@@ -257,22 +272,9 @@ class GradientCAM(CAMMethod):
     are the same for every target, only the gradients differ."""
 
     def attribute_raw(self, x: torch.Tensor, target: torch.Tensor):
-        if target.dim() == 1:
-            scores, acts, grads, resolved = self.activations_and_grads(x, target)
-            maps = [self.layer_map(a, g) for a, g in zip(acts, grads)]
-            return scores, fuse_maps(maps, self.fuse), resolved
-        x = x.detach().requires_grad_(True)  # so that A requires grad even for a frozen model
-        scores, outputs = self.forward_with_layers(x)
-        resolved = self.resolve(scores, target)
-        selected = scores.gather(1, resolved)  # (N, T)
-        acts = [self.as_map(a, n) for a, n in zip(outputs, self.layer_names)]
-        columns = selected.shape[1]
-        raw = []
-        for j in range(columns):
-            grads = torch.autograd.grad(selected[:, j].sum(), outputs, retain_graph=j + 1 < columns)
-            maps = [self.layer_map(a, self.as_map(g, n)) for a, g, n in zip(acts, grads, self.layer_names)]
-            raw.append(fuse_maps(maps, self.fuse))
-        return scores, torch.stack(raw, 1), resolved
+        scores, acts, grads, resolved = self.activations_and_column_grads(x, target)
+        raw = [fuse_maps([self.layer_map(a, g) for a, g in zip(acts, column)], self.fuse) for column in grads]
+        return scores, raw[0] if target.dim() == 1 else torch.stack(raw, 1), resolved
 
 
 def weighted_sum(weights: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
