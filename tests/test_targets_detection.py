@@ -351,24 +351,28 @@ def test_faster_rcnn_eigencam_agrees_with_pytorch_grad_cam(rcnn, method):
         assert float(res.raw[0, 2].abs().sum()) == 0 and float(res.maps[0, 2].abs().sum()) == 0
 
 
-# CI time: Eigen-CAM's ONNX export takes the direct route (~12 s on 2 loaded cores); Eigen-Grad-CAM's, like
-# Grad-CAM's, goes through torch.onnx's slower public route (the repeated batch of a (N, B) target leaves
-# aten::sym_numel and aten::rsub.Scalar, which have no direct ONNX function: ~40-60 s). So in CI: Eigen-CAM in
-# ONNX, Eigen-Grad-CAM eagerly, its ONNX with -m slow.
-@pytest.mark.parametrize("method, export", [
-    ("EigenCAM", True), ("EigenGradCAM", False), pytest.param("EigenGradCAM", True, marks=pytest.mark.slow)])
-def test_eigencam_on_the_builtin_detector_and_in_onnx(method, export, tmp_path):
+def builtin_detector_case(b: int):
+    """The built-in detector, two generated images (seed 4242) and B = ``b`` boxes per image: up to b - 1 of each
+    image's detections, then padding (class -1), and in the second image's last slot a 3x3 corner box of class 0
+    that no candidate matches (IoU <= 0.5)."""
+    model = pyattr.zoo.load_builtin_detector()
+    x = torch.from_numpy(pyattr.zoo.generate(2, seed=4242).images).permute(0, 3, 1, 2).float() / 255
+    boxes = torch.zeros(2, b, 4)
+    labels = torch.full((2, b), -1, dtype=torch.long)
+    for j, det in enumerate(pyattr.zoo.detect(model, x)):
+        k = min(b - 1, len(det["labels"]))
+        boxes[j, :k], labels[j, :k] = det["boxes"][:k], det["labels"][:k]
+    boxes[1, b - 1], labels[1, b - 1] = torch.tensor([0.0, 0.0, 3.0, 3.0]), 0
+    return model, x, boxes, labels
+
+
+# CI time: both ONNX exports take the direct route (about 8 s each on 2 cores: Eigen-Grad-CAM's (N, B) target is
+# one forward pass and B backward passes, and aten::rsub.Scalar / sym_numel are spelled for the translation).
+@pytest.mark.parametrize("method", ["EigenCAM", "EigenGradCAM"])
+def test_eigencam_on_the_builtin_detector_and_in_onnx(method, tmp_path):
     """Eigen-CAM and Eigen-Grad-CAM on the built-in detector with a DetectionTarget, eagerly and in ONNX
     (onnxruntime == eager, batches 1 and 2; the other formats: the classifier's contract in test_eigencam.py)."""
-    model = pyattr.zoo.load_builtin_detector()
-    data = pyattr.zoo.generate(2, seed=4242)
-    x = torch.from_numpy(data.images).permute(0, 3, 1, 2).float() / 255
-    found = pyattr.zoo.detect(model, x)
-    boxes = torch.zeros(2, 2, 4)
-    labels = torch.full((2, 2), -1, dtype=torch.long)
-    for j, det in enumerate(found):
-        boxes[j, 0], labels[j, 0] = det["boxes"][0], det["labels"][0]
-    boxes[1, 1], labels[1, 1] = torch.tensor([0.0, 0.0, 3.0, 3.0]), 0  # no candidate's IoU > 0.5
+    model, x, boxes, labels = builtin_detector_case(2)
     m = getattr(pyattr, method)(model, pyattr.zoo.DETMODEL_LAYER)
     ref = m(x, DetectionTarget(boxes=boxes, box_classes=labels, decode=pyattr.zoo.decode_detections))
     assert ref.outputs["matched"].tolist() == [[True, False], [True, False]]
@@ -377,10 +381,8 @@ def test_eigencam_on_the_builtin_detector_and_in_onnx(method, export, tmp_path):
         assert torch.equal(ref.raw[:, 0], ref.raw[:, 1]) and bool((ref.raw.flatten(2).amax(2) > 0).all())
     else:
         assert ((ref.maps.flatten(2).amax(2) > 0) == ref.outputs["matched"]).all()
-    if export:
-        assert_detection_contract(m, x, boxes, labels, tmp_path,
-                                  DetectionTarget(decode=pyattr.zoo.decode_detections, max_boxes=2),
-                                  formats=("onnx",))
+    assert_detection_contract(m, x, boxes, labels, tmp_path,
+                              DetectionTarget(decode=pyattr.zoo.decode_detections, max_boxes=2), formats=("onnx",))
 
 
 def test_faster_rcnn_wrapper_and_export_refused(rcnn, tmp_path):
@@ -493,16 +495,7 @@ def test_export_examples_and_metadata():
 def test_export_contract_builtin_detector(method, tmp_path):
     """The built-in one-stage detector, every format, batches 1 and 2, three boxes per image: the detections
     of the first image, a padded box and a box with no candidate over the IoU threshold in the second."""
-    model = pyattr.zoo.load_builtin_detector()
-    data = pyattr.zoo.generate(2, seed=4242)
-    x = torch.from_numpy(data.images).permute(0, 3, 1, 2).float() / 255
-    found = pyattr.zoo.detect(model, x)
-    boxes = torch.zeros(2, 3, 4)
-    labels = torch.full((2, 3), -1, dtype=torch.long)
-    for j, det in enumerate(found):
-        k = min(2, len(det["labels"]))
-        boxes[j, :k], labels[j, :k] = det["boxes"][:k], det["labels"][:k]
-    boxes[1, 2], labels[1, 2] = torch.tensor([0.0, 0.0, 3.0, 3.0]), 0  # a 3x3 corner: no candidate's IoU > 0.5
+    model, x, boxes, labels = builtin_detector_case(3)
     m = pyattr.GradCAM(model, pyattr.zoo.DETMODEL_LAYER) if method == "gradcam" else pyattr.Saliency(model)
     ref = m(x, DetectionTarget(boxes=boxes, box_classes=labels, decode=pyattr.zoo.decode_detections))
     assert bool(ref.outputs["matched"][0, 0]) and not bool(ref.outputs["matched"][1, 2])
