@@ -21,7 +21,7 @@ import pyattr
 from pyattr import zoo
 from pyattr.errors import InputError
 from pyattr.runtime import AttributionRuntime, Detector
-from pyattr.runtime.cli import main
+from pyattr.runtime.cli import load_boxes_file, main
 from pyattr.runtime.detection import nms
 from pyattr.targets import DetectionTarget
 
@@ -324,7 +324,7 @@ def test_fuzz_boxes_file(setup, tmp_path, data):
         assert np.isfinite(d["boxes"]).all() and ((d["labels"] >= 0) & (d["labels"] < 6)).all()
 
 
-def test_class_range_comes_from_the_graph_without_names(setup):
+def test_class_range_comes_from_the_graph_without_names(setup, tmp_path):
     """A detection graph's metadata records the detector's K (its outputs do not show it), so a runtime without
     class names still rejects an id the graph would otherwise clamp to K - 1."""
     runtime = AttributionRuntime(setup["graph"], num_threads=1)
@@ -335,4 +335,8 @@ def test_class_range_comes_from_the_graph_without_names(setup):
         runtime.run(batch, boxes=BOXES[None, :1], box_classes=np.array([[6]]))
     with pytest.raises(InputError, match="out of range: the graph's metadata names 6 classes"):
         runtime.explain(setup["images"][:1], boxes=BOXES[:1], box_classes=[6])
+    boxes_file = tmp_path / "boxes.json"
+    boxes_file.write_text(json.dumps([[{"box": BOXES[0].tolist(), "class": 6}]]))
+    with pytest.raises(InputError, match="class 6 is out of range"):
+        load_boxes_file(boxes_file, setup["files"][:1], runtime)
     assert runtime.run(batch, boxes=BOXES[None, :1], box_classes=np.array([[5]])).maps.shape == (1, 1, 64, 64)

@@ -413,9 +413,8 @@ def load_boxes_file(path: Path, images: list[Path], runtime) -> list[dict[str, n
                              f"{str(bad)[:80]}")
         try:
             xyxy = box_array(boxes, "boxes")
-            ids = class_ids(labels, len(xyxy), "classes", runtime.class_index,
-                            len(runtime.class_names) if runtime.class_names else None) if len(xyxy) else \
-                np.zeros(0, np.int64)
+            ids = class_ids(labels, len(xyxy), "classes", runtime.class_index, runtime._box_classes()) \
+                if len(xyxy) else np.zeros(0, np.int64)
             if len(xyxy) == 0 and len(labels):
                 raise InputError(f"{len(labels)} classes for no box")
             if scores is not None:
