@@ -170,6 +170,11 @@ document.querySelectorAll('table.sortable').forEach(function(table){
     });
   });
 });
+// report.html#sort=K opens the page sorted by column K (clicked twice: descending), e.g. for a headless check
+(function(){
+  var m = location.hash.match(/^#sort=(\d+)(-desc)?$/), th;
+  if (m && (th = document.querySelectorAll('#metrics th')[+m[1]])) { th.click(); if (m[2]) { th.click(); } }
+})();
 """
 
 
