@@ -151,7 +151,7 @@ image-rendering:pixelated;display:block}
 dl{font-size:.9em}dt{font-weight:bold}dd{margin:0 0 .4em 1.2em}
 """
 
-_SCRIPT = """
+_SCRIPT = r"""
 document.querySelectorAll('table.sortable').forEach(function(table){
   table.querySelectorAll('th').forEach(function(th, col){
     th.addEventListener('click', function(){
