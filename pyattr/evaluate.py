@@ -171,6 +171,7 @@ def evaluate(methods: Sequence[str], metrics: Sequence[str], *, images: torch.Te
     if pictures is None:
         pictures = [(images[i].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy() for i in range(n)]
     shown = list(range(min(grid, n)))
+    captions: list[str] = []
     table: dict[str, dict[str, float]] = {}
     curves: dict[str, dict[str, list[float]]] = {}
     overlays: dict[str, list[np.ndarray]] = {}
@@ -206,6 +207,9 @@ def evaluate(methods: Sequence[str], metrics: Sequence[str], *, images: torch.Te
                 for i in range(start, start + x.shape[0]):
                     if i in shown:
                         overlays[name].append(_overlay(method, result, i - start, pictures[i]))
+                        if len(captions) <= i:
+                            k = int(result.target[i - start])
+                            captions.append(bundle.class_name(k) if bundle is not None else f"class {k}")
                 if bar is not None:
                     bar.update(int(x.shape[0]))
             seconds[name] = spent
@@ -217,7 +221,7 @@ def evaluate(methods: Sequence[str], metrics: Sequence[str], *, images: torch.Te
             bar.close()
     return Evaluation(model=model_name, images=[pictures[i] for i in shown], methods=list(methods),
                       metrics=[METRICS[m].column for m in metrics], table=table, curves=curves,
-                      overlays=overlays, seconds=seconds, n_images=n)
+                      overlays=overlays, seconds=seconds, n_images=n, captions=captions)
 
 
 __all__ = ["METRICS", "Batch", "MetricSpec", "builtin_images", "default_methods", "evaluate"]

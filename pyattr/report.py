@@ -69,6 +69,7 @@ class Evaluation:
         seconds: method -> seconds its maps took (shown in the table).
         n_images: how many images the numbers average over.
         notes: free lines shown under the title (settings, seeds).
+        captions: one line per image of ``images`` shown under it in the grid (e.g. the explained class).
     """
 
     model: str
@@ -81,6 +82,7 @@ class Evaluation:
     seconds: dict[str, float] = field(default_factory=dict)
     n_images: int = 0
     notes: list[str] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
 
 
 def _number(value: float | None) -> float | None:
@@ -266,7 +268,8 @@ def report_html(ev: Evaluation, pictures: dict[tuple[str, int], str]) -> str:
         body.append('<h2>Maps</h2><table class="grid"><tr><td></td>'
                     + "".join(f"<td>{esc(name)}</td>" for name in ev.methods if name in ev.overlays) + "</tr>")
         for i in range(len(ev.images)):
-            row = [f'<td><img src="{pictures[("image", i)]}" alt="image {i}"></td>']
+            caption = f"<br>{esc(ev.captions[i])}" if i < len(ev.captions) else ""
+            row = [f'<td><img src="{pictures[("image", i)]}" alt="image {i}">{caption}</td>']
             row += [f'<td><img src="{pictures[(name, i)]}" alt="{esc(name)} on image {i}"></td>'
                     for name in ev.methods if name in ev.overlays]
             body.append("<tr>" + "".join(row) + "</tr>")
