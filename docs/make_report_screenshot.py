@@ -44,7 +44,7 @@ def first_column(dom: str) -> list[str]:
     """The method names in the order the browser shows the metrics table's rows."""
     body = dom[dom.index('id="metrics"'):]
     body = body[:body.index("</table>")]
-    rows = re.findall(r"<tr>(.*?)</tr>", body, flags=re.S)
+    rows = re.findall(r"<tr>(.*?)</tr>", body, flags=re.DOTALL)
     return [re.search(r"<td[^>]*>(.*?)</td>", row).group(1) for row in rows if "<td" in row]
 
 
