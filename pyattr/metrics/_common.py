@@ -64,6 +64,7 @@ class Scorer:
             check_scores(out, xs, self.output)
             return out
         inputs = {k: v[rows] for k, v in self.inputs.items()}
+        self.kind.check_output(out, xs, inputs)
         with torch.no_grad():
             scores = self.kind.scores(out, inputs)
         check_scores(scores, xs, None)
