@@ -491,3 +491,12 @@ def test_bad_inputs_get_input_errors_that_name_the_fix(tiny):
         model_parameter_randomization(tiny, x, pyattr.Saliency(tiny))
     with pytest.raises(pyattr.InputError, match="NaN or infinite"):
         deletion(tiny, torch.full((1, 3, 12, 12), float("nan")), maps[:1])
+
+
+def test_road_without_scipy_says_how_to_install_it(tiny, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "scipy.sparse", None)  # import scipy.sparse now raises ImportError
+    with pytest.raises(ImportError, match="pip install scipy"):
+        road(tiny, images(1), random_maps(1))
+    deletion(tiny, images(1), random_maps(1), steps=2)  # the other metrics do not need it
