@@ -22,6 +22,7 @@ from pyattr.metrics import (
     noisy_linear_imputation,
     pixel_ranks,
     removal_masks,
+    removed_count,
     road,
     road_combined,
     sensitivity_max,
@@ -185,12 +186,28 @@ def test_linear_imputation_reproduces_a_linear_ramp_inside_the_image():
 def test_removal_masks_follow_numpy_percentiles():
     maps = random_maps(3, size=6)
     for fraction in (0.1, 0.35, 0.8):
-        morf, lerf = removal_masks(maps, fraction, "morf"), removal_masks(maps, fraction, "lerf")
+        morf, lerf = (removal_masks(maps, fraction, order, "threshold") for order in ("morf", "lerf"))
         for i in range(3):
             m = maps[i].numpy()
             assert (morf[i].numpy() == (m < np.percentile(m, 100 * (1 - fraction)))).all()
             assert (lerf[i].numpy() == ((1 - m) < np.percentile(1 - m, 100 * (1 - fraction)))).all()
-        assert abs(float((~morf).float().mean()) - fraction) < 0.03
+        # on maps without ties the rank rule removes the same pixels, removed_count of them
+        assert torch.equal(removal_masks(maps, fraction, "morf"), morf)
+        assert torch.equal(removal_masks(maps, fraction, "lerf"), lerf)
+        assert (~morf).flatten(1).sum(1).tolist() == [removed_count(36, fraction)] * 3
+
+
+def test_road_on_a_map_with_ties_removes_the_share_by_rank(tiny):
+    """Grad-CAM-like maps, 80% zeros: the reference's threshold would remove every pixel at 30% (the 70th
+    percentile is 0 and every pixel is >= 0); the rank rule removes 43 of 144 pixels, the positive ones first."""
+    maps = random_maps(2) * (torch.rand(2, 12, 12, generator=torch.Generator().manual_seed(3)) > 0.8)
+    keep = removal_masks(maps, 0.3, "morf")
+    assert (~keep).flatten(1).sum(1).tolist() == [43, 43]
+    assert bool(((maps > 0) <= ~keep).all())  # every positive pixel (fewer than 43) is among the removed
+    with pytest.raises(pyattr.InputError, match="selection='rank'"):
+        road(tiny, images(2), maps, fractions=[0.3], selection="threshold")
+    result = road(tiny, images(2), maps, fractions=[0.3, 0.9])
+    assert bool(torch.isfinite(result.scores).all())
 
 
 def test_segmentation_target_scores_each_sample_over_its_own_region():
@@ -302,20 +319,21 @@ def _grad_cam_road(x, maps, targets, model, order, percentile, noise):
     return PerturbationConfidenceMetric(remove(percentile, NoisyLinearImputer(noise=noise)))(x, maps, targets, model)
 
 
-@pytest.mark.parametrize("order", ["morf", "lerf"])
-def test_road_agrees_with_pytorch_grad_cam(tiny, order):
+@pytest.mark.parametrize(("order", "selection"), [("morf", "rank"), ("lerf", "rank"), ("morf", "threshold")])
+def test_road_agrees_with_pytorch_grad_cam(tiny, order, selection):
     from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirst, ROADMostRelevantFirst
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 
     x, maps, target = images(3), random_maps(3), [2, 0, 4]
     targets = [ClassifierOutputSoftmaxTarget(t) for t in target]
     # without noise: the imputation itself
-    ours = road(tiny, x, maps, torch.tensor(target), order=order, fractions=[0.3, 0.7], noise=0.0, chunk_size=4)
+    ours = road(tiny, x, maps, torch.tensor(target), order=order, fractions=[0.3, 0.7], noise=0.0, chunk_size=4,
+                selection=selection)
     for j, fraction in enumerate((0.3, 0.7)):
         ref = _grad_cam_road(x, maps.numpy(), targets, tiny, order, 100 * (1 - fraction), 0.0)
         assert rel(ours.change[:, j], ref) < 1e-4
     # with ROAD's noise, drawn in the reference's order from the same seed
-    noisy = road(tiny, x, maps, torch.tensor(target), order=order, fractions=[0.2], seed=11)
+    noisy = road(tiny, x, maps, torch.tensor(target), order=order, fractions=[0.2], seed=11, selection=selection)
     torch.manual_seed(11)
     cls = ROADMostRelevantFirst if order == "morf" else ROADLeastRelevantFirst
     ref = cls(percentile=80)(x, maps.numpy(), targets, tiny)
@@ -480,7 +498,9 @@ def test_bad_inputs_get_input_errors_that_name_the_fix(tiny):
     with pytest.raises(pyattr.InputError, match=r"\[0, 1\].*normalize"):
         confidence_change(tiny, x, maps * 3)
     with pytest.raises(pyattr.InputError, match="constant map"):
-        road(tiny, x, torch.ones(2, 12, 12))
+        road(tiny, x, torch.ones(2, 12, 12), selection="threshold")
+    with pytest.raises(pyattr.InputError, match="selection must be"):
+        road(tiny, x, maps, selection="percentile")
     with pytest.raises(pyattr.InputError, match="fractions"):
         road(tiny, x, maps, fractions=[0.0, 0.5])
     with pytest.raises(pyattr.InputError, match="needs the method"):

@@ -32,7 +32,15 @@ from .perturbation import (
     step_counts,
 )
 from .randomization import model_parameter_randomization
-from .road import RoadResult, linear_imputation, noisy_linear_imputation, removal_masks, road, road_combined
+from .road import (
+    RoadResult,
+    linear_imputation,
+    noisy_linear_imputation,
+    removal_masks,
+    removed_count,
+    road,
+    road_combined,
+)
 from .robustness import infidelity, sensitivity_max
 
 __all__ = [
@@ -52,6 +60,7 @@ __all__ = [
     "pixel_ranks",
     "pointing_game",
     "removal_masks",
+    "removed_count",
     "road",
     "road_combined",
     "sensitivity_max",

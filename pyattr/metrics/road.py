@@ -109,18 +109,45 @@ def noisy_linear_imputation(image: torch.Tensor, keep: torch.Tensor, noise: floa
     return flat.view_as(out)
 
 
-def removal_masks(maps: torch.Tensor, fraction: float, order: str) -> torch.Tensor:
+SELECTIONS = ("rank", "threshold")
+
+
+def removed_count(pixels: int, fraction: float) -> int:
+    """How many of ``pixels`` pixels pytorch-grad-cam's percentile rule removes for ``fraction`` on a map without
+    ties: those at or above the ``100 * (1 - fraction)``-th percentile (``np.percentile``, linear interpolation),
+    i.e. ``pixels - ceil(t)`` with ``t`` that percentile of ``0, 1, ..., pixels - 1``. Always leaves one pixel.
+
+    Example:
+        >>> removed_count(144, 0.3), removed_count(10, 0.5), removed_count(10, 0.01)
+        (43, 5, 1)
+    """
+    t = float(np.percentile(np.arange(pixels, dtype=np.float64), 100 * (1 - fraction)))
+    return pixels - int(np.ceil(t))
+
+
+def removal_masks(maps: torch.Tensor, fraction: float, order: str, selection: str = "rank") -> torch.Tensor:
     """(N, H, W) bool, True where a pixel is kept when removing ``fraction`` of the pixels in ``order``.
 
-    pytorch-grad-cam's thresholds: with ``q = 100 * (1 - fraction)``, most-relevant-first keeps the pixels
-    below the map's q-th percentile (``np.percentile``'s linear interpolation) and least-relevant-first keeps
-    those where ``1 - map`` is below the q-th percentile of ``1 - map``. Ties at the threshold are removed.
+    ``selection="threshold"`` is pytorch-grad-cam's rule: with ``q = 100 * (1 - fraction)``, most-relevant-first
+    keeps the pixels below the map's q-th percentile (``np.percentile``'s linear interpolation), least-relevant-
+    first those where ``1 - map`` is below the q-th percentile of ``1 - map``; every pixel tied at the threshold
+    goes, so a map that is mostly one value (Grad-CAM's zeros after its ReLU) can lose all its pixels.
+    ``selection="rank"`` (default) removes exactly :func:`removed_count` pixels, the number the threshold rule
+    removes on a map without ties, in the map's order (ties in row-major order, as :func:`pixel_ranks`): the
+    same masks on maps without ties, and a defined result on maps with them.
 
     Example:
         >>> maps = torch.arange(10.0).view(1, 2, 5)
         >>> removal_masks(maps, 0.3, "morf").flatten().tolist()[-4:]
         [True, False, False, False]
+        >>> removal_masks(torch.zeros(1, 2, 5), 0.3, "morf").flatten().tolist()
+        [False, False, False, True, True, True, True, True, True, True]
     """
+    from .perturbation import pixel_ranks
+
+    if selection == "rank":
+        ranks = pixel_ranks(maps if order == "morf" else -maps)
+        return (ranks >= removed_count(ranks.shape[1], fraction)).view_as(maps)
     flat = maps.flatten(1).double()
     if order == "lerf":
         flat = 1 - flat
@@ -159,8 +186,8 @@ class RoadResult:
 
 
 def road(model: nn.Module, x: torch.Tensor, explanation: Any, target: Any = None, *, order: str = "morf",
-         fractions: Sequence[float] = FRACTIONS, noise: float = 0.01, seed: int = 0, score: str = "softmax",
-         chunk_size: int = 64, output: OutputSelector = None) -> RoadResult:
+         fractions: Sequence[float] = FRACTIONS, noise: float = 0.01, seed: int = 0, selection: str = "rank",
+         score: str = "softmax", chunk_size: int = 64, output: OutputSelector = None) -> RoadResult:
     """ROAD (arXiv:2202.00449): remove a share of the pixels in the map's order, fill them in with noisy linear
     imputation (module docstring), and read the target's score; pytorch-grad-cam's
     ``ROADMostRelevantFirst`` / ``ROADLeastRelevantFirst`` and their ``...Average`` over several shares.
@@ -175,6 +202,10 @@ def road(model: nn.Module, x: torch.Tensor, explanation: Any, target: Any = None
         noise: standard deviation of the Gaussian noise added to the imputed pixels (ROAD's 0.01; 0: none).
         seed: seed of the noise (a generator of its own; the global random state is not touched). The
             draws go fraction by fraction, sample by sample, one (C, M) tensor per image.
+        selection: which pixels a fraction removes (:func:`removal_masks`): ``"rank"`` (default), exactly the
+            number pytorch-grad-cam's percentile threshold removes on a map without ties, in the map's order
+            (ties in row-major order); ``"threshold"``, the reference's rule itself, which removes every pixel
+            tied at the threshold and fails on maps that are mostly one value.
         score: ``"softmax"`` (default; pytorch-grad-cam's ``ClassifierOutputSoftmaxTarget``) or ``"logit"``
             (its ``ClassifierOutputTarget``).
 
@@ -182,8 +213,8 @@ def road(model: nn.Module, x: torch.Tensor, explanation: Any, target: Any = None
         :class:`RoadResult`: ``scores`` (N, F), ``original`` (N,), ``change`` and ``mean_change``.
 
     Raises:
-        InputError: a map that leaves no pixel to impute from at some fraction (a constant map, or more
-            than the fraction of the pixels tied at the map's extreme value).
+        InputError: with ``selection="threshold"``, a map that leaves no pixel to impute from at some fraction
+            (a constant map, or one whose threshold value is shared by every pixel it does not exceed).
 
     Example:
         >>> import torch, pyattr
@@ -201,18 +232,20 @@ def road(model: nn.Module, x: torch.Tensor, explanation: Any, target: Any = None
     if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
         raise InputError(f"noise must be a standard deviation >= 0, got {noise!r}")
     check_positive_int(chunk_size, "chunk_size", "it bounds how many imputed images go through the model at once")
+    if selection not in SELECTIONS:
+        raise InputError(f"selection must be 'rank' or 'threshold', got {selection!r}")
     _scipy_sparse()
     prep = prepare(model, x, explanation, target, score=score, chunk_size=chunk_size, output=output)
     x, maps, scorer = prep.x, prep.maps, prep.scorer
     n = x.shape[0]
-    keeps = torch.stack([removal_masks(maps, f, order) for f in fractions], 0)  # (F, N, H, W)
+    keeps = torch.stack([removal_masks(maps, f, order, selection) for f in fractions], 0)  # (F, N, H, W)
     empty = torch.nonzero(~keeps.flatten(2).any(2))
     if empty.numel():
         f, i = (int(v) for v in empty[0])
         raise InputError(f"ROAD cannot remove {fractions[f]:.0%} of the pixels of sample {i}'s map in order {order!r}: "
                          "its values tie at the threshold, so every pixel would go and none is left to impute from "
-                         "(a constant map, or one that is mostly a single value); use smaller fractions or a map "
-                         "without such ties")
+                         "(a constant map, or one that is mostly a single value); use selection='rank' (ties broken in "
+                         "row-major order) or smaller fractions")
     generator = torch.Generator().manual_seed(seed)
     rows = torch.arange(n, device=x.device).repeat(len(fractions))  # fraction-major: job j = (j // n, j % n)
 
