@@ -15,6 +15,7 @@ import pyattr
 from pyattr.metrics import (
     confidence_change,
     deletion,
+    deletion_insertion,
     infidelity,
     insertion,
     linear_imputation,
@@ -279,6 +280,10 @@ def test_deletion_insertion_agree_with_torchcam(tiny, blur):
         got = ref.summary()
         assert rel(dele.auc[i], got["deletion_auc"]) < 1e-4
         assert rel(ins.auc[i], got["insertion_auc"]) < 1e-4
+    both = deletion_insertion(tiny, x, maps, torch.tensor(target), steps=7, baseline=baseline, chunk_size=4)
+    torch.testing.assert_close(both[0].scores, dele.scores, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(both[1].scores, ins.scores, rtol=1e-5, atol=1e-7)
+    assert torch.equal(both[0].scores[:, -1], both[1].scores[:, 0])
     assert dele.scores.shape == (3, 8)  # ceil(144 / 7) = 21 pixels a step: 0, 21, ..., 126, then 144
 
 

@@ -6,7 +6,7 @@ Faithfulness, all called as ``metric(model, x, explanation, target, **options)``
 (N, H, W) maps at the inputs' resolution or a pyattr method built on ``model``, and class ids (None: the
 arg-max) or a :class:`~pyattr.targets.Target`; perturbed copies run ``chunk_size`` at a time:
 
-- :func:`deletion`, :func:`insertion`: RISE's curves and their AUC (torchcam's definition) -> :class:`Curve`;
+- :func:`deletion`, :func:`insertion`, :func:`deletion_insertion`: RISE's curves and their AUC (torchcam's definition) -> :class:`Curve`;
 - :func:`confidence_change` (:func:`average_drop`, :func:`increase_in_confidence`): Grad-CAM++'s Average Drop
   and Increase in Confidence -> :class:`ConfidenceChange`;
 - :func:`road`, :func:`road_combined`: ROAD with noisy linear imputation (pytorch-grad-cam's; needs scipy)
@@ -19,20 +19,7 @@ See docs/metrics.md for the definitions, their sources and examples.
 
 from __future__ import annotations
 
-from .localization import energy_pointing_game, pointing_game
-from .perturbation import (
-    ConfidenceChange,
-    Curve,
-    average_drop,
-    confidence_change,
-    deletion,
-    increase_in_confidence,
-    insertion,
-    pixel_ranks,
-    step_counts,
-)
-from .randomization import model_parameter_randomization
-from .road import (
+from .imputation import (
     RoadResult,
     linear_imputation,
     noisy_linear_imputation,
@@ -41,6 +28,20 @@ from .road import (
     road,
     road_combined,
 )
+from .localization import energy_pointing_game, pointing_game
+from .perturbation import (
+    ConfidenceChange,
+    Curve,
+    average_drop,
+    confidence_change,
+    deletion,
+    deletion_insertion,
+    increase_in_confidence,
+    insertion,
+    pixel_ranks,
+    step_counts,
+)
+from .randomization import model_parameter_randomization
 from .robustness import infidelity, sensitivity_max
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "average_drop",
     "confidence_change",
     "deletion",
+    "deletion_insertion",
     "energy_pointing_game",
     "increase_in_confidence",
     "infidelity",

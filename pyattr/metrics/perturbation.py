@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..methods.base import OutputSelector
-from ._common import broadcast_baseline, check_positive_int, prepare
+from ._common import Prepared, broadcast_baseline, check_positive_int, prepare
 
 
 @dataclass
@@ -67,34 +67,50 @@ def step_counts(pixels: int, steps: int) -> list[int]:
     return [*range(0, pixels, size), pixels]
 
 
-def _curve(model: nn.Module, x: torch.Tensor, explanation: Any, target: Any, *, steps: int, baseline: Any,
-           score: str, chunk_size: int, output: OutputSelector, insert: bool) -> Curve:
-    check_positive_int(steps, "steps", "the curve needs at least one step (RISE and torchcam use 20 or more)")
-    prep = prepare(model, x, explanation, target, score=score, chunk_size=chunk_size, output=output)
+def _curves(prep: Prepared, steps: int, baseline: Any, deletion: bool, insertion: bool) -> list[Curve]:
+    """The deletion and/or insertion curves of a prepared call, with one baseline: with both, the all-baseline
+    image (deletion's last point, insertion's first) goes through the model once, as in torchcam."""
     x, scorer = prep.x, prep.scorer
     n, c, h, w = x.shape
     base = broadcast_baseline(baseline, x)
     ranks = pixel_ranks(prep.maps)
     counts = step_counts(h * w, steps)
+    k = len(counts) - 1
     fractions = torch.tensor(counts, dtype=torch.float32, device=x.device) / (h * w)
-    # the unperturbed point (first of deletion, last of insertion) is the input's own score
-    points = counts[:-1] if insert else counts[1:]
+    # per sample: deletion's points 1..k, then insertion's 1..k-1 (insertion's 0 is deletion's k when both run;
+    # the unperturbed point, deletion's 0 and insertion's k, is the input's own score)
+    points = (counts[1:] if deletion else []) + (counts[1:-1] if insertion and deletion else
+                                                 counts[:-1] if insertion else [])
+    inserted = [False] * (k if deletion else 0) + [True] * (len(points) - (k if deletion else 0))
     per = len(points)
     job_counts = torch.tensor(points, device=x.device).repeat(n)
+    job_insert = torch.tensor(inserted, device=x.device).repeat(n)
     rows = torch.arange(n, device=x.device).repeat_interleave(per)
     flat_x, flat_base = x.flatten(2), base.flatten(2)
 
     def build(jobs: torch.Tensor) -> torch.Tensor:
         idx = rows[jobs]
-        top = ranks[idx] < job_counts[jobs][:, None]  # (M, H*W): the pixels perturbed so far
-        keep_input = top if insert else ~top
+        top = ranks[idx] < job_counts[jobs][:, None]  # (M, H*W): the pixels moved so far
+        keep_input = torch.where(job_insert[jobs][:, None], top, ~top)
         return torch.where(keep_input[:, None], flat_x[idx], flat_base[idx]).view(-1, c, h, w)
 
     moved = scorer.run(rows, build).view(n, per)
     original = prep.original[:, None].to(moved.dtype)
-    curve = torch.cat([moved, original], 1) if insert else torch.cat([original, moved], 1)
-    auc = torch.trapezoid(curve, fractions.to(curve.dtype), dim=1)
-    return Curve(fractions, curve, auc, scorer.target)
+    out = []
+    if deletion:
+        out.append(torch.cat([original, moved[:, :k]], 1))
+    if insertion:
+        first = moved[:, k - 1:k] if deletion else moved[:, :1]
+        rest = moved[:, k:] if deletion else moved[:, 1:]
+        out.append(torch.cat([first, rest, original], 1))
+    return [Curve(fractions, curve, torch.trapezoid(curve, fractions.to(curve.dtype), dim=1), scorer.target)
+            for curve in out]
+
+
+def _prepared(model: nn.Module, x: torch.Tensor, explanation: Any, target: Any, steps: int, score: str,
+              chunk_size: int, output: OutputSelector) -> Prepared:
+    check_positive_int(steps, "steps", "the curve needs at least one step (RISE and torchcam use 20 or more)")
+    return prepare(model, x, explanation, target, score=score, chunk_size=chunk_size, output=output)
 
 
 def deletion(model: nn.Module, x: torch.Tensor, explanation: Any, target: Any = None, *, steps: int = 20,
@@ -132,8 +148,8 @@ def deletion(model: nn.Module, x: torch.Tensor, explanation: Any, target: Any = 
         >>> curve.scores.shape, curve.auc.shape
         (torch.Size([2, 9]), torch.Size([2]))
     """
-    return _curve(model, x, explanation, target, steps=steps, baseline=baseline, score=score,
-                  chunk_size=chunk_size, output=output, insert=False)
+    prep = _prepared(model, x, explanation, target, steps, score, chunk_size, output)
+    return _curves(prep, steps, baseline, deletion=True, insertion=False)[0]
 
 
 def insertion(model: nn.Module, x: torch.Tensor, explanation: Any, target: Any = None, *, steps: int = 20,
@@ -156,8 +172,32 @@ def insertion(model: nn.Module, x: torch.Tensor, explanation: Any, target: Any =
         >>> pyattr.metrics.insertion(model, x, maps, steps=4, baseline=0.0).fractions
         tensor([0.0000, 0.2500, 0.5000, 0.7500, 1.0000])
     """
-    return _curve(model, x, explanation, target, steps=steps, baseline=baseline, score=score,
-                  chunk_size=chunk_size, output=output, insert=True)
+    prep = _prepared(model, x, explanation, target, steps, score, chunk_size, output)
+    return _curves(prep, steps, baseline, deletion=False, insertion=True)[0]
+
+
+def deletion_insertion(model: nn.Module, x: torch.Tensor, explanation: Any, target: Any = None, *,
+                       steps: int = 20, baseline: Any = 0.0, score: str = "softmax", chunk_size: int = 64,
+                       output: OutputSelector = None) -> tuple[Curve, Curve]:
+    """Both curves of :func:`deletion` and :func:`insertion` with one ``baseline`` (default 0.0), as torchcam's
+    ``DeletionInsertionMetric``: the maps (of a method) are computed once and the all-baseline image, deletion's
+    last point and insertion's first, goes through the model once (``2 * len(points) - 3`` forward passes per
+    input instead of ``2 * len(points) - 2``).
+
+    Returns:
+        (deletion :class:`Curve`, insertion :class:`Curve`).
+
+    Example:
+        >>> import torch, pyattr
+        >>> model = pyattr.zoo.load_builtin()
+        >>> x = torch.rand(2, 3, 64, 64)
+        >>> dele, ins = pyattr.metrics.deletion_insertion(model, x, pyattr.Saliency(model), steps=4)
+        >>> torch.equal(dele.scores[:, -1], ins.scores[:, 0])
+        True
+    """
+    prep = _prepared(model, x, explanation, target, steps, score, chunk_size, output)
+    dele, ins = _curves(prep, steps, baseline, deletion=True, insertion=True)
+    return dele, ins
 
 
 @dataclass
