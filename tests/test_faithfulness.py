@@ -525,3 +525,58 @@ def test_road_without_scipy_says_how_to_install_it(tiny, monkeypatch):
     with pytest.raises(ImportError, match="pip install scipy"):
         road(tiny, images(1), random_maps(1))
     deletion(tiny, images(1), random_maps(1), steps=2)  # the other metrics do not need it
+
+
+# -- one exported graph: the method and its metrics ------------------------------------------------------------------
+
+
+def test_top_pixels_matches_the_stable_ranks():
+    from pyattr.metrics.graph import top_pixels
+
+    maps = (random_maps(3, size=6) * 4).round() / 4  # five values: many ties
+    counts = step_counts(36, 7)
+    top = top_pixels(maps, counts)
+    ranks = pixel_ranks(maps)
+    for j, c in enumerate(counts):
+        assert torch.equal(top[:, j], ranks < c), c
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_method_with_metrics_exports_as_one_graph_equal_to_the_eager_metrics(tiny, tmp_path, fmt):
+    """The exported graph (GradCAM + deletion/insertion curves, AUC, Average Drop, Increase in Confidence) run at
+    batch 4 with mixed targets equals the eager metric functions on the method's maps (Grad-CAM's zeros: ties)."""
+    from contract import FORMATS, run_exported
+
+    from pyattr.metrics.graph import METRIC_OUTPUTS, MethodWithMetrics
+
+    method = pyattr.GradCAM(tiny, "conv")
+    scored = MethodWithMetrics(method, steps=6)
+    x = images(4, seed=7)
+    path = pyattr.export(scored, x[:1], tmp_path / f"scored{FORMATS[fmt]}")
+    meta = pyattr.read_metadata(path)
+    assert meta["outputs"][4:] == list(METRIC_OUTPUTS) and meta["metrics"]["steps"] == 6
+    t = torch.tensor([-1, 3, -1, 0])
+    outs = run_exported(fmt, path, x, t)
+    result = method(x, t)
+    assert bool((result.maps == 0).flatten(1).sum(1).gt(1).any())  # tied zeros to order
+    dele, ins = deletion_insertion(tiny, x, result.maps, result.target, steps=6)
+    conf = confidence_change(tiny, x, result.maps, result.target)
+    expected = [dele.scores, dele.auc, ins.scores, ins.auc, conf.drop, conf.increase.float()]
+    assert torch.equal(outs[1].long(), result.target)
+    for name, got, want in zip(METRIC_OUTPUTS, outs[4:], expected):
+        assert got.shape == want.shape, name
+        assert float((got - want).abs().max()) < 1e-5, (name, float((got - want).abs().max()))
+
+
+def test_method_with_metrics_refuses_what_it_cannot_score(tiny, tmp_path):
+    from pyattr.metrics.graph import MethodWithMetrics
+
+    with pytest.raises(pyattr.InputError, match="attribution method"):
+        MethodWithMetrics(random_maps(1))
+    with pytest.raises(pyattr.InputError, match="steps"):
+        MethodWithMetrics(pyattr.Saliency(tiny), steps=0)
+    with pytest.raises(pyattr.InputError, match="baseline must be a number"):
+        MethodWithMetrics(pyattr.Saliency(tiny), baseline="blur")
+    with pytest.raises(pyattr.InputError, match="class targets only"):
+        pyattr.export(MethodWithMetrics(pyattr.Saliency(tiny)), images(1), tmp_path / "s.onnx",
+                      target=pyattr.SegmentationTarget())

@@ -12,13 +12,15 @@ arg-max) or a :class:`~pyattr.targets.Target`; perturbed copies run ``chunk_size
 - :func:`road`, :func:`road_combined`: ROAD with noisy linear imputation (pytorch-grad-cam's; needs scipy)
   -> :class:`RoadResult`;
 - :func:`infidelity`, :func:`sensitivity_max`: captum's definitions (Yeh et al. 2019);
-- :func:`model_parameter_randomization`: Adebayo et al.'s cascading randomization test.
+- :func:`model_parameter_randomization`: Adebayo et al.'s cascading randomization test;
+- :class:`MethodWithMetrics`: a method and its deletion/insertion/Average Drop as ONE exportable graph.
 
 See docs/metrics.md for the definitions, their sources and examples.
 """
 
 from __future__ import annotations
 
+from .graph import METRIC_OUTPUTS, MethodWithMetrics
 from .imputation import (
     RoadResult,
     linear_imputation,
@@ -45,8 +47,10 @@ from .randomization import model_parameter_randomization
 from .robustness import infidelity, sensitivity_max
 
 __all__ = [
+    "METRIC_OUTPUTS",
     "ConfidenceChange",
     "Curve",
+    "MethodWithMetrics",
     "RoadResult",
     "average_drop",
     "confidence_change",
