@@ -251,12 +251,15 @@ def prepare(model: Any, x: Any, explanation: Any, target: Any, *, score: str, ch
     scorer.target = torch.where(ids >= 0, ids, raw.argmax(1))
     maps = None
     if method is not None and need_maps:
-        result = method(x, target if isinstance(target, Target) else scorer.target)
-        if result.maps.dim() != 3:
-            raise InputError(f"the method's maps have shape {tuple(result.maps.shape)}; the metrics need one "
+        if isinstance(target, Target):  # its run-time inputs belong to the whole batch
+            found = method(x, target).maps
+        else:  # chunk by chunk, as the perturbed copies
+            found = torch.cat([method(x[j], scorer.target[j]).maps for j in chunks(x.shape[0], chunk_size, x.device)])
+        if found.dim() != 3:
+            raise InputError(f"the method's maps have shape {tuple(found.shape)}; the metrics need one "
                              "(H, W) map per input: use a channel reduction (e.g. reduction='max') and one target "
                              "per input")
-        maps = check_maps(result.maps, x, name="the method's maps")
+        maps = check_maps(found, x, name="the method's maps")
     elif explanation is not None and method is None:
         maps = check_maps(explanation, x, channels=channels)
     original = scorer.transform(raw).gather(1, scorer.target[:, None])[:, 0]
