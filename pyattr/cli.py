@@ -277,10 +277,13 @@ def _task_inputs(args: argparse.Namespace, bundle, images: list) -> tuple[list, 
     return images, info
 
 
-def _name_list(flag: str, text: str, known, default: list[str]) -> list[str]:
-    """A comma-separated ``--methods``/``--metrics`` value ("all" = ``default``), each name checked."""
-    if text.strip() == "all":
+def _name_list(flag: str, text: str, known, default: list[str], every: list[str] | None = None) -> list[str]:
+    """A comma-separated ``--methods``/``--metrics`` value ("default" = ``default``, "all" = ``every``), each name
+    checked."""
+    if text.strip() == "default":
         return list(default)
+    if text.strip() == "all":
+        return list(default if every is None else every)
     names = [t.strip() for t in text.split(",") if t.strip()]
     if not names:
         raise InputError(f"{flag} is empty; give comma-separated names or all")
@@ -302,7 +305,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file, not a folder; give a folder name")
-    methods = _name_list("--methods", args.methods, list(METHODS), default_methods())
+    methods = _name_list("--methods", args.methods, list(METHODS), default_methods(), default_methods())
     files = load_images(args.images) if args.images else []
     if files and args.model == "builtin" and args.n is not None:
         raise InputError("--n is the number of generated images; it has no meaning with image files")
@@ -311,7 +314,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise InputError("pyattr evaluate explains classifiers (--task classification)")
     with_masks = not files and args.model == "builtin"
     usable = [m for m in METRICS if with_masks or not METRICS[m].needs_masks]
-    metrics = _name_list("--metrics", args.metrics, list(METRICS), usable)
+    metrics = _name_list("--metrics", args.metrics, list(METRICS), [m for m in usable if METRICS[m].default], usable)
     missing = [m for m in metrics if m not in usable]
     if missing:
         raise InputError(f"--metrics {','.join(missing)} need ground-truth object masks, which only the built-in "
@@ -345,7 +348,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     def options_of(name: str) -> dict:
         return {**method_options(name, bundle), **_multi_pass_options(name, args, batch)}
 
-    metric_options = {"steps": args.deletion_steps} if args.deletion_steps is not None else {}
+    metric_options = {"score": "sigmoid" if bundle.multilabel else "softmax", "chunk_size": max(args.internal_batch, 16)}
+    if args.deletion_steps is not None:
+        metric_options["steps"] = args.deletion_steps
     ev = evaluate(methods, metrics, images=images, targets=targets, masks=masks, bundle=bundle, layer=args.layer,
                   batch_size=batch, grid=args.grid, options=metric_options, method_options=options_of,
                   progress=not args.quiet, model_name=bundle.name, pictures=pictures)
@@ -842,8 +847,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", default="builtin",
                     help="builtin (default) | torchvision:NAME[:WEIGHTS.pth] | FILE.pt (TorchScript, trusted files only)")
     ev.add_argument("--methods", default="all", help="comma-separated method names, or all (default)")
-    ev.add_argument("--metrics", default="all", help="comma-separated metric names, or all (default: every metric "
-                                                     "the images allow)")
+    ev.add_argument("--metrics", default="default",
+                    help="comma-separated metric names; default: every metric the images allow except those that re-run "
+                         "the method many times (sensitivity_max); all: every metric the images allow")
     ev.add_argument("--layer", help="layer for CAM methods (default: the model's)")
     ev.add_argument("--size", type=_int_in("--size", 8, MAX_SIZE), help="input size (default: the model's)")
     ev.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N")

@@ -54,6 +54,8 @@ class MetricSpec:
     column: Metric
     compute: Callable[[Batch], tuple[torch.Tensor, torch.Tensor | None]]
     needs_masks: bool = False
+    default: bool = True
+    """Whether ``--metrics default`` runs it (those that re-run the method many times do not)."""
 
 
 def _pointing_game(b: Batch):
@@ -68,7 +70,95 @@ def _energy_pointing_game(b: Batch):
     return energy_pointing_game(b.maps, b.masks).float(), None
 
 
+def _common(b: Batch) -> dict:
+    return {"score": b.options.get("score", "softmax"), "chunk_size": b.options.get("chunk_size", 64)}
+
+
+def _deletion(b: Batch):
+    from .metrics import deletion
+
+    curve = deletion(b.model, b.x, b.maps, b.target, steps=b.options.get("steps", 20), **_common(b))
+    return curve.auc, curve.scores
+
+
+def _insertion(b: Batch):
+    from .metrics import insertion
+
+    curve = insertion(b.model, b.x, b.maps, b.target, steps=b.options.get("steps", 20), **_common(b))
+    return curve.auc, curve.scores
+
+
+def _average_drop(b: Batch):
+    from .metrics import confidence_change
+
+    return confidence_change(b.model, b.x, b.maps, b.target, **_common(b)).drop, None
+
+
+def _increase_in_confidence(b: Batch):
+    from .metrics import confidence_change
+
+    return confidence_change(b.model, b.x, b.maps, b.target, **_common(b)).increase.float(), None
+
+
+def _road(order: str):
+    def compute(b: Batch):
+        from .metrics import road
+
+        return road(b.model, b.x, b.maps, b.target, order=order, seed=b.options.get("seed", 0), **_common(b)
+                    ).mean_change, None
+
+    return compute
+
+
+def _infidelity(b: Batch):
+    from .metrics import infidelity
+
+    common = _common(b)
+    return infidelity(b.model, b.x, b.maps, b.target, normalize=True, seed=b.options.get("seed", 0),
+                      chunk_size=common["chunk_size"]), None
+
+
+def _sensitivity_max(b: Batch):
+    from .metrics import sensitivity_max
+
+    return sensitivity_max(b.model, b.x, b.method, b.target, seed=b.options.get("seed", 0), which="maps",
+                           chunk_size=_common(b)["chunk_size"]), None
+
+
 METRICS: dict[str, MetricSpec] = {
+    "deletion": MetricSpec(
+        Metric("deletion", "Deletion AUC", False,
+               "area under the target's probability as the most relevant pixels are set to 0 first, in 20 steps "
+               "(RISE, Petsiuk et al. 2018; torchcam's definition)"), _deletion),
+    "insertion": MetricSpec(
+        Metric("insertion", "Insertion AUC", True,
+               "area under the target's probability as the most relevant pixels are put back first into a blurred "
+               "copy, in 20 steps (RISE; torchcam's definition)"), _insertion),
+    "average_drop": MetricSpec(
+        Metric("average_drop", "Average Drop", False,
+               "relative drop of the target's probability on the input multiplied by the map, max(0, Y - O) / Y "
+               "(Grad-CAM++, Chattopadhyay et al. 2018)"), _average_drop),
+    "increase_in_confidence": MetricSpec(
+        Metric("increase_in_confidence", "Increase in Confidence", True,
+               "share of images whose target probability rises on the input multiplied by the map (Grad-CAM++)"),
+        _increase_in_confidence),
+    "road_morf": MetricSpec(
+        Metric("road_morf", "ROAD MoRF", False,
+               "mean change of the target's probability when the most relevant pixels are removed and filled in by "
+               "noisy linear imputation (ROAD, Rong et al. 2022; pytorch-grad-cam's definition)"), _road("morf")),
+    "road_lerf": MetricSpec(
+        Metric("road_lerf", "ROAD LeRF", True,
+               "the same with the least relevant pixels removed first: a faithful map keeps the probability"),
+        _road("lerf")),
+    "infidelity": MetricSpec(
+        Metric("infidelity", "Infidelity", False,
+               "mean squared error between the map's prediction of a small Gaussian perturbation's effect and the "
+               "effect on the target's logit, the map rescaled optimally (Yeh et al. 2019; captum's, normalize=True)"),
+        _infidelity),
+    "sensitivity_max": MetricSpec(
+        Metric("sensitivity_max", "Max-sensitivity", False,
+               "largest relative change of the map under 10 uniform input perturbations of radius 0.02 (Yeh et al. "
+               "2019; captum's); re-runs the method 10 times"), _sensitivity_max, default=False),
     "pointing_game": MetricSpec(
         Metric("pointing_game", "Pointing game", True,
                "share of images whose map peaks inside the explained object's mask (Zhang et al. 2016)"),

@@ -600,3 +600,23 @@ def test_grad_cam_scores_between_random_and_inverted_maps_on_the_builtin_model(b
     g, r, i = table["gradcam"], table["random"], table["inverted"]
     assert g[0] < r[0] < i[0] and g[1] > r[1] > i[1], table
     assert g[2] < min(r[2], i[2]) - 0.3, table  # ROAD MoRF: removing Grad-CAM's top half costs the most
+
+
+def test_sigmoid_score_is_the_targets_independent_probability():
+    """``score="sigmoid"`` (multi-label models): the deletion curve's first point is sigmoid(logit) of the target,
+    and Average Drop compares sigmoid probabilities; the graph's score agrees."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3)).eval()
+    x = torch.rand(2, 3, 8, 8)
+    maps = torch.rand(2, 8, 8)
+    target = torch.tensor([0, 2])
+    logits = model(x).detach()
+    want = logits.sigmoid().gather(1, target[:, None])[:, 0]
+    curve = pyattr.metrics.deletion(model, x, maps, target, steps=4, score="sigmoid")
+    torch.testing.assert_close(curve.scores[:, 0], want)
+    change = pyattr.metrics.confidence_change(model, x, maps, target, score="sigmoid")
+    masked = model(maps[:, None] * x).detach().sigmoid().gather(1, target[:, None])[:, 0]
+    torch.testing.assert_close(change.drop, (want - masked).clamp_min(0) / (want + 1e-7))
+    with pytest.raises(pyattr.InputError, match="score must be one of"):
+        pyattr.metrics.deletion(model, x, maps, target, score="probability")

@@ -26,9 +26,11 @@ from ..errors import InputError
 from ..methods.base import AttributionMethod, OutputSelector, check_scores, select_output
 from ..targets.base import CLASS_TARGET, Target, as_target
 
-SCORES = ("softmax", "logit")
+SCORES = ("softmax", "sigmoid", "logit")
 """How a metric turns the target's scores (N, K) into one number per sample: ``"softmax"``, the target
-class's softmax probability (torchcam's and pytorch-grad-cam's examples, RISE); ``"logit"``, the raw score."""
+class's softmax probability (torchcam's and pytorch-grad-cam's examples, RISE); ``"sigmoid"``, its sigmoid
+probability (multi-label models, such as the built-in one, whose classes are independent); ``"logit"``, the raw
+score."""
 
 Explanation = "torch.Tensor | AttributionMethod"
 
@@ -44,7 +46,7 @@ class Scorer:
         kind: the target (:class:`~pyattr.targets.ClassTarget` for plain class ids).
         inputs: the target's run-time inputs for the batch, each (N, ...).
         target: (N,) long, the resolved class ids.
-        score: ``"softmax"`` or ``"logit"`` (:data:`SCORES`).
+        score: ``"softmax"``, ``"sigmoid"`` or ``"logit"`` (:data:`SCORES`).
         chunk_size: at most this many inputs go through the model at once.
     """
 
@@ -71,7 +73,9 @@ class Scorer:
         return scores
 
     def transform(self, scores: torch.Tensor) -> torch.Tensor:
-        return scores.softmax(1) if self.score == "softmax" else scores
+        if self.score == "softmax":
+            return scores.softmax(1)
+        return scores.sigmoid() if self.score == "sigmoid" else scores
 
     def __call__(self, xs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         scores = self.transform(wide(self.all_scores(xs, rows)))

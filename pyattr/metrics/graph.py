@@ -65,7 +65,7 @@ class MethodWithMetrics(AttributionMethod):
         method: a pyattr method (image layout).
         steps: the curves' intervals (:func:`pyattr.metrics.step_counts`: at most ``steps + 1`` points).
         baseline: the constant that deleted pixels become and that insertion starts from.
-        score: ``"softmax"`` (default) or ``"logit"``.
+        score: ``"softmax"`` (default), ``"sigmoid"`` (multi-label models) or ``"logit"``.
     """
 
     graph_outputs = METRIC_OUTPUTS
@@ -104,6 +104,8 @@ class MethodWithMetrics(AttributionMethod):
         scores = select_output(model(xs), self.output)
         if self.score == "softmax":
             scores = scores.softmax(1)
+        elif self.score == "sigmoid":
+            scores = scores.sigmoid()
         return scores.gather(1, ids[:, None])[:, 0]
 
     def graph(self, x: torch.Tensor, target: torch.Tensor | None, *inputs: torch.Tensor,

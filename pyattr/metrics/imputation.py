@@ -206,7 +206,7 @@ def road(model: nn.Module, x: torch.Tensor, explanation: Any, target: Any = None
             number pytorch-grad-cam's percentile threshold removes on a map without ties, in the map's order
             (ties in row-major order); ``"threshold"``, the reference's rule itself, which removes every pixel
             tied at the threshold and fails on maps that are mostly one value.
-        score: ``"softmax"`` (default; pytorch-grad-cam's ``ClassifierOutputSoftmaxTarget``) or ``"logit"``
+        score: ``"softmax"`` (default; pytorch-grad-cam's ``ClassifierOutputSoftmaxTarget``), ``"sigmoid"`` or ``"logit"``
             (its ``ClassifierOutputTarget``).
 
     Returns:

@@ -133,7 +133,7 @@ def deletion(model: nn.Module, x: torch.Tensor, explanation: Any, target: Any = 
         steps: number of intervals (at most ``steps + 1`` points).
         baseline: what deleted pixels become: a number (default 0.0, a black image after your normalization),
             ``"blur"`` (a Gaussian blur of the input), a tensor broadcastable to ``x``, or a callable ``f(x)``.
-        score: ``"softmax"`` (the target's probability; default) or ``"logit"``.
+        score: ``"softmax"`` (the target's probability; default), ``"sigmoid"`` (multi-label models) or ``"logit"``.
         chunk_size: at most this many perturbed copies go through the model at once.
         output: which part of the model's output holds the scores (as a method's ``output=``).
 
@@ -249,7 +249,7 @@ def confidence_change(model: nn.Module, x: torch.Tensor, explanation: Any, targe
 
     Args:
         model, x, explanation, target, chunk_size, output: as :func:`~pyattr.metrics.deletion`.
-        score: ``"softmax"`` (default: the paper's class probability) or ``"logit"``.
+        score: ``"softmax"`` (default: the paper's class probability), ``"sigmoid"`` (multi-label models) or ``"logit"``.
 
     Returns:
         :class:`ConfidenceChange`; ``.average_drop`` and ``.increase_in_confidence`` are the batch means.
