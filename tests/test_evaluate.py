@@ -34,8 +34,8 @@ def test_builtin_images_explain_a_present_object_whose_mask_is_the_truth():
 
 
 def test_cli_numbers_are_the_metrics_of_the_methods_maps(tmp_path, capsys):
-    code, _out, err = run(capsys, "--methods", "gradcam,saliency", "--metrics", "pointing_game,energy_pointing_game",
-                         "--n", "5", "--batch-size", "2", "--out", str(tmp_path / "ev"), "--quiet")
+    code, _out, err = run(capsys, "--methods", "gradcam,saliency", "--metrics",
+                         "pointing_game,energy_pointing_game,deletion,average_drop", "--deletion-steps", "8", "--n", "5", "--batch-size", "2", "--out", str(tmp_path / "ev"), "--quiet")
     assert code == 0, err
     data = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert data["methods"] == ["gradcam", "saliency"] and data["n_images"] == 5
@@ -48,6 +48,12 @@ def test_cli_numbers_are_the_metrics_of_the_methods_maps(tmp_path, capsys):
         energy = pyattr.metrics.energy_pointing_game(maps, masks).mean()
         assert data["table"][name]["pointing_game"] == pytest.approx(float(hits), abs=1e-6)
         assert data["table"][name]["energy_pointing_game"] == pytest.approx(float(energy), rel=1e-4)
+        # the built-in model is multi-label: its probabilities are sigmoids
+        curve = pyattr.metrics.deletion(model, images, maps, targets, steps=8, score="sigmoid")
+        assert data["table"][name]["deletion"] == pytest.approx(float(curve.auc.mean()), rel=1e-4)
+        assert data["curves"]["deletion"][name] == pytest.approx(curve.scores.mean(0).tolist(), rel=1e-4)
+        drop = pyattr.metrics.confidence_change(model, images, maps, targets, score="sigmoid").drop
+        assert data["table"][name]["average_drop"] == pytest.approx(float(drop.mean()), rel=1e-4)
     md = (tmp_path / "ev" / "results.md").read_text().splitlines()
     assert len(md) == 2 + 2 and md[2].startswith("| gradcam |")
     html = (tmp_path / "ev" / "report.html").read_text()
