@@ -503,7 +503,7 @@ class RISE(PerturbationMethod):
                 cell = math.ceil(size / self.cells)
                 matrix = interpolation_matrix(self.cells, (self.cells + 1) * cell)
                 shift = (self.shift_fractions[:, axis] * cell).floor().long().clamp_max(cell - 1)
-                out += [matrix.float(), shift[:, None] + torch.arange(size)[None]]
+                out += [matrix, shift[:, None] + torch.arange(size)[None]]
             return tuple(out)
 
         return self.constant(("geometry", h, w), make)
