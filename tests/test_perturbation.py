@@ -347,3 +347,17 @@ def test_export_with_a_construction_segment_map(builtin_model, tmp_path):
     method = FeatureAblation(builtin_model, feature_mask=seg, chunk_size=2)
     assert method.segments == 4
     assert_export_contract(method, make_shapes(3, seed=15), tmp_path, num_classes=6, formats=("onnx",), batches=(2,))
+
+
+def test_cli_flags_reach_the_methods(tmp_path, capsys):
+    """--patch/--stride, --cell and --masks reach the methods (explain and export); other methods refuse them."""
+    from pyattr.cli import main
+
+    assert main(["explain", "--method", "occlusion", "--patch", "32", "--stride", "32", "--samples", "1", "--quiet",
+                 "--out", str(tmp_path / "o")]) == 0
+    assert len(list((tmp_path / "o").glob("*occlusion_overlay.png"))) == 1
+    assert main(["explain", "--method", "gradcam", "--masks", "8", "--samples", "1", "--out", str(tmp_path / "g")]) == 2
+    assert "--masks is an option of rise, not of gradcam" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "r.onnx"), "--method", "rise", "--masks", "3"]) == 0
+    meta = pyattr.read_metadata(tmp_path / "r.onnx")
+    assert meta["method"] == "rise" and meta["masks"] == 3
