@@ -29,9 +29,10 @@ EVAL_SEED = 40_000  # never used for training (train seeds < 10_000, held-out mA
 VALIDATION_SEED = 45_000  # model selection only (the shipped training seed); never reported as the result
 
 
-def evaluate(method_name: str, n: int, seed: int, batch_size: int = 64, weights: str | None = None) -> dict:
+def evaluate(method_name: str, n: int, seed: int, batch_size: int = 64, weights: str | None = None,
+             options: dict | None = None) -> dict:
     model = load_builtin(weights=weights)
-    method = build_method(method_name, model, SHAPESNET_LAYER)
+    method = build_method(method_name, model, SHAPESNET_LAYER, **taken_options(method_name, options or {}))
     data = generate(n, seed=seed)
     pairs = [(i, k) for i in range(n) for k in np.flatnonzero(data.labels[i])]
     images = torch.from_numpy(data.images).permute(0, 3, 1, 2).float() / 255
@@ -52,10 +53,22 @@ def evaluate(method_name: str, n: int, seed: int, batch_size: int = 64, weights:
             "objects": len(pairs), "images": n, "seconds": round(seconds, 2)}
 
 
+def taken_options(method_name: str, options: dict) -> dict:
+    """The entries of ``options`` that the method's constructor takes (``--options`` applies to several methods)."""
+    import inspect
+
+    params = inspect.signature(METHODS[method_name].__init__).parameters
+    return {k: v for k, v in options.items() if k in params}
+
+
+def options_label(row: dict) -> str:
+    return "".join(f" ({k}={v})" for k, v in row.get("options", {}).items())
+
+
 def markdown(rows: list[dict]) -> str:
     head = "| method | all | " + " | ".join(SHAPE_CLASSES) + " |\n"
     head += "|---|---|" + "---|" * len(SHAPE_CLASSES) + "\n"
-    lines = [f"| {r['method']} | **{100 * r['hit_rate']:.1f}%** | "
+    lines = [f"| {r['method']}{options_label(r)} | **{100 * r['hit_rate']:.1f}%** | "
              + " | ".join(f"{100 * r['per_class'].get(c, float('nan')):.1f}%" for c in SHAPE_CLASSES) + " |"
              for r in rows]
     return head + "\n".join(lines) + "\n"
@@ -69,6 +82,8 @@ def main() -> None:
     parser.add_argument("--methods", default="all", help="comma-separated method names, or all")
     parser.add_argument("--weights", default=None,
                         help="a ShapesNet state_dict to score instead of the built-in model (model selection)")
+    parser.add_argument("--options", type=json.loads, default={},
+                        help='method options as JSON, given to the methods that take them, e.g. \'{"masks": 250}\'')
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "pointing_game"))
     args = parser.parse_args()
     if args.weights is not None and not Path(args.weights).is_file():
@@ -77,7 +92,9 @@ def main() -> None:
     names = list(METHODS) if args.methods == "all" else args.methods.split(",")
     rows = []
     for name in names:
-        row = evaluate(name, args.n, args.seed, weights=args.weights)
+        row = evaluate(name, args.n, args.seed, weights=args.weights, options=args.options)
+        if taken_options(name, args.options):
+            row["options"] = taken_options(name, args.options)
         rows.append(row)
         print(f"{name:12s} {100 * row['hit_rate']:5.1f}%  ({row['objects']} objects, {row['seconds']} s)", flush=True)
     table = markdown(rows)

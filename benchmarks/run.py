@@ -70,6 +70,7 @@ def full_plan(device: str) -> tuple[list[tuple[str, str, int]], list[str]]:
     for model in ("resnet50", "mobilenet_v3_large"):
         plan += [(model, "integratedgradients", 1), (model, "smoothgrad", 1)]
     plan.append(("mobilenet_v3_large", "scorecam", 1))
+    plan += [("resnet50", method, 1) for method in cases.PERTURBATION_METHODS]  # 1 + 16 forwards per image
     plan += task_plan()
     skipped += [
         ("vgg16, vit_b_16 at batch 8 on CPU: 8-15 s per call and ~10 contenders a round (run them with "

@@ -121,6 +121,26 @@ def _multi_pass_options(name: str, args: argparse.Namespace, batch: int) -> dict
     return options
 
 
+PERTURBATION_FLAGS = {"patch": ("occlusion",), "stride": ("occlusion",), "cell": ("featureablation",),
+                      "masks": ("rise",)}
+"""The perturbation methods' CLI options (``--patch``, ``--stride``, ``--cell``, ``--masks``) and who takes them."""
+
+
+def perturbation_options(name: str, args: argparse.Namespace) -> dict:
+    """``--patch`` / ``--stride`` (occlusion: a square window and its step), ``--cell`` (featureablation: the
+    grid's square cell), ``--masks`` (rise: the number of random masks) as method options; an InputError for a
+    flag given to a method that does not take it."""
+    options = {}
+    for flag, methods in PERTURBATION_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if name not in methods:
+            raise InputError(f"--{flag} is an option of {', '.join(methods)}, not of {name}")
+        options[flag] = value
+    return options
+
+
 def _is_out_of_memory(err: BaseException) -> bool:
     if isinstance(err, MemoryError):
         return True
@@ -131,7 +151,7 @@ def _is_out_of_memory(err: BaseException) -> bool:
 
 def _memory_hint(name: str, args: argparse.Namespace) -> str:
     hint = f"lower --batch-size (now {args.batch_size})"
-    if name in ("integratedgradients", "smoothgrad", "scorecam"):
+    if name in ("integratedgradients", "smoothgrad", "scorecam", "occlusion", "featureablation", "rise"):
         hint += f" or --internal-batch (now {args.internal_batch}, model inputs per pass)"
     if name == "integratedgradients":
         hint += f", or --steps (now {args.steps or 'the default 32'})"
@@ -495,7 +515,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise InputError("--target has no meaning for --task similarity (the similarity is the one score)")
     layer = args.layer or (bundle.default_layer if needs_layer(args.method) else None)
     batch_size = min(args.batch_size, len(images))
-    options = {**method_options(args.method, bundle), **_multi_pass_options(args.method, args, batch_size)}
+    options = {**method_options(args.method, bundle), **_multi_pass_options(args.method, args, batch_size),
+               **perturbation_options(args.method, args)}
     method = build_method(args.method, bundle.model, layer, **options)
     if task != "classification":
         from .targets import TARGETS
@@ -640,7 +661,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     _check_device(args.device)
     bundle = load_model(args.model, args.device, args.size, task=args.task)
     layer = args.layer or (bundle.default_layer if needs_layer(args.method) else None)
-    method = build_method(args.method, bundle.model, layer, **method_options(args.method, bundle))
+    method = build_method(args.method, bundle.model, layer, **method_options(args.method, bundle),
+                          **perturbation_options(args.method, args))
     h, w = bundle.input_size
     example = bundle.normalize(torch.rand(1, 3, h, w, device=args.device))
     from .targets import TARGETS
@@ -789,6 +811,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-boxes", type=_int_in("--max-boxes", 1, 100),
                        help="--task detection: boxes explained per image (explain: the top-scored detections, "
                             "default 5; export: the graph's number of box inputs B, default 10)")
+        p.add_argument("--patch", type=_int_in("--patch", 1, MAX_SIZE),
+                       help="occlusion: the square window's side in pixels (default 16)")
+        p.add_argument("--stride", type=_int_in("--stride", 1, MAX_SIZE),
+                       help="occlusion: the window's step in pixels, at most --patch (default 8)")
+        p.add_argument("--cell", type=_int_in("--cell", 1, MAX_SIZE),
+                       help="featureablation: the side of the grid's square cells, one segment each (default 16)")
+        p.add_argument("--masks", type=_int_in("--masks", 1, 100_000),
+                       help="rise: the number of random masks, one forward pass each (default 1000)")
 
     ex = sub.add_parser("explain", help="write heatmap overlays and figures for images",
                         description="Explain images: per image, an overlay PNG and a figure "
@@ -817,7 +847,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="integration steps of integratedgradients (default 32)")
     ex.add_argument("--internal-batch", type=_int_in("--internal-batch", 1, MAX_INTERNAL_BATCH), default=16,
                     help="model inputs per forward/backward pass of the multi-pass methods (Integrated Gradients' "
-                         "steps, SmoothGrad's samples, Score-CAM's masks), which bounds their memory (default 16)")
+                         "steps, SmoothGrad's samples, Score-CAM's masks, the perturbation methods' perturbed "
+                         "copies), which bounds their memory (default 16)")
     ex.add_argument("--alpha", type=_float_in("--alpha", 0.0, 1.0),
                     help="heatmap opacity in the overlay (default 0.5; for signed methods the opacity at the "
                          "largest |attribution|, fading to 0 at zero, default 1)")

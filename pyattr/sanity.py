@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -225,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=8, help="images (default 8)")
     parser.add_argument("--seed", type=int, default=60_000, help="image seed (never used for training)")
     parser.add_argument("--methods", default="all", help="comma-separated method names, or all")
+    parser.add_argument("--options", type=json.loads, default={},
+                        help='method options as JSON, given to the methods that take them, e.g. \'{"masks": 250}\'')
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     out = Path(args.out)
@@ -234,7 +237,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     names = list(METHODS) if args.methods == "all" else args.methods.split(",")
     rows: dict[str, RandomizationResult] = {}
     for name in names:
-        rows[name] = randomization_cascade(lambda m, name=name: build_method(name, m, SHAPESNET_LAYER), model, x)
+        params = inspect.signature(METHODS[name].__init__).parameters
+        options = {k: v for k, v in args.options.items() if k in params}
+        rows[name] = randomization_cascade(lambda m, name=name, options=options: build_method(name, m, SHAPESNET_LAYER,
+                                                                                             **options), model, x)
         print(name, " ".join(f"{layer}:{rho:+.3f}" for layer, rho in zip(rows[name].layers, rows[name].correlations)),
               flush=True)
     layers = next(iter(rows.values())).layers

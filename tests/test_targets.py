@@ -61,7 +61,9 @@ def layer_for(name: str, model: nn.Module) -> str | None:
 
 
 SMALL = {"lrp_epsilon_gamma_box": {"low": torch.full((3,), -4.0), "high": torch.full((3,), 4.0)},
-         "integratedgradients": {"steps": 6, "chunk_size": 6}, "smoothgrad": {"samples": 4, "chunk_size": 4}}
+         "integratedgradients": {"steps": 6, "chunk_size": 6}, "smoothgrad": {"samples": 4, "chunk_size": 4},
+         "occlusion": {"patch": 8, "stride": 8, "chunk_size": 2}, "featureablation": {"cell": 8, "chunk_size": 2},
+         "rise": {"masks": 4, "chunk_size": 2}}
 """Options: inputs are standard normal (box bounds -4..4 for LRP); few passes for the multi-pass methods."""
 
 
@@ -321,12 +323,20 @@ def test_export_contract_segmentation(segmenter, name, tmp_path):
                            target=SegmentationTarget(), target_inputs=seg_inputs)
 
 
+SIMILARITY_ATOL = {"occlusion": 1e-3, "featureablation": 1e-3}
+"""Normalized-map tolerances above the contract's 1e-4: a score drop of the tiny embedder's similarity is a
+difference of two numbers near 0.9996 that differ by ~1e-3, so float32 rounding of the similarity (~6e-8) is
+~1e-4 of the drop and of the map's range, in eager calls as in any runtime (eager float32 vs float64: 1.9e-4;
+onnxruntime vs eager: 2.4e-4)."""
+
+
 @pytest.mark.parametrize("name", EXPORTED)
 def test_export_contract_similarity(embedder, name, tmp_path):
     method = make(name, embedder)
     formats = ("onnx", "torchscript", "pt2") if name in FULL_FORMATS else ("onnx",)
     assert_export_contract(method, images(2), tmp_path, num_classes=1, formats=formats, batches=(1, 3),
-                           target=SimilarityTarget(), target_inputs=sim_inputs_for(embedder))
+                           target=SimilarityTarget(), target_inputs=sim_inputs_for(embedder),
+                           atol=SIMILARITY_ATOL.get(name, 1e-4))
 
 
 FULL_FORMATS = ("saliency", "gradcam", "lrp_epsilon_plus")

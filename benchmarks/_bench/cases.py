@@ -12,6 +12,9 @@ gradcam, gradcampp   1 forward + 1 backward down to the layer
 scorecam             1 forward + C masked forwards (C channels of the layer)
 fullgrad             1 forward + 1 backward to the input and to every biased layer's output
 lrp                  EpsilonPlus rules; 1 forward + 1 modified backward to the input
+occlusion            1 forward + 16 occluded forwards (4 x 4 windows of side/4, stride side/4, baseline 0)
+featureablation      1 forward + 16 ablated forwards (a 4 x 4 grid of cells of side/4, baseline 0)
+rise                 1 forward + 16 masked forwards (7 x 7 grids, p = 0.5); no peer implements it
 ==================== ===========================================================================
 
 Targets beyond class logits (issue 14): two models explain another objective than a class logit
@@ -31,7 +34,8 @@ resnet50_embedding            similarity, 224x224: resnet50 with ``fc = Identity
 Batching of the repeated passes (the same for pyattr, the bound and the peers that can batch):
 :func:`points_per_pass` points / samples per input in one pass (16, fewer at large batches so that a
 pass holds at most 128 images), :func:`channels_per_pass` Score-CAM masks per input in one pass (32,
-at most 256 images a pass).
+at most 256 images a pass), :func:`points_per_pass` perturbed copies per input in one pass for the
+perturbation methods (all 16 at batch 8: one pass of 128 images after the clean one).
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ from pyattr.methods import METHODS
 from .timing import Contender
 
 IG_STEPS, SG_SAMPLES, SG_NOISE = 32, 16, 0.15
+PERTURBATIONS = 16  # windows (4 x 4), grid cells (4 x 4) or RISE masks per image
+PERTURBATION_METHODS = ("occlusion", "featureablation", "rise")
 
 
 def points_per_pass(batch: int) -> int:
@@ -76,7 +82,8 @@ VIT_LAYER = "encoder.layers.encoder_layer_11.ln_1"
 METHOD_LABELS = {
     "saliency": "Saliency", "integratedgradients": "Integrated Gradients (32)", "smoothgrad": "SmoothGrad (16)",
     "gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "scorecam": "Score-CAM", "fullgrad": "FullGrad",
-    "lrp": "LRP (EpsilonPlus)",
+    "lrp": "LRP (EpsilonPlus)", "occlusion": "Occlusion (16 windows)", "featureablation": "Feature Ablation (16 cells)",
+    "rise": "RISE (16 masks)",
 }
 ALL_METHODS = list(METHOD_LABELS)
 CAM_METHODS = ("gradcam", "gradcampp", "scorecam")
@@ -242,6 +249,13 @@ def build_pyattr(method: str, s: Setup) -> pyattr.AttributionMethod:
         return METHODS[method](m, s.layer_name, **options)
     if method == "fullgrad":
         return pyattr.methods.FullGrad(m)
+    if method in PERTURBATION_METHODS:
+        side, chunk = s.x.shape[-1] // 4, points_per_pass(len(s.x))
+        if method == "occlusion":
+            return pyattr.Occlusion(m, patch=side, stride=side, chunk_size=chunk)
+        if method == "featureablation":
+            return pyattr.FeatureAblation(m, cell=side, chunk_size=chunk)
+        return pyattr.RISE(m, masks=PERTURBATIONS, chunk_size=chunk)
     if method in METHODS:  # e.g. "lrp" once it lands: its defaults
         return pyattr.methods.build_method(method, m)
     raise KeyError(f"pyattr has no method {method!r} (registered: {', '.join(METHODS)})")
@@ -316,6 +330,16 @@ def bound_fn(method: str, s: Setup) -> Callable[[], object]:
                 points = (x[:, None] * scale).flatten(0, 1)
                 _input_grad(model, points, t.repeat_interleave(chunk))
         return several
+    if method in PERTURBATION_METHODS:
+        chunk = points_per_pass(n)
+
+        def perturbed_forwards():
+            with torch.no_grad():
+                model(x).gather(1, t[:, None])
+                for start in range(0, PERTURBATIONS, chunk):
+                    c = min(chunk, PERTURBATIONS - start)
+                    model(x.repeat_interleave(c, 0)).gather(1, t.repeat_interleave(c)[:, None])
+        return perturbed_forwards
     if method == "scorecam":
         layer = s.layer
 
@@ -351,7 +375,8 @@ def bound_label(method: str, s: Setup | None = None) -> str:
             "gradcam": "fwd + bwd to layer", "gradcampp": "fwd + bwd to layer",
             "integratedgradients": f"{IG_STEPS} x (fwd + bwd to input)",
             "smoothgrad": f"{SG_SAMPLES} x (fwd + bwd to input)",
-            "scorecam": "fwd + C masked fwds"}.get(method, "fwd + bwd")
+            "scorecam": "fwd + C masked fwds", "occlusion": f"fwd + {PERTURBATIONS} fwds",
+            "featureablation": f"fwd + {PERTURBATIONS} fwds", "rise": f"fwd + {PERTURBATIONS} fwds"}.get(method, "fwd + bwd")
 
 
 # --- pyattr's backends ----------------------------------------------------------------------------

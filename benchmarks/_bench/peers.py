@@ -26,6 +26,7 @@ import torch
 
 from .cases import (
     IG_STEPS,
+    PERTURBATIONS,
     SG_NOISE,
     SG_SAMPLES,
     Setup,
@@ -176,6 +177,23 @@ def captum(method: str, s: Setup) -> list[Contender]:
     if method == "lrp":
         lrp = ca.LRP(model)
         return _pair("captum LRP", "captum", lambda: lrp.attribute(x, target=t), lambda a: minmax(a.sum(1)))
+    if method in ("occlusion", "featureablation"):
+        side, per_pass = x.shape[-1] // 4, points_per_pass(len(x))
+        assert (x.shape[-1] // side) * (x.shape[-2] // side) == PERTURBATIONS
+        if method == "occlusion":
+            occ = ca.Occlusion(model)
+            return _pair("captum Occlusion", "captum",
+                         lambda: occ.attribute(x, sliding_window_shapes=(x.shape[1], side, side),
+                                               strides=(1, side, side), baselines=0.0, target=t,
+                                               perturbations_per_eval=per_pass),
+                         lambda a: minmax(a.mean(1)))
+        rows = torch.arange(x.shape[-2], device=x.device) // side
+        grid = rows[:, None] * (x.shape[-1] // side) + torch.arange(x.shape[-1], device=x.device)[None] // side
+        fa = ca.FeatureAblation(model)
+        return _pair("captum FeatureAblation", "captum",
+                     lambda: fa.attribute(x, feature_mask=grid[None, None], baselines=0.0, target=t,
+                                          perturbations_per_eval=per_pass),
+                     lambda a: minmax(a.mean(1)))
     return []
 
 

@@ -13,6 +13,7 @@ from .eigencam import EigenCAM, EigenGradCAM
 from .fullgrad import FullGrad
 from .gradient import DeconvNet, GuidedBackprop, InputXGradient, IntegratedGradients, Saliency, SmoothGrad
 from .lrp import LRP, LRPEpsilonAlpha2Beta1, LRPEpsilonGammaBox, LRPEpsilonPlus, LRPEpsilonPlusFlat
+from .perturbation import RISE, FeatureAblation, Occlusion
 from .scorecam import ScoreCAM
 
 METHODS: dict[str, type[AttributionMethod]] = {
@@ -33,6 +34,9 @@ METHODS: dict[str, type[AttributionMethod]] = {
     "guidedbackprop": GuidedBackprop,
     "deconvnet": DeconvNet,
     "guidedgradcam": GuidedGradCAM,
+    "occlusion": Occlusion,
+    "featureablation": FeatureAblation,
+    "rise": RISE,
     "lrp": LRP,  # epsilon_plus unless composite=... is given
     "lrp_epsilon_plus": LRPEpsilonPlus,
     "lrp_epsilon_gamma_box": LRPEpsilonGammaBox,
@@ -66,11 +70,13 @@ __all__ = [
     "CAM",
     "LRP",
     "METHODS",
+    "RISE",
     "Attribution",
     "AttributionMethod",
     "DeconvNet",
     "EigenCAM",
     "EigenGradCAM",
+    "FeatureAblation",
     "FullGrad",
     "GradCAM",
     "GradCAMPlusPlus",
@@ -80,6 +86,7 @@ __all__ = [
     "InputXGradient",
     "IntegratedGradients",
     "LayerCAM",
+    "Occlusion",
     "Saliency",
     "ScoreCAM",
     "SmoothGrad",
