@@ -750,6 +750,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _require_torch(argv: list[str]) -> None:
+    """``pyattr explain`` / ``export`` on the torch-free install (``pip install pyattr``: the runtime only): one
+    :class:`InputError` saying what to install, before argparse imports the methods (which need torch)."""
+    if argv[:1] not in (["explain"], ["export"]) or "-h" in argv or "--help" in argv:
+        return
+    missing = []
+    for name in ("torch", "torchvision"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise InputError(f"pyattr {argv[0]} needs PyTorch ({' and '.join(missing)} not installed): this is the torch-free "
+                         "runtime install; add the attribution side with pip install \"pyattr[torch]\" (or pip install "
+                         "torch torchvision). Exported .onnx graphs run without torch: pyattr run MODEL.onnx IMAGES")
+
+
 def _error(message: str) -> int:
     text = " ".join(str(message).split()) or "failed"
     try:
@@ -781,6 +798,7 @@ def main(argv: list[str] | None = None) -> int:
             from .runtime.cli import main as run_main
 
             return run_main(argv[1:], prog="pyattr run")
+        _require_torch(argv)
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.command is None:
