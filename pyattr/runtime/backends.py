@@ -145,16 +145,24 @@ class _OpenVINOGraph(GraphSession):
         except Exception as err:
             raise InputError(_openvino_load_error(path, err)) from err
         self.providers = devices
-        self.inputs = [TensorInfo(p.get_any_name(), _ov_shape(p.get_partial_shape())) for p in self.native.inputs]
-        self.outputs = [TensorInfo(p.get_any_name(), _ov_shape(p.get_partial_shape())) for p in self.native.outputs]
-        self._ports = {p.get_any_name(): p for p in self.native.outputs}
+        # Names from the model as read (the ONNX names), ports by position: compiling may give a port more names
+        # (e.g. ``target`` also named ``slice_1``), and get_any_name() then returns any of them.
+        self.inputs = [TensorInfo(p.get_friendly_name(), _ov_shape(p.get_output_partial_shape(0)))
+                       for p in model.get_parameters()]
+        self.outputs = [TensorInfo(_result_name(r), _ov_shape(r.get_output_partial_shape(0)))
+                        for r in model.get_results()]
+        self._input_index = {info.name: i for i, info in enumerate(self.inputs)}
+        self._ports = {info.name: port for info, port in zip(self.outputs, self.native.outputs)}
         self._local = threading.local()  # one infer request per thread: a request is not thread-safe
 
     def _run(self, names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self.native.create_infer_request()
-        results = request.infer(feed)  # copies of the output tensors (share_outputs=False)
+        unknown = sorted(set(feed) - set(self._input_index))
+        if unknown:
+            raise InputError(f"unknown graph input(s) {unknown}; the graph takes {list(self._input_index)}")
+        results = request.infer({self._input_index[k]: v for k, v in feed.items()})  # outputs copied
         return [np.array(results[self._ports[name]]) for name in names]
 
 
@@ -245,6 +253,14 @@ def _string_pair(data: bytes) -> tuple[str, str]:
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
+
+
+def _result_name(result) -> str:
+    """An OpenVINO Result's ONNX output name: its friendly name ``<name>/sink_port_0`` without the suffix, when
+    that is one of the tensor's names, else the first of its names."""
+    names = sorted(result.input(0).get_source_output().get_names())
+    stem = result.get_friendly_name().rsplit("/sink_port_", 1)[0]
+    return stem if stem in names or not names else names[0]
 
 
 def _ov_shape(shape) -> tuple[Any, ...]:
