@@ -67,7 +67,7 @@ def venv(tmp_path_factory) -> dict[str, Path]:
     env = root / "venv"
     must(run([sys.executable, "-m", "venv", env], cwd=root), "python -m venv")
     python = env / "bin" / "python"
-    must(run([python, "-m", "pip", "install", "-q", "--no-input", "--timeout", "60", wheel], cwd=root,
+    must(run([python, "-m", "pip", "install", "-q", "--no-input", "--no-compile", "--timeout", "60", wheel], cwd=root,
              timeout=PIP_TIMEOUT),
          "pip install of the wheel with its dependencies from the package index (is PyPI reachable? this test "
          "needs it)")
