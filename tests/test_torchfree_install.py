@@ -121,3 +121,33 @@ def test_pyattr_run_gives_the_eager_maps(venv, tmp_path):
         saved = np.load(out / f"{file.stem}_gradcam_maps.npz")
         assert eager.maps[j].max() > 0.99
         np.testing.assert_allclose(saved["map"], eager.maps[j].numpy(), rtol=0, atol=1e-4)
+
+
+def test_onnx_export_without_the_onnx_packages_says_what_to_install(monkeypatch, tmp_path):
+    """torch installed by hand next to the runtime install (no onnx / onnxscript): .onnx export stops before
+    tracing with an ExportError naming the packages and the extra; no file is written."""
+    import importlib.util
+
+    from pyattr.errors import ExportError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    method = pyattr.Saliency(zoo.ShapesNet().eval())
+    with pytest.raises(ExportError, match=r'needs the packages onnxscript, .*pip install "pyattr\[torch\]"'):
+        pyattr.export(method, torch.rand(1, 3, 64, 64), tmp_path / "s.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_without_torch_in_process():
+    """The same check without a venv (tests/torchfree.py's blocker): explain fails with one line, --help works."""
+    from torchfree import run_without_torch
+
+    code = """
+        import sys
+        from pyattr.cli import main
+        print(main(sys.argv[1:]))
+    """
+    done = run_without_torch(code, "explain", "--method", "saliency")
+    assert done.stdout.strip() == "2" and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("pyattr: error: pyattr explain needs PyTorch (torch and torchvision not installed)")
+    assert run_without_torch("from pyattr.cli import main; main(['--help'])").returncode == 0
