@@ -750,10 +750,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _require_torch(argv: list[str]) -> None:
-    """``pyattr explain`` / ``export`` on the torch-free install (``pip install pyattr``: the runtime only): one
-    :class:`InputError` saying what to install, before argparse imports the methods (which need torch)."""
-    if argv[:1] not in (["explain"], ["export"]) or "-h" in argv or "--help" in argv:
+def _require_torch(argv: list[str], parser: argparse.ArgumentParser) -> None:
+    """A command other than ``run`` (explain, export, ...) on the torch-free install (``pip install pyattr``: the
+    runtime only): one :class:`InputError` saying what to install, before argparse imports the methods (which
+    need torch). ``--help`` and ``--version`` work without torch."""
+    commands = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+    if not argv or argv[0] not in commands or argv[0] == "run" or "-h" in argv or "--help" in argv:
         return
     missing = []
     for name in ("torch", "torchvision"):
@@ -798,8 +800,8 @@ def main(argv: list[str] | None = None) -> int:
             from .runtime.cli import main as run_main
 
             return run_main(argv[1:], prog="pyattr run")
-        _require_torch(argv)
         parser = build_parser()
+        _require_torch(argv, parser)
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()
