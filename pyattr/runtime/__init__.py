@@ -34,9 +34,10 @@ detector graph (:mod:`pyattr.runtime.detection`: any number per image, run in ch
     e = det.explain(["a.png"], boxes=found)[0]                            # or boxes=[[x0, y0, x1, y1]], box_classes=["star"]
     e.maps, e.matched, e.overlays                                         # one map and one overlay per box
 
-This package imports numpy, Pillow, onnxruntime and :mod:`pyattr.render` (which uses the compiled
-``pyattr._C`` when built, else its NumPy twin) -- never torch (``tests/test_runtime.py`` runs it
-in a process where importing torch fails).
+This package imports numpy, Pillow, onnxruntime (or openvino: ``AttributionRuntime(path, backend="openvino")``,
+:mod:`pyattr.runtime.backends`) and :mod:`pyattr.render` (which uses the compiled ``pyattr._C`` when built, else
+its NumPy twin) -- never torch (``tests/test_runtime.py`` runs it in a process where importing torch fails;
+``tests/test_torchfree_install.py`` installs pyattr in a fresh environment without torch).
 
 Steps, for each batch of images:
 
