@@ -2,7 +2,7 @@
 torchvision's resnet18 (random init, 10 classes, 64x64 input).
 
     python benchmarks/openvino_agreement.py                      # the full matrix (~10 min on 2 cores)
-    python benchmarks/openvino_agreement.py --models builtin --methods gradcam,saliency
+    python benchmarks/openvino_agreement.py --models builtin --methods gradcam,saliency   # reruns these cells
 
 Each cell exports the method as ONNX once (batch-1 example), loads the file with
 ``AttributionRuntime(path, backend="onnxruntime")`` and ``backend="openvino"`` (CPU, float32), runs both on the
@@ -37,6 +37,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TOLERANCE = 1e-4
 TARGETS = np.array([-1, 2, 4], np.int64)
 MODELS = {"builtin": "layer3", "resnet18": "layer4"}
+BOUND = 6.0  # |x| bound given to LRP's z^B rule on resnet18 (the inputs are standard normal: max |x| < 5 here)
 
 
 def load_model(name: str) -> torch.nn.Module:
@@ -51,7 +52,10 @@ def load_model(name: str) -> torch.nn.Module:
 def cell(model_name: str, model: torch.nn.Module, layer: str, method_name: str, folder: str) -> dict:
     row: dict = {"model": model_name, "method": method_name}
     try:
-        method = build_method(method_name, model, layer if needs_layer(method_name) else None)
+        options = {}
+        if method_name == "lrp_epsilon_gamma_box" and model_name != "builtin":  # z^B needs the input's bounds
+            options = {"low": torch.full((3,), -BOUND), "high": torch.full((3,), BOUND)}
+        method = build_method(method_name, model, layer if needs_layer(method_name) else None, **options)
         path = Path(folder) / f"{model_name}_{method_name}.onnx"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -113,14 +117,19 @@ def main() -> None:
     parser.add_argument("--name", default="openvino_agreement")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows = []
+    previous = RESULTS / f"{args.name}.json"  # cells of an earlier run stay, those run again are replaced
+    rows = json.loads(previous.read_text())["cells"] if previous.is_file() else []
     with tempfile.TemporaryDirectory() as folder:
         for model_name in args.models.split(","):
             model = load_model(model_name)
             for method_name in args.methods.split(","):
                 start = time.perf_counter()
                 row = cell(model_name, model, MODELS[model_name], method_name, folder)
-                rows.append(row)
+                old = [i for i, r in enumerate(rows) if (r["model"], r["method"]) == (model_name, method_name)]
+                if old:
+                    rows[old[0]] = row
+                else:
+                    rows.append(row)
                 print(json.dumps(row), f"({time.perf_counter() - start:.1f} s)", flush=True)
                 for file in Path(folder).iterdir():
                     file.unlink()
