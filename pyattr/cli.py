@@ -277,6 +277,99 @@ def _task_inputs(args: argparse.Namespace, bundle, images: list) -> tuple[list, 
     return images, info
 
 
+def _name_list(flag: str, text: str, known, default: list[str], every: list[str] | None = None) -> list[str]:
+    """A comma-separated ``--methods``/``--metrics`` value ("default" = ``default``, "all" = ``every``), each name
+    checked."""
+    if text.strip() == "default":
+        return list(default)
+    if text.strip() == "all":
+        return list(default if every is None else every)
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise InputError(f"{flag} is empty; give comma-separated names or all")
+    for name in names:
+        if name not in known:
+            raise InputError(f"{flag}: unknown name {name!r}.{_did_you_mean(name, known)} Known: {', '.join(known)}")
+    return list(dict.fromkeys(names))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .evaluate import METRICS, builtin_images, default_methods, evaluate
+    from .methods import METHODS
+    from .models import load_model
+    from .report import write_report
+
+    _check_device(args.device)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder; give a folder name")
+    methods = _name_list("--methods", args.methods, list(METHODS), default_methods(), default_methods())
+    files = load_images(args.images) if args.images else []
+    if files and args.model == "builtin" and args.n is not None:
+        raise InputError("--n is the number of generated images; it has no meaning with image files")
+    bundle = load_model(args.model, args.device, args.size)
+    if bundle.task != "classification":
+        raise InputError("pyattr evaluate explains classifiers (--task classification)")
+    with_masks = not files and args.model == "builtin"
+    usable = [m for m in METRICS if with_masks or not METRICS[m].needs_masks]
+    metrics = _name_list("--metrics", args.metrics, list(METRICS), [m for m in usable if METRICS[m].default], usable)
+    missing = [m for m in metrics if m not in usable]
+    if missing:
+        raise InputError(f"--metrics {','.join(missing)} need ground-truth object masks, which only the built-in "
+                         "model's generated images have (run without image files), or leave them out")
+    target = resolve_target(args.target, bundle)
+    if target is not None and with_masks:
+        raise InputError("--target: the generated images explain each image's own object (their masks are its "
+                         "ground truth); leave --target out, or give image files")
+    if with_masks:
+        n = args.n if args.n is not None else 32
+        images, targets, masks = builtin_images(n, seed=args.seed, size=bundle.input_size[0])
+        pictures = [(images[i].permute(1, 2, 0) * 255).round().byte().numpy() for i in range(n)]
+        images = bundle.normalize(images.to(args.device))
+        note = (f"{n} generated images (seed {args.seed}); each explains its largest object's class, whose mask is "
+                "the ground truth")
+    else:
+        if not files:
+            raise InputError(f"give image files to evaluate {bundle.name} on (the generated images are the built-in "
+                             "model's)")
+        from PIL import Image
+
+        h, w = bundle.input_size
+        pictures = [np.asarray(Image.fromarray(a).resize((w, h), Image.BILINEAR)) for _, a in files]
+        images, masks = _to_input([a for _, a in files], bundle, args.device), None
+        targets = None if target is None else torch.full((len(files),), target, dtype=torch.long,
+                                                         device=images.device)
+        note = f"{len(files)} images; each explains " + (
+            "its top class" if target is None else f"class {bundle.class_name(target)}")
+    batch = min(args.batch_size, int(images.shape[0]))
+
+    def options_of(name: str) -> dict:
+        return {**method_options(name, bundle), **_multi_pass_options(name, args, batch)}
+
+    metric_options = {"score": "sigmoid" if bundle.multilabel else "softmax", "chunk_size": max(args.internal_batch, 16)}
+    if args.deletion_steps is not None:
+        metric_options["steps"] = args.deletion_steps
+    ev = evaluate(methods, metrics, images=images, targets=targets, masks=masks, bundle=bundle, layer=args.layer,
+                  batch_size=batch, grid=args.grid, options=metric_options, method_options=options_of,
+                  progress=not args.quiet, model_name=bundle.name, pictures=pictures)
+    ev.notes.append(note)
+    created = prepare_out(out)
+    try:
+        paths = write_report(ev, out)
+    except OSError as err:
+        _remove_created(created)
+        raise InputError(f"cannot write to {out}: {err.strerror or err}") from None
+    if not args.quiet:
+        from .report import markdown_table
+
+        print(markdown_table(ev), end="")
+    print(f"wrote {', '.join(str(p) for p in paths)} ({len(methods)} methods x {len(metrics)} metrics, "
+          f"{ev.n_images} images)", flush=True)
+    return 0
+
+
 def _to_input(arrays: list[np.ndarray], bundle, device: str):
     import torch
     from PIL import Image
@@ -744,6 +837,38 @@ def build_parser() -> argparse.ArgumentParser:
                          "NMS) as an ONNX graph, for `pyattr run OUTPUT IMAGES --detector DETECTOR.onnx`")
     xp.set_defaults(func=cmd_export)
 
+    ev = sub.add_parser("evaluate", help="score methods with faithfulness metrics; write an HTML report",
+                        description="Evaluate attribution methods: every method x every metric on a model and images, "
+                                    "with a progress bar. Writes results.json, results.md (the methods x metrics table) "
+                                    "and report.html (a sortable table, the metrics' curves, an image x method grid; "
+                                    "works offline) into --out. With no arguments: every method on the built-in model "
+                                    "and 32 generated test images, whose object masks the pointing games use.")
+    ev.add_argument("images", nargs="*", help="image files (default: generated images of the built-in model)")
+    ev.add_argument("--model", default="builtin",
+                    help="builtin (default) | torchvision:NAME[:WEIGHTS.pth] | FILE.pt (TorchScript, trusted files only)")
+    ev.add_argument("--methods", default="all", help="comma-separated method names, or all (default)")
+    ev.add_argument("--metrics", default="default",
+                    help="comma-separated metric names; default: every metric the images allow except those that re-run "
+                         "the method many times (sensitivity_max); all: every metric the images allow")
+    ev.add_argument("--layer", help="layer for CAM methods (default: the model's)")
+    ev.add_argument("--size", type=_int_in("--size", 8, MAX_SIZE), help="input size (default: the model's)")
+    ev.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N")
+    ev.add_argument("--target", help="class to explain in every image file, id or name (default: the top class)")
+    ev.add_argument("--n", type=_int_in("--n", 1, 100_000), help="generated images (default 32)")
+    ev.add_argument("--seed", type=_int_in("--seed", 0, 2**31 - 1), default=40_000,
+                    help="seed of the generated images (default 40000, the built-in model's test set)")
+    ev.add_argument("--deletion-steps", type=_int_in("--deletion-steps", 1, 10_000),
+                    help="steps of the deletion/insertion curves (default: the metric's)")
+    ev.add_argument("--batch-size", type=_int_in("--batch-size", 1, 4096), default=16,
+                    help="images per method call (default 16)")
+    ev.add_argument("--internal-batch", type=_int_in("--internal-batch", 1, MAX_INTERNAL_BATCH), default=16,
+                    help="model inputs per pass of the multi-pass methods (default 16)")
+    ev.add_argument("--steps", type=_int_in("--steps", 1, 100_000), help="integration steps of integratedgradients")
+    ev.add_argument("--grid", type=_int_in("--grid", 0, 64), default=6, help="images in the report's grid (default 6)")
+    ev.add_argument("--out", default="pyattr_eval", help="output folder (default pyattr_eval)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar and no table on stdout")
+    ev.set_defaults(func=cmd_evaluate)
+
     # `pyattr run` is handled by pyattr.runtime.cli (torch-free); listed here for --help.
     sub.add_parser("run", add_help=False, help="run an exported .onnx graph on images without torch "
                                                "(pyattr run --help)")
@@ -809,7 +934,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = _warn_line
         return args.func(args)
     except UsageError as err:
-        command = f" {argv[0]}" if argv[:1] in (["explain"], ["export"]) else ""
+        command = f" {argv[0]}" if argv[:1] in (["explain"], ["export"], ["evaluate"]) else ""
         return _error(f"{err} (see pyattr{command} --help)")
     except PyattrError as err:
         return _error(str(err))

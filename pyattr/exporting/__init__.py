@@ -71,7 +71,7 @@ def build_metadata(method: AttributionMethod, example: torch.Tensor, class_names
         **method.metadata(),
         "input_shape": [int(s) for s in example.shape[1:]],
         "inputs": list(input_names(kind)),
-        "outputs": list(output_names(kind)),
+        "outputs": list(output_names(kind)) + list(method.graph_outputs),
         "target": (kind or CLASS_TARGET).metadata(),
         "target_convention": (kind or CLASS_TARGET).convention,
         "preprocessing": dict(preprocessing) if preprocessing else {},

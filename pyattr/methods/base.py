@@ -163,6 +163,9 @@ class AttributionMethod:
     signed: ClassVar[bool] = False
     """True when the raw map is signed evidence (LRP's relevance), drawn centered on a diverging colormap:
     ``pyattr explain`` does, and exported files record it (``"signed"``) for ``pyattr run``."""
+    graph_outputs: ClassVar[tuple[str, ...]] = ()
+    """Names of outputs that :meth:`graph` returns after the method's and the target's (exported files record
+    them in the metadata's ``outputs``), e.g. :class:`pyattr.metrics.graph.MethodWithMetrics`' metric outputs."""
     depends_on_target: ClassVar[bool] = True
     """False for a method whose map is the same whatever the target (Eigen-CAM: a principal component of the
     activations); its ``scores`` and ``target`` are still the model's and the resolved ones."""

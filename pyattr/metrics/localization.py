@@ -1,8 +1,10 @@
-"""Scores of explanations against ground truth."""
+"""Localization metrics: scores of explanations against ground-truth masks."""
 
 from __future__ import annotations
 
 import torch
+
+from ..errors import InputError
 
 
 def pointing_game(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -23,7 +25,8 @@ def pointing_game(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         tensor([True])
     """
     if maps.shape != masks.shape or maps.dim() != 3:
-        raise ValueError(f"maps and masks must both be (N, H, W), got {tuple(maps.shape)} and {tuple(masks.shape)}")
+        raise InputError(f"maps and masks must both be (N, H, W) and of the same shape, got {tuple(maps.shape)} and "
+                         f"{tuple(masks.shape)}; resize the maps to the masks' size (pyattr.postprocess.resize_bilinear)")
     flat = maps.flatten(1).argmax(1)
     return masks.flatten(1).bool().gather(1, flat[:, None])[:, 0]
 
@@ -46,7 +49,8 @@ def energy_pointing_game(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tenso
         tensor([0.7500])
     """
     if maps.shape != masks.shape or maps.dim() != 3:
-        raise ValueError(f"maps and masks must both be (N, H, W), got {tuple(maps.shape)} and {tuple(masks.shape)}")
+        raise InputError(f"maps and masks must both be (N, H, W) and of the same shape, got {tuple(maps.shape)} and "
+                         f"{tuple(masks.shape)}; resize the maps to the masks' size (pyattr.postprocess.resize_bilinear)")
     energy = maps.clamp_min(0).flatten(1)
     inside = (energy * masks.flatten(1).to(energy.dtype)).sum(1)
     total = energy.sum(1)
