@@ -906,6 +906,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _require_torch(argv: list[str], parser: argparse.ArgumentParser) -> None:
+    """A command other than ``run`` (explain, export, ...) on the torch-free install (``pip install pyattr``: the
+    runtime only): one :class:`InputError` saying what to install, before argparse imports the methods (which
+    need torch). ``--help`` and ``--version`` work without torch."""
+    commands = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+    if not argv or argv[0] not in commands or argv[0] == "run" or "-h" in argv or "--help" in argv:
+        return
+    missing = []
+    for name in ("torch", "torchvision"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise InputError(f"pyattr {argv[0]} needs PyTorch ({' and '.join(missing)} not installed): this is the torch-free "
+                         "runtime install; add the attribution side with pip install \"pyattr[torch]\" (or pip install "
+                         "torch torchvision). Exported .onnx graphs run without torch: pyattr run MODEL.onnx IMAGES")
+
+
 def _error(message: str) -> int:
     text = " ".join(str(message).split()) or "failed"
     try:
@@ -938,6 +957,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_main(argv[1:], prog="pyattr run")
         parser = build_parser()
+        _require_torch(argv, parser)
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()

@@ -46,51 +46,47 @@ def method():
 # --- Triton ---------------------------------------------------------------------------------
 
 
+TRITON_SCHEMA = Path(__file__).resolve().parent / "data" / "triton_model_config.descriptor.txtpb"
+
+
 def model_config_class():
-    """A subset of Triton's ModelConfig (model_config.proto), enough to parse our configs."""
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+    """Triton's ModelConfig message class, built from its real schema (model_config.proto from tritonclient 2.73.0,
+    kept as a text-format FileDescriptorProto in tests/data: no tritonclient needed)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 
-    f = descriptor_pb2.FileDescriptorProto(name="triton_subset.proto", package="inference", syntax="proto3")
-    data_type = f.enum_type.add(name="DataType")
-    for i, name in enumerate(["TYPE_INVALID", "TYPE_BOOL", "TYPE_UINT8", "TYPE_INT32", "TYPE_INT64",
-                              "TYPE_FP16", "TYPE_FP32", "TYPE_FP64", "TYPE_STRING"]):
-        data_type.value.add(name=name, number=i)
-    T = descriptor_pb2.FieldDescriptorProto
-    OPT, REP = T.LABEL_OPTIONAL, T.LABEL_REPEATED
-
-    def message(name, fields, parent=None):
-        m = (parent.nested_type if parent else f.message_type).add(name=name)
-        for number, (field, kind, label, type_name) in enumerate(fields, 1):
-            m.field.add(name=field, number=number, type=kind, label=label, type_name=type_name)
-        return m
-
-    message("ModelTensorReshape", [("shape", T.TYPE_INT64, REP, None)])
-    for tensor in ("ModelInput", "ModelOutput"):
-        message(tensor, [("name", T.TYPE_STRING, OPT, None), ("data_type", T.TYPE_ENUM, OPT, ".inference.DataType"),
-                         ("dims", T.TYPE_INT64, REP, None),
-                         ("reshape", T.TYPE_MESSAGE, OPT, ".inference.ModelTensorReshape")])
-    message("ModelDynamicBatching", [("preferred_batch_size", T.TYPE_INT32, REP, None),
-                                     ("max_queue_delay_microseconds", T.TYPE_UINT64, OPT, None)])
-    group = message("ModelInstanceGroup", [("kind", T.TYPE_ENUM, OPT, ".inference.ModelInstanceGroup.Kind"),
-                                           ("count", T.TYPE_INT32, OPT, None)])
-    kind = group.enum_type.add(name="Kind")
-    for i, name in enumerate(["KIND_AUTO", "KIND_GPU", "KIND_CPU", "KIND_MODEL"]):
-        kind.value.add(name=name, number=i)
-    message("ModelParameter", [("string_value", T.TYPE_STRING, OPT, None)])
-    config = message("ModelConfig", [
-        ("name", T.TYPE_STRING, OPT, None), ("backend", T.TYPE_STRING, OPT, None),
-        ("max_batch_size", T.TYPE_INT32, OPT, None), ("input", T.TYPE_MESSAGE, REP, ".inference.ModelInput"),
-        ("output", T.TYPE_MESSAGE, REP, ".inference.ModelOutput"),
-        ("dynamic_batching", T.TYPE_MESSAGE, OPT, ".inference.ModelDynamicBatching"),
-        ("instance_group", T.TYPE_MESSAGE, REP, ".inference.ModelInstanceGroup"),
-        ("parameters", T.TYPE_MESSAGE, REP, ".inference.ModelConfig.ParametersEntry"),
-    ])
-    entry = message("ParametersEntry", [("key", T.TYPE_STRING, OPT, None),
-                                        ("value", T.TYPE_MESSAGE, OPT, ".inference.ModelParameter")], parent=config)
-    entry.options.map_entry = True
+    f = text_format.Parse(TRITON_SCHEMA.read_text(), descriptor_pb2.FileDescriptorProto())
     pool = descriptor_pool.DescriptorPool()
     pool.Add(f)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("inference.ModelConfig"))
+
+
+def triton_schema_from_tritonclient() -> str:
+    """The text of tests/data/triton_model_config.descriptor.txtpb, from an installed tritonclient (to refresh it:
+    pip install tritonclient in a scratch venv, then write this after the file's comment lines)."""
+    import importlib.util
+
+    import tritonclient
+    from google.protobuf import descriptor_pb2, text_format
+
+    spec = importlib.util.spec_from_file_location(  # the file alone: tritonclient.grpc's __init__ imports grpcio
+        "model_config_pb2", Path(tritonclient.__file__).parent / "grpc" / "model_config_pb2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    f = descriptor_pb2.FileDescriptorProto()
+    module.DESCRIPTOR.CopyToProto(f)
+    return text_format.MessageToString(f)
+
+
+def test_triton_schema_is_the_real_one():
+    """The schema file is Triton's, not a subset: fields and enum numbers the generator does not use are there."""
+    config = model_config_class()()
+    fields = config.DESCRIPTOR.fields_by_name
+    assert {"sequence_batching", "ensemble_scheduling", "model_warmup", "response_cache", "version_policy"} <= set(fields)
+    data_type = fields["input"].message_type.fields_by_name["data_type"].enum_type
+    assert (data_type.values_by_name["TYPE_FP32"].number, data_type.values_by_name["TYPE_INT64"].number) == (11, 9)
+    queue = fields["dynamic_batching"].message_type.fields_by_name
+    assert {"preferred_batch_size", "max_queue_delay_microseconds", "preserve_ordering", "default_queue_policy"} <= \
+        set(queue)
 
 
 def parse_config(text: str):
@@ -118,11 +114,12 @@ def test_triton_model_repository(method, tmp_path):
     assert (config.name, config.backend, config.max_batch_size) == ("pyattr_gradcam", "onnxruntime", 32)
     assert list(config.dynamic_batching.preferred_batch_size) == [8, 16, 32]
     session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
-    types = {"tensor(float)": 6, "tensor(int64)": 4}  # TYPE_FP32, TYPE_INT64
+    types = {"tensor(float)": "TYPE_FP32", "tensor(int64)": "TYPE_INT64"}
+    data_type = config.DESCRIPTOR.fields_by_name["input"].message_type.fields_by_name["data_type"].enum_type
     for declared, actual in [(config.input, session.get_inputs()), (config.output, session.get_outputs())]:
         assert [t.name for t in declared] == [t.name for t in actual]
         for t, a in zip(declared, actual):
-            assert t.data_type == types[a.type], t.name
+            assert data_type.values_by_number[t.data_type].name == types[a.type], t.name
             dims = a.shape[1:]  # without the dynamic batch
             if dims:
                 assert list(t.dims) == dims and not t.HasField("reshape"), t.name

@@ -170,6 +170,21 @@ def save_onnx(model, path: Path, key: str, text: str, what: str = "the ONNX grap
     ir.save(model, str(path))
 
 
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnx_ir")
+"""What torch.onnx's exporter (and pyattr's save) imports; installed by ``pip install "pyattr[torch]"``."""
+
+
+def require_onnx_packages() -> None:
+    """An :class:`ExportError` saying what to install when the ONNX exporter's packages are missing (e.g. pyattr
+    installed as the torch-free runtime, with torch added by hand), before any tracing."""
+    import importlib.util
+
+    missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ExportError(f"exporting .onnx needs the packages {', '.join(missing)}, which are not installed: "
+                          "pip install \"pyattr[torch]\" (or pip install onnx onnxscript); .pt and .pt2 need torch only")
+
+
 def _write_onnx(gm, inputs, tmp: Path, meta: dict) -> None:
     from . import _onnx
 
@@ -245,6 +260,8 @@ def export(method: AttributionMethod, example_input: torch.Tensor, path: str | o
                           preprocessing=preprocessing, metadata=metadata, target=target)
     path = Path(path)
     fmt = _format_of(path, format)
+    if fmt == "onnx":
+        require_onnx_packages()
     if not isinstance(method, AttributionMethod):
         raise InputError(f"method must be a pyattr attribution method, got {type(method).__name__}")
     kind, _ = as_target(target)

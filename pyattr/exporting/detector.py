@@ -63,6 +63,9 @@ def export_detector(model: nn.Module, example_input: torch.Tensor, path: str | o
     path = Path(path)
     if path.suffix.lower() != ".onnx":
         raise InputError(f"the detector graph is written as ONNX: name it .onnx, got {path.name!r}")
+    from . import require_onnx_packages
+
+    require_onnx_packages()
     if not 0 <= nms_iou_threshold <= 1:
         raise InputError(f"nms_iou_threshold must be in [0, 1], got {nms_iou_threshold!r}")
     # the model runs in the mode it is in (call .eval() first): nothing of it is changed, not even its training flag

@@ -34,9 +34,10 @@ detector graph (:mod:`pyattr.runtime.detection`: any number per image, run in ch
     e = det.explain(["a.png"], boxes=found)[0]                            # or boxes=[[x0, y0, x1, y1]], box_classes=["star"]
     e.maps, e.matched, e.overlays                                         # one map and one overlay per box
 
-This package imports numpy, Pillow, onnxruntime and :mod:`pyattr.render` (which uses the compiled
-``pyattr._C`` when built, else its NumPy twin) -- never torch (``tests/test_runtime.py`` runs it
-in a process where importing torch fails).
+This package imports numpy, Pillow, onnxruntime (or openvino: ``AttributionRuntime(path, backend="openvino")``,
+:mod:`pyattr.runtime.backends`) and :mod:`pyattr.render` (which uses the compiled ``pyattr._C`` when built, else
+its NumPy twin) -- never torch (``tests/test_runtime.py`` runs it in a process where importing torch fails;
+``tests/test_torchfree_install.py`` installs pyattr in a fresh environment without torch).
 
 Steps, for each batch of images:
 
@@ -73,10 +74,12 @@ from pyattr.runtime.images import (
     preprocess_rgb,
 )
 
+from .backends import BACKENDS, GraphSession, check_backend, open_graph
 from .detection import DETECTOR_METADATA_KEY, DetectionExplanation, DetectionOutputs, Detector
 from .metadata import parse_metadata, validate_metadata
 
 __all__ = [
+    "BACKENDS",
     "MAX_IMAGE_PIXELS",
     "AttributionRuntime",
     "DetectionExplanation",
@@ -228,19 +231,24 @@ def check_num_threads(num_threads: Any) -> int:
 
 
 class AttributionRuntime:
-    """An exported attribution graph (``.onnx``) loaded in onnxruntime, with its metadata.
+    """An exported attribution graph (``.onnx``) loaded in onnxruntime (or OpenVINO), with its metadata.
 
     Args:
         path: the ``.onnx`` file written by :func:`pyattr.export` (or ``pyattr export``).
         providers: onnxruntime execution providers; default :func:`default_providers` (CUDA when
-            usable, else CPU).
-        num_threads: onnxruntime intra-op threads and ``pyattr._C`` threads; 0 = all cores.
+            usable, else CPU). With ``backend="openvino"``: one OpenVINO device, default ``["CPU"]``.
+        num_threads: the backend's intra-op threads and ``pyattr._C`` threads; 0 = all cores.
+        backend: ``"onnxruntime"`` (default) or ``"openvino"`` (``pip install openvino``): the same file
+            compiled by OpenVINO, in float32 (:mod:`pyattr.runtime.backends`).
 
     Attributes:
         metadata: the file's pyattr metadata (``method``, ``layer``, ``preprocessing``,
             ``class_names``, ``target``, ``inputs``, ``outputs``, ...).
         input_size: (H, W) the images are resized to.
-        providers: the providers the session runs with.
+        providers: the providers the session runs with (OpenVINO: the device).
+        backend: the backend's name; ``graph`` the loaded graph (:class:`~pyattr.runtime.backends.GraphSession`)
+            and ``session`` the backend's own object (``onnxruntime.InferenceSession`` /
+            ``openvino.CompiledModel``).
         target_kind: what the graph explains, from the metadata's ``target``: ``"class"`` (also for
             graphs exported before targets existed), ``"segmentation"`` (the graph takes a ``region``
             (N, H, W)), ``"similarity"`` (it takes a ``reference`` (N, D) and returns ``embedding``) or
@@ -254,6 +262,7 @@ class AttributionRuntime:
         >>> outputs = runtime.run(runtime.preprocess([image]))             # doctest: +SKIP
         >>> outputs.maps.shape                                             # doctest: +SKIP
         (1, 64, 64)
+        >>> AttributionRuntime("gradcam.onnx", backend="openvino").run(x).maps  # the same maps  # doctest: +SKIP
 
         A segmentation graph, a given region and the model's predicted region::
 
@@ -270,7 +279,8 @@ class AttributionRuntime:
         0.83
     """
 
-    def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None, num_threads: int = 0):
+    def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None, num_threads: int = 0,
+                 backend: str = "onnxruntime"):
         self.path = Path(path)
         if not self.path.is_file():
             raise InputError(f"no such model file: {path}")
@@ -279,27 +289,28 @@ class AttributionRuntime:
                              ".pt2 files execute code when loaded: load them with libtorch / torch.export.load "
                              "only if you trust their source (see SECURITY.md)")
         self.num_threads = check_num_threads(num_threads)
-        self.session = _open_session(self.path, list(providers) if providers else default_providers(),
-                                     self.num_threads)
-        self.providers = self.session.get_providers()
-        self.metadata = _metadata_of(self.session, self.path)
+        self.backend = check_backend(backend)
+        self.graph = open_graph(self.path, self.backend, providers, self.num_threads)
+        self.session = self.graph.native
+        self.providers = self.graph.providers
+        self.metadata = _metadata_of(self.graph, self.path)
         self.target_kind, self.input_names, self.output_names = _interface(self.metadata, self.path.name)
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        outputs = [o.name for o in self.session.get_outputs()]
+        inputs = {i.name: i for i in self.graph.inputs}
+        outputs = [o.name for o in self.graph.outputs]
         if set(inputs) != set(self.input_names) or outputs != list(self.output_names):
             raise InputError(f"{self.path.name} is not a pyattr attribution graph: inputs {sorted(inputs)}, "
                              f"outputs {outputs} (expected {', '.join(self.input_names)} -> "
                              f"{', '.join(self.output_names)})")
         validate_metadata(self.metadata, input_shape=inputs[IMAGE_INPUT].shape,
                           num_classes=None if self.target_kind == "similarity" else self._graph_classes())
-        self.preprocessing = _preprocessing(self.metadata, self.session)
+        self.preprocessing = _preprocessing(self.metadata, self.graph)
         self.input_size: tuple[int, int] = tuple(self.preprocessing["size"])  # type: ignore[assignment]
         self.class_names: list[str] | None = self.metadata.get("class_names")
         self.reference_dim: int | None = None
         self.measure: str | None = None
         if self.target_kind == "similarity":
             self.reference_dim = _fixed(inputs[REFERENCE_INPUT].shape, 1) or _fixed(
-                self.session.get_outputs()[-1].shape, 1)
+                self.graph.outputs[-1].shape, 1)
             self.measure = str(self.metadata["target"].get("measure", "cosine"))
         self.max_boxes: int | None = None
         if self.target_kind == "detection":
@@ -313,7 +324,7 @@ class AttributionRuntime:
     def _graph_classes(self) -> int | None:
         if self.target_kind == "detection":  # its scores are one per box; its classes are the metadata's names
             return None
-        shape = self.session.get_outputs()[0].shape
+        shape = self.graph.outputs[0].shape
         return shape[-1] if shape and isinstance(shape[-1], int) else None
 
     @property
@@ -411,7 +422,7 @@ class AttributionRuntime:
             ((1, 7), (1, 64, 64))
         """
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        expected = tuple(self.session.get_inputs()[0].shape[1:])
+        expected = tuple(self.graph.inputs[0].shape[1:])
         if batch.ndim != 4 or any(isinstance(e, int) and e != s for e, s in zip(expected, batch.shape[1:])):
             raise InputError(f"the graph takes images of shape (N, {', '.join(map(str, expected))}), "
                              f"got {batch.shape}")
@@ -422,7 +433,7 @@ class AttributionRuntime:
             return self._run_detection(batch, boxes, box_classes)
         feed = {IMAGE_INPUT: batch, TARGET_INPUT: self._targets(target, len(batch)),
                 **self._target_inputs(region, reference, len(batch))}
-        outputs = run_session(self.session, self.output_names, feed, self.path.name)
+        outputs = self.graph.run(self.output_names, feed, self.path.name)
         return self._checked(GraphOutputs(*outputs), len(batch))
 
     def _check_kind_arguments(self, target: Any, region: Any, reference: Any, boxes: Any, box_classes: Any) -> None:
@@ -468,12 +479,12 @@ class AttributionRuntime:
             chunk_boxes[:, :stop - start] = xyxy[:, start:stop]
             chunk_classes[:, :stop - start] = classes[:, start:stop]
             feed = {IMAGE_INPUT: batch, BOXES_INPUT: chunk_boxes, BOX_CLASSES_INPUT: chunk_classes}
-            outputs = run_session(self.session, self.output_names, feed, self.path.name)
+            outputs = self.graph.run(self.output_names, feed, self.path.name)
             self._check_detection(outputs, n, b)
             parts.append([o[:, :stop - start] for o in outputs])
         h, w = self.input_size
         if not parts:  # no box: nothing to run
-            raw_shape = [s if isinstance(s, int) else 1 for s in self.session.get_outputs()[2].shape[2:]]
+            raw_shape = [s if isinstance(s, int) else 1 for s in self.graph.outputs[2].shape[2:]]
             return DetectionOutputs(np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64),
                                     np.zeros((n, 0, *raw_shape), np.float32), np.zeros((n, 0, h, w), np.float32),
                                     np.zeros((n, 0), bool), np.zeros((n, 0), np.float32))
@@ -830,45 +841,16 @@ class AttributionRuntime:
     def __repr__(self) -> str:
         layer = self.metadata.get("layer")
         return (f"AttributionRuntime({str(self.path)!r}, method={self.method!r}"
-                f"{f', layer={layer!r}' if layer else ''}, input_size={self.input_size}, providers={self.providers})")
+                f"{f', layer={layer!r}' if layer else ''}, input_size={self.input_size}, backend={self.backend!r}, "
+                f"providers={self.providers})")
 
 
 # --- helpers ------------------------------------------------------------------------------------
 
 
-def _open_session(path: Path, providers: list[str], num_threads: int | None):
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    unknown = [p for p in providers if p not in available]
-    if unknown or not providers:
-        raise InputError(f"unknown onnxruntime provider(s) {unknown or providers}; this onnxruntime has "
-                         f"{', '.join(available)}")
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: no provider chatter on CPU-only machines
-    if num_threads:
-        options.intra_op_num_threads = num_threads
-    try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
-    except Exception as err:  # onnxruntime raises its own exception types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"onnxruntime cannot load {path.name}: {first[:300]}") from err
-
-
-def run_session(session, names: Sequence[str], feed: dict[str, np.ndarray], what: str) -> list[np.ndarray]:
-    """``session.run`` of the outputs ``names``, as arrays; onnxruntime's own exceptions (a graph that fails or
-    cannot allocate) become an :class:`InputError` naming ``what`` (the graph)."""
-    try:
-        return [np.asarray(o) for o in session.run(list(names), feed)]
-    except Exception as err:  # onnxruntime's own types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"onnxruntime failed running {what}: {first[:300]}") from err
-
-
-def _metadata_of(session, path: Path) -> dict[str, Any]:
-    text = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-    if text is None and DETECTOR_METADATA_KEY in session.get_modelmeta().custom_metadata_map:
+def _metadata_of(graph: GraphSession, path: Path) -> dict[str, Any]:
+    text = graph.metadata_props.get(METADATA_KEY)
+    if text is None and DETECTOR_METADATA_KEY in graph.metadata_props:
         raise InputError(f"{path.name} is a detector graph (it finds boxes; it explains nothing): give it with "
                          "--detector (Detector(path) in Python) beside the detection explanation graph")
     if text is None:
@@ -876,12 +858,12 @@ def _metadata_of(session, path: Path) -> dict[str, Any]:
     return parse_metadata(text, path.name)
 
 
-def _preprocessing(metadata: dict[str, Any], session) -> dict[str, Any]:
+def _preprocessing(metadata: dict[str, Any], graph: GraphSession) -> dict[str, Any]:
     """The metadata's preprocessing with defaults filled in and checked."""
     import warnings
 
     given = dict(metadata.get("preprocessing") or {})
-    shape = session.get_inputs()[0].shape  # ['batch', C, H, W]
+    shape = graph.inputs[0].shape  # ('batch', C, H, W)
     channels = shape[1] if isinstance(shape[1], int) else 3
     if not given:
         warnings.warn("the graph's metadata holds no preprocessing: images are scaled to [0, 1] and not "

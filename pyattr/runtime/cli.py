@@ -93,7 +93,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--outlier-perc", type=float, default=0.0,
                         help="with --source raw: percent of extreme values clipped (default 0)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per graph run (default 16)")
-    parser.add_argument("--providers", help="onnxruntime providers, comma-separated (default: CUDA if usable, else CPU)")
+    parser.add_argument("--backend", choices=["onnxruntime", "openvino"], default="onnxruntime",
+                        help="inference backend (default onnxruntime; openvino: pip install openvino, the same .onnx "
+                             "compiled by OpenVINO in float32)")
+    parser.add_argument("--providers", help="onnxruntime providers, comma-separated (default: CUDA if usable, else "
+                                            "CPU); with --backend openvino: the OpenVINO device (default CPU)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default 0 = all cores)")
     parser.add_argument("--save-maps", action="store_true",
                         help="also write <name>_<method>_maps.npz (map, raw, scores; embedding for similarity "
@@ -137,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     for image in images:  # headers only: a bad file stops the run before any work
         check_image_header(image)
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
-    runtime = AttributionRuntime(args.model, providers=providers, num_threads=args.threads)
+    runtime = AttributionRuntime(args.model, providers=providers, num_threads=args.threads, backend=args.backend)
     # Signed relevance (LRP): by default drawn from the raw map, 0 at the middle of a diverging colormap.
     signed = bool(runtime.metadata.get("signed", False))
     args.cmap = args.cmap or ("bwr" if signed else "jet")
@@ -252,7 +256,7 @@ def _task_inputs(args: argparse.Namespace, runtime, images: list[Path]) -> _Task
             from .detection import Detector
 
             detector = Detector(args.detector, preprocessing=runtime.preprocessing, providers=runtime.providers,
-                                num_threads=runtime.num_threads)
+                                num_threads=runtime.num_threads, backend=runtime.backend)
             if detector.class_names is None:
                 detector.class_names = runtime.class_names
             elif runtime.class_names is not None and detector.class_names != runtime.class_names:

@@ -298,7 +298,7 @@ class Detector:
             ``std``, ``size`` ...), used when the graph carries no pyattr detector metadata of its own; a
             graph written by ``pyattr export --detector-out`` carries it.
         class_names: names of its classes (default: from its metadata).
-        providers, num_threads: as :class:`~pyattr.runtime.AttributionRuntime`'s.
+        providers, num_threads, backend: as :class:`~pyattr.runtime.AttributionRuntime`'s.
 
     Example:
         >>> det = Detector("detector.onnx")                                       # doctest: +SKIP
@@ -310,8 +310,9 @@ class Detector:
 
     def __init__(self, path: str | os.PathLike, preprocessing: dict[str, Any] | None = None,
                  class_names: Sequence[str] | None = None, providers: Sequence[str] | None = None,
-                 num_threads: int = 0):
-        from . import _open_session, check_num_threads, default_providers
+                 num_threads: int = 0, backend: str = "onnxruntime"):
+        from . import check_num_threads
+        from .backends import check_backend, open_graph
 
         self.path = Path(path)
         if not self.path.is_file():
@@ -319,14 +320,15 @@ class Detector:
         if self.path.suffix.lower() != ".onnx":
             raise InputError(f"{self.path.name}: a detector must be an ONNX graph (.onnx)")
         self.num_threads = check_num_threads(num_threads)
-        self.session = _open_session(self.path, list(providers) if providers else default_providers(),
-                                     self.num_threads)
-        if "pyattr" in self.session.get_modelmeta().custom_metadata_map:
+        self.backend = check_backend(backend)
+        self.graph = open_graph(self.path, self.backend, providers, self.num_threads)
+        self.session = self.graph.native
+        if "pyattr" in self.graph.metadata_props:
             raise InputError(f"{self.path.name} is an explanation graph (pyattr export), not a detector: give the "
                              "detector graph, e.g. the one `pyattr export --task detection --detector-out "
                              "DETECTOR.onnx` writes")
         meta = self._metadata()
-        inputs, outputs = self.session.get_inputs(), {o.name: o for o in self.session.get_outputs()}
+        inputs, outputs = self.graph.inputs, {o.name: o for o in self.graph.outputs}
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
             raise InputError(f"{self.path.name} is not a detector graph the runtime runs: it needs one image input "
                              f"(N, 3, H, W), got inputs {[(i.name, i.shape) for i in inputs]}")
@@ -352,7 +354,7 @@ class Detector:
         self.iou_threshold = float(meta.get("nms_iou_threshold", 0.5))
 
     def _metadata(self) -> dict[str, Any]:
-        text = self.session.get_modelmeta().custom_metadata_map.get(DETECTOR_METADATA_KEY)
+        text = self.graph.metadata_props.get(DETECTOR_METADATA_KEY)
         if text is None:
             return {}
         from .metadata import _validate_preprocessing, parse_metadata
@@ -400,10 +402,8 @@ class Detector:
         return results
 
     def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        from . import run_session
-
         names = ["boxes", "scores"] + (["labels"] if self.layout == "post-nms" else [])
-        return dict(zip(names, run_session(self.session, names, {self.input_name: x}, f"the detector {self.path.name}")))
+        return dict(zip(names, self.graph.run(names, {self.input_name: x}, f"the detector {self.path.name}")))
 
     def _decode(self, out: dict[str, np.ndarray], j: int, n: int, threshold: float, max_boxes: int | None,
                 ) -> dict[str, np.ndarray]:
@@ -450,7 +450,8 @@ class Detector:
                 "scores": found_scores.astype(np.float32)}
 
     def __repr__(self) -> str:
-        return f"Detector({str(self.path)!r}, layout={self.layout!r}, input_size={self.input_size})"
+        return (f"Detector({str(self.path)!r}, layout={self.layout!r}, input_size={self.input_size}, "
+                f"backend={self.backend!r})")
 
 
 def _filled(p: dict[str, Any]) -> dict[str, Any]:
