@@ -7,9 +7,9 @@ after the first only re-link):
 1. ``pip wheel . --no-deps --no-build-isolation`` with this environment's scikit-build-core and pybind11 (the
    ``test`` extra installs them) and the CMake on PATH (none: pip's isolated build, which fetches it);
 2. ``python -m venv`` + ``pip install pyattr-*.whl``: pip resolves the runtime's dependencies (numpy, Pillow,
-   onnxruntime, tqdm) from the package index. No index reachable: this test FAILS (with pip's message); it does
+   onnxruntime, onnx, onnxscript, tqdm) from the package index. No index reachable: this test FAILS (with pip's message); it does
    not skip;
-3. there: ``import torch`` fails, no torch / torchvision / onnx in ``pip list``, ``import pyattr`` and
+3. there: ``import torch`` fails, no torch / torchvision in ``pip list``, ``import pyattr`` and
    ``from pyattr.runtime import AttributionRuntime`` work with the compiled core, ``pyattr explain`` and
    ``pyattr export`` fail with one ``pyattr: error:`` line naming ``pip install "pyattr[torch]"`` (exit 2);
 4. a Grad-CAM graph exported here (with torch) runs with ``pyattr run`` there: overlays written, maps equal to
@@ -91,7 +91,7 @@ def test_the_runtime_install_has_no_torch(venv):
     installed = {p["name"].lower() for p in json.loads(must(run([python, "-m", "pip", "list", "--format", "json"],
                                                                  cwd=root), "pip list").stdout)}
     assert {"pyattr", "numpy", "pillow", "onnxruntime"} <= installed
-    assert not installed & {"torch", "torchvision", "onnx", "onnxscript", "triton"}, installed
+    assert not installed & {"torch", "torchvision", "triton"}, installed
     code = ("import sys, pyattr, pyattr._C; from pyattr.runtime import AttributionRuntime; "
             "from pyattr.render import heatmap_overlay; "
             "assert 'site-packages' in pyattr.__file__, pyattr.__file__; assert 'torch' not in sys.modules; "
@@ -134,8 +134,8 @@ def test_pyattr_run_gives_the_eager_maps(venv, tmp_path):
 
 
 def test_onnx_export_without_the_onnx_packages_says_what_to_install(monkeypatch, tmp_path):
-    """torch installed by hand next to the runtime install (no onnx / onnxscript): .onnx export stops before
-    tracing with an ExportError naming the packages and the extra; no file is written."""
+    """An environment without onnx / onnxscript (removed by hand; pyattr's install pulls them): .onnx export stops
+    before tracing with an ExportError naming the packages to install; no file is written."""
     import importlib.util
 
     from pyattr.errors import ExportError
@@ -143,7 +143,7 @@ def test_onnx_export_without_the_onnx_packages_says_what_to_install(monkeypatch,
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
     method = pyattr.Saliency(zoo.ShapesNet().eval())
-    with pytest.raises(ExportError, match=r'needs the packages onnxscript, .*pip install "pyattr\[torch\]"'):
+    with pytest.raises(ExportError, match=r"needs the packages onnxscript, .*pip install onnx onnxscript"):
         pyattr.export(method, torch.rand(1, 3, 64, 64), tmp_path / "s.onnx")
     assert not list(tmp_path.iterdir())
 

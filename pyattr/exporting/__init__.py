@@ -182,7 +182,7 @@ def require_onnx_packages() -> None:
     missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
         raise ExportError(f"exporting .onnx needs the packages {', '.join(missing)}, which are not installed: "
-                          "pip install \"pyattr[torch]\" (or pip install onnx onnxscript); .pt and .pt2 need torch only")
+                          "pip install onnx onnxscript (pyattr's own install pulls them); .pt and .pt2 need torch only")
 
 
 def _write_onnx(gm, inputs, tmp: Path, meta: dict) -> None:
