@@ -7,13 +7,25 @@ import inspect
 from torch import nn
 
 from ..errors import InputError
+from .ablationcam import AblationCAM
 from .base import Attribution, AttributionMethod
-from .cam import CAM, GradCAM, GradCAMPlusPlus, GuidedGradCAM, HiResCAM, LayerCAM, TokensToGrid, XGradCAM
+from .cam import (
+    CAM,
+    GradCAM,
+    GradCAMPlusPlus,
+    GuidedGradCAM,
+    HiResCAM,
+    LayerCAM,
+    SmoothGradCAMPlusPlus,
+    TokensToGrid,
+    XGradCAM,
+)
 from .eigencam import EigenCAM, EigenGradCAM
 from .fullgrad import FullGrad
 from .gradient import DeconvNet, GuidedBackprop, InputXGradient, IntegratedGradients, Saliency, SmoothGrad
 from .lrp import LRP, LRPEpsilonAlpha2Beta1, LRPEpsilonGammaBox, LRPEpsilonPlus, LRPEpsilonPlusFlat
-from .scorecam import ScoreCAM
+from .reciprocam import ReciproCAM
+from .scorecam import ISCAM, SSCAM, ScoreCAM
 
 METHODS: dict[str, type[AttributionMethod]] = {
     "saliency": Saliency,
@@ -26,6 +38,11 @@ METHODS: dict[str, type[AttributionMethod]] = {
     "eigencam": EigenCAM,
     "eigengradcam": EigenGradCAM,
     "scorecam": ScoreCAM,
+    "sscam": SSCAM,
+    "iscam": ISCAM,
+    "ablationcam": AblationCAM,
+    "reciprocam": ReciproCAM,
+    "smoothgradcampp": SmoothGradCAMPlusPlus,
     "fullgrad": FullGrad,
     "inputxgradient": InputXGradient,
     "smoothgrad": SmoothGrad,
@@ -64,8 +81,11 @@ def build_method(name: str, model: nn.Module, layer: str | None = None, **option
 
 __all__ = [
     "CAM",
+    "ISCAM",
     "LRP",
     "METHODS",
+    "SSCAM",
+    "AblationCAM",
     "Attribution",
     "AttributionMethod",
     "DeconvNet",
@@ -80,9 +100,11 @@ __all__ = [
     "InputXGradient",
     "IntegratedGradients",
     "LayerCAM",
+    "ReciproCAM",
     "Saliency",
     "ScoreCAM",
     "SmoothGrad",
+    "SmoothGradCAMPlusPlus",
     "TokensToGrid",
     "XGradCAM",
     "build_method",
