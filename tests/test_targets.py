@@ -322,12 +322,19 @@ def test_export_contract_segmentation(segmenter, name, tmp_path):
                            target=SegmentationTarget(), target_inputs=seg_inputs)
 
 
+SIMILARITY_ATOL = {"reciprocam": 5e-4}
+"""Recipro-CAM's similarity map on the tiny embedder is ill-conditioned: one position of the layer moves the cosine
+similarity (about 0.98, dominated by the head's bias) by about 1e-3, so min-max normalization multiplies float32
+rounding (1e-7) by about 1e3 (measured: map ranges 1.0e-3 to 1.9e-3 for values 0.97-0.99)."""
+
+
 @pytest.mark.parametrize("name", EXPORTED)
 def test_export_contract_similarity(embedder, name, tmp_path):
     method = make(name, embedder)
     formats = ("onnx", "torchscript", "pt2") if name in FULL_FORMATS else ("onnx",)
     assert_export_contract(method, images(2), tmp_path, num_classes=1, formats=formats, batches=(1, 3),
-                           target=SimilarityTarget(), target_inputs=sim_inputs_for(embedder))
+                           target=SimilarityTarget(), target_inputs=sim_inputs_for(embedder),
+                           atol=SIMILARITY_ATOL.get(name, 1e-4))
 
 
 FULL_FORMATS = ("saliency", "gradcam", "lrp_epsilon_plus")

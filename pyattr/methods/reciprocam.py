@@ -83,6 +83,11 @@ class ReciproCAM(CAMMethod):
         self.chunk_size = check_count(chunk_size, "chunk_size")
         self.split = bool(split)
 
+    def check_target_kind(self, kind) -> None:
+        if self.softmax and not kind.class_scores:
+            raise InputError(f"ReciproCAM(softmax=True) takes the softmax over class logits, not over a {kind.kind} "
+                             "target's scores; use softmax=False")
+
     def attribute_raw(self, x: torch.Tensor, target: torch.Tensor):
         with torch.no_grad():
             x = x.detach()
