@@ -15,23 +15,30 @@ GAUSSIAN_3X3 = ((1 / 16, 1 / 8, 1 / 16), (1 / 8, 1 / 4, 1 / 8), (1 / 16, 1 / 8, 
 """The paper's 3x3 kernel that weights a position's neighbourhood in its mosaic feature map."""
 
 
-def position_masks(h: int, w: int, kernel: str) -> torch.Tensor:
+def position_masks(h: int, w: int, kernel: str, like: torch.Tensor | None = None) -> torch.Tensor:
     """(h * w, h, w) spatial masks, row-major over positions: ``"point"`` keeps position (i, j) alone (1 there,
     0 elsewhere), ``"gaussian"`` weights its 3x3 neighbourhood by :data:`GAUSSIAN_3X3` (cut at the borders).
+    The kernel is separable (the outer product of (1/4, 1/2, 1/4) with itself), so a mask is the outer product of a
+    row and a column profile: a few tensor ops in a traced graph. ``like``: the device and dtype.
 
     Example:
         >>> position_masks(2, 2, "point")[1]
         tensor([[0., 1.],
                 [0., 0.]])
     """
-    if kernel == "point":
-        return torch.eye(h * w).reshape(h * w, h, w)
-    padded = torch.zeros(h * w, h + 2, w + 2)
-    g = torch.tensor(GAUSSIAN_3X3)
-    for i in range(h):
-        for j in range(w):
-            padded[i * w + j, i:i + 3, j:j + 3] = g
-    return padded[:, 1:-1, 1:-1].contiguous()
+    options = {} if like is None else {"device": like.device, "dtype": like.dtype}
+
+    def profile(size: int) -> torch.Tensor:  # (positions, size): row a is the kernel's profile centred at a
+        eye = torch.eye(size, **options)
+        if kernel == "point":
+            return eye
+        shifted = torch.zeros(size, size, **options)
+        shifted[1:, :-1] += eye[1:, 1:]  # a -> a - 1
+        shifted[:-1, 1:] += eye[:-1, :-1]  # a -> a + 1
+        return 0.5 * eye + 0.25 * shifted
+
+    rows, cols = profile(h), profile(w)
+    return (rows[:, None, :, None] * cols[None, :, None, :]).reshape(h * w, h, w)
 
 
 class ReciproCAM(CAMMethod):
@@ -95,7 +102,7 @@ class ReciproCAM(CAMMethod):
             _, resolved = self.select(scores, target)
             act = self.as_map(out, self.layer_names[0])
             h, w = int(act.shape[2]), int(act.shape[3])
-            masks = position_masks(h, w, self.kernel).to(device=act.device, dtype=act.dtype)
+            masks = position_masks(h, w, self.kernel, act)
             chunks = []
             for start in range(0, h * w, self.chunk_size):
                 stop = min(start + self.chunk_size, h * w)
