@@ -69,7 +69,7 @@ def pgc_ablation(model, layer, x, target, batch_size=32):
 def test_ablationcam_matches_pytorch_grad_cam(request, name):
     model, layer = get_model(request, name), LAYERS[name]
     n = 1 if name == "vgg11" else 2
-    x, target = inputs(name, n, seed=3), torch.tensor([1, 4])[:n]
+    x, target = inputs(name, n, seed=3), torch.tensor([1, 4] if name == "builtin" else [1, 7])[:n]
     result = AblationCAM(model, layer, chunk_size=48)(x, target)
     assert torch.equal(result.target, target)
     reference = pgc_ablation(model, layer, x.clone(), target)
@@ -77,14 +77,16 @@ def test_ablationcam_matches_pytorch_grad_cam(request, name):
 
 
 def test_ablationcam_negative_layer_and_split(resnet18):
-    """A BatchNorm output (signed, minimum < 0) inside a residual block: the ablation value is min - 1e7, the same
+    """A convolution output (signed, minimum < 0) inside a residual block: the ablation value is min - 1e7, the same
     as pytorch-grad-cam's with batch_size=1; split=True is refused there (the block adds its input after it)."""
     x, target = make_images(1, seed=4, size=32), torch.tensor([7])
-    layer = "layer1.1.bn2"
+    layer = "layer1.1.conv2"
     method = AblationCAM(resnet18, layer, chunk_size=100, split=False)
     result = method(x, target)
     reference = pgc_ablation(resnet18, layer, x.clone(), target, batch_size=1)
-    assert max_relative_error(result.raw, reference) < 1e-5
+    # 1e-4 here, not 1e-5: a channel at -1e7 makes the ablated scores ~1e7 times larger, and float32 rounding of
+    # those (batches of 1 vs 64: other conv summation orders) leaves 1.2e-5 relative in (y - y_k) / y (measured)
+    assert max_relative_error(result.raw, reference) < 1e-4
     act = {}
     handle = resnet18.get_submodule(layer).register_forward_hook(lambda m, i, o: act.setdefault("a", o))
     try:
