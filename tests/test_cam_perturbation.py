@@ -95,8 +95,11 @@ def test_ablationcam_negative_layer_and_split(resnet18):
         handle.remove()
     value = AblationCAM.ablation_value(act["a"])
     assert torch.equal(value, act["a"].flatten(1).amin(1) - 1e7) and bool((act["a"].flatten(1).amin(1) < 0).all())
+    # one sample: the block's input (batch 1) broadcasts over the copies, which is right; two: refused
+    split = AblationCAM(resnet18, layer, chunk_size=100)
+    assert max_relative_error(split(x, target).raw, result.raw) < 1e-4
     with pytest.raises(pyattr.InputError, match="split=False"):
-        AblationCAM(resnet18, layer, chunk_size=100)(x, target)
+        split(make_images(2, seed=4, size=32), torch.tensor([7, 7]))
 
 
 def test_ablationcam_analytic_linear_head():
