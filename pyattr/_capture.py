@@ -63,6 +63,19 @@ def capture_outputs(layers: Sequence[nn.Module]) -> Iterator[list[torch.Tensor |
 
 
 @contextmanager
+def replace_output(layer: nn.Module, replacement: torch.Tensor) -> Iterator[None]:
+    """Within the body, ``layer`` (a module of a per-call view) returns ``replacement`` instead of its own
+    output (a forward hook, removed on exit)."""
+    if not is_view(layer):
+        raise InputError(f"cannot replace the output of a {type(layer).__name__} that is not part of a per-call view")
+    handle = layer.register_forward_hook(lambda _module, _inputs, _output: replacement)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
 def eval_mode(model: nn.Module) -> Iterator[CallView]:
     """Within the body, pyattr's methods on ``model`` (in this thread) run in eval mode on one per-call
     view of it (:func:`pyattr._callview.call_view`): the model's own training flags are never changed,

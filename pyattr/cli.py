@@ -151,7 +151,8 @@ def _is_out_of_memory(err: BaseException) -> bool:
 
 def _memory_hint(name: str, args: argparse.Namespace) -> str:
     hint = f"lower --batch-size (now {args.batch_size})"
-    if name in ("integratedgradients", "smoothgrad", "scorecam", "occlusion", "featureablation", "rise"):
+    if name in ("integratedgradients", "smoothgrad", "scorecam", "occlusion", "featureablation", "rise", "sscam",
+                "iscam", "ablationcam", "reciprocam", "smoothgradcampp"):
         hint += f" or --internal-batch (now {args.internal_batch}, model inputs per pass)"
     if name == "integratedgradients":
         hint += f", or --steps (now {args.steps or 'the default 32'})"

@@ -33,6 +33,10 @@ OPTIONS = {  # small settings: the stress is on concurrency, not on the methods'
     "occlusion": {"patch": 16, "stride": 16, "chunk_size": 2},
     "featureablation": {"cell": 16, "chunk_size": 2},
     "rise": {"masks": 4, "chunk_size": 2},
+    "sscam": {"samples": 1, "chunk_size": 16},
+    "iscam": {"samples": 1, "chunk_size": 16},
+    "ablationcam": {"chunk_size": 16},
+    "smoothgradcampp": {"samples": 2, "chunk_size": 2},
 }
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")

@@ -7,14 +7,26 @@ import inspect
 from torch import nn
 
 from ..errors import InputError
+from .ablationcam import AblationCAM
 from .base import Attribution, AttributionMethod
-from .cam import CAM, GradCAM, GradCAMPlusPlus, GuidedGradCAM, HiResCAM, LayerCAM, TokensToGrid, XGradCAM
+from .cam import (
+    CAM,
+    GradCAM,
+    GradCAMPlusPlus,
+    GuidedGradCAM,
+    HiResCAM,
+    LayerCAM,
+    SmoothGradCAMPlusPlus,
+    TokensToGrid,
+    XGradCAM,
+)
 from .eigencam import EigenCAM, EigenGradCAM
 from .fullgrad import FullGrad
 from .gradient import DeconvNet, GuidedBackprop, InputXGradient, IntegratedGradients, Saliency, SmoothGrad
 from .lrp import LRP, LRPEpsilonAlpha2Beta1, LRPEpsilonGammaBox, LRPEpsilonPlus, LRPEpsilonPlusFlat
 from .perturbation import RISE, FeatureAblation, Occlusion
-from .scorecam import ScoreCAM
+from .reciprocam import ReciproCAM
+from .scorecam import ISCAM, SSCAM, ScoreCAM
 
 METHODS: dict[str, type[AttributionMethod]] = {
     "saliency": Saliency,
@@ -27,6 +39,11 @@ METHODS: dict[str, type[AttributionMethod]] = {
     "eigencam": EigenCAM,
     "eigengradcam": EigenGradCAM,
     "scorecam": ScoreCAM,
+    "sscam": SSCAM,
+    "iscam": ISCAM,
+    "ablationcam": AblationCAM,
+    "reciprocam": ReciproCAM,
+    "smoothgradcampp": SmoothGradCAMPlusPlus,
     "fullgrad": FullGrad,
     "inputxgradient": InputXGradient,
     "smoothgrad": SmoothGrad,
@@ -68,9 +85,12 @@ def build_method(name: str, model: nn.Module, layer: str | None = None, **option
 
 __all__ = [
     "CAM",
+    "ISCAM",
     "LRP",
     "METHODS",
     "RISE",
+    "SSCAM",
+    "AblationCAM",
     "Attribution",
     "AttributionMethod",
     "DeconvNet",
@@ -87,9 +107,11 @@ __all__ = [
     "IntegratedGradients",
     "LayerCAM",
     "Occlusion",
+    "ReciproCAM",
     "Saliency",
     "ScoreCAM",
     "SmoothGrad",
+    "SmoothGradCAMPlusPlus",
     "TokensToGrid",
     "XGradCAM",
     "build_method",

@@ -24,10 +24,11 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._callview import call_view
-from .._capture import capture_outputs, find_layer
+from .._capture import capture_outputs, find_layer, replace_output
 from ..errors import InputError
 from ..postprocess import normalize_minmax, resize_bilinear
-from .base import AttributionMethod
+from ..targets.base import CLASS_TARGET, current_target
+from .base import AttributionMethod, check_scores, select_output
 
 LayerSpec = "str | Sequence[str] | None"
 FUSIONS = ("mean", "max")
@@ -243,6 +244,46 @@ class CAMMethod(AttributionMethod):
             grads.append([self.as_map(g, n) for g, n in zip(layer_grads, self.layer_names)])
         return scores, acts, grads, resolved
 
+    def scores_with_layer_output(self, x: torch.Tensor, replacement: torch.Tensor, copies: int,
+                                 split: bool = True) -> torch.Tensor:
+        """The target's scores when the (single) layer outputs ``replacement`` instead of its own output:
+        (N * c, K) scores for ``replacement`` (N * c, ...), ``copies`` = c maps per sample, sample-major (sample
+        n's maps are rows n * c .. n * c + c - 1). The gradient-free CAMs that perturb the layer's activations
+        (Ablation-CAM, Recipro-CAM) score their copies with it.
+
+        ``split=True``: one forward pass of the N inputs in which the layer's output is replaced (a forward
+        hook on this call's view of the layer): the part before the layer runs on N samples, the part after it
+        on N * c. Right when the model sees its input after the layer only through the layer's output
+        (sequential heads: ResNet's ``layer4`` -> pooling -> ``fc``, VGG's ``features`` -> ``classifier``; what
+        OpenVINO XAI's Recipro-CAM assumes). A model that uses earlier tensors after the layer (a skip
+        connection around it) fails then with a shape error (one sample alone broadcasts them, which is right).
+        ``split=False``: the N * c copies of the input run through the whole model (the part before the layer
+        is recomputed c times: slower, right for any model)."""
+        with call_view(self._model):
+            layer = self.in_call(self._require_layers()[0])
+            inputs = x if split else x.repeat_interleave(copies, 0)
+            try:
+                with replace_output(layer, replacement), math_attention_while_tracing(self):
+                    out = select_output(self.model(inputs), self.output)
+            except RuntimeError as error:
+                if not split or self._tracing:
+                    raise
+                raise InputError(f"the model failed when layer {self.layer_name!r} returned {replacement.shape[0]} "
+                                 f"maps for {x.shape[0]} inputs ({error}): it uses tensors from before the layer "
+                                 f"after it; pass split=False to {type(self).__name__}") from error
+        stand_in = x[:1].expand(replacement.shape[0], *x.shape[1:])  # (N * c, ...) rows, not copied
+        if not self._tracing and split and isinstance(out, torch.Tensor) and out.shape[0] != replacement.shape[0]:
+            raise InputError(
+                f"the model returned {out.shape[0]} rows for {x.shape[0]} inputs whose layer {self.layer_name!r} "
+                f"held {replacement.shape[0]} maps: the model uses tensors from before the layer after it; pass "
+                f"split=False to {type(self).__name__}")
+        bound = current_target()
+        if bound is None or bound.target is CLASS_TARGET:
+            if not self._tracing:
+                check_scores(out, stand_in, self.output)
+            return out
+        return bound.scores(out, stand_in, checks=not self._tracing)
+
     def layer_activation_and_grad(self, x: torch.Tensor, target: torch.Tensor):
         """Single-layer form of :meth:`activations_and_grads`: (scores, A, dS/dA, resolved target)."""
         scores, acts, grads, resolved = self.activations_and_grads(x, target)
@@ -275,6 +316,20 @@ class GradientCAM(CAMMethod):
         scores, acts, grads, resolved = self.activations_and_column_grads(x, target)
         raw = [fuse_maps([self.layer_map(a, g) for a, g in zip(acts, column)], self.fuse) for column in grads]
         return scores, raw[0] if target.dim() == 1 else torch.stack(raw, 1), resolved
+
+
+def check_count(value: Any, what: str) -> int:
+    """``value`` (a count option: ``chunk_size``, ``samples``) checked to be an int >= 1 (raises InputError)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{what} must be an int >= 1, got {value!r}")
+    return value
+
+
+def scores_of_copies(scores: torch.Tensor, copies: int, resolved: torch.Tensor) -> torch.Tensor:
+    """(N * c, K) scores of c perturbed copies per sample (sample-major) -> (N, c) scores of each sample's
+    resolved target (N,)."""
+    scores = scores.reshape(-1, copies, int(scores.shape[-1]))  # (N, c, K)
+    return scores.gather(2, resolved[:, None, None].expand(-1, copies, 1))[:, :, 0]
 
 
 def weighted_sum(weights: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
@@ -337,9 +392,107 @@ class GradCAMPlusPlus(GradientCAM):
         g2 = grad.pow(2)
         g3 = g2 * grad
         act_sum = act.sum((2, 3), keepdim=True)
-        alpha = g2 / (2 * g2 + act_sum * g3 + self.eps)
-        alpha = torch.where(grad != 0, alpha, torch.zeros_like(alpha))
-        return weighted_sum((alpha * torch.relu(grad)).sum((2, 3)), act)
+        return weighted_sum(plusplus_weights(grad, g2, act_sum * g3, self.eps, grad != 0), act)
+
+
+def plusplus_weights(grad: torch.Tensor, g2: torch.Tensor, third: torch.Tensor, eps: float,
+                     nonzero: torch.Tensor) -> torch.Tensor:
+    r"""Grad-CAM++'s channel weights :math:`w_k = \sum_{ij} a^k_{ij} \mathrm{ReLU}(g_{ij})` with
+    :math:`a^k_{ij} = g2_{ij} / (2\, g2_{ij} + \mathrm{third} + \epsilon)`, 0 where ``nonzero`` is False.
+    (N, C, h, w) tensors (``third`` broadcastable) -> (N, C)."""
+    alpha = g2 / (2 * g2 + third + eps)
+    alpha = torch.where(nonzero, alpha, torch.zeros_like(alpha))
+    return (alpha * torch.relu(grad)).sum((2, 3))
+
+
+class SmoothGradCAMPlusPlus(GradientCAM):
+    r"""Smooth Grad-CAM++ (Omeiza et al. 2019, "Smooth Grad-CAM++: An Enhanced Inference Level Visualization
+    Technique for Deep Convolutional Neural Network Models", arXiv:1908.01224), as torchcam's ``SmoothGradCAMpp``:
+    Grad-CAM++ with the gradient's powers averaged over S noisy copies :math:`x_s = x + \sigma\epsilon_s`,
+
+    .. math:: D_p = \frac1S \sum_{s=1}^S g_s^p, \quad g_s = \frac{\partial S_t}{\partial A}(x_s), \quad
+              a^k_{ij} = \frac{D_2{}^k_{ij}}{2 D_2{}^k_{ij} + \sum_{ab} A^k_{ab} D_3{}^k_{ab} + \epsilon}, \quad
+              w_k = \sum_{ij} a^k_{ij}\, \mathrm{ReLU}(g_S{}^k_{ij}), \quad
+              L = \mathrm{ReLU}\Big(\sum_k w_k A_S^k\Big)
+
+    with A the clean input's activations in the denominator, :math:`\sigma` = ``std`` (absolute, torchcam's
+    0.3), S = ``samples`` (torchcam's 4) and :math:`\epsilon = 10^{-8}` (torchcam's; a = 0 where
+    :math:`D_2 = 0`). As in torchcam, the weights take the ReLU of the *last* noisy copy's gradient
+    :math:`g_S` (not of the mean gradient) and the map combines them with the last copy's activations
+    :math:`A_S = A(x_S)` (torchcam's activation hook keeps the last forward pass's): the map depends on the
+    noise. The target is resolved on the clean input; ``scores`` are the clean input's.
+
+    Noise: the S tensors :math:`\epsilon_s` (shape of one input) are drawn from ``seed`` (CPU generator) and
+    shared by the inputs of a batch; the exported graph holds them as a constant, so eager and exported maps
+    agree (torchcam draws them from torch's global generator; the test feeds pyattr's noise to torchcam).
+    ``chunk_size`` noisy copies per input go through the model in one forward and one backward pass
+    (ceil(S / chunk_size) of each), plus one forward pass of the clean input.
+
+    Args:
+        model, layer, fuse, reshape_transform: as :class:`GradCAM`.
+        samples: S.
+        std: the noise's standard deviation :math:`\sigma` (in the input's units).
+        seed: seed of the noise.
+        chunk_size: noisy copies per input in one pass.
+
+    Example:
+        >>> pyattr.methods.SmoothGradCAMPlusPlus(model, "layer3", samples=4)(torch.rand(2, 3, 64, 64)).raw.shape
+        torch.Size([2, 8, 8])
+    """
+
+    name = "smoothgradcampp"
+    eps = 1e-8
+    multi_target = False
+
+    def __init__(self, model: nn.Module, layer: LayerSpec = None, *, samples: int = 4, std: float = 0.3,
+                 seed: int = 0, chunk_size: int = 4, **options):
+        super().__init__(model, layer, **options)
+        self.samples = check_count(samples, "samples")
+        self.chunk_size = check_count(chunk_size, "chunk_size")
+        if not (isinstance(std, (int, float)) and not isinstance(std, bool) and std >= 0):
+            raise InputError(f"std must be a number >= 0, got {std!r}")
+        self.std = float(std)
+        self.seed = int(seed)
+
+    def noise(self, x: torch.Tensor) -> torch.Tensor:
+        r"""The (S, ...) noise :math:`\sigma \epsilon_s` added to every input of ``x``."""
+        from .gradient import seeded_tensor
+
+        return self.std * seeded_tensor("normal", (self.samples, *x.shape[1:]), self.seed, x)
+
+    def noisy_moments(self, x: torch.Tensor, resolved: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """Per layer (D_2, D_3, g_S, A_S), each (N, C, h, w): the means over the noisy copies of the gradient's
+        square and cube, the last copy's gradient and activations."""
+        noise = self.noise(x)
+        n = x.shape[0]
+        sums: list[list[torch.Tensor]] | None = None
+        for start in range(0, self.samples, self.chunk_size):
+            c = min(self.chunk_size, self.samples - start)
+            noisy = (x[:, None] + noise[None, start:start + c]).flatten(0, 1)  # sample-major (N * c, ...)
+            _, acts, grads, _ = self.activations_and_grads(noisy, resolved.repeat_interleave(c, 0))
+            parts, last = [], []
+            for a, g in zip(acts, grads):
+                g = g.detach().reshape(n, c, *g.shape[1:])
+                g2 = g * g
+                parts.append([g2.sum(1), (g2 * g).sum(1)])
+                last.append((g[:, -1], a.detach().reshape(n, c, *a.shape[1:])[:, -1]))
+            sums = parts if sums is None else [[u + v for u, v in zip(old, new)] for old, new in zip(sums, parts)]
+        return [(d2 / self.samples, d3 / self.samples, g, a) for (d2, d3), (g, a) in zip(sums, last)]
+
+    def attribute_raw(self, x: torch.Tensor, target: torch.Tensor):
+        x = x.detach()
+        with torch.no_grad():
+            scores, outputs = self.forward_with_layers(x)
+            _, resolved = self.select(scores, target)
+        maps = []
+        for out, name, (d2, d3, grad, act) in zip(outputs, self.layer_names, self.noisy_moments(x, resolved)):
+            third = (self.as_map(out, name).detach() * d3).sum((2, 3), keepdim=True)
+            maps.append(weighted_sum(plusplus_weights(grad, d2, third, self.eps, d2 != 0), act))
+        return scores.detach(), fuse_maps(maps, self.fuse), resolved
+
+    def metadata(self) -> dict[str, Any]:
+        return {**super().metadata(), "samples": self.samples, "std": self.std, "seed": self.seed,
+                "chunk_size": self.chunk_size}
 
 
 class XGradCAM(GradientCAM):
@@ -524,4 +677,4 @@ class GuidedGradCAM(CAMMethod):
 
 
 __all__ = ["CAM", "CAMMethod", "GradCAM", "GradCAMPlusPlus", "GradientCAM", "GuidedGradCAM", "HiResCAM", "LayerCAM",
-           "TokensToGrid", "XGradCAM", "fuse_maps"]
+           "SmoothGradCAMPlusPlus", "TokensToGrid", "XGradCAM", "fuse_maps"]

@@ -1,8 +1,9 @@
-"""Score-CAM: channel weights from the scores of the input masked by each upsampled activation."""
+"""Score-CAM and its smoothed (SS-CAM) and integrated (IS-CAM) variants: channel weights from the scores of the
+input masked by each upsampled activation."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..postprocess import TINY
-from .cam import CAMMethod, LayerSpec, fuse_maps, weighted_sum
+from .cam import CAMMethod, LayerSpec, check_count, fuse_maps, scores_of_copies, weighted_sum
 
 
 class ScoreCAM(CAMMethod):
@@ -51,9 +52,7 @@ class ScoreCAM(CAMMethod):
                  normalize_first: bool = False, align_corners: bool = False, fuse: str = "mean",
                  reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None, **options):
         super().__init__(model, layer, fuse=fuse, reshape_transform=reshape_transform, **options)
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise InputError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-        self.chunk_size = chunk_size
+        self.chunk_size = check_count(chunk_size, "chunk_size")
         self.normalize_first = bool(normalize_first)
         self.align_corners = bool(align_corners)
 
@@ -71,8 +70,17 @@ class ScoreCAM(CAMMethod):
             return F.interpolate(self._normalize(act), size=size, mode="bilinear", align_corners=self.align_corners)
         return self._normalize(F.interpolate(act, size=size, mode="bilinear", align_corners=self.align_corners))
 
+    passes = 1
+    """Masked inputs per channel (:meth:`masked_inputs`)."""
+
+    def masked_inputs(self, x: torch.Tensor, masks: torch.Tensor) -> Iterator[torch.Tensor]:
+        r"""The inputs scored for a chunk of (N, c, H, W) masks, each (N, c, C_in, H, W), made one at a time:
+        Score-CAM's one, :math:`x \odot M_k`; SS-CAM's and IS-CAM's :attr:`passes`, whose scores are averaged."""
+        yield x[:, None] * masks[:, :, None]
+
     def channel_scores(self, x: torch.Tensor, act: torch.Tensor, resolved: torch.Tensor) -> torch.Tensor:
-        """(N, C) target scores of the inputs masked by each channel's mask."""
+        """(N, C) target scores of the inputs masked by each channel's mask (averaged over
+        :meth:`masked_inputs`)."""
         size = (int(x.shape[-2]), int(x.shape[-1]))
         image_shape = tuple(int(s) for s in x.shape[1:])
         channels = int(act.shape[1])
@@ -80,11 +88,11 @@ class ScoreCAM(CAMMethod):
         for start in range(0, channels, self.chunk_size):
             stop = min(start + self.chunk_size, channels)
             masks = self.masks(act[:, start:stop], size)  # (N, c, H, W)
-            masked = (x[:, None] * masks[:, :, None]).reshape(-1, *image_shape)  # (N * c, C_in, H, W)
-            scores = self._scores(masked)
-            scores = scores.reshape(-1, stop - start, int(scores.shape[-1]))  # (N, c, K)
-            index = resolved[:, None, None].expand(-1, stop - start, 1)
-            chunks.append(scores.gather(2, index)[:, :, 0])
+            total = None
+            for masked in self.masked_inputs(x, masks):
+                scores = scores_of_copies(self._scores(masked.reshape(-1, *image_shape)), stop - start, resolved)
+                total = scores if total is None else total + scores
+            chunks.append(total if self.passes == 1 else total / self.passes)
         return torch.cat(chunks, 1) if len(chunks) > 1 else chunks[0]
 
     def attribute_raw(self, x: torch.Tensor, target: torch.Tensor):
@@ -104,4 +112,115 @@ class ScoreCAM(CAMMethod):
                 "align_corners": self.align_corners}
 
 
-__all__ = ["ScoreCAM"]
+class SSCAM(ScoreCAM):
+    r"""SS-CAM (Wang et al. 2020, "SS-CAM: Smoothed Score-CAM for Sharper Visual Feature Localization",
+    arXiv:2006.14255), as torchcam's ``SSCAM``: Score-CAM with Gaussian noise added to the masks,
+
+    .. math:: w_k = \mathrm{softmax}_k\Big(\frac1S \sum_{s=1}^S S_t\big(x \odot (M_k + \sigma \epsilon_s)\big)\Big),
+              \qquad L = \mathrm{ReLU}\Big(\sum_k w_k A^k\Big)
+
+    with :math:`M_k` Score-CAM's masks in torchcam's order (min-max normalized at the layer's resolution, then
+    upsampled: ``normalize_first=True``) and :math:`\epsilon_s` standard normal noise at the input's resolution
+    (torchcam's baseline score, subtracted before the softmax, cancels in it). Costs S * C forward passes per image.
+
+    Noise: the S maps :math:`\epsilon_s` (1, H, W) are drawn from ``seed`` (CPU generator) and shared by every
+    channel and every input of a batch; the exported graph holds them as a constant (S * H * W floats), so eager
+    and exported maps agree. torchcam draws independent noise per sample, channel and pixel from torch's global
+    generator (an (N, C, H, W) draw per sample s: the same marginal distribution; a noise constant of S x C x H x W
+    would not fit an exported graph for a deep layer); given the same noise, pyattr and torchcam agree
+    (the test feeds pyattr's noise to torchcam).
+
+    Args:
+        model, layer, fuse, reshape_transform, chunk_size, align_corners: as :class:`ScoreCAM`.
+        samples: S (torchcam's ``num_samples``, 35).
+        std: :math:`\sigma` (torchcam's 2.0).
+        seed: seed of the noise.
+        normalize_first: as :class:`ScoreCAM`; default ``True`` (torchcam's order).
+
+    Example:
+        >>> import torch, pyattr
+        >>> model = pyattr.zoo.load_builtin()
+        >>> pyattr.methods.SSCAM(model, "layer3", samples=2, chunk_size=64)(torch.rand(2, 3, 64, 64)).raw.shape
+        torch.Size([2, 8, 8])
+    """
+
+    name = "sscam"
+
+    def __init__(self, model: nn.Module, layer: LayerSpec = None, *, samples: int = 35, std: float = 2.0,
+                 seed: int = 0, normalize_first: bool = True, **options):
+        super().__init__(model, layer, normalize_first=normalize_first, **options)
+        self.samples = check_count(samples, "samples")
+        if not (isinstance(std, (int, float)) and not isinstance(std, bool) and std >= 0):
+            raise InputError(f"std must be a number >= 0, got {std!r}")
+        self.std = float(std)
+        self.seed = int(seed)
+
+    def noise(self, masks: torch.Tensor) -> torch.Tensor:
+        r"""(S, 1, H, W) noise :math:`\sigma \epsilon_s` for masks (N, c, H, W)."""
+        from .gradient import seeded_tensor
+
+        return self.std * seeded_tensor("normal", (self.samples, 1, *masks.shape[-2:]), self.seed, masks)
+
+    @property
+    def passes(self) -> int:
+        return self.samples
+
+    def masked_inputs(self, x, masks):
+        noise = self.noise(masks)
+        for s in range(self.samples):
+            yield x[:, None] * (masks + noise[s])[:, :, None]
+
+    def metadata(self) -> dict[str, Any]:
+        return {**super().metadata(), "samples": self.samples, "std": self.std, "seed": self.seed}
+
+
+class ISCAM(ScoreCAM):
+    r"""IS-CAM (Naidu et al. 2020, "IS-CAM: Integrated Score-CAM for axiomatic-based explanations",
+    arXiv:2010.03023), as torchcam's ``ISCAM``: Score-CAM with the masked input integrated along a path,
+
+    .. math:: w_k = \mathrm{softmax}_k\Big(\frac1S \sum_{i=1}^S S_t(c_i\, x \odot M_k)\Big), \qquad
+              c_i = \sum_{j=1}^{i} \frac{j}{S}, \qquad L = \mathrm{ReLU}\Big(\sum_k w_k A^k\Big)
+
+    (torchcam's coefficients :math:`c_i`, which reach :math:`(S + 1) / 2` at i = S; its baseline score cancels in
+    the softmax), with :math:`M_k` Score-CAM's masks in torchcam's order (``normalize_first=True``). No randomness.
+    Costs S * C forward passes per image.
+
+    Args:
+        model, layer, fuse, reshape_transform, chunk_size, align_corners: as :class:`ScoreCAM`.
+        samples: S (torchcam's ``num_samples``, 10).
+        normalize_first: as :class:`ScoreCAM`; default ``True`` (torchcam's order).
+
+    Example:
+        >>> pyattr.methods.ISCAM(model, "layer3", samples=2, chunk_size=64)(torch.rand(2, 3, 64, 64)).raw.shape
+        torch.Size([2, 8, 8])
+    """
+
+    name = "iscam"
+
+    def __init__(self, model: nn.Module, layer: LayerSpec = None, *, samples: int = 10, normalize_first: bool = True,
+                 **options):
+        super().__init__(model, layer, normalize_first=normalize_first, **options)
+        self.samples = check_count(samples, "samples")
+
+    def coefficients(self) -> list[float]:
+        """:math:`c_1 .. c_S`, accumulated in float64 as torchcam does (a Python float)."""
+        coeffs, c = [], 0.0
+        for i in range(self.samples):
+            c += (i + 1) / self.samples
+            coeffs.append(c)
+        return coeffs
+
+    @property
+    def passes(self) -> int:
+        return self.samples
+
+    def masked_inputs(self, x, masks):
+        masked = x[:, None] * masks[:, :, None]
+        for c in self.coefficients():
+            yield c * masked
+
+    def metadata(self) -> dict[str, Any]:
+        return {**super().metadata(), "samples": self.samples}
+
+
+__all__ = ["ISCAM", "SSCAM", "ScoreCAM"]
