@@ -9,6 +9,7 @@ from torch import nn
 from ..errors import InputError
 from .base import Attribution, AttributionMethod
 from .cam import CAM, GradCAM, GradCAMPlusPlus, GuidedGradCAM, HiResCAM, LayerCAM, TokensToGrid, XGradCAM
+from .deeplift import DeepLift, DeepLiftShap, GradientShap
 from .eigencam import EigenCAM, EigenGradCAM
 from .fullgrad import FullGrad
 from .gradient import DeconvNet, GuidedBackprop, InputXGradient, IntegratedGradients, Saliency, SmoothGrad
@@ -30,6 +31,9 @@ METHODS: dict[str, type[AttributionMethod]] = {
     "inputxgradient": InputXGradient,
     "smoothgrad": SmoothGrad,
     "integratedgradients": IntegratedGradients,
+    "deeplift": DeepLift,
+    "deepliftshap": DeepLiftShap,
+    "gradientshap": GradientShap,
     "guidedbackprop": GuidedBackprop,
     "deconvnet": DeconvNet,
     "guidedgradcam": GuidedGradCAM,
@@ -69,11 +73,14 @@ __all__ = [
     "Attribution",
     "AttributionMethod",
     "DeconvNet",
+    "DeepLift",
+    "DeepLiftShap",
     "EigenCAM",
     "EigenGradCAM",
     "FullGrad",
     "GradCAM",
     "GradCAMPlusPlus",
+    "GradientShap",
     "GuidedBackprop",
     "GuidedGradCAM",
     "HiResCAM",
