@@ -139,11 +139,24 @@ class _Rescale(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        # ReLU / LeakyReLU: the ratio from u alone (exactly 1 or the slope when both sides agree); the smooth
+        # functions: from the forward pass's values (captum's), whose last bits the ratio amplifies where u ~ u_ref
         x, y = (_pairs(t) for t in ctx.saved_tensors)
+        kind, p = ctx.kind, ctx.params
         dx = x[:, 0] - x[:, 1]
-        ratio = ((y[:, 0] - y[:, 1]) / dx)[:, None]
         small = (dx.abs() < ctx.eps)[:, None]
-        multiplier = torch.where(small, _derivative(ctx.kind, x, y, ctx.params), ratio)
+        if kind in ("relu", "leaky_relu"):  # piecewise linear: 1 / slope exactly on one side, the ratio across 0
+            slope = 0.0 if kind == "relu" else p[0]
+            pos = x > 0
+            across = (torch.where(pos, x, x * slope).diff(dim=1)[:, 0] / -dx)[:, None]
+            same = torch.where(pos[:, :1], torch.ones_like(across), torch.full_like(across, slope))
+            ratio = torch.where(pos[:, :1] == pos[:, 1:], same, across)
+            one = torch.ones_like(x)
+            plain = torch.where(pos, one, one * slope)
+            multiplier = torch.where(small, plain, ratio)
+        else:
+            ratio = ((y[:, 0] - y[:, 1]) / dx)[:, None]
+            multiplier = torch.where(small, _derivative(kind, x, y, p), ratio)
         return (_pairs(grad) * multiplier).flatten(0, 1), None, None, None, None
 
 
