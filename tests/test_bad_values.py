@@ -26,7 +26,8 @@ from contract import run_exported
 SIZE = 32
 K = 6
 OPTIONS = {"integratedgradients": {"steps": 4, "chunk_size": 4}, "smoothgrad": {"samples": 2},
-           "scorecam": {"chunk_size": 16}}
+           "scorecam": {"chunk_size": 16}, "deepliftshap": {"baselines": 2, "chunk_size": 2},
+           "gradientshap": {"baselines": 2, "samples": 2, "chunk_size": 2}}
 
 
 def small_model() -> ShapesNet:

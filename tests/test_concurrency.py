@@ -30,6 +30,8 @@ OPTIONS = {  # small settings: the stress is on concurrency, not on the methods'
     "integratedgradients": {"steps": 8, "chunk_size": 8},
     "smoothgrad": {"samples": 4, "chunk_size": 4},
     "scorecam": {"chunk_size": 16},
+    "deepliftshap": {"baselines": 3, "chunk_size": 2},
+    "gradientshap": {"baselines": 3, "samples": 4, "stdevs": 0.1, "chunk_size": 2},
 }
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")

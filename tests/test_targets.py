@@ -61,7 +61,8 @@ def layer_for(name: str, model: nn.Module) -> str | None:
 
 
 SMALL = {"lrp_epsilon_gamma_box": {"low": torch.full((3,), -4.0), "high": torch.full((3,), 4.0)},
-         "integratedgradients": {"steps": 6, "chunk_size": 6}, "smoothgrad": {"samples": 4, "chunk_size": 4}}
+         "integratedgradients": {"steps": 6, "chunk_size": 6}, "smoothgrad": {"samples": 4, "chunk_size": 4},
+         "deepliftshap": {"baselines": 2, "chunk_size": 2}, "gradientshap": {"baselines": 2, "samples": 2, "chunk_size": 2}}
 """Options: inputs are standard normal (box bounds -4..4 for LRP); few passes for the multi-pass methods."""
 
 

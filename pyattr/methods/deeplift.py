@@ -54,8 +54,8 @@ from torch.nn.modules.utils import _ntuple
 from torch.overrides import TorchFunctionMode
 
 from ..errors import InputError
-from ..targets.base import current_target
-from .base import OutputSelector
+from ..targets.base import CLASS_TARGET, current_target
+from .base import OutputSelector, check_scores, select_output
 from .gradient import GradientMethod, _sample_range, seeded_tensor
 
 EPS = 1e-10
@@ -328,7 +328,7 @@ class _PairedMethod(GradientMethod):
             bound.repeats = old * 2 * c
         try:
             with deeplift_rules(pairs.shape[0], self.eps, self.maxpool):
-                out = self.scores_of(pairs)
+                out = self._paired_scores(pairs, x, bound)
         finally:
             if bound is not None:
                 bound.repeats = old
@@ -345,6 +345,18 @@ class _PairedMethod(GradientMethod):
         sel = selected.detach().view(n, c, 2, columns)
         gap = (sel[:, :, 0] - sel[:, :, 1]).sum(1)
         return scores.detach(), attr, resolved, gap
+
+    def _paired_scores(self, pairs: torch.Tensor, x: torch.Tensor, bound) -> torch.Tensor:
+        """:meth:`scores_of` on the paired batch; eager calls check the inputs' rows first, so that a message
+        about non-finite scores counts the caller's inputs, then the references' rows."""
+        if bound is not None and bound.target is not CLASS_TARGET:
+            return self.scores_of(pairs)
+        out = select_output(self.model(pairs), self.output)
+        if not self._tracing:
+            if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == pairs.shape[0]:
+                check_scores(out.unflatten(0, (x.shape[0], -1))[:, 0], x, self.output)
+            check_scores(out, pairs, self.output)
+        return out
 
     def elementwise(self, x, target):
         scores, attr, resolved, _ = self._run(x, target)
