@@ -301,12 +301,14 @@ def test_draws_are_seeded_and_batch_independent(builtin_model):
 # Export contract, registry, bad input
 # --------------------------------------------------------------------------------------------------
 
-# ONNX: DeepLIFT's graphs export and pass onnx's checker but onnxruntime's maps differ from eager by ~2% (known,
-# open: on a conv -> sigmoid -> linear net onnxruntime's approximate sigmoid is amplified by the Rescale ratio; on
-# the built-in model the cause is not found yet), so those cases are xfail; TorchScript and .pt2 match eager.
-ONNX_XFAIL = pytest.mark.xfail(reason="onnxruntime differs from eager by ~2% on DeepLIFT's Rescale ratios (open)")
+# ONNX: on the built-in model's shapes images (flat regions: exact ties in max-pool windows and equal neighbours)
+# onnxruntime's DeepLIFT maps differ from eager by ~1-2% at ~30 pixels (open; adding 1e-3 noise to the same image
+# gives 1.5e-6, random images agree, TorchScript and .pt2 agree on the shapes images too): that case is xfail and
+# the ONNX contract runs on random images ("builtin-noise").
+ONNX_XFAIL = pytest.mark.xfail(reason="onnxruntime differs from eager by ~1-2% on images with exact ties (open)")
 CONTRACT_CASES = [
     ("builtin", "deeplift", ("torchscript", "pt2")),
+    ("builtin-noise", "deeplift", ("onnx",)),
     ("builtin", "gradientshap", ("onnx",)),
     pytest.param("builtin", "deepliftshap", ("torchscript",), marks=pytest.mark.slow),
     pytest.param("resnet18", "deeplift", ("torchscript",), marks=pytest.mark.slow),
@@ -322,8 +324,9 @@ OPTIONS = {"deeplift": {}, "deepliftshap": {"baselines": 3, "chunk_size": 2},
 
 @pytest.mark.parametrize("model_name, name, formats", CONTRACT_CASES)
 def test_export_contract(request, model_name, name, formats, tmp_path):
-    if model_name == "builtin":
-        model, x, k = request.getfixturevalue("builtin_model"), make_shapes(3, seed=17), 6
+    if model_name.startswith("builtin"):
+        x = make_shapes(3, seed=17) if model_name == "builtin" else make_images(3, seed=17)
+        model, k = request.getfixturevalue("builtin_model"), 6
     else:
         model, x, k = request.getfixturevalue("resnet18"), make_images(3, seed=17, size=32), NUM_CLASSES_TORCHVISION
     method = METHODS[name](model, **OPTIONS[name])
