@@ -35,7 +35,7 @@ from pyattr.methods import METHODS, DeepLift, DeepLiftShap, GradientShap
 from pyattr.methods.deeplift import deeplift_rules
 
 captum_attr = pytest.importorskip("captum.attr")
-import captum.attr._core.deep_lift as captum_deep_lift  # noqa: E402
+import captum.attr._core.deep_lift as captum_deep_lift
 
 # --------------------------------------------------------------------------------------------------
 # The rules

@@ -12,6 +12,9 @@ gradcam, gradcampp   1 forward + 1 backward down to the layer
 scorecam             1 forward + C masked forwards (C channels of the layer)
 fullgrad             1 forward + 1 backward to the input and to every biased layer's output
 lrp                  EpsilonPlus rules; 1 forward + 1 modified backward to the input
+deeplift             zero baseline; 1 forward + 1 backward of the 2N batch (inputs and baselines)
+deepliftshap         4 baselines (seeded random images); 4 x (forward + backward of a 2N batch)
+gradientshap         16 samples from 4 baselines (seeded random images), no noise; 16 x (fwd + bwd)
 ==================== ===========================================================================
 
 Targets beyond class logits (issue 14): two models explain another objective than a class logit
@@ -57,6 +60,14 @@ from pyattr.methods import METHODS
 from .timing import Contender
 
 IG_STEPS, SG_SAMPLES, SG_NOISE = 32, 16, 0.15
+SHAP_BASELINES = 4
+
+
+def shap_baselines(x: torch.Tensor) -> torch.Tensor:
+    """The (SHAP_BASELINES, C, H, W) baseline distribution of the SHAP methods: seeded uniform noise over x's range."""
+    g = torch.Generator().manual_seed(7)
+    noise = torch.rand(SHAP_BASELINES, *x.shape[1:], generator=g).to(x.device)
+    return float(x.min()) + float(x.max() - x.min()) * noise
 
 
 def points_per_pass(batch: int) -> int:
@@ -76,7 +87,8 @@ VIT_LAYER = "encoder.layers.encoder_layer_11.ln_1"
 METHOD_LABELS = {
     "saliency": "Saliency", "integratedgradients": "Integrated Gradients (32)", "smoothgrad": "SmoothGrad (16)",
     "gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "scorecam": "Score-CAM", "fullgrad": "FullGrad",
-    "lrp": "LRP (EpsilonPlus)",
+    "lrp": "LRP (EpsilonPlus)", "deeplift": "DeepLIFT", "deepliftshap": f"DeepLIFT-SHAP ({SHAP_BASELINES})",
+    "gradientshap": f"GradientSHAP ({SG_SAMPLES})",
 }
 ALL_METHODS = list(METHOD_LABELS)
 CAM_METHODS = ("gradcam", "gradcampp", "scorecam")
@@ -242,6 +254,12 @@ def build_pyattr(method: str, s: Setup) -> pyattr.AttributionMethod:
         return METHODS[method](m, s.layer_name, **options)
     if method == "fullgrad":
         return pyattr.methods.FullGrad(m)
+    if method == "deeplift":
+        return pyattr.DeepLift(m)
+    if method == "deepliftshap":
+        return pyattr.DeepLiftShap(m, shap_baselines(s.x), chunk_size=max(1, min(SHAP_BASELINES, 64 // len(s.x))))
+    if method == "gradientshap":
+        return pyattr.GradientShap(m, shap_baselines(s.x), samples=SG_SAMPLES, chunk_size=points_per_pass(len(s.x)))
     if method in METHODS:  # e.g. "lrp" once it lands: its defaults
         return pyattr.methods.build_method(method, m)
     raise KeyError(f"pyattr has no method {method!r} (registered: {', '.join(METHODS)})")
@@ -316,6 +334,24 @@ def bound_fn(method: str, s: Setup) -> Callable[[], object]:
                 points = (x[:, None] * scale).flatten(0, 1)
                 _input_grad(model, points, t.repeat_interleave(chunk))
         return several
+    if method in ("deeplift", "deepliftshap"):
+        refs = torch.zeros_like(x)[:, None] if method == "deeplift" else shap_baselines(x)[None].expand(n, -1, *x.shape[1:])
+        chunk = 1 if method == "deeplift" else max(1, min(SHAP_BASELINES, 64 // n))
+
+        def paired():
+            for start in range(0, refs.shape[1], chunk):
+                part = refs[:, start:start + chunk]
+                pairs = torch.stack([x[:, None].expand_as(part), part], 2).flatten(0, 2)
+                _input_grad(model, pairs, t.repeat_interleave(2 * part.shape[1]))
+        return paired
+    if method == "gradientshap":
+        chunk = points_per_pass(n)
+        scale = torch.linspace(0.1, 1.0, chunk, device=x.device).view(1, -1, 1, 1, 1)
+
+        def points():
+            for _ in range(SG_SAMPLES // chunk):
+                _input_grad(model, (x[:, None] * scale).flatten(0, 1), t.repeat_interleave(chunk))
+        return points
     if method == "scorecam":
         layer = s.layer
 
@@ -351,7 +387,10 @@ def bound_label(method: str, s: Setup | None = None) -> str:
             "gradcam": "fwd + bwd to layer", "gradcampp": "fwd + bwd to layer",
             "integratedgradients": f"{IG_STEPS} x (fwd + bwd to input)",
             "smoothgrad": f"{SG_SAMPLES} x (fwd + bwd to input)",
-            "scorecam": "fwd + C masked fwds"}.get(method, "fwd + bwd")
+            "scorecam": "fwd + C masked fwds",
+            "deeplift": "fwd + bwd to input of the 2N batch",
+            "deepliftshap": f"{SHAP_BASELINES} x (fwd + bwd to input of a 2N batch)",
+            "gradientshap": f"{SG_SAMPLES} x (fwd + bwd to input)"}.get(method, "fwd + bwd")
 
 
 # --- pyattr's backends ----------------------------------------------------------------------------

@@ -225,7 +225,7 @@ class _DeepLiftMode(TorchFunctionMode):
             return func(*args, **kwargs)
         return rule()
 
-    def rule(self, func, args: tuple, kwargs: dict):  # noqa: C901 - one table of spellings
+    def rule(self, func, args: tuple, kwargs: dict):
         x = args[0] if args else kwargs.get("input")
         if not self.paired(x):
             return None
