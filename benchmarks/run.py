@@ -69,6 +69,8 @@ def full_plan(device: str) -> tuple[list[tuple[str, str, int]], list[str]]:
             plan.append((model, method, 1))
     for model in ("resnet50", "mobilenet_v3_large"):
         plan += [(model, "integratedgradients", 1), (model, "smoothgrad", 1)]
+    plan += [("resnet50", "deeplift", 1), ("resnet50", "deeplift", 8), ("resnet50", "deepliftshap", 1),
+             ("resnet50", "gradientshap", 1)]
     plan.append(("mobilenet_v3_large", "scorecam", 1))
     plan += [("resnet50", method, 1) for method in cases.PERTURBATION_METHODS]  # 1 + 16 forwards per image
     plan += task_plan()

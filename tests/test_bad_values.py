@@ -29,7 +29,9 @@ OPTIONS = {"integratedgradients": {"steps": 4, "chunk_size": 4}, "smoothgrad": {
            "scorecam": {"chunk_size": 16}, "occlusion": {"patch": 16, "stride": 16, "chunk_size": 2},
            "featureablation": {"cell": 16, "chunk_size": 2}, "rise": {"masks": 4, "chunk_size": 2},
            "sscam": {"samples": 1, "chunk_size": 16}, "iscam": {"samples": 1, "chunk_size": 16},
-           "ablationcam": {"chunk_size": 16}, "smoothgradcampp": {"samples": 2, "chunk_size": 2}}
+           "ablationcam": {"chunk_size": 16}, "smoothgradcampp": {"samples": 2, "chunk_size": 2},
+           "deepliftshap": {"baselines": 2, "chunk_size": 2},
+           "gradientshap": {"baselines": 2, "samples": 2, "chunk_size": 2}}
 
 
 def small_model() -> ShapesNet:

@@ -37,6 +37,8 @@ OPTIONS = {  # small settings: the stress is on concurrency, not on the methods'
     "iscam": {"samples": 1, "chunk_size": 16},
     "ablationcam": {"chunk_size": 16},
     "smoothgradcampp": {"samples": 2, "chunk_size": 2},
+    "deepliftshap": {"baselines": 3, "chunk_size": 2},
+    "gradientshap": {"baselines": 3, "samples": 4, "stdevs": 0.1, "chunk_size": 2},
 }
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")

@@ -64,7 +64,8 @@ SMALL = {"lrp_epsilon_gamma_box": {"low": torch.full((3,), -4.0), "high": torch.
          "integratedgradients": {"steps": 6, "chunk_size": 6}, "smoothgrad": {"samples": 4, "chunk_size": 4},
          "occlusion": {"patch": 8, "stride": 8, "chunk_size": 2}, "featureablation": {"cell": 8, "chunk_size": 2},
          "rise": {"masks": 4, "chunk_size": 2},
-         "sscam": {"samples": 1}, "iscam": {"samples": 1}, "smoothgradcampp": {"samples": 2, "chunk_size": 2}}
+         "sscam": {"samples": 1}, "iscam": {"samples": 1}, "smoothgradcampp": {"samples": 2, "chunk_size": 2},
+         "deepliftshap": {"baselines": 2, "chunk_size": 2}, "gradientshap": {"baselines": 2, "samples": 2, "chunk_size": 2}}
 """Options: inputs are standard normal (box bounds -4..4 for LRP); few passes for the multi-pass methods."""
 
 

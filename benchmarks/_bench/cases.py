@@ -15,6 +15,9 @@ lrp                  EpsilonPlus rules; 1 forward + 1 modified backward to the i
 occlusion            1 forward + 16 occluded forwards (4 x 4 windows of side/4, stride side/4, baseline 0)
 featureablation      1 forward + 16 ablated forwards (a 4 x 4 grid of cells of side/4, baseline 0)
 rise                 1 forward + 16 masked forwards (7 x 7 grids, p = 0.5); no peer implements it
+deeplift             zero baseline; 1 forward + 1 backward of the 2N batch (inputs and baselines)
+deepliftshap         4 baselines (seeded random images); 4 x (forward + backward of a 2N batch)
+gradientshap         16 samples from 4 baselines (seeded random images), no noise; 16 x (fwd + bwd)
 ==================== ===========================================================================
 
 Targets beyond class logits (issue 14): two models explain another objective than a class logit
@@ -64,6 +67,15 @@ IG_STEPS, SG_SAMPLES, SG_NOISE = 32, 16, 0.15
 PERTURBATIONS = 16  # windows (4 x 4), grid cells (4 x 4) or RISE masks per image
 PERTURBATION_METHODS = ("occlusion", "featureablation", "rise")
 
+SHAP_BASELINES = 4
+
+
+def shap_baselines(x: torch.Tensor) -> torch.Tensor:
+    """The (SHAP_BASELINES, C, H, W) baseline distribution of the SHAP methods: seeded uniform noise over x's range."""
+    g = torch.Generator().manual_seed(7)
+    noise = torch.rand(SHAP_BASELINES, *x.shape[1:], generator=g).to(x.device)
+    return float(x.min()) + float(x.max() - x.min()) * noise
+
 
 def points_per_pass(batch: int) -> int:
     """Integration points / noisy samples per input in one batched pass (divides 16)."""
@@ -84,6 +96,8 @@ METHOD_LABELS = {
     "gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "scorecam": "Score-CAM", "fullgrad": "FullGrad",
     "lrp": "LRP (EpsilonPlus)", "occlusion": "Occlusion (16 windows)", "featureablation": "Feature Ablation (16 cells)",
     "rise": "RISE (16 masks)",
+    "deeplift": "DeepLIFT", "deepliftshap": f"DeepLIFT-SHAP ({SHAP_BASELINES})",
+    "gradientshap": f"GradientSHAP ({SG_SAMPLES})",
 }
 ALL_METHODS = list(METHOD_LABELS)
 CAM_METHODS = ("gradcam", "gradcampp", "scorecam")
@@ -256,6 +270,12 @@ def build_pyattr(method: str, s: Setup) -> pyattr.AttributionMethod:
         if method == "featureablation":
             return pyattr.FeatureAblation(m, cell=side, chunk_size=chunk)
         return pyattr.RISE(m, masks=PERTURBATIONS, chunk_size=chunk)
+    if method == "deeplift":
+        return pyattr.DeepLift(m)
+    if method == "deepliftshap":
+        return pyattr.DeepLiftShap(m, shap_baselines(s.x), chunk_size=max(1, min(SHAP_BASELINES, 64 // len(s.x))))
+    if method == "gradientshap":
+        return pyattr.GradientShap(m, shap_baselines(s.x), samples=SG_SAMPLES, chunk_size=points_per_pass(len(s.x)))
     if method in METHODS:  # e.g. "lrp" once it lands: its defaults
         return pyattr.methods.build_method(method, m)
     raise KeyError(f"pyattr has no method {method!r} (registered: {', '.join(METHODS)})")
@@ -340,6 +360,24 @@ def bound_fn(method: str, s: Setup) -> Callable[[], object]:
                     c = min(chunk, PERTURBATIONS - start)
                     model(x.repeat_interleave(c, 0)).gather(1, t.repeat_interleave(c)[:, None])
         return perturbed_forwards
+    if method in ("deeplift", "deepliftshap"):
+        refs = torch.zeros_like(x)[:, None] if method == "deeplift" else shap_baselines(x)[None].expand(n, -1, *x.shape[1:])
+        chunk = 1 if method == "deeplift" else max(1, min(SHAP_BASELINES, 64 // n))
+
+        def paired():
+            for start in range(0, refs.shape[1], chunk):
+                part = refs[:, start:start + chunk]
+                pairs = torch.stack([x[:, None].expand_as(part), part], 2).flatten(0, 2)
+                _input_grad(model, pairs, t.repeat_interleave(2 * part.shape[1]))
+        return paired
+    if method == "gradientshap":
+        chunk = points_per_pass(n)
+        scale = torch.linspace(0.1, 1.0, chunk, device=x.device).view(1, -1, 1, 1, 1)
+
+        def points():
+            for _ in range(SG_SAMPLES // chunk):
+                _input_grad(model, (x[:, None] * scale).flatten(0, 1), t.repeat_interleave(chunk))
+        return points
     if method == "scorecam":
         layer = s.layer
 
@@ -376,7 +414,10 @@ def bound_label(method: str, s: Setup | None = None) -> str:
             "integratedgradients": f"{IG_STEPS} x (fwd + bwd to input)",
             "smoothgrad": f"{SG_SAMPLES} x (fwd + bwd to input)",
             "scorecam": "fwd + C masked fwds", "occlusion": f"fwd + {PERTURBATIONS} fwds",
-            "featureablation": f"fwd + {PERTURBATIONS} fwds", "rise": f"fwd + {PERTURBATIONS} fwds"}.get(method, "fwd + bwd")
+            "featureablation": f"fwd + {PERTURBATIONS} fwds", "rise": f"fwd + {PERTURBATIONS} fwds",
+            "deeplift": "fwd + bwd to input of the 2N batch",
+            "deepliftshap": f"{SHAP_BASELINES} x (fwd + bwd to input of a 2N batch)",
+            "gradientshap": f"{SG_SAMPLES} x (fwd + bwd to input)"}.get(method, "fwd + bwd")
 
 
 # --- pyattr's backends ----------------------------------------------------------------------------

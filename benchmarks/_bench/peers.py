@@ -19,10 +19,13 @@ ship it; defined here as there), on the segmenter's ``"out"`` tensor (:class:`_b
 
 from __future__ import annotations
 
+import copy
 import os
+import types
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 from .cases import (
     IG_STEPS,
@@ -144,6 +147,31 @@ def torchcam_task(method: str, s: Setup) -> list[Contender]:
 # --- captum -------------------------------------------------------------------------------------
 
 
+def one_relu_per_use(model: nn.Module) -> nn.Module:
+    """A copy of a torchvision resnet whose blocks call one ReLU module per use (captum's DeepLift needs it);
+    other models are copied as they are."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    def basic(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu_out(self.bn2(self.conv2(out)) + identity)
+
+    def bottleneck(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu_mid(self.bn2(self.conv2(out)))
+        return self.relu_out(self.bn3(self.conv3(out)) + identity)
+
+    copied = copy.deepcopy(model)
+    for block in copied.modules():
+        if isinstance(block, (BasicBlock, Bottleneck)):
+            block.relu_out = nn.ReLU(inplace=True)
+            block.relu_mid = nn.ReLU(inplace=True)
+            block.forward = types.MethodType(bottleneck if isinstance(block, Bottleneck) else basic, block)
+    return copied
+
+
 def captum(method: str, s: Setup) -> list[Contender]:
     if s.task != "class":
         return captum_task(method, s)
@@ -174,6 +202,24 @@ def captum(method: str, s: Setup) -> list[Contender]:
         gc = ca.LayerGradCam(model, s.layer)
         return _pair("captum LayerGradCam", "captum", lambda: gc.attribute(x, target=t, relu_attributions=True),
                      lambda a: minmax(to_input_size(a, size)))
+    if method in ("deeplift", "deepliftshap"):
+        from .cases import shap_baselines
+
+        oracle = one_relu_per_use(model)  # captum refuses a ReLU module used twice (torchvision's blocks)
+        if method == "deeplift":
+            dl = ca.DeepLift(oracle)
+            run = lambda: dl.attribute(x, baselines=torch.zeros_like(x), target=t)
+        else:
+            dls, refs = ca.DeepLiftShap(oracle), shap_baselines(x)
+            run = lambda: dls.attribute(x, baselines=refs, target=t)
+        return _pair(f"captum {'DeepLift' if method == 'deeplift' else 'DeepLiftShap'}", "captum", run,
+                     lambda a: minmax(a.sum(1)))
+    if method == "gradientshap":
+        from .cases import SG_SAMPLES, shap_baselines
+
+        gs, refs = ca.GradientShap(model), shap_baselines(x)
+        return _pair("captum GradientShap", "captum", lambda: gs.attribute(x, refs, n_samples=SG_SAMPLES, target=t),
+                     lambda a: minmax(a.sum(1)))
     if method == "lrp":
         lrp = ca.LRP(model)
         return _pair("captum LRP", "captum", lambda: lrp.attribute(x, target=t), lambda a: minmax(a.sum(1)))

@@ -20,6 +20,7 @@ from .cam import (
     TokensToGrid,
     XGradCAM,
 )
+from .deeplift import DeepLift, DeepLiftShap, GradientShap
 from .eigencam import EigenCAM, EigenGradCAM
 from .fullgrad import FullGrad
 from .gradient import DeconvNet, GuidedBackprop, InputXGradient, IntegratedGradients, Saliency, SmoothGrad
@@ -48,6 +49,9 @@ METHODS: dict[str, type[AttributionMethod]] = {
     "inputxgradient": InputXGradient,
     "smoothgrad": SmoothGrad,
     "integratedgradients": IntegratedGradients,
+    "deeplift": DeepLift,
+    "deepliftshap": DeepLiftShap,
+    "gradientshap": GradientShap,
     "guidedbackprop": GuidedBackprop,
     "deconvnet": DeconvNet,
     "guidedgradcam": GuidedGradCAM,
@@ -94,12 +98,15 @@ __all__ = [
     "Attribution",
     "AttributionMethod",
     "DeconvNet",
+    "DeepLift",
+    "DeepLiftShap",
     "EigenCAM",
     "EigenGradCAM",
     "FeatureAblation",
     "FullGrad",
     "GradCAM",
     "GradCAMPlusPlus",
+    "GradientShap",
     "GuidedBackprop",
     "GuidedGradCAM",
     "HiResCAM",

@@ -1,0 +1,367 @@
+"""The DeepLIFT family (issue 16 item 1): DeepLIFT, DeepLIFT-SHAP, GradientSHAP.
+
+- the rules: every non-linearity's pass-back on a pair (u, u_ref) is (f(u) - f(u_ref)) / (u - u_ref), the
+  plain derivative where u == u_ref (all spellings of ReLU, in place or not, LeakyReLU, ELU, Sigmoid, Tanh,
+  Softplus, GELU, SiLU); the max-pool rule on a hand-made case;
+- summation-to-delta (sum A == S_t(x) - S_t(x_ref), per sample, ``completeness_error``) on the built-in model,
+  resnet18 (reused ReLU modules, overlapping 3x3 max pool) and vgg11, for DeepLIFT and DeepLIFT-SHAP;
+- agreement with captum 0.9 (1e-5 relative): ``DeepLift`` / ``DeepLiftShap`` on small nets with every captum
+  non-linearity and a conv -> max-pool; on the built-in model, vgg11 and resnet18 with ``maxpool="gradient"``,
+  because captum's max-pool rule does not reach the gradient when a hooked ReLU feeds the pool (captum then
+  equals the plain max-pool gradient, and misses summation-to-delta: tested); captum's oracle gets the fix of
+  its issue #1276 (PR #1847: the max-pool fallback used sample 0's gradient for every sample) and, for resnet18,
+  one ReLU module per use (captum refuses reused modules); ``GradientShap`` against captum's
+  ``InputBaselineXGradient`` on pyattr's draws (alphas injected through NumPy's generator);
+- (N, T) targets, the export contract (built-in model and resnet18), bad input.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import NUM_CLASSES_TORCHVISION, make_images, make_shapes, max_relative_error
+from contract import assert_export_contract
+from torch import nn
+
+import pyattr
+from pyattr.errors import InputError
+from pyattr.methods import METHODS, DeepLift, DeepLiftShap, GradientShap
+from pyattr.methods.deeplift import deeplift_rules
+
+captum_attr = pytest.importorskip("captum.attr")
+import captum.attr._core.deep_lift as captum_deep_lift
+
+# --------------------------------------------------------------------------------------------------
+# The rules
+# --------------------------------------------------------------------------------------------------
+
+ELEMENTWISE = [
+    ("F.relu", F.relu, torch.relu), ("F.relu inplace", lambda u: F.relu(u, inplace=True), torch.relu),
+    ("torch.relu_", torch.relu_, torch.relu), ("Tensor.relu", torch.Tensor.relu, torch.relu),
+    ("Tensor.relu_", torch.Tensor.relu_, torch.relu), ("nn.ReLU(inplace)", nn.ReLU(inplace=True), torch.relu),
+    ("leaky", nn.LeakyReLU(0.2), lambda u: F.leaky_relu(u, 0.2)),
+    ("elu", nn.ELU(0.7), lambda u: F.elu(u, 0.7)), ("elu inplace", nn.ELU(0.7, inplace=True), lambda u: F.elu(u, 0.7)),
+    ("sigmoid", nn.Sigmoid(), torch.sigmoid), ("Tensor.sigmoid_", torch.Tensor.sigmoid_, torch.sigmoid),
+    ("tanh", nn.Tanh(), torch.tanh), ("softplus", nn.Softplus(2.0, 3.0), lambda u: F.softplus(u, 2.0, 3.0)),
+    ("gelu", nn.GELU(), F.gelu), ("gelu tanh", nn.GELU("tanh"), lambda u: F.gelu(u, approximate="tanh")),
+    ("silu", nn.SiLU(), F.silu),
+]
+
+
+@pytest.mark.parametrize("name, apply, f", ELEMENTWISE, ids=[e[0] for e in ELEMENTWISE])
+def test_rescale_rule_on_pairs(name, apply, f):
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(3, 2, 50, generator=g, dtype=torch.float64) * 3
+    u[:, 1, :10] = u[:, 0, :10]  # equal pairs: the plain derivative
+    u = u.flatten(0, 1)  # rows: input, reference, input, reference, ...
+    weight = torch.randn(6, 50, generator=g, dtype=torch.float64)
+    leaf = u.clone().requires_grad_(True)
+    with deeplift_rules(rows=6):
+        y = apply(leaf.clone())
+    assert torch.equal(y, f(u)), "forward values changed"
+    got = torch.autograd.grad((y * weight).sum(), leaf)[0].view(3, 2, 50)
+    pairs = u.view(3, 2, 50)
+    ratio = (f(pairs[:, 0]) - f(pairs[:, 1])) / (pairs[:, 0] - pairs[:, 1])
+    plain_leaf = u.clone().requires_grad_(True)
+    plain = torch.autograd.grad(f(plain_leaf).sum(), plain_leaf)[0].view(3, 2, 50)
+    w = weight.view(3, 2, 50)
+    for half in (0, 1):
+        want = w[:, half] * torch.where(torch.arange(50) < 10, plain[:, half], ratio)
+        torch.testing.assert_close(got[:, half], want, rtol=1e-9, atol=1e-12)
+
+
+def test_rule_leaves_unpaired_tensors_alone():
+    """A non-linearity on a tensor whose first dim is not the paired batch keeps its gradient."""
+    u = torch.tensor([[1.0, -2.0, 3.0]], requires_grad=True)
+    with deeplift_rules(rows=4):
+        y = torch.sigmoid(u)
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), u)[0], torch.sigmoid(u) * (1 - torch.sigmoid(u)))
+
+
+def test_maxpool_rule_by_hand():
+    """One 2x2 window: the input's max 1 at (0, 0), the reference's max 5 at (1, 1); captum's rule sends
+    max(y, y_ref) - y_ref = 0 to (0, 0) and y - max(y, y_ref) = -4 to (1, 1), divided by u - u_ref there."""
+    x = torch.tensor([[1.0, 0.0], [0.0, -1.0]])
+    ref = torch.tensor([[0.0, 2.0], [0.0, 5.0]])
+    pairs = torch.stack([x, ref])[:, None].requires_grad_(True)  # (2, 1, 2, 2)
+    with deeplift_rules(rows=2):
+        y = F.max_pool2d(pairs, 2)
+    g = torch.autograd.grad(y.sum() * 3, pairs)[0]
+    want = torch.tensor([[0.0, 0.0], [0.0, 3 * -4.0 / (-1.0 - 5.0)]])
+    torch.testing.assert_close(g[0, 0], want)
+    torch.testing.assert_close(g[1, 0], want)
+    attr = (x - ref) * g[0, 0]
+    assert float(attr.sum()) == pytest.approx(3 * (1.0 - 5.0))  # summation-to-delta
+
+
+# --------------------------------------------------------------------------------------------------
+# Summation-to-delta
+# --------------------------------------------------------------------------------------------------
+
+
+def gaps(model, x, refs, t):
+    with torch.no_grad():
+        return model(x).gather(1, t[:, None])[:, 0] - model(refs).gather(1, t[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("model_name", ["builtin", "resnet18"])
+def test_summation_to_delta(request, model_name):
+    """resnet18: reused ReLU modules and an overlapping 3x3 / stride 2 max pool (vgg11: in the captum test)."""
+    if model_name == "builtin":
+        model, x, t = request.getfixturevalue("builtin_model"), make_shapes(2, seed=3)[..., :32, :32], torch.tensor([1, 4])
+    else:
+        model, x, t = request.getfixturevalue(model_name), make_images(2, seed=3, size=32), torch.tensor([2, 7])
+    ref = make_images(2, seed=4, size=x.shape[-1]) * 0.5
+    result = DeepLift(model, baseline=ref, reduction="none")(x, t)
+    gap = gaps(model, x, ref, t)
+    err = (result.raw.flatten(1).sum(1).double() - gap.double()).abs()
+    assert float(err.max()) < 1e-4 * float(gap.abs().max()) + 1e-5, (err, gap)
+    torch.testing.assert_close(result.completeness_error, err.float(), atol=2e-5, rtol=0)
+    # DeepLIFT-SHAP: the mean over baselines of the score gaps
+    background = make_images(2, seed=5, size=x.shape[-1])
+    shap = DeepLiftShap(model, background, chunk_size=2, reduction="sum")(x, t)
+    mean_gap = torch.stack([gaps(model, x, b.expand_as(x), t) for b in background]).mean(0)
+    assert float((shap.raw.flatten(1).sum(1) - mean_gap).abs().max()) < 1e-4 * float(mean_gap.abs().max()) + 1e-5
+    assert float(shap.completeness_error.max()) < 1e-4 * float(mean_gap.abs().max()) + 1e-5
+
+
+def test_deepliftshap_is_the_mean_of_deeplift(builtin_model):
+    x, t = make_shapes(2, seed=6)[..., :32, :32], torch.tensor([0, 3])
+    background = make_images(3, seed=7, size=32)
+    shap = DeepLiftShap(builtin_model, background, chunk_size=2, reduction="none")(x, t).raw
+    mean = torch.stack([DeepLift(builtin_model, b, reduction="none")(x, t).raw for b in background]).mean(0)
+    assert max_relative_error(shap, mean) < 1e-5
+
+
+def test_several_targets_equal_single_calls(builtin_model):
+    x = make_shapes(2, seed=8)[..., 16:48, 16:48]
+    targets = torch.tensor([[0, 5], [2, 1]])
+    for method in (DeepLift(builtin_model), DeepLiftShap(builtin_model, 3, chunk_size=2),
+                   GradientShap(builtin_model, 3, samples=3, stdevs=0.05, chunk_size=2)):
+        both = method(x, targets)
+        assert both.raw.shape == (2, 2, 32, 32) and torch.equal(both.target, targets)
+        for j in range(2):
+            one = method(x, targets[:, j])
+            assert max_relative_error(both.raw[:, j], one.raw) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------------
+# Agreement with captum
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def captum_fixed(monkeypatch):
+    """captum's max-pool rule with its fallback fixed (issue #1276 / PR #1847: where u == u_ref the rule passed
+    back ``grad_input[0]``, sample 0's gradient, for every sample)."""
+    original = captum_deep_lift.SUPPORTED_NON_LINEAR[nn.MaxPool2d]
+
+    def fixed(module, inputs, outputs, grad_input, grad_output, eps=1e-10):
+        out = original(module, inputs, outputs, grad_input, grad_output, eps=eps)
+        a, b = inputs.chunk(2)
+        return torch.where(torch.cat(2 * [(a - b).abs() < eps]), grad_input, out)
+
+    monkeypatch.setitem(captum_deep_lift.SUPPORTED_NON_LINEAR, nn.MaxPool2d, fixed)
+    warnings.filterwarnings("ignore", module="captum")
+
+
+def captum_deeplift(model, x, refs, t, shap=False):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cls = captum_attr.DeepLiftShap if shap else captum_attr.DeepLift
+        return cls(model).attribute(x, baselines=refs, target=t, return_convergence_delta=True)
+
+
+def small_net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6),
+        nn.Sigmoid(), nn.Conv2d(6, 6, 1), nn.Tanh(), nn.Conv2d(6, 6, 1), nn.ELU(), nn.Conv2d(6, 6, 1),
+        nn.Softplus(), nn.Flatten(), nn.Linear(6 * 36, 4),
+    ).eval()
+
+
+def pool_net(seed: int) -> nn.Module:
+    """conv -> max pool -> linear: captum's max-pool rule does reach the gradient here (no hooked ReLU before it)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 3)).eval()
+
+
+def test_captum_agreement_every_rule(captum_fixed):
+    """ReLU, Sigmoid, Tanh, ELU, Softplus, BN and a max pool after a conv. (LeakyReLU is left to the rule test:
+    for two negative u captum's ratio (s u - s u_ref) / (u - u_ref) carries float32 noise that pyattr, which
+    passes back s itself, does not, 7e-5 relative on this net.)"""
+    model = small_net(0)
+    with torch.no_grad():
+        model[3].running_mean.normal_()
+        model[3].running_var.uniform_(0.5, 2.0)
+    g = torch.Generator().manual_seed(1)
+    x, ref = torch.randn(3, 3, 8, 8, generator=g), torch.randn(3, 3, 8, 8, generator=g)
+    t = torch.tensor([0, 3, 1])
+    ours = DeepLift(model, ref, reduction="none")(x, t)
+    theirs, delta = captum_deeplift(model, x, ref, t)
+    assert max_relative_error(ours.raw, theirs) < 1e-5
+    assert float(ours.completeness_error.max()) < 1e-5 and float(delta.abs().max()) < 1e-5
+    pooled = pool_net(2)
+    ours = DeepLift(pooled, ref, reduction="none")(x, t.clamp_max(2))
+    theirs, delta = captum_deeplift(pooled, x, ref, t.clamp_max(2))
+    assert max_relative_error(ours.raw, theirs) < 1e-5 and float(delta.abs().max()) < 1e-5
+    background = torch.randn(4, 3, 8, 8, generator=g)
+    ours = DeepLiftShap(model, background, chunk_size=3, reduction="none")(x, t)
+    theirs, _ = captum_deeplift(model, x, background, t, shap=True)
+    assert max_relative_error(ours.raw, theirs) < 1e-5
+
+
+def one_relu_per_use(model: nn.Module) -> nn.Module:
+    """A copy of a torchvision resnet whose blocks call a second ReLU module (captum needs one module per use)."""
+    from torchvision.models.resnet import BasicBlock
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu_out(self.bn2(self.conv2(out)) + identity)
+
+    copied = copy.deepcopy(model)
+    for block in copied.modules():
+        if isinstance(block, BasicBlock):
+            block.relu_out = nn.ReLU(inplace=True)
+            block.forward = types.MethodType(forward, block)
+    return copied
+
+
+@pytest.mark.parametrize("model_name", ["builtin", "vgg11", "resnet18"])
+def test_captum_agreement_on_models(request, model_name, captum_fixed):
+    """captum's max-pool rule is computed but never reaches the gradient when a hooked ReLU feeds the pool (all
+    three models): captum's DeepLIFT is then the plain max-pool gradient, which ``maxpool="gradient"`` gives;
+    with it pyattr agrees, with the default rule pyattr keeps summation-to-delta where captum's misses it."""
+    if model_name == "builtin":
+        model, x, t, size = request.getfixturevalue("builtin_model"), make_shapes(2, seed=11), torch.tensor([1, 5]), 64
+    else:
+        model, size = request.getfixturevalue(model_name), 32
+        x, t = make_images(2, seed=11, size=size), torch.tensor([4, 8])
+    oracle = one_relu_per_use(model) if model_name == "resnet18" else model
+    ref = make_images(2, seed=12, size=size) * 0.8
+    theirs, delta = captum_deeplift(oracle, x, ref, t)
+    ours = DeepLift(model, ref, reduction="none", maxpool="gradient")(x, t)
+    assert max_relative_error(ours.raw, theirs) < 1e-5
+    assert torch.allclose(ours.completeness_error, delta.abs().float(), atol=1e-4, rtol=1e-3)
+    exact = DeepLift(model, ref, reduction="none")(x, t)
+    gap = gaps(model, x, ref, t).abs().max()
+    assert float(exact.completeness_error.max()) < 1e-4 * float(gap) + 1e-5
+    assert float(delta.abs().max()) > 100 * float(exact.completeness_error.max()) + 1e-3
+    if model_name == "builtin":  # DeepLIFT-SHAP as well (vgg11, resnet18: the same code path, skipped for time)
+        background = make_images(3, seed=13, size=size)
+        theirs, _ = captum_deeplift(oracle, x, background, t, shap=True)
+        ours = DeepLiftShap(model, background, chunk_size=2, reduction="none", maxpool="gradient")(x, t)
+        assert max_relative_error(ours.raw, theirs) < 1e-5
+
+
+@pytest.mark.parametrize("model_name", ["builtin", "vgg11", "resnet18"])
+def test_gradientshap_agrees_with_captum_on_the_same_draws(request, model_name, monkeypatch):
+    """captum's GradientShap is a NoiseTunnel over InputBaselineXGradient; its random numbers come from torch's and
+    NumPy's global generators, per row. The oracle is captum's InputBaselineXGradient on the rows pyattr draws
+    (noisy inputs, picked baselines) with pyattr's alphas handed to it through ``np.random.uniform``."""
+    if model_name == "builtin":
+        model, x, t, size = request.getfixturevalue("builtin_model"), make_shapes(2, seed=14), torch.tensor([0, 2]), 64
+    else:
+        model, size = request.getfixturevalue(model_name), 32
+        x, t = make_images(2, seed=14, size=size), torch.tensor([1, 6])
+    background = make_images(4, seed=15, size=size)
+    method = GradientShap(model, background, samples=5, stdevs=0.1, chunk_size=3, reduction="none", seed=3)
+    ours = method(x, t).raw
+    index, alpha, noise = method.draws(x)
+    s = len(index)
+    noisy = (x[:, None] + 0.1 * noise[None]).flatten(0, 1)
+    picked = background[index].repeat(2, 1, 1, 1)
+    monkeypatch.setattr(np.random, "uniform", lambda low, high, size: np.array(alpha * 2)[:size])
+    theirs = captum_attr._core.gradient_shap.InputBaselineXGradient(model).attribute(
+        noisy, picked, target=t.repeat_interleave(s))
+    assert max_relative_error(ours, theirs.view(2, s, *x.shape[1:]).mean(1)) < 1e-5
+
+
+def test_draws_are_seeded_and_batch_independent(builtin_model):
+    x = make_shapes(3, seed=16)
+    a = GradientShap(builtin_model, 4, samples=4, stdevs=0.1, seed=5)
+    b = GradientShap(builtin_model, 4, samples=4, stdevs=0.1, seed=5)
+    c = GradientShap(builtin_model, 4, samples=4, stdevs=0.1, seed=6)
+    ra = a(x, 1).raw
+    assert torch.equal(ra, b(x, 1).raw) and not torch.allclose(ra, c(x, 1).raw)
+    torch.testing.assert_close(a(x[1:2], 1).raw, ra[1:2], rtol=1e-5, atol=1e-6)
+    d = DeepLiftShap(builtin_model, 4, seed=5)
+    torch.testing.assert_close(d(x[1:2], 1).raw, d(x, 1).raw[1:2], rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Export contract, registry, bad input
+# --------------------------------------------------------------------------------------------------
+
+# ONNX: on the built-in model's shapes images (flat regions: exact ties in max-pool windows and equal neighbours)
+# onnxruntime's DeepLIFT maps differ from eager by ~1-2% at ~30 pixels (open; adding 1e-3 noise to the same image
+# gives 1.5e-6, random images agree, TorchScript and .pt2 agree on the shapes images too): that case is xfail and
+# the ONNX contract runs on random images ("builtin-noise").
+ONNX_XFAIL = pytest.mark.xfail(reason="onnxruntime differs from eager by ~1-2% on images with exact ties (open)")
+CONTRACT_CASES = [
+    ("builtin", "deeplift", ("torchscript", "pt2")),
+    ("builtin-noise", "deeplift", ("onnx",)),
+    ("builtin", "gradientshap", ("onnx",)),
+    pytest.param("builtin", "deepliftshap", ("torchscript",), marks=pytest.mark.slow),
+    pytest.param("resnet18", "deeplift", ("torchscript",), marks=pytest.mark.slow),
+    pytest.param("builtin", "deeplift", ("onnx",), marks=[ONNX_XFAIL, pytest.mark.slow]),
+    pytest.param("builtin", "deepliftshap", ("onnx",), marks=[ONNX_XFAIL, pytest.mark.slow]),
+    pytest.param("resnet18", "deeplift", ("onnx",), marks=[ONNX_XFAIL, pytest.mark.slow]),
+    pytest.param("resnet18", "deepliftshap", ("torchscript", "pt2"), marks=pytest.mark.slow),
+    pytest.param("resnet18", "gradientshap", ("onnx", "torchscript", "pt2"), marks=pytest.mark.slow),
+]
+OPTIONS = {"deeplift": {}, "deepliftshap": {"baselines": 3, "chunk_size": 2},
+           "gradientshap": {"baselines": 3, "samples": 3, "stdevs": 0.1, "chunk_size": 2}}
+
+
+@pytest.mark.parametrize("model_name, name, formats", CONTRACT_CASES)
+def test_export_contract(request, model_name, name, formats, tmp_path):
+    if model_name.startswith("builtin"):
+        x = make_shapes(3, seed=17) if model_name == "builtin" else make_images(3, seed=17)
+        model, k = request.getfixturevalue("builtin_model"), 6
+    else:
+        model, x, k = request.getfixturevalue("resnet18"), make_images(3, seed=17, size=32), NUM_CLASSES_TORCHVISION
+    method = METHODS[name](model, **OPTIONS[name])
+    assert_export_contract(method, x, tmp_path, num_classes=k, formats=formats, batches=(1, 3))
+    suffix = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2"}[formats[0]]
+    meta = pyattr.read_metadata(tmp_path / f"{name}{suffix}")
+    assert meta["method"] == name and meta["reduction"] == "sum"
+
+
+def test_registered_and_exported_at_top_level():
+    for name, cls in (("deeplift", DeepLift), ("deepliftshap", DeepLiftShap), ("gradientshap", GradientShap)):
+        assert METHODS[name] is cls and getattr(pyattr, cls.__name__) is cls
+
+
+def test_bad_input(builtin_model):
+    x = make_shapes(2, seed=18)
+    with pytest.raises(InputError, match="hold no reference input"):
+        DeepLiftShap(builtin_model, torch.zeros(0, 3, 64, 64))
+    with pytest.raises(InputError, match="hold no reference input"):
+        GradientShap(builtin_model, torch.zeros(0, 3, 64, 64))
+    with pytest.raises(InputError, match=r"int B >= 1"):
+        DeepLiftShap(builtin_model, 0)
+    with pytest.raises(InputError, match="does not fit the inputs"):
+        DeepLiftShap(builtin_model, torch.zeros(2, 3, 32, 32))(x)
+    with pytest.raises(InputError, match="does not broadcast"):
+        DeepLift(builtin_model, torch.zeros(5, 3, 64, 64))(x)
+    with pytest.raises(InputError, match="NaN or infinite"):
+        DeepLift(builtin_model, torch.full((3, 64, 64), float("nan")))
+    with pytest.raises(InputError, match="unknown baseline"):
+        DeepLift(builtin_model, "blur")
+    with pytest.raises(InputError, match="max-pool rule"):
+        DeepLift(builtin_model, maxpool="avg")
+    with pytest.raises(InputError, match="samples"):
+        GradientShap(builtin_model, samples=0)
+    with pytest.raises(InputError, match="stdevs"):
+        GradientShap(builtin_model, stdevs=-1.0)
+    with pytest.raises(InputError, match="chunk_size"):
+        DeepLiftShap(builtin_model, chunk_size=0)
