@@ -4,8 +4,8 @@
   built-in model; on a layer whose minimum is not 0 (a BatchNorm inside a residual block: ``split=False``) against
   pytorch-grad-cam with ``batch_size=1`` (its ablation value drifts within a batch: the documented difference);
 - Recipro-CAM: analytic (a global-average-pool + linear head after the layer: the point kernel's map is CAM / hw
-  plus the bias, the Gaussian kernel's the CAM map blurred by the kernel); OpenVINO XAI's ``ReciproCAM`` when
-  ``openvino_xai`` is installed;
+  plus the bias, the Gaussian kernel's the CAM map blurred by the kernel); OpenVINO XAI's ``ReciproCAM`` in
+  ``benchmarks/reciprocam_openvino_xai.py`` (an optional oracle, not in the test extra; result committed);
 - SS-CAM, IS-CAM and Smooth Grad-CAM++ against torchcam's ``SSCAM``, ``ISCAM``, ``SmoothGradCAMpp`` with pyattr's
   seeded noise fed to torchcam (its noise draws patched in the test only);
 - the export contract (eager == onnxruntime (== TorchScript == .pt2 once per method), batches 1 and 3) on the
