@@ -176,28 +176,15 @@ def check_score(score: Any) -> str:
 
 
 def class_ids(target: Any, n: int, device: torch.device) -> torch.Tensor:
-    """Class ids as an (N,) long tensor, -1 for the arg-max; InputError for anything else."""
-    if target is None:
+    """Class ids as an (N,) long tensor, -1 for the arg-max; InputError for anything else (the methods' own target
+    check, :meth:`AttributionMethod._check_target`, with one target per input and -1 allowed as an int too)."""
+    if isinstance(target, int) and not isinstance(target, bool) and target == -1:
         return torch.full((n,), -1, dtype=torch.long, device=device)
-    if isinstance(target, bool):
-        raise InputError("target must be a class index, not a bool")
-    if isinstance(target, int):
-        if target < -1:
-            raise InputError(f"target must be a class index >= 0 (or -1: the arg-max), got {target}")
-        return torch.full((n,), target, dtype=torch.long, device=device)
-    t = torch.as_tensor(target, device=device)
-    if t.is_floating_point() or t.dtype == torch.bool:
-        raise InputError(f"target must hold integer class indices, got dtype {t.dtype}")
-    if t.dim() == 0:
-        t = t.expand(n)
-    if tuple(t.shape) != (n,):
-        extra = ("; the metrics score one target per input: evaluate each column of an (N, T) target separately"
-                 if t.dim() == 2 else "")
-        raise InputError(f"target must be None, an int or an ({n},) tensor of class ids, got shape "
-                         f"{tuple(t.shape)}{extra}")
-    if bool((t < -1).any()):
-        raise InputError("target holds negative class ids (-1 alone means 'the arg-max class')")
-    return t.long()
+    t = AttributionMethod._check_target(None, target, n, device)
+    if t.dim() == 2:
+        raise InputError(f"target must be None, an int or an ({n},) tensor of class ids, got shape {tuple(t.shape)}; "
+                         "the metrics score one target per input: evaluate each column of an (N, T) target separately")
+    return t
 
 
 @dataclass
