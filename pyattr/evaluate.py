@@ -74,18 +74,14 @@ def _common(b: Batch) -> dict:
     return {"score": b.options.get("score", "softmax"), "chunk_size": b.options.get("chunk_size", 64)}
 
 
-def _deletion(b: Batch):
-    from .metrics import deletion
+def _curve(kind: str):
+    def compute(b: Batch):
+        from . import metrics
 
-    curve = deletion(b.model, b.x, b.maps, b.target, steps=b.options.get("steps", 20), **_common(b))
-    return curve.auc, curve.scores
+        curve = getattr(metrics, kind)(b.model, b.x, b.maps, b.target, steps=b.options.get("steps", 20), **_common(b))
+        return curve.auc, curve.scores
 
-
-def _insertion(b: Batch):
-    from .metrics import insertion
-
-    curve = insertion(b.model, b.x, b.maps, b.target, steps=b.options.get("steps", 20), **_common(b))
-    return curve.auc, curve.scores
+    return compute
 
 
 def _average_drop(b: Batch):
@@ -129,11 +125,11 @@ METRICS: dict[str, MetricSpec] = {
     "deletion": MetricSpec(
         Metric("deletion", "Deletion AUC", False,
                "area under the target's probability as the most relevant pixels are set to 0 first, in 20 steps "
-               "(RISE, Petsiuk et al. 2018; torchcam's definition)"), _deletion),
+               "(RISE, Petsiuk et al. 2018; torchcam's definition)"), _curve("deletion")),
     "insertion": MetricSpec(
         Metric("insertion", "Insertion AUC", True,
                "area under the target's probability as the most relevant pixels are put back first into a blurred "
-               "copy, in 20 steps (RISE; torchcam's definition)"), _insertion),
+               "copy, in 20 steps (RISE; torchcam's definition)"), _curve("insertion")),
     "average_drop": MetricSpec(
         Metric("average_drop", "Average Drop", False,
                "relative drop of the target's probability on the input multiplied by the map, max(0, Y - O) / Y "
