@@ -326,7 +326,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file, not a folder; give a folder name")
-    methods = _name_list("--methods", args.methods, list(METHODS), default_methods(), default_methods())
+    methods = _name_list("--methods", args.methods, list(METHODS), default_methods(), default_methods(slow=True))
     files = load_images(args.images) if args.images else []
     if files and args.model == "builtin" and args.n is not None:
         raise InputError("--n is the number of generated images; it has no meaning with image files")
@@ -878,7 +878,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("images", nargs="*", help="image files (default: generated images of the built-in model)")
     ev.add_argument("--model", default="builtin",
                     help="builtin (default) | torchvision:NAME[:WEIGHTS.pth] | FILE.pt (TorchScript, trusted files only)")
-    ev.add_argument("--methods", default="all", help="comma-separated method names, or all (default)")
+    ev.add_argument("--methods", default="default",
+                    help="comma-separated method names; default: every method but SS-CAM and IS-CAM (thousands of "
+                         "passes per image); all: every method")
     ev.add_argument("--metrics", default="default",
                     help="comma-separated metric names; default: every metric the images allow except those that re-run "
                          "the method many times (sensitivity_max); all: every metric the images allow")

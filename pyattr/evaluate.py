@@ -167,12 +167,18 @@ METRICS: dict[str, MetricSpec] = {
 """The metrics ``pyattr evaluate`` knows, by name (the column keys of the report)."""
 
 
-def default_methods() -> list[str]:
+SLOW_METHODS = ("sscam", "iscam")
+"""Left out of ``pyattr evaluate``'s default set: SS-CAM and IS-CAM score every channel of the layer on 35 / 10 noisy
+copies (thousands of forward passes per image: about half an hour for 32 images on 2 CPU cores); ``--methods all``
+or their names include them."""
+
+
+def default_methods(slow: bool = False) -> list[str]:
     """The methods ``pyattr evaluate`` runs by default: every registered one, aliases left out (``lrp`` is
-    ``lrp_epsilon_plus``)."""
+    ``lrp_epsilon_plus``), and without :data:`SLOW_METHODS` unless ``slow``."""
     from .methods import METHODS
 
-    return [name for name in METHODS if name != "lrp"]
+    return [name for name in METHODS if name != "lrp" and (slow or name not in SLOW_METHODS)]
 
 
 def builtin_images(n: int, seed: int = EVAL_SEED, size: int = 64):

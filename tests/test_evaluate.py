@@ -60,9 +60,10 @@ def test_cli_numbers_are_the_metrics_of_the_methods_maps(tmp_path, capsys):
     assert html.count('<img src="images/') == 5 * 3  # the grid: 5 images x (image + 2 methods)
 
 
-def test_default_methods_are_every_method_without_aliases():
+def test_default_methods_are_every_method_without_aliases_and_the_slowest():
     names = default_methods()
-    assert "lrp" not in names and "lrp_epsilon_plus" in names and len(names) == len(pyattr.METHODS) - 1
+    assert "lrp" not in names and "lrp_epsilon_plus" in names and not {"sscam", "iscam"} & set(names)
+    assert default_methods(slow=True) == [m for m in pyattr.METHODS if m != "lrp"]
 
 
 @pytest.mark.parametrize("argv, message", [
