@@ -275,7 +275,10 @@ def _first_line(err: BaseException) -> str:
 def _openvino_load_error(path: Path, err: BaseException) -> str:
     """OpenVINO's message, cut to what matters: the operations it does not support, else its last line."""
     text = str(err)
-    ops = re.search(r"does not support the following ONNX operations?:\s*([^\n]+)", text)
+    # OpenVINO 2024: "... does not support the following ONNX operations: X"; 2026: "No conversion rule found for
+    # operations: X"
+    ops = re.search(r"(?:does not support the following ONNX operations?|No conversion rule found for operations?):"
+                    r"\s*([^\n]+)", text)
     if ops:
         return (f"OpenVINO cannot compile {path.name}: it does not support the ONNX operation(s) "
                 f"{ops.group(1).strip()[:300]}; run this graph with backend 'onnxruntime'")
