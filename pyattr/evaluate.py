@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -44,6 +44,8 @@ class Batch:
     masks: torch.Tensor | None
     method: object
     options: dict
+    memo: dict = field(default_factory=dict)
+    """Results that several metrics share within the batch (Average Drop and Increase in Confidence: one pass)."""
 
 
 @dataclass
@@ -84,16 +86,21 @@ def _curve(kind: str):
     return compute
 
 
-def _average_drop(b: Batch):
-    from .metrics import confidence_change
+def _confidence(b: Batch):
+    """The batch's :func:`~pyattr.metrics.confidence_change`, computed once for both metrics that read it."""
+    if "confidence" not in b.memo:
+        from .metrics import confidence_change
 
-    return confidence_change(b.model, b.x, b.maps, b.target, **_common(b)).drop, None
+        b.memo["confidence"] = confidence_change(b.model, b.x, b.maps, b.target, **_common(b))
+    return b.memo["confidence"]
+
+
+def _average_drop(b: Batch):
+    return _confidence(b).drop, None
 
 
 def _increase_in_confidence(b: Batch):
-    from .metrics import confidence_change
-
-    return confidence_change(b.model, b.x, b.maps, b.target, **_common(b)).increase.float(), None
+    return _confidence(b).increase.float(), None
 
 
 def _road(order: str):
