@@ -359,7 +359,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         h, w = bundle.input_size
         pictures = [np.asarray(Image.fromarray(a).resize((w, h), Image.BILINEAR)) for _, a in files]
-        images, masks = _to_input([a for _, a in files], bundle, args.device), None
+        images, masks = _to_input(pictures, bundle, args.device), None  # pictures are at the input size already
         targets = None if target is None else torch.full((len(files),), target, dtype=torch.long,
                                                          device=images.device)
         note = f"{len(files)} images; each explains " + (

@@ -93,3 +93,21 @@ def test_evaluate_rejects_masks_of_the_wrong_shape():
     with pytest.raises(InputError, match="need ground-truth masks"):
         evaluate(["gradcam"], ["pointing_game"], images=images, targets=targets)
     assert set(METRICS) >= {"pointing_game", "energy_pointing_game"}
+
+
+def test_image_files_are_evaluated_at_the_models_input_size(tmp_path, capsys):
+    """Image files: resized once to the model's input, explained for their top class, scored without the mask
+    metrics; the Average Drop is pyattr.metrics' on the same resized input."""
+    picture = tmp_path / "a.png"
+    pixels = np.random.default_rng(1).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(picture)
+    code, _out, err = run(capsys, str(picture), "--methods", "gradcam", "--metrics", "average_drop",
+                          "--out", str(tmp_path / "ev"), "--quiet")
+    assert code == 0, err
+    data = json.loads((tmp_path / "ev" / "results.json").read_text())
+    x = torch.from_numpy(np.asarray(Image.fromarray(pixels).resize((64, 64), Image.BILINEAR))).permute(2, 0, 1)
+    x = x[None].float() / 255
+    model = pyattr.zoo.load_builtin()
+    maps = pyattr.GradCAM(model, "layer3")(x).maps
+    drop = pyattr.metrics.confidence_change(model, x, maps, score="sigmoid").drop
+    assert data["table"]["gradcam"]["average_drop"] == pytest.approx(float(drop.mean()), rel=1e-4, abs=1e-7)
