@@ -677,11 +677,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         export(method, example, path, format=args.format, class_names=bundle.class_names,
                preprocessing=bundle.preprocessing(), metadata={"model": bundle.name, "multilabel": bundle.multilabel},
-               target=kind)
+               target=kind, targets_per_input=args.targets_per_input)
     except OSError as err:
         raise InputError(f"cannot write {path}: {err.strerror or err}") from None
+    per = f", {args.targets_per_input} targets per image" if args.targets_per_input else ""
     print(f"wrote {path} ({args.method}{' on ' + layer if layer else ''}, model {bundle.name}, input 3x{h}x{w}, "
-          "dynamic batch)")
+          f"dynamic batch{per})")
     if detector_path is not None:
         from .exporting.detector import export_detector
 
@@ -867,6 +868,9 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--detector-out", metavar="DETECTOR.onnx",
                     help="--task detection: also write the detector itself (model + box decoding, every candidate, no "
                          "NMS) as an ONNX graph, for `pyattr run OUTPUT IMAGES --detector DETECTOR.onnx`")
+    xp.add_argument("--targets-per-input", type=_int_in("--targets-per-input", 1, 1024), metavar="T",
+                    help="explain T classes of every image in one run: the graph takes (N, T) class ids "
+                         "(`pyattr run OUTPUT IMAGES --target 3,5,7`); default: one target per image")
     xp.set_defaults(func=cmd_export)
 
     ev = sub.add_parser("evaluate", help="score methods with faithfulness metrics; write an HTML report",

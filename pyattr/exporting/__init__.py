@@ -228,7 +228,8 @@ def write_graph(gm, fmt: str, inputs: tuple[torch.Tensor, ...], tmp: Path, meta:
 
 def export(method: AttributionMethod, example_input: torch.Tensor, path: str | os.PathLike, *,
            format: str | None = None, class_names=None, preprocessing: dict | None = None,
-           metadata: dict | None = None, target: Target | None = None) -> Path:
+           metadata: dict | None = None, target: Target | None = None,
+           targets_per_input: int | None = None) -> Path:
     """Write ``method`` as ONE graph (forward and backward fused, the backward made of forward ops).
 
     Args:
@@ -240,6 +241,11 @@ def export(method: AttributionMethod, example_input: torch.Tensor, path: str | o
         target: what the graph explains: ``None`` (class logits) or a :class:`~pyattr.targets.Target`
             such as ``SegmentationTarget()`` or ``SimilarityTarget()`` (its class ids and values, if
             any, serve only as tracing examples: the graph takes them as inputs).
+        targets_per_input: T, to explain T targets of every input in one run: the graph's ``target`` input is
+            then (N, T) int64 (T fixed by the export, N dynamic) and ``explained_class`` (N, T), ``raw`` and
+            ``maps`` (N, T, ...). Methods that explain several targets from one forward pass (the gradient and
+            CAM families, the perturbation methods) keep doing so in the graph. The metadata records T
+            (``targets_per_input``). ``None`` (default): ``target`` is (N,).
 
     The graph takes ``images`` (N, C, H, W) float and ``target`` (N,) int64 (-1 = arg-max), then the
     target's inputs (segmentation: ``region`` (N, H, W) float; similarity: ``reference`` (N, D) float),
@@ -270,6 +276,7 @@ def export(method: AttributionMethod, example_input: torch.Tensor, path: str | o
                          f"ids ({type(target).__name__}): the exported graph takes the class ids as its input")
     method.check_target_kind(kind)
     kind.check_export(method)
+    per_input = _check_targets_per_input(targets_per_input, kind)
     try:
         example = method._check_input(example_input)  # CAM methods run the model here to find their layer
     except PyattrError:
@@ -281,7 +288,11 @@ def export(method: AttributionMethod, example_input: torch.Tensor, path: str | o
     if not path.parent.exists():
         raise InputError(f"the folder {str(path.parent)!r} does not exist; create it first")
     meta = build_metadata(method, example, class_names, preprocessing, metadata, kind)
+    if per_input is not None:
+        meta["targets_per_input"] = per_input
     inputs = checked_example_inputs(method, example, kind, meta)
+    if per_input is not None:  # the traced target: (N, T) arg-max ids, T static (only the batch is dynamic)
+        inputs = (inputs[0], inputs[1][:, None].expand(-1, per_input).contiguous(), *inputs[2:])
     gm = trace_graph(method, example, kind, inputs)
     check_class_names(meta, gm)
     check_exportable(gm, method, fmt)  # fail fast, before minutes in an exporter
@@ -301,6 +312,19 @@ def export(method: AttributionMethod, example_input: torch.Tensor, path: str | o
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _check_targets_per_input(value: Any, kind: Target) -> int | None:
+    """``targets_per_input`` checked: None or an int in 1..1024, for a kind whose graph takes class ids."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1024:
+        raise InputError(f"targets_per_input must be an int from 1 to 1024 (the targets explained per input), got "
+                         f"{value!r}; None exports a graph that takes one target per input")
+    if not kind.target_input:
+        raise InputError(f"targets_per_input is for graphs that take class ids; a {kind.kind} target derives its "
+                         "targets from its own inputs (its boxes): leave targets_per_input out")
+    return value
 
 
 def checked_example_inputs(method: AttributionMethod, example: torch.Tensor, kind: Target,

@@ -303,6 +303,8 @@ class AttributionRuntime:
                              f"{', '.join(self.output_names)})")
         validate_metadata(self.metadata, input_shape=inputs[IMAGE_INPUT].shape,
                           num_classes=None if self.target_kind == "similarity" else self._graph_classes())
+        self.targets_per_input: int | None = self.metadata.get("targets_per_input")
+        """T for graphs exported with ``targets_per_input=T`` (their ``target`` is (N, T)); None otherwise."""
         self.preprocessing = _preprocessing(self.metadata, self.graph)
         self.input_size: tuple[int, int] = tuple(self.preprocessing["size"])  # type: ignore[assignment]
         self.class_names: list[str] | None = self.metadata.get("class_names")
@@ -610,9 +612,10 @@ class AttributionRuntime:
         problems = []
         if out.scores.ndim != 2 or out.scores.shape[0] != n or k < 1 or out.scores.dtype.kind != "f":
             problems.append(f"scores {out.scores.dtype} {out.scores.shape}, expected float (N={n}, K)")
-        if out.explained_class.shape != (n,) or out.explained_class.dtype.kind not in "iu":
+        lead = (n,) if self.targets_per_input is None else (n, self.targets_per_input)
+        if out.explained_class.shape != lead or out.explained_class.dtype.kind not in "iu":
             problems.append(f"explained_class {out.explained_class.dtype} {out.explained_class.shape}, expected "
-                            f"int ({n},)")
+                            f"int {lead}")
         elif k and not np.all((out.explained_class >= 0) & (out.explained_class < k)):
             problems.append(f"explained_class values outside 0..{k - 1}")
         for name, value in (("raw", out.raw), ("maps", out.maps)):
@@ -636,6 +639,8 @@ class AttributionRuntime:
                 return np.zeros(n, np.int64)
             raise InputError(f"{self.path.name} explains a similarity (one score): it takes no class target "
                              f"(give None, 0 or -1), got {target!r}")
+        if self.targets_per_input is not None:
+            return self._target_columns(target, n)
         if target is None:
             return np.full(n, -1, np.int64)
         if isinstance(target, (int, str, float, np.integer, np.floating, np.bool_)):
@@ -645,6 +650,20 @@ class AttributionRuntime:
         if len(ids) != n:
             raise InputError(f"give one target per image: {len(ids)} targets for {n} images")
         return ids
+
+    def _target_columns(self, target, n: int) -> np.ndarray:
+        """The (n, T) ids of a graph exported with ``targets_per_input=T``: from T ids (or names) for every image,
+        or an (n, T) array of ids; None: -1 (each image's arg-max) in every column."""
+        t = self.targets_per_input
+        if target is None:
+            return np.full((n, t), -1, np.int64)
+        values = np.asarray(target, dtype=object)
+        if values.ndim == 1 and len(values) == t:
+            values = np.broadcast_to(values, (n, t))
+        if values.shape != (n, t):
+            raise InputError(f"{self.path.name} explains {t} targets per image: give {t} class ids (or names) for every "
+                             f"image, or an ({n}, {t}) array of them; got shape {values.shape}")
+        return np.asarray([[self.class_index(v) for v in row] for row in values.tolist()], np.int64).reshape(n, t)
 
     def explain(self, images: Sequence[ImageLike], target: int | str | Sequence[int] | None = None, *,
                 region: Any = None, reference: Any = None, boxes: Any = None, box_classes: Any = None,
@@ -700,6 +719,8 @@ class AttributionRuntime:
             return self._explain_detection(images, names, boxes, box_classes, alpha=alpha, cmap=cmap, source=source,
                                            sign=sign, outlier_perc=outlier_perc, batch_size=batch_size)
         single = target is None or isinstance(target, (int, str, float, np.integer, np.floating, np.bool_))
+        if self.targets_per_input is not None:  # T ids (or an (N, T) array): each image's T explanations
+            single = False
         targets = None if single else list(self._targets(target, len(images)))
         if single and target is not None and self.target_kind != "similarity":
             target = self.class_index(target)
@@ -715,10 +736,22 @@ class AttributionRuntime:
             out = self.run(np.stack([self._preprocess_one(rgb) for rgb in chunk]), batch_target,
                            region=None if regions is None else regions[start:stop],
                            reference=None if references is None else references[start:stop])
+            chunk_names, chunk_regions = names[start:stop], None if regions is None else regions[start:stop]
+            if self.targets_per_input is not None:  # (N, T, ...) -> N * T explanations, image-major
+                out, chunk, chunk_names, chunk_regions = self._per_target(out, chunk, chunk_names, chunk_regions)
             overlays = self._overlays(out, chunk, alpha, cmap, source, sign, outlier_perc)
-            results.extend(self._explanations(out, names[start:stop], overlays,
-                                              None if regions is None else regions[start:stop]))
+            results.extend(self._explanations(out, chunk_names, overlays, chunk_regions))
         return results
+
+    def _per_target(self, out: GraphOutputs, images: list, names: list[str], regions: np.ndarray | None):
+        """A T-target graph's outputs as N * T single-target ones (image-major), the images (not copied), their
+        names (``<name>_t<j>`` for column j) and regions repeated to match."""
+        t = self.targets_per_input
+        flat = GraphOutputs(np.repeat(out.scores, t, 0), out.explained_class.reshape(-1),
+                            out.raw.reshape(-1, *out.raw.shape[2:]), out.maps.reshape(-1, *out.maps.shape[2:]),
+                            None if out.embedding is None else np.repeat(out.embedding, t, 0))
+        return (flat, [rgb for rgb in images for _ in range(t)], [f"{name}_t{j}" for name in names for j in range(t)],
+                None if regions is None else np.repeat(regions, t, 0))
 
     def _explain_detection(self, images: list, names: list[str], boxes: Any, box_classes: Any, *, alpha: float,
                            cmap: str, source: str, sign: str, outlier_perc: float, batch_size: int,

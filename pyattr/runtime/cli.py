@@ -60,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="the exported graph, a .onnx file written by pyattr export")
     parser.add_argument("images", nargs="+", help="image files, or folders (their image files, sorted)")
     parser.add_argument("--out", default="pyattr_run", help="output folder (default pyattr_run)")
-    parser.add_argument("--target", help="class to explain, id or name (default: each image's top class)")
+    parser.add_argument("--target", help="class to explain, id or name (default: each image's top class); graphs "
+                        "exported with targets_per_input=T take T of them, comma-separated (e.g. 3,5,cat)")
     inputs = parser.add_mutually_exclusive_group()
     inputs.add_argument("--region", metavar="MASK",
                         help="segmentation graphs: a mask image for every image (non-zero pixels are the region), "
@@ -151,7 +152,16 @@ def run(args: argparse.Namespace) -> int:
     task = _task_inputs(args, runtime, images)  # regions / reference / boxes, every file read and checked
     if kind == "similarity" and args.target is not None:
         raise InputError(f"--target does not apply: {Path(args.model).name} explains a similarity (one score)")
-    target = runtime.class_index(args.target) if args.target is not None else None
+    per = runtime.targets_per_input or 1
+    if runtime.targets_per_input is not None:  # T ids for every image: each image gets T overlays
+        given = [] if args.target is None else [v.strip() for v in args.target.split(",")]
+        if args.target is not None and len(given) != per:
+            raise InputError(f"--target: {Path(args.model).name} explains {per} targets per image; give {per} "
+                             f"comma-separated class ids or names (e.g. --target {','.join(map(str, range(per)))}), "
+                             f"got {len(given)}")
+        target = None if args.target is None else runtime._target_columns(given, 1)[0]
+    else:
+        target = runtime.class_index(args.target) if args.target is not None else None
     out = prepare_output_folder(Path(args.out))  # the first write, after every check
     if kind == "detection":
         return _run_detection(args, runtime, images, task, target, out)
@@ -169,15 +179,15 @@ def run(args: argparse.Namespace) -> int:
                                         batch_size=args.batch_size, names=names[start:stop],
                                         region=None if task.regions is None else task.regions[start:stop],
                                         reference=None if task.reference is None else task.reference[start:stop])
-            for i, e in enumerate(explained, start):
-                overlay = planned[i]
+            for i, e in enumerate(explained, start * per):
+                overlay = planned[i] if per == 1 else output_path(out, f"{e.name}_{method}", "_overlay.png")
                 _save_png(e.overlay, staging / overlay.name)
                 line = {**e.summary(), "overlay": str(overlay)}
                 if task.reference_name is not None:
                     line = {**e.summary(), "reference": task.reference_name, "overlay": str(overlay)}
                 if figures:
                     figure = output_path(out, f"{e.name}_{method}", "_figure.png")
-                    _figure(e, images[i], task, runtime, args).save(staging / figure.name, format="PNG")
+                    _figure(e, images[i // per], task, runtime, args).save(staging / figure.name, format="PNG")
                     line["figure"] = str(figure)
                 if args.save_maps:
                     maps = output_path(out, f"{e.name}_{method}", "_maps.npz")

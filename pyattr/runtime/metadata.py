@@ -184,6 +184,9 @@ def validate_metadata(meta: Any, *, input_shape: Sequence[Any] | None = None,
                                      "up to 64 of them (CAM on several layers), or null")
     if "signed" in meta and not isinstance(meta["signed"], bool):
         raise _field("signed", meta["signed"], "true or false")
+    per_input = meta.get("targets_per_input")
+    if per_input is not None and not (_int(per_input) and 1 <= per_input <= 1024):
+        raise _field("targets_per_input", per_input, "an int from 1 to 1024 (the targets the graph explains per image)")
     if "multilabel" in meta and not isinstance(meta["multilabel"], bool):
         raise _field("multilabel", meta["multilabel"], "true or false")
     if "layout" in meta and meta["layout"] not in LAYOUTS:
