@@ -791,18 +791,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pyattr {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def model_options(p: argparse.ArgumentParser) -> None:
+    def model_source_options(p: argparse.ArgumentParser) -> None:
+        """--model, --layer, --size, --device: the model and how it is fed (explain, export, evaluate)."""
         p.add_argument("--model", default="builtin",
                        help="builtin (default) | torchvision:NAME[:WEIGHTS.pth] | FILE.pt (TorchScript, trusted "
                             "files only: loading one runs its code)")
-        p.add_argument("--method", default="gradcam", type=_method_name, metavar="METHOD",
-                       help="attribution method (default gradcam); `pyattr.METHODS` lists them: gradcam, "
-                            "scorecam, saliency, integratedgradients, lrp_epsilon_plus, ...")
         p.add_argument("--layer", help="layer for CAM methods, as in model.named_modules() (default: the model's last "
                                        "spatial layer)")
         p.add_argument("--size", type=_int_in("--size", 8, MAX_SIZE),
                        help=f"input size the images are resized to, 8..{MAX_SIZE} (default: the model's)")
         p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N")
+
+    def model_options(p: argparse.ArgumentParser) -> None:
+        model_source_options(p)
+        p.add_argument("--method", default="gradcam", type=_method_name, metavar="METHOD",
+                       help="attribution method (default gradcam); `pyattr.METHODS` lists them: gradcam, "
+                            "scorecam, saliency, integratedgradients, lrp_epsilon_plus, ...")
         p.add_argument("--task", default="classification",
                        choices=["classification", "segmentation", "similarity", "detection"],
                        help="what is explained: a class (default); segmentation: a class over a region of a "
@@ -880,17 +884,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     "works offline) into --out. With no arguments: every method on the built-in model "
                                     "and 32 generated test images, whose object masks the pointing games use.")
     ev.add_argument("images", nargs="*", help="image files (default: generated images of the built-in model)")
-    ev.add_argument("--model", default="builtin",
-                    help="builtin (default) | torchvision:NAME[:WEIGHTS.pth] | FILE.pt (TorchScript, trusted files only)")
+    model_source_options(ev)
     ev.add_argument("--methods", default="default",
                     help="comma-separated method names; default: every method but SS-CAM and IS-CAM (thousands of "
                          "passes per image); all: every method")
     ev.add_argument("--metrics", default="default",
                     help="comma-separated metric names; default: every metric the images allow except those that re-run "
                          "the method many times (sensitivity_max); all: every metric the images allow")
-    ev.add_argument("--layer", help="layer for CAM methods (default: the model's)")
-    ev.add_argument("--size", type=_int_in("--size", 8, MAX_SIZE), help="input size (default: the model's)")
-    ev.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N")
     ev.add_argument("--target", help="class to explain in every image file, id or name (default: the top class)")
     ev.add_argument("--n", type=_int_in("--n", 1, 100_000), help="generated images (default 32)")
     ev.add_argument("--seed", type=_int_in("--seed", 0, 2**31 - 1), default=40_000,
