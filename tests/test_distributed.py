@@ -281,7 +281,7 @@ def test_gpu_selection_with_injected_devices(cluster, graph, images, tmp_path, m
     monkeypatch.setattr(ray.data.Dataset, "map_batches", fake_map_batches)
     with pytest.raises(Stop):
         batch.run_batch(graph, images[:4], tmp_path / "out", actors=2, progress=False)
-    assert captured["num_gpus"] == 1.0 and captured["compute"].size == 2 and captured["num_cpus"] == 1
+    assert captured["num_gpus"] == 1.0 and captured["compute"].min_size == captured["compute"].max_size == 2 and captured["num_cpus"] == 1
 
 
 def test_the_module_imports_without_torch_and_ray(graph, images, tmp_path):

@@ -602,7 +602,9 @@ def run_batch(graph: str | os.PathLike, inputs: Any, out: str | os.PathLike, *, 
     _pyarrow()
     _check_options(actors, batch_size, threads_per_actor, alpha)
     graph_path = Path(graph)
-    runtime = AttributionRuntime(graph_path, providers=providers, num_threads=1, backend=backend)  # checks the file
+    # the file, its metadata and the backend checked here, on the driver's CPU (the workers may have GPUs it lacks)
+    runtime = AttributionRuntime(graph_path, num_threads=1, backend=backend,
+                                 providers=["CPUExecutionProvider"] if backend == "onnxruntime" else ["CPU"])
     if runtime.target_kind in ("similarity", "detection"):
         raise InputError(f"{graph_path.name} explains a {runtime.target_kind} target, which takes run-time inputs "
                          "(a reference, boxes); the batch pipeline runs class and segmentation graphs: use pyattr run")
@@ -647,6 +649,16 @@ def run_batch(graph: str | os.PathLike, inputs: Any, out: str | os.PathLike, *, 
                         gpus_per_actor=gpus_each)
 
 
+def _ray_reason(err: BaseException) -> str:
+    """The innermost pyattr error in a Ray exception's text (a worker's traceback), else its last line."""
+    text = str(err)
+    found = re.findall(r"(?:pyattr\.errors\.)?InputError: ([^\n]+)", text)
+    if found:
+        return found[-1].strip()[:400]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[-1] if lines else type(err).__name__)[:400]
+
+
 def _execute(ray, todo: list[BatchInput], data: bytes, out: Path, options: dict[str, Any], actors: int, batch: int,
              threads: int, gpus: float, progress: bool, on_progress: Callable[[int, int], None] | None,
              already: int) -> int:
@@ -672,7 +684,15 @@ def _execute(ray, todo: list[BatchInput], data: bytes, out: Path, options: dict[
     total = len(todo) + already
     done = already
     with tqdm(total=total, initial=already, disable=not progress, unit="img", desc="pyattr batch") as bar:
-        for result in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        results = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        while True:
+            try:
+                result = next(results)
+            except StopIteration:
+                break
+            except Exception as err:  # e.g. an actor that cannot start on a worker: one clear error
+                raise InputError(f"the Ray job stopped: {_ray_reason(err)}; the results written so far are kept, "
+                                 "and a rerun with the same output folder resumes") from err
             n = len(result["key"])
             done += n
             bar.update(n)
