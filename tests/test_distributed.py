@@ -311,3 +311,16 @@ def test_the_module_imports_without_torch_and_ray(graph, images, tmp_path):
     assert 'pip install "pyattr[ray]"' in lines[0]
     assert lines[1:] == ["2", "[]"]
     assert done.stderr.count("pyattr: error:") == 1 and 'pip install "pyattr[ray]"' in done.stderr
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import pyattr.runtime as runtime_module
+    from pyattr.runtime import backends
+
+    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner()
+    for obj in (batch, runtime_module.select_providers, backends.default_openvino_device):
+        for test in finder.find(obj):
+            runner.run(test)
+    assert runner.failures == 0 and runner.tries >= 6

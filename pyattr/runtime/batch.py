@@ -130,9 +130,9 @@ def _is_uri(text: str) -> bool:
 
 
 def _canonical(text: str) -> str:
-    if _is_uri(text):
-        return "file://" + os.path.abspath(text[7:]) if text.startswith("file://") else text
-    return os.path.abspath(text)
+    if text.startswith("file://"):
+        return os.path.abspath(text[7:])  # the same key as the plain path
+    return text if _is_uri(text) else os.path.abspath(text)
 
 
 def input_key(text: str | os.PathLike) -> str:
@@ -140,7 +140,7 @@ def input_key(text: str | os.PathLike) -> str:
     alike) or of its URI as given. Outputs are named after it, so reruns find them.
 
     Example:
-        >>> input_key("/data/cat.jpg") == input_key("/data/./cat.jpg")
+        >>> input_key("/data/cat.jpg") == input_key("/data/./cat.jpg") == input_key("file:///data/cat.jpg")
         True
     """
     return hashlib.sha256(_canonical(os.fspath(text)).encode("utf-8")).hexdigest()[:KEY_CHARS]
