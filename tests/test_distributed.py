@@ -131,7 +131,7 @@ def test_a_killed_worker_loses_and_duplicates_nothing(cluster, graph, images, tm
     while thread.is_alive() and time.monotonic() < deadline and killed is None:
         parts = list((out / "parts").glob("part-*.parquet")) if (out / "parts").is_dir() else []
         pids = actor_pids()
-        if parts and len(pids) == 2:  # both actors up and results landing: kill one mid-run
+        if parts and pids:  # results landing: kill an actor mid-run
             parts_at_kill = len(parts)
             killed = pids[0]
             os.kill(killed, signal.SIGKILL)
@@ -187,7 +187,8 @@ def test_an_interrupted_run_resumes(cluster, graph, images, tmp_path, capsys):
     host = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:32]
     (out / "overlays" / f".x.pyattr-{host}-999999999-abc.png").write_bytes(b"")
 
-    code = pyattr_main(["batch", str(graph), *files, "--out", str(out), "--batch-size", "8", "--quiet"])
+    with pytest.warns(UserWarning, match="skipping the unreadable part file part-truncated.parquet"):
+        code = pyattr_main(["batch", str(graph), *files, "--out", str(out), "--batch-size", "8", "--quiet"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     summary = json.loads(captured.out.strip().splitlines()[-1])
@@ -199,6 +200,7 @@ def test_an_interrupted_run_resumes(cluster, graph, images, tmp_path, capsys):
     assert not [p for p in (out / "overlays").iterdir() if p.name.startswith(".")]
     assert_same_as_runtime(table, graph, [Path(f) for f in files])
     # a third run has nothing left to do and starts no actor
+    (out / "parts" / "part-truncated.parquet").unlink()
     again = batch.run_batch(graph, files, out, progress=False)
     assert (again.skipped, again.processed, again.total) == (len(files), 0, len(files))
 

@@ -497,7 +497,7 @@ def prepare_output(out: str | os.PathLike) -> Path:
     except (FileExistsError, NotADirectoryError):
         raise InputError(f"cannot create the output folder {str(out)!r}: a part of its path is a file") from None
     except OSError as err:
-        raise InputError(f"the output folder {str(out)!r} is not writable: {err.strerror or err}") from None
+        raise InputError(f"cannot create or write the output folder {str(out)!r}: {err.strerror or err}") from None
     return out
 
 
