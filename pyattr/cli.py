@@ -910,6 +910,8 @@ def build_parser() -> argparse.ArgumentParser:
     # `pyattr run` is handled by pyattr.runtime.cli (torch-free); listed here for --help.
     sub.add_parser("run", add_help=False, help="run an exported .onnx graph on images without torch "
                                                "(pyattr run --help)")
+    sub.add_parser("batch", add_help=False, help="explain a dataset with an exported .onnx graph on Ray Data, "
+                                                 "resumable (pyattr batch --help)")
     return parser
 
 
@@ -918,7 +920,7 @@ def _require_torch(argv: list[str], parser: argparse.ArgumentParser) -> None:
     runtime only): one :class:`InputError` saying what to install, before argparse imports the methods (which
     need torch). ``--help`` and ``--version`` work without torch."""
     commands = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
-    if not argv or argv[0] not in commands or argv[0] == "run" or "-h" in argv or "--help" in argv:
+    if not argv or argv[0] not in commands or argv[0] in ("run", "batch") or "-h" in argv or "--help" in argv:
         return
     missing = []
     for name in ("torch", "torchvision"):
@@ -963,6 +965,10 @@ def main(argv: list[str] | None = None) -> int:
             from .runtime.cli import main as run_main
 
             return run_main(argv[1:], prog="pyattr run")
+        if argv[:1] == ["batch"]:  # torch-free too: the Ray Data pipeline (pip install "pyattr[ray]")
+            from .runtime.batch_cli import main as batch_main
+
+            return batch_main(argv[1:], prog="pyattr batch")
         parser = build_parser()
         _require_torch(argv, parser)
         args = parser.parse_args(argv)

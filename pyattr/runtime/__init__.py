@@ -92,6 +92,7 @@ __all__ = [
     "load_image",
     "max_threads",
     "read_onnx_metadata",
+    "select_providers",
 ]
 
 METADATA_KEY = "pyattr"
@@ -184,7 +185,21 @@ def default_providers() -> list[str]:
     provider on machines without a GPU too, and then logs an error when a session asks for it.)"""
     import onnxruntime as ort
 
-    if "CUDAExecutionProvider" in ort.get_available_providers() and _nvidia_driver_present():
+    return select_providers(ort.get_available_providers(), _nvidia_driver_present)
+
+
+def select_providers(available: Sequence[str], driver_present: Any = True) -> list[str]:
+    """The providers :func:`default_providers` asks for, given onnxruntime's ``available`` providers and whether an
+    NVIDIA driver loads (a bool, or a function asked only when the CUDA provider is available): CUDA then CPU,
+    else CPU.
+
+    Example:
+        >>> select_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], driver_present=True)
+        ['CUDAExecutionProvider', 'CPUExecutionProvider']
+        >>> select_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], driver_present=False)
+        ['CPUExecutionProvider']
+    """
+    if "CUDAExecutionProvider" in available and (driver_present() if callable(driver_present) else driver_present):
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
@@ -236,7 +251,8 @@ class AttributionRuntime:
     Args:
         path: the ``.onnx`` file written by :func:`pyattr.export` (or ``pyattr export``).
         providers: onnxruntime execution providers; default :func:`default_providers` (CUDA when
-            usable, else CPU). With ``backend="openvino"``: one OpenVINO device, default ``["CPU"]``.
+            usable, else CPU). With ``backend="openvino"``: one OpenVINO device, default ``["GPU"]``
+            where OpenVINO lists a GPU, else ``["CPU"]``.
         num_threads: the backend's intra-op threads and ``pyattr._C`` threads; 0 = all cores.
         backend: ``"onnxruntime"`` (default) or ``"openvino"`` (``pip install openvino``): the same file
             compiled by OpenVINO, in float32 (:mod:`pyattr.runtime.backends`).

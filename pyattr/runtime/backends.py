@@ -9,7 +9,8 @@ interface, so both take ``backend="onnxruntime"`` or ``backend="openvino"``.
 * ``onnxruntime``: ``providers`` are onnxruntime execution providers (default
   :func:`pyattr.runtime.default_providers`: CUDA then CPU where usable, else CPU).
 * ``openvino`` (``pip install openvino``): the same ONNX file read by OpenVINO's ONNX frontend and compiled for
-  one device, ``providers=["CPU"]`` by default (``"GPU"``, ``"AUTO"`` where OpenVINO has them). Compiled with
+  one device: by default ``"GPU"`` where OpenVINO lists a GPU, else ``"CPU"`` (:func:`default_openvino_device`;
+  ``providers=["AUTO"]`` and others where OpenVINO has them). Compiled with
   ``INFERENCE_PRECISION_HINT=f32`` so that CPUs with bf16 / AMX units do not silently run in lower precision
   (attribution maps would then differ from onnxruntime's by more than 1e-4). The pyattr metadata is read from
   the ONNX file itself (:func:`read_metadata_props`: OpenVINO does not expose ONNX ``metadata_props``).
@@ -38,7 +39,8 @@ import numpy as np
 
 from pyattr.errors import InputError
 
-__all__ = ["BACKENDS", "GraphSession", "TensorInfo", "check_backend", "open_graph", "read_metadata_props"]
+__all__ = ["BACKENDS", "GraphSession", "TensorInfo", "check_backend", "default_openvino_device", "open_graph",
+           "read_metadata_props"]
 
 BACKENDS = ("onnxruntime", "openvino")
 MAX_METADATA_BYTES = 1 << 20  # one metadata_props entry; pyattr's metadata is a few kB
@@ -127,8 +129,8 @@ class _OpenVINOGraph(GraphSession):
             raise InputError("backend 'openvino' needs the openvino package: pip install openvino "
                              "(or pip install \"pyattr[openvino]\")") from None
         core = ov.Core()
-        devices = list(providers) if providers else ["CPU"]
         available = list(core.available_devices)
+        devices = list(providers) if providers else [default_openvino_device(available)]
         if len(devices) != 1 or devices[0].split(":")[0] not in {*available, "AUTO", "MULTI", "HETERO"}:
             raise InputError(f"backend 'openvino' runs on one OpenVINO device, got {devices}; this machine has "
                              f"{', '.join(available)} (or AUTO)")
@@ -164,6 +166,17 @@ class _OpenVINOGraph(GraphSession):
             raise InputError(f"unknown graph input(s) {unknown}; the graph takes {list(self._input_index)}")
         results = request.infer({self._input_index[k]: v for k, v in feed.items()})  # outputs copied
         return [np.array(results[self._ports[name]]) for name in names]
+
+
+def default_openvino_device(available: Sequence[str]) -> str:
+    """OpenVINO's device when none is given: ``"GPU"`` where OpenVINO lists one (``GPU``, ``GPU.0``, ...), else
+    ``"CPU"``.
+
+    Example:
+        >>> default_openvino_device(["CPU", "GPU.0", "GPU.1"]), default_openvino_device(["CPU"])
+        ('GPU', 'CPU')
+    """
+    return "GPU" if any(str(d).split(".")[0] == "GPU" for d in available) else "CPU"
 
 
 def check_backend(backend: Any) -> str:

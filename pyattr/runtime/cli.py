@@ -98,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="inference backend (default onnxruntime; openvino: pip install openvino, the same .onnx "
                              "compiled by OpenVINO in float32)")
     parser.add_argument("--providers", help="onnxruntime providers, comma-separated (default: CUDA if usable, else "
-                                            "CPU); with --backend openvino: the OpenVINO device (default CPU)")
+                                            "CPU); with --backend openvino: the OpenVINO device (default GPU if OpenVINO lists one, else CPU)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default 0 = all cores)")
     parser.add_argument("--save-maps", action="store_true",
                         help="also write <name>_<method>_maps.npz (map, raw, scores; embedding for similarity "
