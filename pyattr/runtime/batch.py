@@ -608,6 +608,9 @@ def run_batch(graph: str | os.PathLike, inputs: Any, out: str | os.PathLike, *, 
     if runtime.target_kind in ("similarity", "detection"):
         raise InputError(f"{graph_path.name} explains a {runtime.target_kind} target, which takes run-time inputs "
                          "(a reference, boxes); the batch pipeline runs class and segmentation graphs: use pyattr run")
+    if runtime.targets_per_input is not None:
+        raise InputError(f"{graph_path.name} explains {runtime.targets_per_input} targets per image; the batch pipeline "
+                         "writes one row per image: export with one target per image, or use pyattr run --target a,b,c")
     if cmap is not None:
         from pyattr.colormaps import COLORMAPS
 
