@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -317,42 +318,51 @@ def main() -> int:
     parser.add_argument("--pairs", default=",".join(PAIRS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "quantus_comparison")
+    parser.add_argument("--append", action="store_true", help="keep the rows of the other models in --out's JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import quantus
 
+    json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")
+    models = args.models.split(",")
     rows = []
-    for name in args.models.split(","):
+    if args.append and json_path.exists():  # keep the rows of other models from an earlier run
+        rows = [r for r in json.loads(json_path.read_text())["rows"] if r["model"] not in models]
+    settings = {"n": args.n, "size": args.size, "chunk_size": args.chunk, "threads": args.threads,
+                "rounds": args.rounds, "steps": args.steps, "patch": args.patch, "draws": args.draws}
+    for name in models:
         model, x, y, maps = load_case(name, args.n, args.size)
         for pair in args.pairs.split(","):
             began = time.perf_counter()
-            row = {"model": name, "metric": pair, **PAIRS[pair](model, x, y, maps, args)}
+            row = {"model": name, "metric": pair, "batch": args.n, "rounds": args.rounds,
+                   **PAIRS[pair](model, x, y, maps, args)}
             row["ratio"] = row["quantus_s"] / row["pyattr_s"]
             rows.append(row)
             print(f"{name:9s} {pair:16s} pyattr {row['pyattr_s']:.3f} s  quantus {row['quantus_s']:.3f} s  "
                   f"ratio {row['ratio']:.1f}x  agreement {row['agreement']}  ({time.perf_counter() - began:.0f} s)",
                   flush=True)
-    doc = {"command": " ".join(sys.argv), "n": args.n, "size": args.size, "chunk_size": args.chunk,
-           "threads": args.threads, "rounds": args.rounds, "quantus": quantus.__version__, "torch": torch.__version__,
-           "numpy": np.__version__, "python": platform.python_version(), "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(doc))
-    print(markdown(doc))
+            doc = {"command": " ".join(sys.argv), **settings, "quantus": quantus.__version__,
+                   "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
+                   "load_average": list(os.getloadavg()), "rows": rows}
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(doc, indent=1))  # after every row: a long run keeps what it measured
+            md_path.write_text(markdown(doc))
+    print(md_path.read_text())
     return 0
 
 
 def markdown(doc: dict) -> str:
     lines = ["# pyattr.metrics vs Quantus: the same metrics on the same maps", "",
-             (f"`{doc['command']}`: batch {doc['n']} at {doc['size']}x{doc['size']}, {doc['threads']} thread, median of "
-             f"{doc['rounds']} interleaved rounds after a warm-up; pyattr `chunk_size={doc['chunk_size']}`; "
+             (f"`{doc['command']}` (the last run; batch and rounds per row): {doc['size']}x{doc['size']} inputs, "
+             f"{doc['threads']} thread, median of the interleaved rounds after a warm-up call of each; pyattr "
+             f"`chunk_size={doc['chunk_size']}`; load average at the end {[round(v, 1) for v in doc['load_average']]}; "
              f"Quantus {doc['quantus']}, torch {doc['torch']}, NumPy {doc['numpy']}. Settings and why they match: the "
              "docstring of `benchmarks/quantus_comparison.py`."), "",
-             "| model | pyattr | Quantus | agreement | pyattr s | Quantus s | Quantus / pyattr |",
-             "|---|---|---|---|---:|---:|---:|"]
+             "| model | batch, rounds | pyattr | Quantus | agreement | pyattr s | Quantus s | Quantus / pyattr |",
+             "|---|---|---|---|---|---:|---:|---:|"]
     for r in doc["rows"]:
         agreement = ", ".join(f"{k} {v:.1e}" if isinstance(v, float) else f"{k} {v}" for k, v in r["agreement"].items())
-        lines.append(f"| {r['model']} | `{r['pyattr']}` | `{r['quantus']}` | {agreement} | {r['pyattr_s']:.3f} | "
+        lines.append(f"| {r['model']} | {r['batch']}, {r['rounds']} | `{r['pyattr']}` | `{r['quantus']}` | {agreement} | {r['pyattr_s']:.3f} | "
                      f"{r['quantus_s']:.3f} | **{r['ratio']:.1f}x** |")
     lines += ["", ("Insertion has no Quantus twin (its RegionPerturbation and Selectivity remove patches, they insert "
               "nothing). Quantus 0.6.0's ROAD raises an IndexError on RGB images with per-pixel maps; its row is "

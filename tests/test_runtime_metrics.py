@@ -133,38 +133,42 @@ def test_openvino_backend_returns_the_same_metrics(scored_graph):
         np.testing.assert_allclose(ov.metrics[name], want, rtol=0, atol=TOL, err_msg=name)
 
 
+def without_metric_outputs(path, out, metadata: dict):
+    """The metrics graph with its metric outputs dropped and ``metadata`` as its pyattr metadata (no second export)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    kept = [o for o in model.graph.output if o.name not in METRIC_OUTPUTS]
+    del model.graph.output[:]
+    model.graph.output.extend(kept)
+    next(e for e in model.metadata_props if e.key == "pyattr").value = json.dumps(metadata)
+    onnx.save(model, str(out))
+    return out
+
+
 def test_plain_graphs_have_no_metrics_and_bad_metric_metadata_is_named(scored_graph, tmp_path):
-    plain = pyattr.export(pyattr.GradCAM(scored_graph["model"], "layer3"), torch.rand(1, 3, 64, 64),
-                          tmp_path / "gradcam.onnx", preprocessing=PREPROCESSING)
+    meta = dict(AttributionRuntime(scored_graph["path"], num_threads=1).metadata)
+    plain_meta = {k: v for k, v in meta.items() if k != "metrics"}
+    plain_meta["outputs"] = meta["outputs"][:4]
+    plain = without_metric_outputs(scored_graph["path"], tmp_path / "plain.onnx", plain_meta)
     runtime = AttributionRuntime(plain, num_threads=1)
     assert runtime.run(scored_graph["x"].numpy()[:1]).metrics is None
     assert "metrics" not in runtime.explain(scored_graph["images"][:1])[0].summary()
 
-    meta = dict(AttributionRuntime(scored_graph["path"], num_threads=1).metadata)
     for field, value, message in [
-        ("outputs", ["deletion_auc"], "metadata field 'metrics.outputs'"),
+        ("outputs", ["deletion_auc", "deletion_auc"], "metadata field 'metrics.outputs'"),
         ("outputs", ["maps"], "metadata field 'metrics.outputs'"),
         ("outputs", [*METRIC_OUTPUTS[:-1]], "metadata field 'outputs' must be scores, explained_class"),
         ("score", "softmin", "metadata field 'metrics.score'"),
         ("steps", 0, "metadata field 'metrics.steps'"),
+        ("baseline", "blur", "metadata field 'metrics.baseline'"),
     ]:
-        bad = {**meta, "metrics": {**meta["metrics"], field: value}}
-        if value == ["deletion_auc"]:
-            bad["metrics"]["outputs"] = ["deletion_auc", "deletion_auc"]
         with pytest.raises(InputError, match=message):
-            validate_metadata(bad)
+            validate_metadata({**meta, "metrics": {**meta["metrics"], field: value}})
     with pytest.raises(InputError, match="metrics graphs score class targets only"):
         validate_metadata({**meta, "target": {"kind": "segmentation"}, "inputs": ["images", "target", "region"]})
 
     # a file whose metadata promises metric outputs its graph does not have is refused, naming the outputs
-    import onnx
-
-    model = onnx.load(str(plain))
-    entry = next(e for e in model.metadata_props if e.key == "pyattr")
-    lying = json.loads(entry.value)
-    lying["metrics"] = meta["metrics"]
-    lying["outputs"] = meta["outputs"]
-    entry.value = json.dumps(lying)
-    onnx.save(model, str(tmp_path / "lying.onnx"))
+    lying = without_metric_outputs(scored_graph["path"], tmp_path / "lying.onnx", meta)
     with pytest.raises(InputError, match="not a pyattr attribution graph.*deletion_curve"):
-        AttributionRuntime(tmp_path / "lying.onnx", num_threads=1)
+        AttributionRuntime(lying, num_threads=1)
