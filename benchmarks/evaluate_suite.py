@@ -54,9 +54,10 @@ def run_suite(n: int, args: argparse.Namespace) -> tuple[dict, float]:
                 "--internal-batch", str(args.internal_batch), "--grid", "0", "--out", str(out)]
         if not args.progress:
             argv.append("--quiet")
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), time.process_time()
         code = pyattr_main(argv)
         wall = time.perf_counter() - began
+        print(f"{n} images: {wall:.1f} s wall, {time.process_time() - cpu:.1f} s CPU (this process)", flush=True)
         if code != 0:
             raise SystemExit(f"pyattr evaluate failed ({code})")
         return json.loads((out / "results.json").read_text()), wall
