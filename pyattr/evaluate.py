@@ -233,7 +233,7 @@ def evaluate(methods: Sequence[str], metrics: Sequence[str], *, images: torch.Te
 
     Returns:
         an :class:`~pyattr.report.Evaluation` (per metric the mean over the images; per method the seconds
-        its maps took).
+        its maps took, and per method and metric the seconds the metric took).
     """
     from .methods import METHODS, build_method, needs_layer
 
@@ -275,6 +275,7 @@ def evaluate(methods: Sequence[str], metrics: Sequence[str], *, images: torch.Te
     curves: dict[str, dict[str, list[float]]] = {}
     overlays: dict[str, list[np.ndarray]] = {}
     seconds: dict[str, float] = {}
+    metric_seconds: dict[str, dict[str, float]] = {}
     bar = None
     if progress:
         from tqdm import tqdm
@@ -288,6 +289,7 @@ def evaluate(methods: Sequence[str], metrics: Sequence[str], *, images: torch.Te
             curve_sums: dict[str, list[torch.Tensor]] = {}
             overlays[name] = []
             spent = 0.0
+            metric_seconds[name] = dict.fromkeys(metrics, 0.0)
             for start in range(0, n, batch_size):
                 x = images[start:start + batch_size]
                 t = None if targets is None else targets[start:start + batch_size]
@@ -299,7 +301,9 @@ def evaluate(methods: Sequence[str], metrics: Sequence[str], *, images: torch.Te
                 batch = Batch(model, probabilities, x, result.maps.detach(), result.target,
                               None if masks is None else masks[start:start + batch_size], method, options)
                 for metric in metrics:
+                    began = time.perf_counter()
                     per_image, curve = METRICS[metric].compute(batch)
+                    metric_seconds[name][metric] += time.perf_counter() - began
                     values[metric].append(per_image.detach().float().cpu())
                     if curve is not None:
                         curve_sums.setdefault(metric, []).append(curve.detach().float().cpu())
@@ -320,7 +324,7 @@ def evaluate(methods: Sequence[str], metrics: Sequence[str], *, images: torch.Te
             bar.close()
     return Evaluation(model=model_name, images=[pictures[i] for i in shown], methods=list(methods),
                       metrics=[METRICS[m].column for m in metrics], table=table, curves=curves,
-                      overlays=overlays, seconds=seconds, n_images=n, captions=captions)
+                      overlays=overlays, seconds=seconds, metric_seconds=metric_seconds, n_images=n, captions=captions)
 
 
 __all__ = ["METRICS", "Batch", "MetricSpec", "builtin_images", "default_methods", "evaluate"]

@@ -67,6 +67,9 @@ class Evaluation:
             pixels); drawn as one SVG chart per curve.
         overlays: method -> one (H, W, 3) uint8 overlay per image of ``images``.
         seconds: method -> seconds its maps took (shown in the table).
+        metric_seconds: method -> metric key -> seconds that metric took on the method's maps (in results.json; a
+            cost two metrics share is counted in the first of them, e.g. Average Drop's masked pass that Increase
+            in Confidence reuses).
         n_images: how many images the numbers average over.
         notes: free lines shown under the title (settings, seeds).
         captions: one line per image of ``images`` shown under it in the grid (e.g. the explained class).
@@ -80,6 +83,7 @@ class Evaluation:
     curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     overlays: dict[str, list[np.ndarray]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    metric_seconds: dict[str, dict[str, float]] = field(default_factory=dict)
     n_images: int = 0
     notes: list[str] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)
@@ -113,6 +117,8 @@ def results_json(ev: Evaluation) -> dict:
         "table": {name: {m.key: _number(ev.table.get(name, {}).get(m.key)) for m in ev.metrics}
                   for name in ev.methods},
         "seconds": {name: _number(ev.seconds.get(name)) for name in ev.methods if name in ev.seconds},
+        "metric_seconds": {name: {key: _number(v) for key, v in ev.metric_seconds[name].items()}
+                           for name in ev.methods if name in ev.metric_seconds},
         "curves": {kind: {name: [_number(v) for v in values] for name, values in by_method.items()}
                    for kind, by_method in ev.curves.items()},
         "notes": list(ev.notes),

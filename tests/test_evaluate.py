@@ -39,6 +39,10 @@ def test_cli_numbers_are_the_metrics_of_the_methods_maps(tmp_path, capsys):
     assert code == 0, err
     data = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert data["methods"] == ["gradcam", "saliency"] and data["n_images"] == 5
+    for name in data["methods"]:  # seconds per method and metric: every metric timed, positive
+        assert sorted(data["metric_seconds"][name]) == sorted(["pointing_game", "energy_pointing_game", "deletion",
+                                                               "average_drop"])
+        assert all(0 < v < 600 for v in data["metric_seconds"][name].values())
     # recomputed independently: the same method on the same images, the same metric functions
     images, targets, masks = builtin_images(5)
     model = pyattr.zoo.load_builtin()

@@ -50,9 +50,10 @@ def top_pixels(maps: torch.Tensor, counts: list[int]) -> torch.Tensor:
     v = values[:, c.clamp_min(1) - 1][:, :, None]  # (N, K, 1): the c-th largest value
     above = flat[:, None, :] > v
     tied = flat[:, None, :] == v
-    room = c[None, :, None] - above.sum(2, keepdim=True)
-    top = above | (tied & (tied.long().cumsum(2) <= room))
-    return top & (c > 0)[None, :, None]
+    # a tied pixel is taken while #(above v) + its rank among the tied <= c. (Written as one comparison: OpenVINO
+    # 2024.4 broadcast c (1, K, 1) - #above (N, K, 1) along the wrong axis, taking the wrong pixels.)
+    top = above | (tied & (tied.long().cumsum(2) + above.sum(2, keepdim=True) <= c.view(1, -1, 1)))
+    return top & (c > 0).view(1, -1, 1)
 
 
 class MethodWithMetrics(AttributionMethod):

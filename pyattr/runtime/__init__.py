@@ -34,6 +34,14 @@ detector graph (:mod:`pyattr.runtime.detection`: any number per image, run in ch
     e = det.explain(["a.png"], boxes=found)[0]                            # or boxes=[[x0, y0, x1, y1]], box_classes=["star"]
     e.maps, e.matched, e.overlays                                         # one map and one overlay per box
 
+Graphs of a method and its faithfulness metrics (:class:`pyattr.metrics.graph.MethodWithMetrics`, metadata
+``metrics``) return the metric outputs after the maps: ``run()`` gives them as ``GraphOutputs.metrics`` (name ->
+(N,) or (N, K + 1) array) and ``explain()`` as each ``Explanation.metrics``::
+
+    scored = AttributionRuntime("gradcam_metrics.onnx")
+    e = scored.explain(["cat.jpg"])[0]
+    e.metrics["deletion_auc"], e.metrics["insertion_auc"], e.metrics["average_drop"]
+
 This package imports numpy, Pillow, onnxruntime (or openvino: ``AttributionRuntime(path, backend="openvino")``,
 :mod:`pyattr.runtime.backends`) and :mod:`pyattr.render` (which uses the compiled ``pyattr._C`` when built, else
 its NumPy twin) -- never torch (``tests/test_runtime.py`` runs it in a process where importing torch fails;
@@ -118,6 +126,7 @@ class GraphOutputs(NamedTuple):
     raw: np.ndarray  # the method's raw map, e.g. (N, 16, 16) for Grad-CAM on the built-in model
     maps: np.ndarray  # (N, H, W) float32 in [0, 1] at the model's input size
     embedding: np.ndarray | None = None  # (N, D) float32 for similarity graphs, else None
+    metrics: dict[str, np.ndarray] | None = None  # method-with-metrics graphs: name -> (N,) or (N, P), else None
 
 
 @dataclass
@@ -145,6 +154,9 @@ class Explanation:
             region the model predicts.
         similarity: similarity graphs: the similarity to the reference (the same as ``score``).
         embedding: similarity graphs: the image's (D,) embedding.
+        metrics: method-with-metrics graphs (:class:`pyattr.metrics.graph.MethodWithMetrics`): the image's metric
+            values by output name, e.g. ``deletion_auc`` (a 0-d array), ``deletion_curve`` ((K + 1,) scores),
+            ``average_drop``; None for other graphs.
     """
 
     name: str
@@ -161,12 +173,14 @@ class Explanation:
     region: np.ndarray | None = None
     similarity: float | None = None
     embedding: np.ndarray | None = None
+    metrics: dict[str, np.ndarray] | None = None
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready dict (without the arrays): for class graphs image, explained_class, class_name,
         score, probability, predicted_class; segmentation graphs add ``target_kind`` and ``region``
         (``"given"`` or ``"predicted"``) and have no probability; similarity graphs give image,
-        ``target_kind`` and ``similarity``."""
+        ``target_kind`` and ``similarity``; method-with-metrics graphs add ``metrics``: each metric as a number
+        (a curve as a list; NaN, an image the graph could not score, as null)."""
         if self.target_kind == "similarity":
             return {"image": self.name, "target_kind": self.target_kind, "similarity": self.similarity}
         line = {"image": self.name, "explained_class": self.explained_class, "class_name": self.class_name,
@@ -176,7 +190,17 @@ class Explanation:
             line = {"image": self.name, "target_kind": self.target_kind, **line}
             if self.target_kind == "segmentation":
                 line["region"] = "predicted" if self.region is None else "given"
+        if self.metrics is not None:
+            line["metrics"] = {name: _json_numbers(value) for name, value in self.metrics.items()}
         return line
+
+
+def _json_numbers(value: np.ndarray) -> Any:
+    """A metric value as JSON: a float (a list of floats for a curve), null for NaN / infinity."""
+    array = np.asarray(value, np.float64)
+    if array.ndim == 0:
+        return float(array) if np.isfinite(array) else None
+    return [_json_numbers(v) for v in array]
 
 
 def default_providers() -> list[str]:
@@ -311,6 +335,7 @@ class AttributionRuntime:
         self.providers = self.graph.providers
         self.metadata = _metadata_of(self.graph, self.path)
         self.target_kind, self.input_names, self.output_names = _interface(self.metadata, self.path.name)
+        self.metric_names: tuple[str, ...] = self.output_names[len(OUTPUTS):] if "metrics" in self.metadata else ()
         inputs = {i.name: i for i in self.graph.inputs}
         outputs = [o.name for o in self.graph.outputs]
         if set(inputs) != set(self.input_names) or outputs != list(self.output_names):
@@ -452,6 +477,9 @@ class AttributionRuntime:
         feed = {IMAGE_INPUT: batch, TARGET_INPUT: self._targets(target, len(batch)),
                 **self._target_inputs(region, reference, len(batch))}
         outputs = self.graph.run(self.output_names, feed, self.path.name)
+        if self.metric_names:
+            named = dict(zip(self.metric_names, outputs[len(OUTPUTS):]))
+            return self._checked(GraphOutputs(*outputs[:len(OUTPUTS)], metrics=named), len(batch))
         return self._checked(GraphOutputs(*outputs), len(batch))
 
     def _check_kind_arguments(self, target: Any, region: Any, reference: Any, boxes: Any, box_classes: Any) -> None:
@@ -644,6 +672,9 @@ class AttributionRuntime:
                                 f"(N={n}, D={d})")
             if k != 1:
                 problems.append(f"scores of a similarity graph must be (N, 1), got {out.scores.shape}")
+        for name, value in (out.metrics or {}).items():
+            if value.ndim not in (1, 2) or value.shape[0] != n or value.dtype.kind != "f":
+                problems.append(f"metric {name} {value.dtype} {value.shape}, expected float (N={n},) or (N={n}, P)")
         if problems:
             raise InputError(f"{self.path.name} returned outputs that are not a pyattr graph's: {'; '.join(problems)}")
         return out
@@ -835,6 +866,7 @@ class AttributionRuntime:
                 scores=out.scores[j], raw=out.raw[j], map=out.maps[j], overlay=overlays[j],
                 target_kind=kind, region=regions[j] if given else None, similarity=similarity,
                 embedding=None if out.embedding is None else out.embedding[j],
+                metrics=None if out.metrics is None else {name: v[j] for name, v in out.metrics.items()},
             ))
         return results
 
@@ -941,11 +973,18 @@ def _preprocessing(metadata: dict[str, Any], graph: GraphSession) -> dict[str, A
 
 def _interface(metadata: dict[str, Any], name: str) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
     """The target kind and the graph's input and output names, from the metadata. Graphs exported before
-    targets existed have no ``target``: a class target with inputs ``images, target``."""
+    targets existed have no ``target``: a class target with inputs ``images, target``. Method-with-metrics graphs
+    (metadata ``metrics``) return their metric outputs (``metrics.outputs``) after the method's."""
     from .metadata import TARGET_INPUTS
 
     target = metadata.get("target")
     kind = target.get("kind", "class") if isinstance(target, dict) else "class"
+    metrics = metadata.get("metrics")
+    if metrics is not None:  # a method-with-metrics graph: its metric outputs follow the method's
+        validate_metadata(metadata)  # names checked before they are used
+        if kind != "class":
+            raise InputError(f"{name}: a method-with-metrics graph scores class targets; this one says {kind!r}")
+        return kind, (IMAGE_INPUT, TARGET_INPUT), (*OUTPUTS, *metrics["outputs"])
     if kind == "detection":  # no target input: every box is explained
         return kind, (IMAGE_INPUT, BOXES_INPUT, BOX_CLASSES_INPUT), (*OUTPUTS, *TARGET_OUTPUTS[kind])
     extra = TARGET_INPUTS.get(kind)

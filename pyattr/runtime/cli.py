@@ -48,7 +48,9 @@ DESCRIPTION = (
     "(image, explained_class, class_name, score, probability, predicted_class, overlay) on stdout. "
     "Segmentation graphs take --region, similarity graphs --reference or --reference-embedding; for "
     "those a figure <name>_<method>_figure.png (image | mask or reference | heatmap | overlay) is written "
-    "too, and the JSON line names the target_kind (and the similarity). Detection graphs take --boxes FILE.json "
+    "too, and the JSON line names the target_kind (and the similarity). Method-with-metrics graphs "
+    "(pyattr.metrics.MethodWithMetrics) add \"metrics\" to each line: deletion/insertion AUC and curves, "
+    "Average Drop, ... Detection graphs take --boxes FILE.json "
     "or --detector DETECTOR.onnx and write per image an overlay (every box, the maximum of their maps), a "
     "figure (the boxes | one overlay per box) and a JSON line listing each box (box, class, score, matched, iou). "
     "Runs .onnx files only: TorchScript and .pt2 files execute code when loaded (see SECURITY.md)."
@@ -102,7 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default 0 = all cores)")
     parser.add_argument("--save-maps", action="store_true",
                         help="also write <name>_<method>_maps.npz (map, raw, scores; embedding for similarity "
-                             "graphs; detection: maps, raw, scores, matched, iou, boxes, box_classes, input_boxes, "
+                             "graphs; metric_<name> for method-with-metrics graphs; detection: maps, raw, scores, "
+                             "matched, iou, boxes, box_classes, input_boxes, "
                              "detector_scores) per image")
 
 
@@ -193,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
                     maps = output_path(out, f"{e.name}_{method}", "_maps.npz")
                     with open(staging / maps.name, "wb") as f:
                         extra = {} if e.embedding is None else {"embedding": e.embedding}
+                        extra.update({f"metric_{k}": v for k, v in (e.metrics or {}).items()})
                         np.savez(f, map=e.map, raw=e.raw, scores=e.scores, **extra)
                     line["maps"] = str(maps)
                 lines.append(line)

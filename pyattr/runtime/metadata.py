@@ -197,6 +197,8 @@ def validate_metadata(meta: Any, *, input_shape: Sequence[Any] | None = None,
             raise _field(key, meta[key], "a list of at most 16 names")
     if "target" in meta:
         _validate_target(meta["target"], meta.get("inputs"))
+    if "metrics" in meta:
+        _validate_metrics(meta["metrics"], meta.get("target"), meta.get("outputs"))
     shape = meta.get("input_shape")
     if shape is not None:
         if not (isinstance(shape, list) and 1 <= len(shape) <= 4 and all(_int(s) and 1 <= s <= 1 << 20 for s in shape)):
@@ -248,6 +250,37 @@ def _validate_target(target: Any, inputs: Any) -> None:
     if known is not None and isinstance(inputs, list) and inputs[2:] != list(known):
         raise _field("inputs", inputs, f"images, target{''.join(', ' + n for n in known)} for a "
                                        f"{target['kind']} target")
+
+
+METRIC_SCORES = ("softmax", "sigmoid", "logit")
+"""What the metrics of a method-with-metrics graph measure (:class:`pyattr.metrics.graph.MethodWithMetrics`)."""
+GRAPH_OUTPUTS = ("scores", "explained_class", "raw", "maps")  # every attribution graph's first outputs
+
+
+def _validate_metrics(metrics: Any, target: Any, outputs: Any) -> None:
+    """The ``metrics`` entry of a method-with-metrics graph: ``outputs`` (the metric outputs, after the method's
+    four), and the ``steps``, ``baseline`` and ``score`` they were computed with."""
+    if not isinstance(metrics, dict):
+        raise _field("metrics", metrics, "a JSON object (steps, baseline, score, outputs)")
+    names = metrics.get("outputs")
+    if not (isinstance(names, list) and 1 <= len(names) <= 12 and all(
+            isinstance(n, str) and SAFE_NAME.match(n) and n not in GRAPH_OUTPUTS for n in names)
+            and len(set(names)) == len(names)):
+        raise _field("metrics.outputs", names, "a list of 1-12 distinct output names (other than "
+                                               f"{', '.join(GRAPH_OUTPUTS)})")
+    steps = metrics.get("steps")
+    if steps is not None and not (_int(steps) and 1 <= steps <= MAX_INPUT_PIXELS):
+        raise _field("metrics.steps", steps, "a positive int (the curves' intervals)")
+    if "baseline" in metrics and not _number(metrics["baseline"]):
+        raise _field("metrics.baseline", metrics["baseline"], "a finite number")
+    if "score" in metrics and metrics["score"] not in METRIC_SCORES:
+        raise _field("metrics.score", metrics["score"], f"one of {', '.join(METRIC_SCORES)}")
+    kind = target.get("kind") if isinstance(target, dict) else "class"
+    if kind != "class":
+        raise _field("metrics", "...", f"absent from a {kind} graph (the metrics graphs score class targets only)")
+    if isinstance(outputs, list) and outputs != [*GRAPH_OUTPUTS, *names]:
+        raise _field("outputs", outputs, f"{', '.join(GRAPH_OUTPUTS)} then the metric outputs "
+                                         f"{', '.join(names)}")
 
 
 def _validate_preprocessing(p: Any, shape: list | None, input_shape: Sequence[Any] | None) -> None:
