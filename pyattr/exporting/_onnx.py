@@ -365,6 +365,45 @@ def _cast_like_to_cast(model) -> int:
     return replaced
 
 
+def _empty_constant(value) -> bool:
+    """Whether ``value`` is a constant with no elements (an initializer, a ``Constant``, or a ``Cast`` of one)."""
+    for _ in range(4):
+        if value is None:
+            return False
+        if value.const_value is not None:
+            return value.const_value.size == 0
+        node = value.producer()
+        if node is None:
+            return False
+        if node.op_type == "Constant" and "value" in node.attributes:
+            return node.attributes["value"].as_tensor().size == 0
+        if node.op_type != "Cast":
+            return False
+        value = node.inputs[0]
+    return False
+
+
+def _empty_expand_to_identity(model) -> int:
+    """``Expand(x, shape)`` with an empty ``shape`` (0 elements: ``torch.full((), v)``'s spelling) -> ``Identity(x)``
+    (broadcasting to no dimension leaves ``x`` as it is). OpenVINO 2024 reads the empty shape as rank 0 and refuses
+    the graph ("Broadcast shape rank must be 1, but has 0"). Returns how many."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    replaced = 0
+    for node in list(graph):
+        if node.op_type != "Expand" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        if not _empty_constant(node.inputs[1]):
+            continue
+        identity = ir.Node("", "Identity", [node.inputs[0]], name=node.name)
+        identity.outputs[0].dtype = node.outputs[0].dtype
+        identity.outputs[0].shape = node.outputs[0].shape
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [identity], node.outputs, identity.outputs)
+        replaced += 1
+    return replaced
+
+
 def clean_up(model) -> None:
     """Cheap passes in place of onnxscript's optimizer: inline torchlib's functions (``aten_amax``, ...: a
     runtime knows only standard ops), drop identities, unused nodes, initializers, functions and opsets."""
@@ -372,6 +411,7 @@ def clean_up(model) -> None:
 
     common.InlinePass()(model)
     _cast_like_to_cast(model)
+    _empty_expand_to_identity(model)
     common.IdentityEliminationPass()(model)
     common.RemoveUnusedNodesPass()(model)
     common.RemoveUnusedFunctionsPass()(model)
