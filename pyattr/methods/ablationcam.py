@@ -31,7 +31,9 @@ class AblationCAM(CAMMethod):
     The layer's activations are computed once; the ablated copies (N * ``chunk_size`` per pass, C / chunk_size
     passes, unrolled in an exported graph) go through the rest of the network with the layer's output replaced
     (:meth:`~pyattr.methods.cam.CAMMethod.scores_with_layer_output`; ``split=False`` for a model that uses
-    tensors from before the layer after it). Costs C passes of the network's part after the layer per image.
+    tensors from before the layer after it). Costs C passes of the network's part after the layer per image: with
+    ``split=True`` the modules that ran before the layer return their outputs recorded in the first pass
+    (:meth:`~pyattr.methods.cam.CAMMethod.forward_with_prefix`) instead of running again.
 
     Differences from pytorch-grad-cam 1.5.7's ``AblationCAM`` (the test's reference): none for layers with
     minimum 0. For a layer with another minimum, pytorch-grad-cam's ablation value drifts within a batch (its

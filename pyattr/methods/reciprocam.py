@@ -56,7 +56,8 @@ class ReciproCAM(CAMMethod):
 
     The h*w mosaics of each sample go through the rest of the network with the layer's output replaced
     (:meth:`~pyattr.methods.cam.CAMMethod.scores_with_layer_output`): ``chunk_size`` positions per pass
-    (N * chunk_size maps), ceil(h*w / chunk_size) passes, unrolled in an exported graph.
+    (N * chunk_size maps), ceil(h*w / chunk_size) passes, unrolled in an exported graph; with ``split=True`` the
+    part before the layer is not run again (the outputs of its modules recorded in the first pass are reused).
 
     OpenVINO XAI's ``ReciproCAM`` (for CNNs) is ``kernel="point"``: the test holds pyattr to it.
 
