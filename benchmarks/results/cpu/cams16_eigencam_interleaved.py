@@ -1,22 +1,35 @@
-import statistics, sys, time, torch, torchvision, pyattr
+"""Eigen-CAM eager vs its bound (one forward), interleaved, 7 calls each, one thread (see cams16_notes.md).
+
+Run from the repository root: ``PYTHONPATH=. python benchmarks/results/cpu/cams16_eigencam_interleaved.py``.
+"""
+
+import statistics
+import sys
+import time
+
+import torch
+
 sys.path.insert(0, "benchmarks")
-from _bench import cases
+from _bench import cases  # noqa: E402
+
 torch.set_num_threads(1)
-dev = torch.device("cpu")
-model = cases.make_model("resnet50", 224, dev)
-s = cases.make_setup("resnet50", model, 1, 224, dev)
-meth = cases.build_pyattr("eigencam", s)
-bound = cases.bound_fn("eigencam", s)
-eager = lambda: meth(s.x, s.target)
-for f in (bound, eager): f()
-tb, te = [], []
+device = torch.device("cpu")
+setup = cases.make_setup("resnet50", cases.make_model("resnet50", 224, device), 1, 224, device)
+method = cases.build_pyattr("eigencam", setup)
+bound = cases.bound_fn("eigencam", setup)
+
+
+def eager():
+    return method(setup.x, setup.target)
+
+
+bound(), eager()
+times: dict[str, list[float]] = {"bound": [], "eager": []}
 for i in range(7):
-    for f, acc in ((bound, tb), (eager, te)) if i % 2 == 0 else ((eager, te), (bound, tb)):
-        t = time.perf_counter(); f(); acc.append(time.perf_counter() - t)
-ratios = [e / b for e, b in zip(te, tb)]
-print("bound ms", [round(1000 * v) for v in tb]); print("eager ms", [round(1000 * v) for v in te])
-print("median ratio", statistics.median(ratios))
-from torch.profiler import profile
-with profile() as p:
-    eager()
-print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    for name, fn in ((("bound", bound), ("eager", eager)) if i % 2 == 0 else (("eager", eager), ("bound", bound))):
+        t0 = time.perf_counter()
+        fn()
+        times[name].append(time.perf_counter() - t0)
+for name, values in times.items():
+    print(name, "ms", [round(1000 * v) for v in values])
+print("median ratio eager / bound", statistics.median(e / b for e, b in zip(times["eager"], times["bound"])))
