@@ -10,7 +10,7 @@ import time
 import torch
 
 sys.path.insert(0, "benchmarks")
-from _bench import cases  # noqa: E402
+from _bench import cases
 
 torch.set_num_threads(1)
 device = torch.device("cpu")
