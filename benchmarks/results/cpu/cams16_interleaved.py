@@ -1,6 +1,6 @@
-"""Eigen-CAM eager vs its bound (one forward), interleaved, 7 calls each, one thread (see cams16_notes.md).
+"""A method eager vs its bound, interleaved, 9 calls each, one thread (see cams16_notes.md).
 
-Run from the repository root: ``PYTHONPATH=. python benchmarks/results/cpu/cams16_eigencam_interleaved.py``.
+Run from the repository root: ``PYTHONPATH=. python benchmarks/results/cpu/cams16_interleaved.py METHOD MODEL SIZE``.
 """
 
 import statistics
@@ -14,9 +14,9 @@ from _bench import cases
 
 torch.set_num_threads(1)
 device = torch.device("cpu")
-setup = cases.make_setup("resnet50", cases.make_model("resnet50", 224, device), 1, 224, device)
-method = cases.build_pyattr("eigencam", setup)
-bound = cases.bound_fn("eigencam", setup)
+setup = cases.make_setup(sys.argv[2], cases.make_model(sys.argv[2], int(sys.argv[3]), device), 1, int(sys.argv[3]), device)
+method = cases.build_pyattr(sys.argv[1], setup)
+bound = cases.bound_fn(sys.argv[1], setup)
 
 
 def eager():
@@ -25,7 +25,7 @@ def eager():
 
 bound(), eager()
 times: dict[str, list[float]] = {"bound": [], "eager": []}
-for i in range(7):
+for i in range(9):
     for name, fn in ((("bound", bound), ("eager", eager)) if i % 2 == 0 else (("eager", eager), ("bound", bound))):
         t0 = time.perf_counter()
         fn()
