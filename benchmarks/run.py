@@ -54,8 +54,10 @@ def full_plan(device: str) -> tuple[list[tuple[str, str, int]], list[str]]:
         for model in cases.ALL_MODELS:
             for method in cases.ALL_METHODS:
                 for batch in (1, 8, 64):
-                    if method == "scorecam" and batch > 8:
+                    if method in ("scorecam", "sscam", "iscam", "ablationcam") and batch > 8:
                         continue
+                    if method in ("ablationcam", "reciprocam") and not model.startswith("resnet"):
+                        continue  # their bound's head after the layer is written for ResNets (cases.head_fn)
                     plan.append((model, method, batch))
         plan += [(m, meth, b) for m in cases.TASK_MODELS for meth in cases.TASK_METHODS for b in (1, 8, 64)]
         skipped.append("Score-CAM at batch 64: C x 64 masked forwards a call (131072 for resnet50's 2048 channels)")
@@ -72,11 +74,15 @@ def full_plan(device: str) -> tuple[list[tuple[str, str, int]], list[str]]:
     plan += [("resnet50", "deeplift", 1), ("resnet50", "deeplift", 8), ("resnet50", "deepliftshap", 1),
              ("resnet50", "gradientshap", 1)]
     plan.append(("mobilenet_v3_large", "scorecam", 1))
+    plan += [("resnet50", method, 1) for method in ("reciprocam", "smoothgradcampp", "eigencam", "eigengradcam")]
     plan += [("resnet50", method, 1) for method in cases.PERTURBATION_METHODS]  # 1 + 16 forwards per image
     plan += task_plan()
     skipped += [
         ("vgg16, vit_b_16 at batch 8 on CPU: 8-15 s per call and ~10 contenders a round (run them with "
         "--models vgg16 vit_b_16 --batches 8)"),
+        ("Ablation-CAM on CPU: its peer (pytorch-grad-cam) runs the whole model once per channel (2048 resnet50 "
+         "forwards a call); SS-CAM / IS-CAM on CPU: S x C forwards a call; run them with --models resnet18 --methods "
+         "ablationcam sscam iscam --size 112 (results/cpu/cams16.md)"),
         "Grad-CAM++, FullGrad at batch 8 on CPU: same costs as Grad-CAM / Saliency at batch 8 (measured at batch 1)",
         ("Integrated Gradients / SmoothGrad on vgg16, vit_b_16 on CPU: 16-32 forward+backward passes per image at "
         "15-17 GFLOPs each"),
@@ -148,6 +154,9 @@ def build_plan(args) -> tuple[list[tuple[str, str, int]], list[str], str]:
             plan += [(m, meth, 1) for m in extra for meth in methods]
     if args.methods:
         plan = [c for c in plan if c[1] in args.methods]
+    if args.models and args.methods:  # named models x named methods run even where the default plan leaves them out
+        plan += [(m, meth, 1) for m in args.models for meth in args.methods
+                 if not any(c[0] == m and c[1] == meth for c in plan)]
     if args.batches:
         plan = list(dict.fromkeys((m, meth, b) for m, meth, _ in plan for b in args.batches))
     skipped_methods = sorted({meth for _, meth, _ in plan if not cases.pyattr_has(meth)})

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ._callview import CallView, call_view, is_view
+from ._callview import _VIEW_MARK, CallView, call_view, is_view
 from .errors import InputError, LayerNotFoundError
 
 
@@ -73,6 +73,100 @@ def replace_output(layer: nn.Module, replacement: torch.Tensor) -> Iterator[None
         yield
     finally:
         handle.remove()
+
+
+class PrefixCache:
+    """The outputs of the modules that ran before a layer in one forward pass (:func:`record_prefix`), for later
+    passes of the same input that change only the layer's output (:func:`reuse_prefix`): those passes then skip
+    the part of the model before the layer instead of recomputing it.
+
+    ``outputs`` maps each cached module of the user's model (not of a view) to the tensor it returned. A module is
+    cached when, in the recorded pass, it was called exactly once, its call ended before the layer's began, it
+    returned a tensor, and that tensor was not modified in place afterwards (its version counter unchanged to the
+    end of the pass: e.g. a BatchNorm output that an in-place ReLU then overwrote is recomputed, the ReLU's is
+    reused). Its submodules then never run in a replay.
+    """
+
+    def __init__(self) -> None:
+        self.outputs: dict[nn.Module, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.outputs)
+
+
+@contextmanager
+def record_prefix(view: CallView, layer: nn.Module) -> Iterator[PrefixCache]:
+    """Record, during the body's forward pass on ``view``, which modules ran before ``layer`` (a module of the view)
+    and what they returned; the yielded :class:`PrefixCache` is filled when the body ends. The hooks are put on the
+    view's modules and removed on exit."""
+    cache = PrefixCache()
+    calls: dict[int, list] = {}  # id(view module) -> [module, calls, end event, output, version at return]
+    events = [0, None]  # [event counter, event at which the layer's (first) call began]
+    handles = []
+
+    def before(module, _inputs):
+        events[0] += 1
+        if module is layer and events[1] is None:
+            events[1] = events[0]
+
+    def after(module, _inputs, output):
+        events[0] += 1
+        entry = calls.get(id(module))
+        if entry is not None:
+            entry[1] += 1
+        else:
+            version = output._version if isinstance(output, torch.Tensor) else None
+            calls[id(module)] = [module, 1, events[0], output, version]
+
+    try:
+        for module in view.root.modules():
+            if is_view(module):
+                handles.append(module.register_forward_pre_hook(before))
+                handles.append(module.register_forward_hook(after))
+        yield cache
+    finally:
+        for h in handles:
+            h.remove()
+    start = events[1]
+    if start is None:
+        return
+    for module, count, end, output, version in calls.values():
+        if count == 1 and end < start and version is not None and output._version == version:
+            cache.outputs[module.__dict__[_VIEW_MARK]] = output
+
+
+_NO_FORWARD = object()
+
+
+@contextmanager
+def reuse_prefix(view: CallView, cache: PrefixCache | None, layer: nn.Module | None = None,
+                 replacement: torch.Tensor | None = None) -> Iterator[None]:
+    """Within the body, the modules of ``cache`` (their views in ``view``) return their recorded outputs without
+    running, and ``layer`` (a module of the view), if given, returns ``replacement`` without running. Done by an
+    instance ``forward`` on the view's modules (the user's modules are never touched), removed on exit."""
+    patched = []
+
+    def patch(module: nn.Module, value: torch.Tensor) -> None:
+        patched.append((module, module.__dict__.get("forward", _NO_FORWARD)))
+        module.__dict__["forward"] = lambda *_args, **_kwargs: value
+
+    try:
+        for original, output in (cache.outputs.items() if cache is not None else ()):
+            module = view.of(original)
+            if is_view(module):
+                patch(module, output)
+        if layer is not None:
+            if not is_view(layer):
+                raise InputError(f"cannot replace the output of a {type(layer).__name__} that is not part of a "
+                                 "per-call view")
+            patch(layer, replacement)
+        yield
+    finally:
+        for module, previous in reversed(patched):
+            if previous is _NO_FORWARD:
+                del module.__dict__["forward"]
+            else:
+                module.__dict__["forward"] = previous
 
 
 @contextmanager

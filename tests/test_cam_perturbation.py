@@ -284,3 +284,54 @@ def test_export_contract(request, model_name, name, formats, tmp_path):
     assert meta["method"] == name and meta["layer"] == layer
     for key, value in OPTIONS[name].items():
         assert meta[key] == value
+
+
+class _Counted(torch.nn.Module):
+    """A 1x1 convolution that counts its forward calls (in a list outside the module, shared by its call views)."""
+
+    def __init__(self, calls: list):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 1)
+        self.calls = calls
+
+    def forward(self, x):
+        self.calls.append(1)
+        return self.conv(x)
+
+
+class _PrefixNet(torch.nn.Module):
+    """A net whose part before ``body`` has an output overwritten in place (BatchNorm's, by a non-idempotent
+    in-place op) and a module used both before and after ``body`` (``act``)."""
+
+    def __init__(self, calls: list):
+        super().__init__()
+        self.stem = _Counted(calls)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.act = torch.nn.Tanh()
+        self.body = torch.nn.Conv2d(4, 6, 3, padding=1)
+        self.fc = torch.nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = self.bn(self.stem(x))
+        x.mul_(2.0).add_(0.5)  # in place on bn's output: bn must be recomputed, not reused, in later passes
+        x = self.act(x)
+        x = self.act(self.body(x))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("cls", [AblationCAM, ReciproCAM])
+def test_passes_after_the_layer_reuse_the_part_before_it(cls):
+    """split=True: the module before the layer runs once per call (not once per chunk), and the maps equal
+    split=False's (which re-runs the whole model for every copy), despite the in-place op and the shared module."""
+    torch.manual_seed(0)
+    calls: list = []
+    model = _PrefixNet(calls).eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+    x = torch.rand(2, 4, 6, 6)
+    fast = cls(model, "body", chunk_size=2)(x, target=torch.tensor([1, 3]))
+    assert len(calls) == 1
+    slow = cls(model, "body", chunk_size=2, split=False)(x, target=torch.tensor([1, 3]))
+    assert len(calls) > 2
+    torch.testing.assert_close(fast.raw, slow.raw, rtol=1e-5, atol=1e-6)
+    assert fast.raw.abs().max() > 0

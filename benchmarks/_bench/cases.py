@@ -18,7 +18,17 @@ rise                 1 forward + 16 masked forwards (7 x 7 grids, p = 0.5); no p
 deeplift             zero baseline; 1 forward + 1 backward of the 2N batch (inputs and baselines)
 deepliftshap         4 baselines (seeded random images); 4 x (forward + backward of a 2N batch)
 gradientshap         16 samples from 4 baselines (seeded random images), no noise; 16 x (fwd + bwd)
+ablationcam          1 forward + C passes of the head after the layer (each channel ablated), 32 a pass
+reciprocam           1 forward + h*w passes of the head after the layer (one per position), 64 a pass
+sscam, iscam         1 forward + S x C masked forwards (S = CAM_SAMPLES noise / path samples, reduced from
+                     torchcam's 35 / 10 so that a call fits the CPU suite), C per pass as Score-CAM
+smoothgradcampp      1 clean forward + 4 noisy (forward + backward to the layer), one pass of 4N
+eigencam             1 forward (no gradient)
+eigengradcam         1 forward + 1 backward to the layer
 ==================== ===========================================================================
+
+The head after the layer (Ablation-CAM, Recipro-CAM's bound): ``avgpool -> flatten -> fc`` after a torchvision
+ResNet's ``layer4`` (:func:`head_fn`; the only models these two methods are timed on).
 
 Targets beyond class logits (issue 14): two models explain another objective than a class logit
 (:data:`TASK_MODELS`), with Saliency and Grad-CAM:
@@ -68,6 +78,8 @@ PERTURBATIONS = 16  # windows (4 x 4), grid cells (4 x 4) or RISE masks per imag
 PERTURBATION_METHODS = ("occlusion", "featureablation", "rise")
 
 SHAP_BASELINES = 4
+CAM_SAMPLES = 2  # SS-CAM / IS-CAM samples (torchcam: 35 / 10): S x C masked forwards a call
+ABLATION_CHUNK, RECIPRO_CHUNK, SMOOTH_CAMPP_SAMPLES = 32, 64, 4
 
 
 def shap_baselines(x: torch.Tensor) -> torch.Tensor:
@@ -98,9 +110,12 @@ METHOD_LABELS = {
     "rise": "RISE (16 masks)",
     "deeplift": "DeepLIFT", "deepliftshap": f"DeepLIFT-SHAP ({SHAP_BASELINES})",
     "gradientshap": f"GradientSHAP ({SG_SAMPLES})",
+    "ablationcam": "Ablation-CAM", "reciprocam": "Recipro-CAM", "sscam": f"SS-CAM ({CAM_SAMPLES} samples)",
+    "iscam": f"IS-CAM ({CAM_SAMPLES} samples)", "smoothgradcampp": f"Smooth Grad-CAM++ ({SMOOTH_CAMPP_SAMPLES})",
+    "eigencam": "Eigen-CAM", "eigengradcam": "Eigen-Grad-CAM",
 }
 ALL_METHODS = list(METHOD_LABELS)
-CAM_METHODS = ("gradcam", "gradcampp", "scorecam")
+CAM_METHODS = ("gradcam", "gradcampp", "scorecam", "sscam", "iscam", "smoothgradcampp", "eigencam", "eigengradcam")
 ALL_MODELS = ["resnet50", "vgg16", "mobilenet_v3_large", "vit_b_16"]
 
 
@@ -258,9 +273,17 @@ def build_pyattr(method: str, s: Setup) -> pyattr.AttributionMethod:
                                  chunk_size=points_per_pass(len(s.x)))
     if method in CAM_METHODS:
         options = {"reshape_transform": pyattr.methods.TokensToGrid(1)} if s.reshape is not None else {}
-        if method == "scorecam":
+        if method in ("scorecam", "sscam", "iscam"):
             options["chunk_size"] = channels_per_pass(len(s.x))
+        if method in ("sscam", "iscam"):
+            options["samples"] = CAM_SAMPLES
+        if method == "smoothgradcampp":
+            options.update(samples=SMOOTH_CAMPP_SAMPLES, chunk_size=SMOOTH_CAMPP_SAMPLES)
         return METHODS[method](m, s.layer_name, **options)
+    if method == "ablationcam":
+        return pyattr.methods.AblationCAM(m, s.layer_name, chunk_size=ABLATION_CHUNK)
+    if method == "reciprocam":
+        return pyattr.methods.ReciproCAM(m, s.layer_name, chunk_size=RECIPRO_CHUNK)
     if method == "fullgrad":
         return pyattr.methods.FullGrad(m)
     if method in PERTURBATION_METHODS:
@@ -322,6 +345,26 @@ def _objective_layer_grad(model: nn.Module, objective, layer: nn.Module, x: torc
     return torch.autograd.grad(objective(output).sum(), captured[-1])[0]
 
 
+def _layer_output(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, the layer's output) of one forward pass without gradient."""
+    captured = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        with torch.no_grad():
+            scores = model(x)
+    finally:
+        handle.remove()
+    return scores, captured[-1]
+
+
+def head_fn(s: Setup) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The part of the model after the CAM layer as a plain function (torchvision ResNets after ``layer4``)."""
+    model = s.model
+    if s.layer_name == "layer4" and hasattr(model, "avgpool") and hasattr(model, "fc"):
+        return lambda a: model.fc(torch.flatten(model.avgpool(a), 1))
+    raise KeyError(f"no head written for {s.name} after {s.layer_name!r} (the bound of Ablation-/Recipro-CAM)")
+
+
 def bound_fn(method: str, s: Setup) -> Callable[[], object]:
     """The plain forward + backward (torch.autograd) the method needs, nothing else (no mapping, no
     normalization, no parameter gradient). Task models: the forward, the hand-written objective
@@ -378,6 +421,44 @@ def bound_fn(method: str, s: Setup) -> Callable[[], object]:
             for _ in range(SG_SAMPLES // chunk):
                 _input_grad(model, (x[:, None] * scale).flatten(0, 1), t.repeat_interleave(chunk))
         return points
+    if method in ("ablationcam", "reciprocam"):
+        layer, head = s.layer, head_fn(s)
+
+        def head_passes():
+            with torch.no_grad():
+                _, act = _layer_output(model, layer, x)
+                copies = act.shape[1] if method == "ablationcam" else act.shape[2] * act.shape[3]
+                chunk = ABLATION_CHUNK if method == "ablationcam" else RECIPRO_CHUNK
+                for start in range(0, copies, chunk):
+                    c = min(chunk, copies - start)
+                    head(act.repeat_interleave(c, 0)).gather(1, t.repeat_interleave(c)[:, None])
+        return head_passes
+    if method in ("sscam", "iscam"):
+        layer = s.layer
+
+        def sampled_masked_forwards():
+            with torch.no_grad():
+                _, act = _layer_output(model, layer, x)
+                channels, chunk = act.shape[1], channels_per_pass(n)
+                for start in range(0, channels, chunk):
+                    c = min(chunk, channels - start)
+                    for _ in range(CAM_SAMPLES):
+                        model(x.repeat_interleave(c, 0)).gather(1, t.repeat_interleave(c)[:, None])
+        return sampled_masked_forwards
+    if method == "smoothgradcampp":
+        layer = s.layer
+
+        def clean_and_noisy():
+            _layer_output(model, layer, x)
+            _layer_grad(model, layer, x.repeat_interleave(SMOOTH_CAMPP_SAMPLES, 0),
+                        t.repeat_interleave(SMOOTH_CAMPP_SAMPLES))
+        return clean_and_noisy
+    if method == "eigencam":
+        layer = s.layer
+        return lambda: _layer_output(model, layer, x)
+    if method == "eigengradcam":
+        layer = s.layer
+        return lambda: _layer_grad(model, layer, x, t)
     if method == "scorecam":
         layer = s.layer
 
@@ -417,7 +498,11 @@ def bound_label(method: str, s: Setup | None = None) -> str:
             "featureablation": f"fwd + {PERTURBATIONS} fwds", "rise": f"fwd + {PERTURBATIONS} fwds",
             "deeplift": "fwd + bwd to input of the 2N batch",
             "deepliftshap": f"{SHAP_BASELINES} x (fwd + bwd to input of a 2N batch)",
-            "gradientshap": f"{SG_SAMPLES} x (fwd + bwd to input)"}.get(method, "fwd + bwd")
+            "gradientshap": f"{SG_SAMPLES} x (fwd + bwd to input)",
+            "ablationcam": "fwd + C head passes", "reciprocam": "fwd + h*w head passes",
+            "sscam": f"fwd + {CAM_SAMPLES} x C masked fwds", "iscam": f"fwd + {CAM_SAMPLES} x C masked fwds",
+            "smoothgradcampp": f"fwd + {SMOOTH_CAMPP_SAMPLES} x (fwd + bwd to layer)", "eigencam": "fwd",
+            "eigengradcam": "fwd + bwd to layer"}.get(method, "fwd + bwd")
 
 
 # --- pyattr's backends ----------------------------------------------------------------------------

@@ -28,10 +28,13 @@ import torch
 from torch import nn
 
 from .cases import (
+    ABLATION_CHUNK,
+    CAM_SAMPLES,
     IG_STEPS,
     PERTURBATIONS,
     SG_NOISE,
     SG_SAMPLES,
+    SMOOTH_CAMPP_SAMPLES,
     Setup,
     channels_per_pass,
     minmax,
@@ -253,7 +256,8 @@ def pytorch_grad_cam(method: str, s: Setup) -> list[Contender]:
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     classes = {"gradcam": pgc.GradCAM, "gradcampp": pgc.GradCAMPlusPlus, "scorecam": pgc.ScoreCAM,
-               "fullgrad": pgc.FullGrad}
+               "fullgrad": pgc.FullGrad, "ablationcam": pgc.AblationCAM, "eigencam": pgc.EigenCAM,
+               "eigengradcam": pgc.EigenGradCAM}
     if method not in classes:
         return []
     cls = classes[method]
@@ -265,6 +269,8 @@ def pytorch_grad_cam(method: str, s: Setup) -> list[Contender]:
         with cls(model=model, target_layers=layers, reshape_transform=s.reshape) as cam:
             if method == "scorecam":
                 cam.batch_size = channels_per_pass(len(x))
+            if method == "ablationcam":  # its copies run through the whole model, one input at a time
+                cam.batch_size = ABLATION_CHUNK
             return cam(input_tensor=x, targets=targets)
 
     return _pair(f"pytorch-grad-cam {cls.__name__}", "pytorch-grad-cam", run, None, after=_free_grads(model))
@@ -278,7 +284,8 @@ def torchcam(method: str, s: Setup) -> list[Contender]:
         return torchcam_task(method, s)
     import torchcam.methods as tcm
 
-    classes = {"gradcam": tcm.GradCAM, "gradcampp": tcm.GradCAMpp, "scorecam": tcm.ScoreCAM}
+    classes = {"gradcam": tcm.GradCAM, "gradcampp": tcm.GradCAMpp, "scorecam": tcm.ScoreCAM, "sscam": tcm.SSCAM,
+               "iscam": tcm.ISCAM, "smoothgradcampp": tcm.SmoothGradCAMpp}
     if method not in classes:
         return []
     cls = classes[method]
@@ -286,12 +293,16 @@ def torchcam(method: str, s: Setup) -> list[Contender]:
     size = tuple(x.shape[-2:])
     class_idx = [int(c) for c in s.target.tolist()]
     options = {"reshape_transform": s.reshape} if s.reshape is not None else {}
-    if method == "scorecam":
+    if method in ("scorecam", "sscam", "iscam"):
         options["batch_size"] = len(x) * channels_per_pass(len(x))
+    if method in ("sscam", "iscam"):
+        options["num_samples"] = CAM_SAMPLES
+    if method == "smoothgradcampp":
+        options["num_samples"] = SMOOTH_CAMPP_SAMPLES
 
     def run():
         with cls(model, s.layer_name, input_shape=tuple(x.shape[1:]), **options) as extractor:
-            if method == "scorecam":
+            if method in ("scorecam", "sscam", "iscam"):
                 with torch.no_grad():
                     model(x)
                 return extractor(class_idx=class_idx)

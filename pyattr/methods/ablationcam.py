@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._capture import PrefixCache
 from ..errors import InputError
 from .cam import CAMMethod, LayerSpec, check_count, scores_of_copies, weighted_sum
 
@@ -30,7 +31,9 @@ class AblationCAM(CAMMethod):
     The layer's activations are computed once; the ablated copies (N * ``chunk_size`` per pass, C / chunk_size
     passes, unrolled in an exported graph) go through the rest of the network with the layer's output replaced
     (:meth:`~pyattr.methods.cam.CAMMethod.scores_with_layer_output`; ``split=False`` for a model that uses
-    tensors from before the layer after it). Costs C passes of the network's part after the layer per image.
+    tensors from before the layer after it). Costs C passes of the network's part after the layer per image: with
+    ``split=True`` the modules that ran before the layer return their outputs recorded in the first pass
+    (:meth:`~pyattr.methods.cam.CAMMethod.forward_with_prefix`) instead of running again.
 
     Differences from pytorch-grad-cam 1.5.7's ``AblationCAM`` (the test's reference): none for layers with
     minimum 0. For a layer with another minimum, pytorch-grad-cam's ablation value drifts within a batch (its
@@ -67,9 +70,10 @@ class AblationCAM(CAMMethod):
         return torch.where(low == 0, torch.zeros_like(low), low - ABLATION_OFFSET)
 
     def ablated_scores(self, x: torch.Tensor, out: torch.Tensor, act: torch.Tensor,
-                       resolved: torch.Tensor) -> torch.Tensor:
+                       resolved: torch.Tensor, prefix: PrefixCache | None = None) -> torch.Tensor:
         """(N, C) target scores with each channel of the layer ablated in turn. ``out``: the layer's output as it
-        returned it, ``act``: as an (N, C, h, w) map."""
+        returned it, ``act``: as an (N, C, h, w) map; ``prefix``: the record of the part before the layer
+        (:meth:`~pyattr.methods.cam.CAMMethod.forward_with_prefix`), which the passes then skip."""
         if self.reshape_transform is not None:
             raise InputError("AblationCAM replaces the layer's output, which needs it as an (N, C, h, w) map: "
                              "use it without reshape_transform (or Score-CAM for transformers)")
@@ -81,18 +85,18 @@ class AblationCAM(CAMMethod):
             stop = min(start + self.chunk_size, channels)
             ablate = eye[start:stop, :, None, None][None]  # (1, c, C, 1, 1): copy j ablates channel start + j
             copies = torch.where(ablate, value, act[:, None]).flatten(0, 1)  # (N * c, C, h, w)
-            scores = self.scores_with_layer_output(x, copies, stop - start, self.split)
+            scores = self.scores_with_layer_output(x, copies, stop - start, self.split, prefix)
             chunks.append(scores_of_copies(scores, stop - start, resolved))
         return torch.cat(chunks, 1) if len(chunks) > 1 else chunks[0]
 
     def attribute_raw(self, x: torch.Tensor, target: torch.Tensor):
         with torch.no_grad():
             x = x.detach()
-            scores, (out,) = self.forward_with_layers(x)
+            scores, out, prefix = self.forward_with_prefix(x)
             _, resolved = self.select(scores, target)
             act = self.as_map(out, self.layer_names[0])
             y = scores.gather(1, resolved[:, None])  # (N, 1)
-            ablated = self.ablated_scores(x, out, act, resolved)
+            ablated = self.ablated_scores(x, out, act, resolved, prefix)
             weights = (y - ablated) / torch.where(y == 0, torch.ones_like(y), y)
         return scores, weighted_sum(weights, act), resolved
 

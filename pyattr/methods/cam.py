@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._callview import call_view
-from .._capture import capture_outputs, find_layer, replace_output
+from .._capture import PrefixCache, capture_outputs, find_layer, record_prefix, reuse_prefix
 from ..errors import InputError
 from ..postprocess import normalize_minmax, resize_bilinear
 from ..targets.base import CLASS_TARGET, current_target
@@ -204,6 +204,17 @@ class CAMMethod(AttributionMethod):
             outputs.append(out)
         return scores, outputs
 
+    def forward_with_prefix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, PrefixCache]:
+        """:meth:`forward_with_layers` for the (single) layer, which also records the outputs of the modules that
+        ran before the layer (:class:`pyattr._capture.PrefixCache`): (scores, the layer's output, the record).
+        Passed to :meth:`scores_with_layer_output`, the record spares its passes the part of the model before the
+        layer (for the same ``x``)."""
+        with call_view(self._model) as view:
+            layer = self.in_call(self._require_layers()[0])
+            with record_prefix(view, layer) as prefix:
+                scores, (out,) = self.forward_with_layers(x)
+        return scores, out, prefix
+
     def _scores(self, x: torch.Tensor) -> torch.Tensor:
         return model_scores(self, x)
 
@@ -245,7 +256,7 @@ class CAMMethod(AttributionMethod):
         return scores, acts, grads, resolved
 
     def scores_with_layer_output(self, x: torch.Tensor, replacement: torch.Tensor, copies: int,
-                                 split: bool = True) -> torch.Tensor:
+                                 split: bool = True, prefix: PrefixCache | None = None) -> torch.Tensor:
         """The target's scores when the (single) layer outputs ``replacement`` instead of its own output:
         (N * c, K) scores for ``replacement`` (N * c, ...), ``copies`` = c maps per sample, sample-major (sample
         n's maps are rows n * c .. n * c + c - 1). The gradient-free CAMs that perturb the layer's activations
@@ -258,12 +269,17 @@ class CAMMethod(AttributionMethod):
         OpenVINO XAI's Recipro-CAM assumes). A model that uses earlier tensors after the layer (a skip
         connection around it) fails then with a shape error (one sample alone broadcasts them, which is right).
         ``split=False``: the N * c copies of the input run through the whole model (the part before the layer
-        is recomputed c times: slower, right for any model)."""
-        with call_view(self._model):
+        is recomputed c times: slower, right for any model).
+
+        ``prefix`` (from :meth:`forward_with_prefix` on the same ``x``; ``split=True`` only): the modules that ran
+        before the layer return their recorded outputs instead of running again, so that a pass costs the part of
+        the model after the layer only. In every pass the layer itself returns ``replacement`` without running."""
+        with call_view(self._model) as view:
             layer = self.in_call(self._require_layers()[0])
             inputs = x if split else x.repeat_interleave(copies, 0)
             try:
-                with replace_output(layer, replacement), math_attention_while_tracing(self):
+                with reuse_prefix(view, prefix if split else None, layer, replacement), \
+                        math_attention_while_tracing(self):
                     out = select_output(self.model(inputs), self.output)
             except RuntimeError as error:
                 if not split or self._tracing:

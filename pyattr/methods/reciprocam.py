@@ -56,7 +56,8 @@ class ReciproCAM(CAMMethod):
 
     The h*w mosaics of each sample go through the rest of the network with the layer's output replaced
     (:meth:`~pyattr.methods.cam.CAMMethod.scores_with_layer_output`): ``chunk_size`` positions per pass
-    (N * chunk_size maps), ceil(h*w / chunk_size) passes, unrolled in an exported graph.
+    (N * chunk_size maps), ceil(h*w / chunk_size) passes, unrolled in an exported graph; with ``split=True`` the
+    part before the layer is not run again (the outputs of its modules recorded in the first pass are reused).
 
     OpenVINO XAI's ``ReciproCAM`` (for CNNs) is ``kernel="point"``: the test holds pyattr to it.
 
@@ -98,7 +99,7 @@ class ReciproCAM(CAMMethod):
     def attribute_raw(self, x: torch.Tensor, target: torch.Tensor):
         with torch.no_grad():
             x = x.detach()
-            scores, (out,) = self.forward_with_layers(x)
+            scores, out, prefix = self.forward_with_prefix(x)
             _, resolved = self.select(scores, target)
             act = self.as_map(out, self.layer_names[0])
             h, w = int(act.shape[2]), int(act.shape[3])
@@ -107,7 +108,7 @@ class ReciproCAM(CAMMethod):
             for start in range(0, h * w, self.chunk_size):
                 stop = min(start + self.chunk_size, h * w)
                 mosaics = (act[:, None] * masks[None, start:stop, None]).flatten(0, 1)  # (N * c, C, h, w)
-                out_scores = self.scores_with_layer_output(x, mosaics, stop - start, self.split)
+                out_scores = self.scores_with_layer_output(x, mosaics, stop - start, self.split, prefix)
                 if self.softmax:
                     out_scores = torch.softmax(out_scores, dim=1)
                 chunks.append(scores_of_copies(out_scores, stop - start, resolved))
