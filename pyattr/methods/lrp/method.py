@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..._callview import CallView, call_view
+from ..._callview import CallView, call_view, is_view
 from ..._capture import find_layer
 from ...errors import InputError
 from ..base import AttributionMethod, OutputSelector
@@ -51,6 +51,33 @@ def layer_function(module: nn.Module) -> Callable[..., torch.Tensor] | None:
     if isinstance(module, AVG_POOLS):
         return lambda x, weight, bias: module.forward(x)
     return None
+
+
+def input_gradient(module: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """``g(x, weight, s) = J^T s``, the input gradient of ``f(x; weight, b)`` for a given output gradient ``s``,
+    computed directly (no forward pass): for convolutions with zero padding (a transposed convolution, the
+    op autograd runs, which the export decomposition table rewrites) and linear layers; else None."""
+    if isinstance(module, CONVOLUTIONS) and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        stride, padding, dilation, groups = list(module.stride), list(module.padding), list(module.dilation), module.groups
+        zeros = [0] * len(stride)
+
+        def conv_input_gradient(x, weight, s):
+            return torch.ops.aten.convolution_backward(
+                s, x, weight, None, stride, padding, dilation, False, zeros, groups, [True, False, False]
+            )[0]
+
+        return conv_input_gradient
+    if isinstance(module, LINEARS):
+        return lambda x, weight, s: s.matmul(weight)
+    return None
+
+
+# layers whose output is >= 0 whatever their input, and layers whose output is >= 0 when their input is
+NONNEGATIVE_OUTPUTS = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
+SIGN_KEEPING = AVG_POOLS + (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity, nn.Flatten, nn.Unflatten,
+)
 
 
 class _LayerRule(torch.autograd.Function):
@@ -245,6 +272,18 @@ class LRP(AttributionMethod):
         stored: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         watched: dict[str, torch.Tensor] = {}
         handles = []
+        # tensors of this call known to be >= 0 by construction (not by their values), unchanged since:
+        # id -> (tensor, its version counter then)
+        nonnegatives: dict[int, tuple[torch.Tensor, int]] = {}
+
+        def is_nonnegative(x: torch.Tensor) -> bool:
+            known = nonnegatives.get(id(x))
+            return known is not None and known[0] is x and known[1] == x._version
+
+        def mark_nonnegative(module, inputs, output):
+            if isinstance(output, torch.Tensor) and (
+                    isinstance(module, NONNEGATIVE_OUTPUTS) or (inputs and is_nonnegative(inputs[0]))):
+                nonnegatives[id(output)] = (output, output._version)
 
         def capture(name):
             def hook(_module, inputs, output):
@@ -260,7 +299,7 @@ class LRP(AttributionMethod):
 
         def linear_rule(name, rule: LinearRule):
             module = named[name]
-            fn = layer_function(module)
+            fn, grad_fn = layer_function(module), input_gradient(module)
 
             def hook(_module, inputs, output):
                 x = inputs[0]
@@ -270,12 +309,15 @@ class LRP(AttributionMethod):
                 bias = getattr(module, "bias", None)
                 weight = weight.detach() if isinstance(weight, torch.Tensor) else None
                 bias = bias.detach() if isinstance(bias, torch.Tensor) else None
-                return _LayerRule.apply(x, output, lambda xs, r: rule.relevance(fn, xs, weight, bias, r))
+                nonnegative, reference = is_nonnegative(x), output.detach()
+                return _LayerRule.apply(x, output, lambda xs, r: rule.relevance(
+                    fn, xs, weight, bias, r, output=reference, nonnegative=nonnegative, input_gradient=grad_fn))
 
             return hook
 
         def merged_rule(bn_name, layer_name, rule: LinearRule):
             layer, fn = named[layer_name], layer_function(named[layer_name])
+            grad_fn = input_gradient(layer)
 
             def hook(bn, inputs, output):
                 if layer_name not in stored or stored[layer_name][1] is not inputs[0]:
@@ -286,7 +328,9 @@ class LRP(AttributionMethod):
                     )
                 x, _ = stored.pop(layer_name)
                 weight, bias = merge_batch_norm(layer, bn)
-                return _LayerRule.apply(x, output, lambda xs, r: rule.relevance(fn, xs, weight, bias, r))
+                nonnegative, reference = is_nonnegative(x), output.detach()
+                return _LayerRule.apply(x, output, lambda xs, r: rule.relevance(
+                    fn, xs, weight, bias, r, output=reference, nonnegative=nonnegative, input_gradient=grad_fn))
 
             return hook
 
@@ -306,6 +350,8 @@ class LRP(AttributionMethod):
                     handles.append(layer.register_forward_pre_hook(watch_hook(name)))
                 for name, module in named.items():
                     rule = assigned.get(name)
+                    # a forward hook of the user's could change the output: then its sign is not known
+                    user_hooked = bool(module._forward_hooks) or bool(module._forward_hooks_with_kwargs)
                     if name in merged_layers or name in merged or isinstance(rule, LinearRule) or (
                             rule is not None and rule.kind == "pass"):
                         module = view.hookable(module, name)  # not a shared TorchScript module
@@ -320,11 +366,15 @@ class LRP(AttributionMethod):
                         handles.append(module.register_forward_hook(linear_rule(name, rule)))
                     elif rule is not None and rule.kind == "pass":
                         handles.append(module.register_forward_hook(pass_hook))
+                    if isinstance(module, NONNEGATIVE_OUTPUTS + SIGN_KEEPING) and not user_hooked and is_view(module):
+                        # registered after the rule's hook: marks the output that the next layer reads
+                        handles.append(module.register_forward_hook(mark_nonnegative))
                 yield watched
             finally:
                 for handle in handles:
                     handle.remove()
                 stored.clear()
+                nonnegatives.clear()
 
     # -- the computation --------------------------------------------------------------------------
     def _relevance(self, x: torch.Tensor, target: torch.Tensor, watch: tuple[str, ...] = ()):
