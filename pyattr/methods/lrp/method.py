@@ -32,7 +32,7 @@ from ..base import AttributionMethod, OutputSelector
 from ..gradient import reduce_channel_dim
 from .canonizers import batch_norm_pairs, canonical_blocks, merge_batch_norm, out_of_place_activations
 from .composites import AVG_POOLS, COMPOSITES, CONVOLUTIONS, LINEARS, Composite, EpsilonGammaBox
-from .rules import LinearRule, Rule
+from .rules import LinearRule, Rule, term_parameters
 
 RuleKey = str | type
 _REDUCTIONS = ("sum", "max", "mean", "l2", "none")
@@ -305,13 +305,17 @@ class LRP(AttributionMethod):
                 x = inputs[0]
                 if not (x.requires_grad or output.requires_grad):
                     return None
-                weight = getattr(module, "weight", None)
-                bias = getattr(module, "bias", None)
-                weight = weight.detach() if isinstance(weight, torch.Tensor) else None
-                bias = bias.detach() if isinstance(bias, torch.Tensor) else None
+                sources = (getattr(module, "weight", None), getattr(module, "bias", None))
+                weight, bias = (t.detach() if isinstance(t, torch.Tensor) else None for t in sources)
+
+                def params(index):
+                    return self._derived((name, id(rule), index), sources,
+                                         lambda: term_parameters(rule.terms[index], weight, bias))
+
                 nonnegative, reference = is_nonnegative(x), output.detach()
                 return _LayerRule.apply(x, output, lambda xs, r: rule.relevance(
-                    fn, xs, weight, bias, r, output=reference, nonnegative=nonnegative, input_gradient=grad_fn))
+                    fn, xs, weight, bias, r, output=reference, nonnegative=nonnegative, input_gradient=grad_fn,
+                    term_params=params))
 
             return hook
 
@@ -327,10 +331,18 @@ class LRP(AttributionMethod):
                         f"rules={{{bn_name!r}: pyattr.lrp.Pass()}} to leave this BatchNorm unmerged"
                     )
                 x, _ = stored.pop(layer_name)
-                weight, bias = merge_batch_norm(layer, bn)
+                sources = (layer.weight, layer.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+
+                def params(index):
+                    def make():
+                        return term_parameters(rule.terms[index], *merge_batch_norm(layer, bn))
+
+                    return self._derived((bn_name, id(rule), index), sources, make)
+
                 nonnegative, reference = is_nonnegative(x), output.detach()
                 return _LayerRule.apply(x, output, lambda xs, r: rule.relevance(
-                    fn, xs, weight, bias, r, output=reference, nonnegative=nonnegative, input_gradient=grad_fn))
+                    fn, xs, None, None, r, output=reference, nonnegative=nonnegative, input_gradient=grad_fn,
+                    term_params=params))
 
             return hook
 
@@ -375,6 +387,29 @@ class LRP(AttributionMethod):
                     handle.remove()
                 stored.clear()
                 nonnegatives.clear()
+
+    def _derived(self, key: tuple, sources: tuple[torch.Tensor | None, ...], make: Callable[[], Any]) -> Any:
+        """``make()``: tensors derived from the model's parameters (a BatchNorm merged into its layer, a
+        rule's modified weights, e.g. ``w+``), made once and kept by this method between calls while every
+        tensor of ``sources`` is the same tensor with the same storage and version counter (an in-place
+        update such as ``optimizer.step()``, ``load_state_dict`` or ``model.to(...)`` makes them again). The
+        kept tensors are detached and never changed; threads that miss at once both make them (same values).
+        Not kept while tracing for export (the graph computes them from the parameters; onnxruntime folds
+        them into constants)."""
+        if self._tracing:
+            return make()
+        try:
+            stamp = tuple((id(t), t.data_ptr(), t._version, t.dtype) if isinstance(t, torch.Tensor) else None
+                          for t in sources)
+        except RuntimeError:  # inference tensors have no version counter: nothing can be kept
+            return make()
+        cache = self.__dict__.setdefault("_derived_cache", {})
+        hit = cache.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        value = make()
+        cache[key] = (stamp, value)
+        return value
 
     # -- the computation --------------------------------------------------------------------------
     def _relevance(self, x: torch.Tensor, target: torch.Tensor, watch: tuple[str, ...] = ()):

@@ -41,6 +41,7 @@ import torch
 Modifier = Callable[[torch.Tensor], torch.Tensor]
 LayerFunction = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
 InputGradient = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor], torch.Tensor]
+TermParams = Callable[[int], "tuple[torch.Tensor | None, torch.Tensor | None]"]
 
 
 # -- parts ---------------------------------------------------------------------------------------
@@ -115,6 +116,15 @@ class Term:
     group: int = 0
 
 
+def term_parameters(
+    term: Term, weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(W_i(w), B_i(b))`` of one term (None where the layer has no such parameter or the term drops it)."""
+    wi = None if weight is None else term.weight(weight)
+    bi = None if (bias is None or term.bias is None) else term.bias(bias)
+    return wi, bi
+
+
 # -- rules ---------------------------------------------------------------------------------------
 class Rule:
     """Base of all rules. ``Rule.kind`` says how the layer's backward changes:
@@ -154,6 +164,7 @@ class LinearRule(Rule):
         output: torch.Tensor | None = None,
         nonnegative: bool = False,
         input_gradient: InputGradient | None = None,
+        term_params: TermParams | None = None,
     ) -> torch.Tensor:
         """The relevance at the layer's input, for ``relevance_out`` at its output.
 
@@ -164,18 +175,23 @@ class LinearRule(Rule):
         - ``nonnegative``: ``x >= 0`` holds by construction (it is a ReLU's output, or max-pooled
           from one), so terms on ``x-`` are exactly zero and are skipped, and ``x+`` is ``x``;
         - ``input_gradient(x, w_i, s)``: ``J_i^T s`` computed directly (a transposed convolution, a
-          matrix product), so that a term whose ``z`` is known needs no forward pass of its own.
+          matrix product), so that a term whose ``z`` is known needs no forward pass of its own;
+        - ``term_params(i)``: term ``i``'s ``(W_i(w), B_i(b))`` made before (kept between calls by
+          :class:`~pyattr.methods.lrp.LRP`), instead of applying its modifiers to ``weight`` and ``bias``.
         """
         x = x.detach()
         relevance_out = relevance_out.detach()
         reference = None if output is None else output.detach()
-        terms = [t for t in self.terms if not (nonnegative and t.input is negative)]
+        kept = [i for i, t in enumerate(self.terms) if not (nonnegative and t.input is negative)]
+        terms = [self.terms[i] for i in kept]
         zs, inputs, weights = [], [], []
-        for term in terms:
+        for index, term in zip(kept, terms):
             unmodified_input = term.input is identity or (nonnegative and term.input is positive)
             xi = x if unmodified_input else term.input(x).detach()
-            wi = None if weight is None else term.weight(weight)
-            bi = None if (bias is None or term.bias is None) else term.bias(bias)
+            if term_params is not None:
+                wi, bi = term_params(index)
+            else:
+                wi, bi = term_parameters(term, weight, bias)
             if (unmodified_input and term.weight is identity and term.bias is identity and reference is not None
                     and input_gradient is not None):
                 zs.append(reference)
