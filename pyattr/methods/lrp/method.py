@@ -312,6 +312,8 @@ class LRP(AttributionMethod):
                     return self._derived((name, id(rule), index), sources,
                                          lambda: term_parameters(rule.terms[index], weight, bias))
 
+                if type(rule).relevance is not LinearRule.relevance:  # a rule's own relevance(layer, x, w, b, r)
+                    return _LayerRule.apply(x, output, lambda xs, r: rule.relevance(fn, xs, weight, bias, r))
                 nonnegative, reference = is_nonnegative(x), output.detach()
                 return _LayerRule.apply(x, output, lambda xs, r: rule.relevance(
                     fn, xs, weight, bias, r, output=reference, nonnegative=nonnegative, input_gradient=grad_fn,
@@ -339,6 +341,9 @@ class LRP(AttributionMethod):
 
                     return self._derived((bn_name, id(rule), index), sources, make)
 
+                if type(rule).relevance is not LinearRule.relevance:  # a rule's own relevance(layer, x, w, b, r)
+                    weight, bias = merge_batch_norm(layer, bn)
+                    return _LayerRule.apply(x, output, lambda xs, r: rule.relevance(fn, xs, weight, bias, r))
                 nonnegative, reference = is_nonnegative(x), output.detach()
                 return _LayerRule.apply(x, output, lambda xs, r: rule.relevance(
                     fn, xs, None, None, r, output=reference, nonnegative=nonnegative, input_gradient=grad_fn,
