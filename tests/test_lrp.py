@@ -728,3 +728,46 @@ def test_epsilon_gamma_box_takes_the_built_in_detectors_bounds():
     torch.testing.assert_close(implicit.raw, explicit.raw, rtol=0, atol=0)
     # the bounds matter (not the [0, 1] of raw pixels): > 5% of the map's range apart
     assert (implicit.raw - wrong.raw).abs().amax() > 0.05 * implicit.raw.abs().amax()
+
+
+# -- cost: the fewest convolutions, weights made once ----------------------------------------------
+class _CountConvolutions(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.forward = self.backward = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default:
+            self.forward += 1
+        elif func is torch.ops.aten.convolution_backward.default:
+            self.backward += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_epsilon_plus_runs_one_extra_convolution_per_layer_on_relu_inputs(resnet18):
+    """z+ on a convolution whose input is a ReLU's output (max-pooled or not) skips its x- term: one extra
+    convolution (the denominator) and one transposed convolution per layer; only the first convolution, on
+    the signed image, runs both terms. The result is that of the full rule (zennit agreement above)."""
+    convs = sum(isinstance(m, nn.Conv2d) for m in resnet18.modules())
+    method = lrp.LRP(resnet18, "epsilon_plus")
+    method(make_images(1, seed=27))
+    with _CountConvolutions() as counted:
+        method(make_images(1, seed=27))
+    assert (counted.forward, counted.backward) == (2 * convs + 1, convs + 1)
+
+
+def test_kept_weights_follow_in_place_updates(resnet18):
+    """The merged BatchNorms and modified weights kept between calls are made again after an in-place change
+    of a parameter or a running statistic: the result equals a new method's."""
+    model = copy.deepcopy(resnet18)
+    x = make_images(2, seed=28)
+    method = lrp.LRP(model, "epsilon_gamma_box", low=-3.0, high=3.0)
+    first = method(x).raw
+    assert torch.equal(method(x).raw, first)  # kept weights: the same numbers
+    with torch.no_grad():
+        model.layer1[0].bn1.running_var.mul_(4.0)
+        model.layer2[0].conv1.weight.mul_(-1.0)
+    changed = method(x).raw
+    fresh = lrp.LRP(model, "epsilon_gamma_box", low=-3.0, high=3.0)(x).raw
+    assert torch.equal(changed, fresh)
+    assert max_relative_error(changed, first) > 1e-3

@@ -25,14 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..._callview import CallView, call_view
+from ..._callview import CallView, call_view, is_view
 from ..._capture import find_layer
 from ...errors import InputError
 from ..base import AttributionMethod, OutputSelector
 from ..gradient import reduce_channel_dim
 from .canonizers import batch_norm_pairs, canonical_blocks, merge_batch_norm, out_of_place_activations
 from .composites import AVG_POOLS, COMPOSITES, CONVOLUTIONS, LINEARS, Composite, EpsilonGammaBox
-from .rules import LinearRule, Rule
+from .rules import LinearRule, Rule, term_parameters
 
 RuleKey = str | type
 _REDUCTIONS = ("sum", "max", "mean", "l2", "none")
@@ -51,6 +51,33 @@ def layer_function(module: nn.Module) -> Callable[..., torch.Tensor] | None:
     if isinstance(module, AVG_POOLS):
         return lambda x, weight, bias: module.forward(x)
     return None
+
+
+def input_gradient(module: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """``g(x, weight, s) = J^T s``, the input gradient of ``f(x; weight, b)`` for a given output gradient ``s``,
+    computed directly (no forward pass): for convolutions with zero padding (a transposed convolution, the
+    op autograd runs, which the export decomposition table rewrites) and linear layers; else None."""
+    if isinstance(module, CONVOLUTIONS) and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        stride, padding, dilation, groups = list(module.stride), list(module.padding), list(module.dilation), module.groups
+        zeros = [0] * len(stride)
+
+        def conv_input_gradient(x, weight, s):
+            return torch.ops.aten.convolution_backward(
+                s, x, weight, None, stride, padding, dilation, False, zeros, groups, [True, False, False]
+            )[0]
+
+        return conv_input_gradient
+    if isinstance(module, LINEARS):
+        return lambda x, weight, s: s.matmul(weight)
+    return None
+
+
+# layers whose output is >= 0 whatever their input, and layers whose output is >= 0 when their input is
+NONNEGATIVE_OUTPUTS = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
+SIGN_KEEPING = AVG_POOLS + (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity, nn.Flatten, nn.Unflatten,
+)
 
 
 class _LayerRule(torch.autograd.Function):
@@ -245,6 +272,18 @@ class LRP(AttributionMethod):
         stored: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         watched: dict[str, torch.Tensor] = {}
         handles = []
+        # tensors of this call known to be >= 0 by construction (not by their values), unchanged since:
+        # id -> (tensor, its version counter then)
+        nonnegatives: dict[int, tuple[torch.Tensor, int]] = {}
+
+        def is_nonnegative(x: torch.Tensor) -> bool:
+            known = nonnegatives.get(id(x))
+            return known is not None and known[0] is x and known[1] == x._version
+
+        def mark_nonnegative(module, inputs, output):
+            if isinstance(output, torch.Tensor) and (
+                    isinstance(module, NONNEGATIVE_OUTPUTS) or (inputs and is_nonnegative(inputs[0]))):
+                nonnegatives[id(output)] = (output, output._version)
 
         def capture(name):
             def hook(_module, inputs, output):
@@ -260,22 +299,31 @@ class LRP(AttributionMethod):
 
         def linear_rule(name, rule: LinearRule):
             module = named[name]
-            fn = layer_function(module)
+            fn, grad_fn = layer_function(module), input_gradient(module)
 
             def hook(_module, inputs, output):
                 x = inputs[0]
                 if not (x.requires_grad or output.requires_grad):
                     return None
-                weight = getattr(module, "weight", None)
-                bias = getattr(module, "bias", None)
-                weight = weight.detach() if isinstance(weight, torch.Tensor) else None
-                bias = bias.detach() if isinstance(bias, torch.Tensor) else None
-                return _LayerRule.apply(x, output, lambda xs, r: rule.relevance(fn, xs, weight, bias, r))
+                sources = (getattr(module, "weight", None), getattr(module, "bias", None))
+                weight, bias = (t.detach() if isinstance(t, torch.Tensor) else None for t in sources)
+
+                def params(index):
+                    return self._derived((name, id(rule), index), sources,
+                                         lambda: term_parameters(rule.terms[index], weight, bias))
+
+                if type(rule).relevance is not LinearRule.relevance:  # a rule's own relevance(layer, x, w, b, r)
+                    return _LayerRule.apply(x, output, lambda xs, r: rule.relevance(fn, xs, weight, bias, r))
+                nonnegative, reference = is_nonnegative(x), output.detach()
+                return _LayerRule.apply(x, output, lambda xs, r: rule.relevance(
+                    fn, xs, weight, bias, r, output=reference, nonnegative=nonnegative, input_gradient=grad_fn,
+                    term_params=params))
 
             return hook
 
         def merged_rule(bn_name, layer_name, rule: LinearRule):
             layer, fn = named[layer_name], layer_function(named[layer_name])
+            grad_fn = input_gradient(layer)
 
             def hook(bn, inputs, output):
                 if layer_name not in stored or stored[layer_name][1] is not inputs[0]:
@@ -285,8 +333,21 @@ class LRP(AttributionMethod):
                         f"rules={{{bn_name!r}: pyattr.lrp.Pass()}} to leave this BatchNorm unmerged"
                     )
                 x, _ = stored.pop(layer_name)
-                weight, bias = merge_batch_norm(layer, bn)
-                return _LayerRule.apply(x, output, lambda xs, r: rule.relevance(fn, xs, weight, bias, r))
+                sources = (layer.weight, layer.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+
+                def params(index):
+                    def make():
+                        return term_parameters(rule.terms[index], *merge_batch_norm(layer, bn))
+
+                    return self._derived((bn_name, id(rule), index), sources, make)
+
+                if type(rule).relevance is not LinearRule.relevance:  # a rule's own relevance(layer, x, w, b, r)
+                    weight, bias = merge_batch_norm(layer, bn)
+                    return _LayerRule.apply(x, output, lambda xs, r: rule.relevance(fn, xs, weight, bias, r))
+                nonnegative, reference = is_nonnegative(x), output.detach()
+                return _LayerRule.apply(x, output, lambda xs, r: rule.relevance(
+                    fn, xs, None, None, r, output=reference, nonnegative=nonnegative, input_gradient=grad_fn,
+                    term_params=params))
 
             return hook
 
@@ -306,6 +367,8 @@ class LRP(AttributionMethod):
                     handles.append(layer.register_forward_pre_hook(watch_hook(name)))
                 for name, module in named.items():
                     rule = assigned.get(name)
+                    # a forward hook of the user's could change the output: then its sign is not known
+                    user_hooked = bool(module._forward_hooks) or bool(module._forward_hooks_with_kwargs)
                     if name in merged_layers or name in merged or isinstance(rule, LinearRule) or (
                             rule is not None and rule.kind == "pass"):
                         module = view.hookable(module, name)  # not a shared TorchScript module
@@ -320,11 +383,38 @@ class LRP(AttributionMethod):
                         handles.append(module.register_forward_hook(linear_rule(name, rule)))
                     elif rule is not None and rule.kind == "pass":
                         handles.append(module.register_forward_hook(pass_hook))
+                    if isinstance(module, NONNEGATIVE_OUTPUTS + SIGN_KEEPING) and not user_hooked and is_view(module):
+                        # registered after the rule's hook: marks the output that the next layer reads
+                        handles.append(module.register_forward_hook(mark_nonnegative))
                 yield watched
             finally:
                 for handle in handles:
                     handle.remove()
                 stored.clear()
+                nonnegatives.clear()
+
+    def _derived(self, key: tuple, sources: tuple[torch.Tensor | None, ...], make: Callable[[], Any]) -> Any:
+        """``make()``: tensors derived from the model's parameters (a BatchNorm merged into its layer, a
+        rule's modified weights, e.g. ``w+``), made once and kept by this method between calls while every
+        tensor of ``sources`` is the same tensor with the same storage and version counter (an in-place
+        update such as ``optimizer.step()``, ``load_state_dict`` or ``model.to(...)`` makes them again). The
+        kept tensors are detached and never changed; threads that miss at once both make them (same values).
+        Not kept while tracing for export (the graph computes them from the parameters; onnxruntime folds
+        them into constants)."""
+        if self._tracing:
+            return make()
+        try:
+            stamp = tuple((id(t), t.data_ptr(), t._version, t.dtype) if isinstance(t, torch.Tensor) else None
+                          for t in sources)
+        except RuntimeError:  # inference tensors have no version counter: nothing can be kept
+            return make()
+        cache = self.__dict__.setdefault("_derived_cache", {})
+        hit = cache.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        value = make()
+        cache[key] = (stamp, value)
+        return value
 
     # -- the computation --------------------------------------------------------------------------
     def _relevance(self, x: torch.Tensor, target: torch.Tensor, watch: tuple[str, ...] = ()):

@@ -40,6 +40,8 @@ import torch
 
 Modifier = Callable[[torch.Tensor], torch.Tensor]
 LayerFunction = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
+InputGradient = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor], torch.Tensor]
+TermParams = Callable[[int], "tuple[torch.Tensor | None, torch.Tensor | None]"]
 
 
 # -- parts ---------------------------------------------------------------------------------------
@@ -114,6 +116,15 @@ class Term:
     group: int = 0
 
 
+def term_parameters(
+    term: Term, weight: torch.Tensor | None, bias: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(W_i(w), B_i(b))`` of one term (None where the layer has no such parameter or the term drops it)."""
+    wi = None if weight is None else term.weight(weight)
+    bi = None if (bias is None or term.bias is None) else term.bias(bias)
+    return wi, bi
+
+
 # -- rules ---------------------------------------------------------------------------------------
 class Rule:
     """Base of all rules. ``Rule.kind`` says how the layer's backward changes:
@@ -149,23 +160,57 @@ class LinearRule(Rule):
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
         relevance_out: torch.Tensor,
+        *,
+        output: torch.Tensor | None = None,
+        nonnegative: bool = False,
+        input_gradient: InputGradient | None = None,
+        term_params: TermParams | None = None,
     ) -> torch.Tensor:
-        """The relevance at the layer's input, for ``relevance_out`` at its output."""
+        """The relevance at the layer's input, for ``relevance_out`` at its output.
+
+        What the caller knows saves work, never changes the result:
+
+        - ``output``: the layer's own output ``f(x; w, b)``, reused for an unmodified term's ``z``
+          and for the gates instead of running the layer again;
+        - ``nonnegative``: ``x >= 0`` holds by construction (it is a ReLU's output, or max-pooled
+          from one), so terms on ``x-`` are exactly zero and are skipped, and ``x+`` is ``x``;
+        - ``input_gradient(x, w_i, s)``: ``J_i^T s`` computed directly (a transposed convolution, a
+          matrix product), so that a term whose ``z`` is known needs no forward pass of its own;
+        - ``term_params(i)``: term ``i``'s ``(W_i(w), B_i(b))`` made before (kept between calls by
+          :class:`~pyattr.methods.lrp.LRP`), instead of applying its modifiers to ``weight`` and ``bias``.
+        """
         x = x.detach()
         relevance_out = relevance_out.detach()
-        with torch.enable_grad():
-            inputs, outputs = [], []
-            for term in self.terms:
-                xi = term.input(x).detach().requires_grad_(True)
-                wi = None if weight is None else term.weight(weight)
-                bi = None if (bias is None or term.bias is None) else term.bias(bias)
-                inputs.append(xi)
-                outputs.append(layer(xi, wi, bi))
-        groups = sorted({t.group for t in self.terms})
+        reference = None if output is None else output.detach()
+        kept = [i for i, t in enumerate(self.terms) if not (nonnegative and t.input is negative)]
+        terms = [self.terms[i] for i in kept]
+        zs, inputs, weights = [], [], []
+        for index, term in zip(kept, terms):
+            unmodified_input = term.input is identity or (nonnegative and term.input is positive)
+            xi = x if unmodified_input else term.input(x).detach()
+            if term_params is not None:
+                wi, bi = term_params(index)
+            else:
+                wi, bi = term_parameters(term, weight, bias)
+            if (unmodified_input and term.weight is identity and term.bias is identity and reference is not None
+                    and input_gradient is not None):
+                zs.append(reference)
+            elif input_gradient is not None:
+                with torch.no_grad():
+                    zs.append(layer(xi, wi, bi))
+            else:
+                with torch.enable_grad():
+                    xi = xi.detach().requires_grad_(True)
+                    zs.append(layer(xi, wi, bi))
+            inputs.append(xi)
+            weights.append(wi)
         scaled = {}
-        reference = None
-        for g in groups:
-            denominator = sum(t.sign * z.detach() for t, z in zip(self.terms, outputs) if t.group == g)
+        for g in sorted({t.group for t in terms}):
+            denominator = None
+            for t, z in zip(terms, zs):
+                if t.group == g:
+                    part = z.detach() if t.sign == 1.0 else t.sign * z.detach()
+                    denominator = part if denominator is None else denominator + part
             s = relevance_out / self.stabilizer(denominator)
             gate = (self.gates or {}).get(g)
             if gate is not None:
@@ -175,10 +220,14 @@ class LinearRule(Rule):
                 mask = reference > 0 if gate == "positive" else reference < 0
                 s = s * mask.to(s)
             scaled[g] = s
-        grads = torch.autograd.grad(outputs, inputs, grad_outputs=[scaled[t.group] for t in self.terms])
+        if input_gradient is not None:
+            grads = [input_gradient(xi, wi, scaled[t.group]) for t, xi, wi in zip(terms, inputs, weights)]
+        else:
+            grads = torch.autograd.grad(zs, inputs, grad_outputs=[scaled[t.group] for t in terms])
         result = None
-        for term, xi, gi in zip(self.terms, inputs, grads):
-            part = (term.coef * term.sign) * (xi.detach() * gi)
+        for term, xi, gi in zip(terms, inputs, grads):
+            factor = term.coef * term.sign
+            part = xi.detach() * gi if factor == 1.0 else factor * (xi.detach() * gi)
             result = part if result is None else result + part
         return result
 
