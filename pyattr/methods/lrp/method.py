@@ -404,13 +404,14 @@ class LRP(AttributionMethod):
         if self._tracing:
             return make()
         try:
-            stamp = tuple((id(t), t.data_ptr(), t._version, t.dtype) if isinstance(t, torch.Tensor) else None
+            # the tensors themselves are held (not their id()s): a freed parameter's id and storage can be reused
+            stamp = tuple((t, t.data_ptr(), t._version, t.dtype) if isinstance(t, torch.Tensor) else None
                           for t in sources)
         except RuntimeError:  # inference tensors have no version counter: nothing can be kept
             return make()
         cache = self.__dict__.setdefault("_derived_cache", {})
         hit = cache.get(key)
-        if hit is not None and hit[0] == stamp:
+        if hit is not None and _same_sources(hit[0], stamp):
             return hit[1]
         value = make()
         cache[key] = (stamp, value)
@@ -481,3 +482,9 @@ LRPEpsilonAlpha2Beta1 = _preset(
     "epsilon_alpha2_beta1",
     "LRP with the ``epsilon_alpha2_beta1`` composite (see :class:`LRP`).",
 )
+
+
+def _same_sources(kept: tuple, now: tuple) -> bool:
+    """Whether two stamps of :meth:`LRP._derived` name the same tensors (identity), storages, versions and dtypes."""
+    return len(kept) == len(now) and all(
+        a is b if a is None or b is None else (a[0] is b[0] and a[1:] == b[1:]) for a, b in zip(kept, now))
