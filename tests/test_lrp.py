@@ -771,3 +771,20 @@ def test_kept_weights_follow_in_place_updates(resnet18):
     fresh = lrp.LRP(model, "epsilon_gamma_box", low=-3.0, high=3.0)(x).raw
     assert torch.equal(changed, fresh)
     assert max_relative_error(changed, first) > 1e-3
+
+
+def test_several_targets_come_from_one_forward_pass_and_equal_single_calls():
+    """(N, T) targets (``multi_target``): one forward pass with the rules, one backward per column; each column's
+    relevance is bit-equal to a call with that column alone (every composite, the built-in model)."""
+    torch.manual_seed(0)
+    model = pyattr.zoo.ShapesNet().eval()
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([[0, -1, 3], [2, 2, 5]])
+    for name in ("lrp_epsilon_plus", "lrp_epsilon_gamma_box", "lrp_epsilon_alpha2_beta1", "lrp_epsilon_plus_flat"):
+        method = pyattr.METHODS[name](model)
+        both = method(x, t)
+        assert both.raw.shape == (2, 3, 64, 64) and both.target.shape == (2, 3)
+        for j in range(3):
+            one = method(x, t[:, j])
+            assert torch.equal(both.raw[:, j], one.raw), (name, j)
+            assert torch.equal(both.target[:, j], one.target)

@@ -144,6 +144,7 @@ class LRP(AttributionMethod):
 
     name: ClassVar[str] = "lrp"
     signed: ClassVar[bool] = True
+    multi_target: ClassVar[bool] = True  # (N, T) targets: one forward pass with the rules, T backward passes
     layouts: ClassVar[tuple[str, ...]] = ("image", "signal", "tabular")
     default_composite: ClassVar[str] = "epsilon_plus"
 
@@ -423,20 +424,27 @@ class LRP(AttributionMethod):
         with self.applied(watch) as watched:
             scores = self.scores_of(x)
             resolved = self.resolve(scores, target)
-            selected = scores.gather(1, resolved[:, None])
+            selected = scores.gather(1, resolved[:, None] if resolved.dim() == 1 else resolved)  # (N, 1) / (N, T)
             missing = [n for n in watch if n not in watched]
             if missing:
                 raise InputError(f"layer(s) {', '.join(missing)} did not run in the forward pass")
             tensors = [x] + [watched[n] for n in watch]
-            grads = torch.autograd.grad(selected, tensors, grad_outputs=selected.detach(), allow_unused=True)
-        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
-        return scores, resolved, grads[0], dict(zip(watch, grads[1:]))
+            if target.dim() == 1:
+                grads = torch.autograd.grad(selected, tensors, grad_outputs=selected.detach(), allow_unused=True)
+                grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
+                return scores, resolved, grads[0], dict(zip(watch, grads[1:]))
+            # (N, T) targets: the relevance of each column from the same forward pass (input only)
+            columns = selected.shape[1]
+            grads = [torch.autograd.grad(selected[:, j], x, grad_outputs=selected[:, j].detach(), allow_unused=True,
+                                         retain_graph=j + 1 < columns)[0] for j in range(columns)]
+        relevance = torch.stack([torch.zeros_like(x) if g is None else g for g in grads], 1)
+        return scores, resolved, relevance, {}
 
     def attribute_raw(self, x: torch.Tensor, target: torch.Tensor):
         scores, resolved, relevance, _ = self._relevance(x, target)
-        if self.layout == "tabular":  # (N, F): no channel dim
+        if self.layout == "tabular":  # (N, F) or (N, T, F): no channel dim
             return scores, relevance, resolved
-        return scores, reduce_channel_dim(relevance, self.reduction, 1), resolved
+        return scores, reduce_channel_dim(relevance, self.reduction, target.dim()), resolved
 
     def relevances(
         self,
