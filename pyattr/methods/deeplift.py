@@ -160,37 +160,86 @@ class _Rescale(torch.autograd.Function):
         return (_pairs(grad) * multiplier).flatten(0, 1), None, None, None, None
 
 
-_POOL_BACKWARD = {2: torch.ops.aten.max_pool2d_with_indices_backward,
-                  3: torch.ops.aten.max_pool3d_with_indices_backward}
+TIE_RTOL = 1e-5
+"""Max-pool ties: the values of a window within ``TIE_RTOL * max |u|`` (the largest magnitude of that row's pool
+input) of the window's maximum share its multiplier equally (see :class:`_MaxPoolRule`)."""
+
+
+def _tie_scatter(values: list[torch.Tensor], x: torch.Tensor, out: torch.Tensor, kernel, stride, padding,
+                 dilation, tol: torch.Tensor) -> list[torch.Tensor]:
+    """Each of ``values`` (R, C, *O), one number per max-pool window, sent back to the window's maximal inputs:
+    the positions of ``x`` (R, C, *S) whose value is within ``tol`` (R, 1, ...) of the window's maximum ``out``
+    share it equally; a position in several windows receives the sum (the max-pool backward's scatter-add).
+
+    Forward ops only: the k window offsets are strided slices of ``x`` padded with -inf; the scatter-add is one
+    transposed convolution with one-hot kernels (offset j's values go to offset j of each window)."""
+    d = x.dim() - 2
+    spatial, outs = x.shape[2:], out.shape[2:]
+    need = [(o - 1) * s + dl * (k - 1) + 1 for o, s, dl, k in zip(outs, stride, dilation, kernel)]
+    pads: list[int] = []
+    for i in reversed(range(d)):  # F.pad's order: last dim first; enough on the right for every window
+        pads += [padding[i], max(0, need[i] - spatial[i] - padding[i])]
+    padded = F.pad(x, pads, value=float("-inf"))
+    floor = out - tol
+    masks = []
+    for offset in _offsets(kernel):
+        index = tuple(slice(a * dl, a * dl + (o - 1) * s + 1, s) for a, dl, o, s in zip(offset, dilation, outs, stride))
+        masks.append(padded[(..., *index)] >= floor)
+    mask = torch.stack(masks, 2).to(x.dtype)  # (R, C, k, *O)
+    share = mask / mask.sum(2, keepdim=True)
+    count = len(masks)
+    with unset_fake_temporarily(), disable_proxy_modes_tracing():  # a constant of the graph, not ops
+        eye = torch.eye(count, dtype=x.dtype, device=x.device).view(count, 1, *kernel)
+    natural = [(o - 1) * s - 2 * p + dl * (k - 1) + 1 for o, s, p, dl, k in zip(outs, stride, padding, dilation, kernel)]
+    extra = [max(0, n - sz) for n, sz in zip(natural, spatial)]  # ceil mode: windows past the end (cropped)
+    out_pad = [sz + e - n for sz, e, n in zip(spatial, extra, natural)]
+    transposed = F.conv_transpose3d if d == 3 else F.conv_transpose2d
+    rows, channels = x.shape[0], x.shape[1]
+    stacked = torch.cat([(v[:, :, None] * share) for v in values], 0).flatten(0, 1)  # (len * R * C, k, *O)
+    placed = transposed(stacked, eye, stride=tuple(stride), padding=tuple(padding), output_padding=tuple(out_pad),
+                        dilation=tuple(dilation))
+    if any(extra):
+        placed = placed[(..., *(slice(0, sz) for sz in spatial))]
+    return list(placed.view(len(values), rows, channels, *spatial).unbind(0))
+
+
+def _offsets(kernel) -> list[tuple[int, ...]]:
+    grid = [()]
+    for k in kernel:
+        grid = [(*g, a) for g in grid for a in range(k)]
+    return grid
 
 
 class _MaxPoolRule(torch.autograd.Function):
-    """Max pooling forward on the paired batch; backward: captum's DeepLIFT max-pool rule (scatter-add)."""
+    """Max pooling forward on the paired batch; backward: captum's DeepLIFT max-pool rule, ties shared.
+
+    A window's share of the score difference goes to its arg-max; where several inputs of a window are equal up
+    to ``TIE_RTOL`` times the row's largest ``|u|`` (flat image regions make exact ties, which backends that
+    round differently would break either way) they share it equally, so that eager and exported graphs agree
+    (torch and captum send it to the first one)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, d: int, kernel, stride, padding, dilation, ceil_mode: bool, eps: float):
-        pool = torch.ops.aten.max_pool3d_with_indices if d == 3 else torch.ops.aten.max_pool2d_with_indices
-        out, idx = pool(x, kernel, stride, padding, dilation, ceil_mode)
-        ctx.args = (kernel, stride, padding, dilation, ceil_mode)
-        ctx.d, ctx.eps = d, eps
-        ctx.save_for_backward(x, out, idx)
+        pool = F.max_pool3d if d == 3 else F.max_pool2d
+        out = pool(x, kernel, stride, padding, dilation, ceil_mode)
+        ctx.args = (kernel, stride, padding, dilation)
+        ctx.eps = eps
+        ctx.save_for_backward(x, out)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, out, idx = ctx.saved_tensors
-
-        def scatter(values: torch.Tensor) -> torch.Tensor:  # each window's value added at its arg-max
-            return _POOL_BACKWARD[ctx.d](values, x, *ctx.args, idx)
-
+        x, out = ctx.saved_tensors
         xp, yp = _pairs(x), _pairs(out)
         dx = xp[:, 0] - xp[:, 1]
         cross = torch.maximum(yp[:, 0], yp[:, 1])
         dy = torch.stack([cross - yp[:, 1], yp[:, 0] - cross], 1).flatten(0, 1)
-        shares = _pairs(scatter(grad * dy))
+        tol = TIE_RTOL * x.detach().abs().flatten(1).amax(1).view(-1, *[1] * (x.dim() - 1))
+        shares, plain = _tie_scatter([grad * dy, grad], x, out, *ctx.args, tol)
+        shares = _pairs(shares)
         ratio = ((shares[:, 0] + shares[:, 1]) / dx)[:, None]
         small = (dx.abs() < ctx.eps)[:, None]
-        new = torch.where(small, _pairs(scatter(grad)), ratio)
+        new = torch.where(small, _pairs(plain), ratio)
         return new.flatten(0, 1), None, None, None, None, None, None, None
 
 
