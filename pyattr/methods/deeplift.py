@@ -121,77 +121,180 @@ def _pairs(t: torch.Tensor) -> torch.Tensor:
     return t.unflatten(0, (-1, 2))
 
 
+def _multiplier(kind: str, u: torch.Tensor, ur: torch.Tensor, y: torch.Tensor, yr: torch.Tensor, p: tuple,
+                eps: float) -> torch.Tensor:
+    """The Rescale multiplier of the non-linearity ``kind`` at ``u`` against its reference ``ur`` (``y``, ``yr``:
+    their outputs): ``(y - yr) / (u - ur)``, the plain derivative ``f'(u)`` where ``|u - ur| < eps``.
+
+    ReLU's ratio is exactly 1 (0) where both sides are positive (not): ``y - yr`` is then ``u - ur`` (0) to the
+    bit. LeakyReLU passes back its slope itself where both sides agree (``(s u - s ur) / (u - ur)`` would carry
+    rounding noise). The smooth functions use the forward values (captum's), whose last bits the ratio amplifies
+    where ``u ~ ur``."""
+    dx = u - ur
+    ratio = (y - yr).div_(dx)
+    if kind == "relu":
+        plain = (u > 0).to(u.dtype)
+    elif kind == "leaky_relu":
+        pos = u > 0
+        one = torch.ones_like(u)
+        plain = torch.where(pos, one, one * p[0])
+        ratio = torch.where(pos == (ur > 0), plain, ratio)
+    else:
+        plain = _derivative(kind, u, y, p)
+    return torch.where(dx.abs_() < eps, plain, ratio)
+
+
 class _Rescale(torch.autograd.Function):
-    """``f`` forward on the paired batch; backward: the Rescale multiplier, shared by both rows of a pair."""
+    """``f`` forward on the paired batch; backward: each row's multiplier against the other row of its pair
+    (the same ratio for both, each row's own derivative where they are equal)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, kind: str, params: tuple, inplace: bool, eps: float) -> torch.Tensor:
-        ctx.kind, ctx.params, ctx.eps = kind, params, eps
-        if inplace:
-            before = x.clone()
-            y = _forward(kind, before, params)
-            ctx.mark_dirty(x)
-            ctx.save_for_backward(before, y)
-            return x.copy_(y)
         y = _forward(kind, x, params)
-        ctx.save_for_backward(x, y)
+        (u, ur), (v, vr) = _pairs(x).unbind(1), _pairs(y).unbind(1)
+        m = torch.stack([_multiplier(kind, u, ur, v, vr, params, eps),
+                         _multiplier(kind, ur, u, vr, v, params, eps)], 1).flatten(0, 1)
+        ctx.save_for_backward(m)
+        if inplace:
+            ctx.mark_dirty(x)
+            return x.copy_(y)
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        # ReLU / LeakyReLU: the ratio from u alone (exactly 1 or the slope when both sides agree); the smooth
-        # functions: from the forward pass's values (captum's), whose last bits the ratio amplifies where u ~ u_ref
-        x, y = (_pairs(t) for t in ctx.saved_tensors)
-        kind, p = ctx.kind, ctx.params
-        dx = x[:, 0] - x[:, 1]
-        small = (dx.abs() < ctx.eps)[:, None]
-        if kind in ("relu", "leaky_relu"):  # piecewise linear: 1 / slope exactly on one side, the ratio across 0
-            slope = 0.0 if kind == "relu" else p[0]
-            pos = x > 0
-            across = (torch.where(pos, x, x * slope).diff(dim=1)[:, 0] / -dx)[:, None]
-            same = torch.where(pos[:, :1], torch.ones_like(across), torch.full_like(across, slope))
-            ratio = torch.where(pos[:, :1] == pos[:, 1:], same, across)
-            one = torch.ones_like(x)
-            plain = torch.where(pos, one, one * slope)
-            multiplier = torch.where(small, plain, ratio)
-        else:
-            ratio = ((y[:, 0] - y[:, 1]) / dx)[:, None]
-            multiplier = torch.where(small, _derivative(kind, x, y, p), ratio)
-        return (_pairs(grad) * multiplier).flatten(0, 1), None, None, None, None
+        return grad * ctx.saved_tensors[0], None, None, None, None
 
 
-_POOL_BACKWARD = {2: torch.ops.aten.max_pool2d_with_indices_backward,
-                  3: torch.ops.aten.max_pool3d_with_indices_backward}
+class _RescaleAgainst(torch.autograd.Function):
+    """``f`` forward on the inputs' rows; backward: the multiplier against the references ``ur`` (the same
+    non-linearity's input in the references' pass, row for row; ``yr`` its output there, or None: recomputed),
+    computed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, ur: torch.Tensor, yr: torch.Tensor | None, kind: str, params: tuple,
+                inplace: bool, eps: float):
+        y = _forward(kind, x, params)
+        yr = _forward(kind, ur, params) if yr is None else yr
+        ctx.save_for_backward(_multiplier(kind, x, ur, y, yr, params, eps))
+        if inplace:
+            ctx.mark_dirty(x)
+            return x.copy_(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.saved_tensors[0], None, None, None, None, None, None
+
+
+TIE_RTOL = 1e-5
+"""Max-pool ties: the values of a window within ``TIE_RTOL * max |u|`` (the largest magnitude of that row's pool
+input) of the window's maximum share its multiplier equally (see :class:`_MaxPoolRule`)."""
+
+
+def _offsets(kernel) -> list[tuple[int, ...]]:
+    grid: list[tuple[int, ...]] = [()]
+    for k in kernel:
+        grid = [(*g, a) for g in grid for a in range(k)]
+    return grid
+
+
+def _tie_shares(x: torch.Tensor, out: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
+    """(R, C, k, *O): for each max-pool window (``out`` (R, C, *O) its maxima over ``x`` (R, C, *S)) and each of
+    its k offsets, 1 / t where the input there is one of the t within ``TIE_RTOL * max |x|`` (per row) of the
+    window's maximum, else 0. Forward ops only: the k offsets are strided slices of ``x`` padded with -inf."""
+    d = x.dim() - 2
+    spatial, outs = x.shape[2:], out.shape[2:]
+    need = [(o - 1) * s + dl * (k - 1) + 1 for o, s, dl, k in zip(outs, stride, dilation, kernel)]
+    pads: list[int] = []
+    for i in reversed(range(d)):  # F.pad's order: last dim first; enough on the right for every window
+        pads += [padding[i], max(0, need[i] - spatial[i] - padding[i])]
+    padded = F.pad(x, pads, value=float("-inf"))
+    floor = out - TIE_RTOL * x.abs().flatten(1).amax(1).view(-1, *[1] * (x.dim() - 1))
+    masks = []
+    for offset in _offsets(kernel):
+        index = tuple(slice(a * dl, a * dl + (o - 1) * s + 1, s) for a, dl, o, s in zip(offset, dilation, outs, stride))
+        masks.append(padded[(..., *index)] >= floor)
+    mask = torch.stack(masks, 2).to(x.dtype)
+    return mask / mask.sum(2, keepdim=True)
+
+
+def _place(values: torch.Tensor, spatial, kernel, stride, padding, dilation) -> torch.Tensor:
+    """(R, C, k, *O) -> (R, C, *S): the value of each window's offset j added at the input position it reads
+    (the max-pool backward's scatter-add), as one transposed convolution with one-hot kernels."""
+    count = values.shape[2]
+    with unset_fake_temporarily(), disable_proxy_modes_tracing():  # a constant of the graph, not ops
+        eye = torch.eye(count, dtype=values.dtype, device=values.device).view(count, 1, *kernel)
+    outs = values.shape[3:]
+    natural = [(o - 1) * s - 2 * p + dl * (k - 1) + 1 for o, s, p, dl, k in zip(outs, stride, padding, dilation, kernel)]
+    extra = [max(0, n - sz) for n, sz in zip(natural, spatial)]  # ceil mode: windows past the end (cropped)
+    out_pad = [sz + e - n for sz, e, n in zip(spatial, extra, natural)]
+    transposed = F.conv_transpose3d if len(spatial) == 3 else F.conv_transpose2d
+    placed = transposed(values.flatten(0, 1), eye, stride=tuple(stride), padding=tuple(padding),
+                        output_padding=tuple(out_pad), dilation=tuple(dilation))
+    if any(extra):
+        placed = placed[(..., *(slice(0, sz) for sz in spatial))]
+    return placed.view(*values.shape[:2], *spatial)
+
+
+def _max_pool(x: torch.Tensor, geometry: tuple, ceil_mode: bool) -> torch.Tensor:
+    return (F.max_pool3d if x.dim() == 5 else F.max_pool2d)(x, *geometry, ceil_mode=ceil_mode)
 
 
 class _MaxPoolRule(torch.autograd.Function):
-    """Max pooling forward on the paired batch; backward: captum's DeepLIFT max-pool rule (scatter-add)."""
+    """Max pooling forward on the paired batch; backward: captum's DeepLIFT max-pool rule, ties shared.
+
+    A window's share of the score difference goes to its arg-max; where several inputs of a window are equal up
+    to ``TIE_RTOL`` times the row's largest ``|u|`` (flat image regions make exact ties, which backends that
+    round differently would break either way) they share it equally, so that eager and exported graphs agree
+    (torch and captum send it to the first one)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, d: int, kernel, stride, padding, dilation, ceil_mode: bool, eps: float):
-        pool = torch.ops.aten.max_pool3d_with_indices if d == 3 else torch.ops.aten.max_pool2d_with_indices
-        out, idx = pool(x, kernel, stride, padding, dilation, ceil_mode)
-        ctx.args = (kernel, stride, padding, dilation, ceil_mode)
-        ctx.d, ctx.eps = d, eps
-        ctx.save_for_backward(x, out, idx)
+    def forward(ctx, x: torch.Tensor, geometry: tuple, ceil_mode: bool, eps: float):
+        out = _max_pool(x, geometry, ceil_mode)
+        share = _tie_shares(x, out, *geometry)
+        xp, yp = _pairs(x), _pairs(out)
+        cross = torch.maximum(yp[:, 0], yp[:, 1])
+        dy = torch.stack([cross - yp[:, 1], yp[:, 0] - cross], 1).flatten(0, 1)  # each row's share of the gap
+        ctx.geometry, ctx.eps = geometry, eps
+        ctx.save_for_backward(share, dy, xp[:, 0] - xp[:, 1])
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, out, idx = ctx.saved_tensors
-
-        def scatter(values: torch.Tensor) -> torch.Tensor:  # each window's value added at its arg-max
-            return _POOL_BACKWARD[ctx.d](values, x, *ctx.args, idx)
-
-        xp, yp = _pairs(x), _pairs(out)
-        dx = xp[:, 0] - xp[:, 1]
-        cross = torch.maximum(yp[:, 0], yp[:, 1])
-        dy = torch.stack([cross - yp[:, 1], yp[:, 0] - cross], 1).flatten(0, 1)
-        shares = _pairs(scatter(grad * dy))
+        share, dy, dx = ctx.saved_tensors
+        values = torch.cat([(grad * dy)[:, :, None] * share, grad[:, :, None] * share])
+        shares, plain = _place(values, dx.shape[2:], *ctx.geometry).unflatten(0, (2, -1)).unbind(0)
+        shares = _pairs(shares)
         ratio = ((shares[:, 0] + shares[:, 1]) / dx)[:, None]
-        small = (dx.abs() < ctx.eps)[:, None]
-        new = torch.where(small, _pairs(scatter(grad)), ratio)
-        return new.flatten(0, 1), None, None, None, None, None, None, None
+        new = torch.where((dx.abs() < ctx.eps)[:, None], _pairs(plain), ratio)
+        return new.flatten(0, 1), None, None, None
+
+
+class _MaxPoolAgainst(torch.autograd.Function):
+    """Max pooling forward on the inputs' rows; backward: the max-pool rule against the references ``xr`` (the
+    same pool's input in the references' pass; ``yr`` its output there, or None: recomputed), ties shared (as
+    :class:`_MaxPoolRule`)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, xr: torch.Tensor, yr: torch.Tensor | None, geometry: tuple, ceil_mode: bool,
+                eps: float):
+        out = _max_pool(x, geometry, ceil_mode)
+        yr = _max_pool(xr, geometry, ceil_mode) if yr is None else yr
+        cross = torch.maximum(out, yr)
+        share = _tie_shares(x, out, *geometry)
+        weights = ((cross - yr)[:, :, None] * share  # the input's share of the difference, to its arg-max
+                   + (out - cross)[:, :, None] * _tie_shares(xr, yr, *geometry))  # the reference's, to its arg-max
+        ctx.geometry, ctx.eps = geometry, eps
+        ctx.save_for_backward(weights, share, x - xr)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weights, share, dx = ctx.saved_tensors
+        g = grad[:, :, None]
+        placed = _place(torch.cat([g * weights, g * share]), dx.shape[2:], *ctx.geometry)
+        ratio, plain = placed.unflatten(0, (2, -1)).unbind(0)  # (not chunk: a guard on a symbolic batch)
+        return torch.where(dx.abs() < ctx.eps, plain, ratio / dx), None, None, None, None, None
 
 
 _RELU = frozenset({F.relu, torch.relu, torch.Tensor.relu})
@@ -208,71 +311,130 @@ def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any) -> Any:
     return args[i] if len(args) > i else kwargs.get(name, default)
 
 
+def _rule_of(func, args: tuple, kwargs: dict, maxpool: str) -> tuple | None:
+    """The rule a call follows: ``("elementwise", kind, params, inplace)``, ``("pool", d, geometry, ceil_mode)``
+    (geometry: kernel, stride, padding, dilation; a 1-D pool as a 2-D one over a height of 1), or None."""
+    if func in _RELU or func in _RELU_INPLACE:
+        inplace = func in _RELU_INPLACE or (func is F.relu and bool(_arg(args, kwargs, 1, "inplace", False)))
+        return "elementwise", "relu", (), inplace
+    if func in _SIMPLE:
+        kind, inplace = _SIMPLE[func]
+        return "elementwise", kind, (), inplace
+    if func is F.leaky_relu:
+        p = (float(_arg(args, kwargs, 1, "negative_slope", 0.01)),)
+        return "elementwise", "leaky_relu", p, bool(_arg(args, kwargs, 2, "inplace", False))
+    if func is F.elu:
+        p = (float(_arg(args, kwargs, 1, "alpha", 1.0)),)
+        return "elementwise", "elu", p, bool(_arg(args, kwargs, 2, "inplace", False))
+    if func is F.softplus:
+        p = (float(_arg(args, kwargs, 1, "beta", 1.0)), float(_arg(args, kwargs, 2, "threshold", 20.0)))
+        return "elementwise", "softplus", p, False
+    if func is F.gelu:
+        return "elementwise", "gelu", (str(_arg(args, kwargs, 1, "approximate", "none")),), False
+    if func is F.silu:
+        return "elementwise", "silu", (), bool(_arg(args, kwargs, 1, "inplace", False))
+    d = _POOLS.get(func)
+    if d is None or maxpool != "deeplift":
+        return None
+    if func in (F.max_pool1d, F.max_pool2d, F.max_pool3d) and bool(_arg(args, kwargs, 6, "return_indices", False)):
+        return None  # the caller wants the indices: left as it is (plain gradient)
+    tup = _ntuple(d)
+    kernel = tup(_arg(args, kwargs, 1, "kernel_size", None))
+    stride = _arg(args, kwargs, 2, "stride", None)
+    stride = kernel if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0) else tup(stride)
+    padding = tup(_arg(args, kwargs, 3, "padding", 0))
+    dilation = tup(_arg(args, kwargs, 4, "dilation", 1))
+    ceil_mode = bool(_arg(args, kwargs, 5, "ceil_mode", False))
+    if d == 1:
+        kernel, stride, padding, dilation = (1, *kernel), (1, *stride), (0, *padding), (1, *dilation)
+    return "pool", d, (tuple(kernel), tuple(stride), tuple(padding), tuple(dilation)), ceil_mode
+
+
+def _pooled(d: int, x: torch.Tensor, apply) -> torch.Tensor:
+    """``apply`` on ``x`` as a 2-D pool input (a 1-D pool's over a height of 1)."""
+    return apply(x.unsqueeze(-2)).squeeze(-2) if d == 1 else apply(x)
+
+
 class _DeepLiftMode(TorchFunctionMode):
+    """The rules on a paired batch (:func:`deeplift_rules`)."""
+
     def __init__(self, rows: Any, eps: float, maxpool: str):
         super().__init__()
-        self.rows = rows
-        self.eps = eps
-        self.maxpool = maxpool
-
-    def paired(self, x: Any) -> bool:
-        return isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == self.rows
+        self.rows, self.eps, self.maxpool = rows, eps, maxpool
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        rule = self.rule(func, args, kwargs)
-        if rule is None:
-            return func(*args, **kwargs)
-        return rule()
-
-    def rule(self, func, args: tuple, kwargs: dict):
+        rule = _rule_of(func, args, kwargs, self.maxpool)
         x = args[0] if args else kwargs.get("input")
-        if not self.paired(x):
-            return None
-        eps = self.eps
-        if func in _RELU or func in _RELU_INPLACE:
-            inplace = func in _RELU_INPLACE or (func is F.relu and bool(_arg(args, kwargs, 1, "inplace", False)))
-            return lambda: _Rescale.apply(x, "relu", (), inplace, eps)
-        if func in _SIMPLE:
-            kind, inplace = _SIMPLE[func]
-            return lambda: _Rescale.apply(x, kind, (), inplace, eps)
-        if func is F.leaky_relu:
-            p = (float(_arg(args, kwargs, 1, "negative_slope", 0.01)),)
-            return lambda: _Rescale.apply(x, "leaky_relu", p, bool(_arg(args, kwargs, 2, "inplace", False)), eps)
-        if func is F.elu:
-            p = (float(_arg(args, kwargs, 1, "alpha", 1.0)),)
-            return lambda: _Rescale.apply(x, "elu", p, bool(_arg(args, kwargs, 2, "inplace", False)), eps)
-        if func is F.softplus:
-            p = (float(_arg(args, kwargs, 1, "beta", 1.0)), float(_arg(args, kwargs, 2, "threshold", 20.0)))
-            return lambda: _Rescale.apply(x, "softplus", p, False, eps)
-        if func is F.gelu:
-            p = (str(_arg(args, kwargs, 1, "approximate", "none")),)
-            return lambda: _Rescale.apply(x, "gelu", p, False, eps)
-        if func is F.silu:
-            return lambda: _Rescale.apply(x, "silu", (), bool(_arg(args, kwargs, 1, "inplace", False)), eps)
-        d = _POOLS.get(func)
-        if d is not None and self.maxpool == "deeplift":
-            return self.pool_rule(func, d, x, args, kwargs)
-        return None
+        if rule is None or not (isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == self.rows):
+            return func(*args, **kwargs)
+        if rule[0] == "elementwise":
+            return _Rescale.apply(x, *rule[1:], self.eps)
+        _, d, geometry, ceil_mode = rule
+        return _pooled(d, x, lambda u: _MaxPoolRule.apply(u, geometry, ceil_mode, self.eps))
 
-    def pool_rule(self, func, d: int, x: torch.Tensor, args: tuple, kwargs: dict):
-        if func in (F.max_pool1d, F.max_pool2d, F.max_pool3d) and bool(_arg(args, kwargs, 6, "return_indices", False)):
-            return None  # the caller wants the indices: left as it is (plain gradient)
-        tup = _ntuple(d)
-        kernel = tup(_arg(args, kwargs, 1, "kernel_size", None))
-        stride = _arg(args, kwargs, 2, "stride", None)
-        stride = kernel if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0) else tup(stride)
-        padding = tup(_arg(args, kwargs, 3, "padding", 0))
-        dilation = tup(_arg(args, kwargs, 4, "dilation", 1))
-        ceil_mode = bool(_arg(args, kwargs, 5, "ceil_mode", False))
-        eps = self.eps
-        if d == 1:  # as a 2-D pool over a height of 1
-            def run():
-                out = _MaxPoolRule.apply(x.unsqueeze(-2), 2, (1, *kernel), (1, *stride), (0, *padding),
-                                         (1, *dilation), ceil_mode, eps)
-                return out.squeeze(-2)
-            return run
-        return lambda: _MaxPoolRule.apply(x, d, kernel, stride, padding, dilation, ceil_mode, eps)
+
+class _TwoPassRules(TorchFunctionMode):
+    """The rules in two passes of ``rows`` rows each: entered with ``reference=True`` around the references'
+    forward pass (no autograd), it records the input of every non-linearity and max pool in call order; entered
+    again around the inputs' forward pass, each such call takes the record of the same call and passes back the
+    multipliers against it. The inputs' pass alone is differentiated: its backward pass has half the rows of a
+    paired batch's. Eager calls check that the two passes make the same calls (a model whose forward pass
+    branches on its values may not)."""
+
+    def __init__(self, rows: Any, eps: float, maxpool: str, check: bool):
+        super().__init__()
+        self.rows, self.eps, self.maxpool, self.check = rows, eps, maxpool, check
+        self.records: list[Any] = []
+        self.taken = 0
+        self.reference = True
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        rule = _rule_of(func, args, kwargs, self.maxpool)
+        x = args[0] if args else kwargs.get("input")
+        if rule is None or not (isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == self.rows):
+            return func(*args, **kwargs)
+        if self.reference:
+            kept = x.clone() if rule[0] == "elementwise" and rule[3] else x  # an in-place call overwrites it
+            y = func(*args, **kwargs)
+            self.records.append((rule, kept, kept._version, y, y._version))
+            return y
+        ref, out = self.take(func, rule, x)
+        if rule[0] == "elementwise":
+            return _RescaleAgainst.apply(x, ref, out, *rule[1:], self.eps)
+        _, d, geometry, ceil_mode = rule
+        if d == 1:
+            ref, out = ref.unsqueeze(-2), None if out is None else out.unsqueeze(-2)
+        return _pooled(d, x, lambda u: _MaxPoolAgainst.apply(u, ref, out, geometry, ceil_mode, self.eps))
+
+    def take(self, func, rule: tuple, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The recorded reference input of this call, and its output (None where the model has changed it in
+        place since: it is recomputed)."""
+        index = self.taken
+        self.taken += 1
+        if index >= len(self.records):
+            raise InputError(f"DeepLIFT: the model called {getattr(func, '__name__', func)} more often for the inputs "
+                             "than for the references; a forward pass that branches on its inputs' values cannot "
+                             "be explained with references (use maxpool='gradient' or another method)")
+        recorded, ref, version, out, out_version = self.records[index]
+        self.records[index] = None  # freed as the inputs' pass goes
+        if self.check:
+            if recorded != rule or ref.shape != x.shape:
+                raise InputError(f"DeepLIFT: call {index} of a non-linearity differs between the references' and "
+                                 f"the inputs' forward pass ({recorded[:2]} on {tuple(ref.shape)} vs {rule[:2]} on "
+                                 f"{tuple(x.shape)}); a forward pass that branches on its inputs' values cannot be "
+                                 "explained with references")
+            if ref._version != version:
+                raise InputError(f"DeepLIFT: the model changed the input of {getattr(func, '__name__', func)} in "
+                                 "place after the call; DeepLIFT needs it (make that later operation out of place)")
+        return ref, (out if out._version == out_version else None)
+
+    def finish(self) -> None:
+        if self.check and self.taken != len(self.records):
+            raise InputError(f"DeepLIFT: the model made {len(self.records)} calls of non-linearities for the "
+                             f"references and {self.taken} for the inputs; a forward pass that branches on its "
+                             "inputs' values cannot be explained with references")
 
 
 @contextmanager
@@ -280,7 +442,8 @@ def deeplift_rules(rows: Any, eps: float = EPS, maxpool: str = "deeplift") -> It
     """Within the block, every non-linearity applied to a tensor of ``rows`` rows (pairs of an input and its
     reference, sample-major: rows 2p and 2p + 1) passes back DeepLIFT's multipliers instead of its gradient
     (Rescale rule; captum's max-pool rule, or the plain max-pool gradient with ``maxpool="gradient"``).
-    Forward values are unchanged.
+    Forward values are unchanged. (The methods run the same rules in two passes, references then inputs, and
+    differentiate the inputs' pass only; see :class:`DeepLift`.)
 
     Example:
         >>> u = torch.tensor([[2.0], [-1.0]], requires_grad=True)   # an input 2, its reference -1
@@ -314,48 +477,62 @@ class _PairedMethod(GradientMethod):
         self.maxpool = maxpool
 
     def paired_pass(self, x: torch.Tensor, refs: torch.Tensor, target: torch.Tensor, resolved: torch.Tensor | None):
-        """DeepLIFT of inputs ``x`` (N, ...) against ``c`` references each, ``refs`` (N, c, ...), in one forward
-        pass of 2 N c rows and one backward pass per target column.
+        """DeepLIFT of inputs ``x`` (N, ...) against ``c`` references each, ``refs`` (N, c, ...): a forward pass of
+        the N c references without autograd, which records the input of every non-linearity, then a forward pass
+        of the inputs (each repeated c times) whose non-linearities pass back their multipliers against those
+        records (:class:`_TwoPassRules`), and one backward pass of the N c input rows per target column.
 
         Returns: scores of ``x`` (N, K), the attributions summed over the c references (N, T, ...), the resolved
         targets (N, T) (``resolved`` when given, else ``target`` resolved on the scores of ``x``) and the score
         differences F(x) - F(ref) summed over the references (N, T)."""
         n, c = refs.shape[0], refs.shape[1]
-        pairs = torch.stack([x[:, None].expand_as(refs), refs], 2).flatten(0, 2).detach().requires_grad_(True)
+        rows = x[:, None].expand_as(refs).flatten(0, 1).detach().requires_grad_(True)
+        ref_rows = refs.flatten(0, 1).detach()
+        checks = not self._tracing
+        rules = _TwoPassRules(rows.shape[0], self.eps, self.maxpool, check=checks)
         bound = current_target()
         old = None if bound is None else bound.repeats
-        if bound is not None:  # the first row of each sample is the input: the target's outputs are read there
-            bound.repeats = old * 2 * c
+        if bound is not None:  # c copies of each input: the target's outputs are read from the first
+            bound.repeats = old * c
         try:
-            with deeplift_rules(pairs.shape[0], self.eps, self.maxpool):
-                out = self._paired_scores(pairs, x, bound)
+            with torch.no_grad(), rules:
+                kept = None if bound is None else bound.outputs
+                out_ref = self._rows_scores(ref_rows, x, bound, checks=False)
+                if bound is not None:  # the target's outputs are the inputs'
+                    bound.outputs = kept
+            rules.reference = False
+            with rules:
+                out = self._rows_scores(rows, x, bound, checks=checks)
+            rules.finish()
         finally:
             if bound is not None:
                 bound.repeats = old
-        grouped = out.view(n, c, 2, out.shape[1])
-        scores = grouped[:, 0, 0]
+        if checks:
+            check_scores(out_ref, ref_rows, self.output if bound is None or bound.target is CLASS_TARGET else None)
+        scores = out.view(n, c, out.shape[1])[:, 0]
         if resolved is None:
             resolved = self.resolve(scores.detach(), target)
         columns = resolved.shape[1]
-        selected = out.gather(1, resolved.repeat_interleave(2 * c, 0))  # (2Nc, T): input and reference rows
-        grads = [torch.autograd.grad(selected[:, j].sum(), pairs, retain_graph=j + 1 < columns)[0]
+        index = resolved.repeat_interleave(c, 0)
+        selected = out.gather(1, index)  # (Nc, T)
+        grads = [torch.autograd.grad(selected[:, j].sum(), rows, retain_graph=j + 1 < columns)[0]
                  for j in range(columns)]
-        g = torch.stack(grads, 1).view(n, c, 2, columns, *x.shape[1:])[:, :, 0]  # (N, c, T, ...)
+        g = torch.stack(grads, 1).view(n, c, columns, *x.shape[1:])
         attr = ((x[:, None] - refs)[:, :, None] * g).sum(1)
-        sel = selected.detach().view(n, c, 2, columns)
-        gap = (sel[:, :, 0] - sel[:, :, 1]).sum(1)
+        gap = (selected.detach() - out_ref.gather(1, index)).view(n, c, columns).sum(1)
         return scores.detach(), attr, resolved, gap
 
-    def _paired_scores(self, pairs: torch.Tensor, x: torch.Tensor, bound) -> torch.Tensor:
-        """:meth:`scores_of` on the paired batch; eager calls check the inputs' rows first, so that a message
-        about non-finite scores counts the caller's inputs, then the references' rows."""
+    def _rows_scores(self, rows: torch.Tensor, x: torch.Tensor, bound, checks: bool) -> torch.Tensor:
+        """The target's scores of ``rows`` (the call's inputs or references, each repeated); with ``checks``, the
+        first copy of each input is checked first, so that a message about non-finite scores counts the caller's
+        inputs."""
+        out = select_output(self.model(rows), self.output)
         if bound is not None and bound.target is not CLASS_TARGET:
-            return self.scores_of(pairs)
-        out = select_output(self.model(pairs), self.output)
-        if not self._tracing:
-            if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == pairs.shape[0]:
+            return bound.scores(out, rows, checks=checks)
+        if checks:
+            if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == rows.shape[0]:
                 check_scores(out.unflatten(0, (x.shape[0], -1))[:, 0], x, self.output)
-            check_scores(out, pairs, self.output)
+            check_scores(out, rows, self.output)
         return out
 
     def elementwise(self, x, target):
