@@ -94,6 +94,18 @@ def temp_beside(path: Path, suffix: str) -> Path:
     return Path(name)
 
 
+@contextlib.contextmanager
+def written_atomically(path: Path, suffix: str) -> Iterator[Path]:
+    """A :func:`temp_beside` file to write ``path``'s content into, published as ``path`` (:func:`publish`) when the block
+    ends without an exception, removed in any case (a reader never sees a partial file)."""
+    tmp = temp_beside(path, suffix)
+    try:
+        yield tmp
+        publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def staging_folder(folder: Path, name: str = "run") -> Path:
     """A new hidden folder inside ``folder`` to write a command's outputs into before they are moved
     into place (:func:`publish`); stale staging folders of killed writers are swept first."""

@@ -67,7 +67,7 @@ from typing import Any
 
 import numpy as np
 
-from pyattr._files import publish, sweep_stale, temp_beside
+from pyattr._files import sweep_stale, temp_beside, written_atomically
 from pyattr.errors import InputError
 
 __all__ = ["DEFAULT_BATCH_SIZE", "BatchSummary", "ExplainBatch", "actor_gpus", "collect_inputs", "decode_map",
@@ -415,12 +415,8 @@ def _message(err: BaseException) -> str:
 def _write_png(rgb: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    tmp = temp_beside(path, ".png")
-    try:
+    with written_atomically(path, ".png") as tmp:
         Image.fromarray(rgb).save(tmp, format="PNG")
-        publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _schema():
@@ -439,12 +435,8 @@ def write_part(out: Path, rows: list[dict[str, Any]]) -> Path:
     digest = hashlib.sha256("\n".join(sorted(r["key"] for r in rows)).encode()).hexdigest()[:24]
     path = Path(out) / PARTS / f"part-{digest}.parquet"
     table = pa.Table.from_pylist(rows, schema=_schema())
-    tmp = temp_beside(path, ".parquet")
-    try:
+    with written_atomically(path, ".parquet") as tmp:
         pa.parquet.write_table(table, tmp)
-        publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -541,13 +533,8 @@ def assemble(out: Path, inputs: list[BatchInput]) -> Any:
     if missing:
         raise InputError(f"{len(missing)} input(s) have no result, e.g. {missing[0]}; run again to finish them")
     result = table.take(pa.array([best[x.key] for x in inputs], pa.int64()))
-    path = out / RESULTS
-    tmp = temp_beside(path, ".parquet")
-    try:
+    with written_atomically(out / RESULTS, ".parquet") as tmp:
         pa.parquet.write_table(result, tmp)
-        publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return result
 
 
