@@ -113,7 +113,9 @@ def test_runtime_and_cli(model, images, tmp_path, capsys):
     assert "explains 3 targets per image; give 3 comma-separated class ids" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
 
-    from pyattr.runtime.batch import run_batch  # one row per image: a T-target graph is refused before any work
+    from pyattr.runtime.batch import (
+        run_batch,  # one row per image: a T-target graph is refused before any work
+    )
 
     with pytest.raises(InputError, match="explains 3 targets per image; the batch pipeline writes one row per image"):
         run_batch(path, files, tmp_path / "batch")
