@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .. import __version__
-from .._files import publish, temp_beside
+from .._files import written_atomically
 from ..errors import ExportError, InputError, PyattrError
 from ..methods.base import AttributionMethod, in_inference_mode, normal_copies
 from ..runtime.metadata import read_metadata as _read_metadata
@@ -296,8 +296,7 @@ def export(method: AttributionMethod, example_input: torch.Tensor, path: str | o
     gm = trace_graph(method, example, kind, inputs)
     check_class_names(meta, gm)
     check_exportable(gm, method, fmt)  # fail fast, before minutes in an exporter
-    tmp = temp_beside(path, f".tmp{path.suffix}")
-    try:
+    with written_atomically(path, f".tmp{path.suffix}") as tmp:
         try:
             write_graph(gm, fmt, inputs, tmp, meta)
         except (InputError, OSError):  # the caller's input, the disk: not the exporter's
@@ -308,9 +307,6 @@ def export(method: AttributionMethod, example_input: torch.Tensor, path: str | o
             raise export_failure(err, method, fmt, _STAGES[fmt], gm) from err
         except Exception as err:  # no raw torch/onnx exception leaves export()
             raise export_failure(err, method, fmt, _STAGES[fmt], gm) from err
-        publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._files import publish, temp_beside
+from .._files import written_atomically
 from ..errors import ExportError, InputError
 from ..runtime.detection import DETECTOR_METADATA_KEY, detector_metadata
 
@@ -82,14 +82,10 @@ def export_detector(model: nn.Module, example_input: torch.Tensor, path: str | o
                                      dynamic_shapes=({0: batch},))
     except Exception as err:  # torch.export / torch.onnx raise many types
         raise ExportError(f"cannot export the detector to ONNX: {str(err).strip().splitlines()[0][:300]}") from err
-    tmp = temp_beside(path, ".onnx")
-    try:
+    with written_atomically(path, ".onnx") as tmp:
         save_onnx(model_ir, tmp, DETECTOR_METADATA_KEY,
                   detector_metadata(preprocessing or {}, class_names, nms_iou_threshold=float(nms_iou_threshold)),
                   what="the detector's ONNX graph")
-        publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pyattr._files import publish, temp_beside
+from pyattr._files import written_atomically
 from pyattr.zoo.model import WEIGHTS_PATH, ShapesNet
 from pyattr.zoo.shapes import SHAPE_CLASSES, ShapesBatch, generate, mean_average_precision
 
@@ -123,12 +123,8 @@ def save_state_dict_atomically(model: nn.Module, out_path: Path) -> None:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # contiguous(): plain NCHW tensors whatever memory format the model was trained in.
     state_dict = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    tmp = temp_beside(out_path, ".tmp")
-    try:
+    with written_atomically(out_path, ".tmp") as tmp:
         torch.save(state_dict, tmp)
-        publish(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @contextmanager
