@@ -694,6 +694,8 @@ def test_errors(fresh_model):
         IntegratedGradients(fresh_model, baseline="blur", layout="tabular")
     with pytest.raises(pyattr.InputError, match=r"baseline's shape \(2, 64, 64\) does not broadcast"):
         IntegratedGradients(fresh_model, baseline=torch.zeros(2, 64, 64))(make_images(1))
+    with pytest.raises(pyattr.InputError, match=r"baseline's shape \(3, 3, 64, 64\) does not broadcast.*\(N, \.\.\.\)"):
+        IntegratedGradients(fresh_model, baseline=torch.zeros(3, 3, 64, 64))(make_images(2))  # more rows than inputs
     with pytest.raises(pyattr.InputError, match="layout image, signal, tabular; got layout='video'"):
         Saliency(fresh_model, layout="video")
     with pytest.raises(pyattr.InputError, match=r"\(N, C, H, W\), got \(3, 64, 64\).*layout='signal'"):

@@ -56,7 +56,7 @@ from torch.overrides import TorchFunctionMode
 from ..errors import InputError
 from ..targets.base import CLASS_TARGET, current_target
 from .base import OutputSelector, check_scores, select_output
-from .gradient import GradientMethod, _sample_range, seeded_tensor
+from .gradient import GradientMethod, _sample_range, seeded_tensor, tensor_baseline
 
 EPS = 1e-10
 """captum's threshold: where ``|u - u_ref| < eps`` a non-linearity passes back its plain derivative."""
@@ -606,15 +606,7 @@ class DeepLift(_PairedMethod):
     def baseline_of(self, x: torch.Tensor) -> torch.Tensor:
         """The reference for inputs ``x``, shaped like ``x``."""
         if isinstance(self.baseline, torch.Tensor):
-            b = self.baseline.to(device=x.device, dtype=x.dtype)
-            if not self._tracing:
-                try:
-                    if torch.broadcast_shapes(b.shape, x.shape) != x.shape:
-                        raise RuntimeError
-                except RuntimeError:
-                    raise InputError(f"the baseline's shape {tuple(b.shape)} does not broadcast to the inputs' "
-                                     f"{tuple(x.shape)}; give one input's shape, (1, ...) or (N, ...)") from None
-            return b.expand_as(x)
+            return tensor_baseline(self.baseline, x, check=not self._tracing)
         if self.baseline == "zeros":
             return torch.zeros_like(x)
         return torch.full_like(x, float(self.baseline))

@@ -68,6 +68,20 @@ def seeded_tensor(kind: str, shape: tuple[int, ...], seed: int, like: torch.Tens
         return draw(shape, generator=generator, dtype=torch.float32).to(device=like.device, dtype=like.dtype)
 
 
+def tensor_baseline(baseline: torch.Tensor, x: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """A user's baseline / reference tensor on ``x``'s device and dtype, expanded to ``x``'s shape; ``check``: a
+    shape that does not broadcast to ``x``'s is an :class:`InputError` (Integrated Gradients, DeepLIFT)."""
+    b = baseline.to(device=x.device, dtype=x.dtype)
+    if check:
+        try:
+            if torch.broadcast_shapes(b.shape, x.shape) != x.shape:
+                raise RuntimeError
+        except RuntimeError:
+            raise InputError(f"the baseline's shape {tuple(b.shape)} does not broadcast to the inputs' "
+                             f"{tuple(x.shape)}; give one input's shape, (1, ...) or (N, ...)") from None
+    return b.expand_as(x)
+
+
 def _sample_range(x: torch.Tensor) -> torch.Tensor:
     """Per-sample (max - min) of ``x``, shaped (N, 1, ..., 1) to broadcast against ``x``."""
     flat = x.flatten(1)
@@ -525,14 +539,7 @@ class IntegratedGradients(GradientMethod):
     def baseline_of(self, x: torch.Tensor) -> torch.Tensor:
         """The baseline for inputs ``x``, shaped like ``x``."""
         if isinstance(self.baseline, torch.Tensor):
-            b = self.baseline.to(device=x.device, dtype=x.dtype)
-            if not self._tracing:
-                try:
-                    torch.broadcast_shapes(b.shape, x.shape)
-                except RuntimeError:
-                    raise InputError(f"the baseline's shape {tuple(b.shape)} does not broadcast to the "
-                                     f"inputs' {tuple(x.shape)}") from None
-            return b.expand_as(x)
+            return tensor_baseline(self.baseline, x, check=not self._tracing)
         if self.baseline == "zeros":
             return torch.zeros_like(x)
         if self.baseline == "blur":
