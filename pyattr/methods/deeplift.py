@@ -355,8 +355,9 @@ def _pooled(d: int, x: torch.Tensor, apply) -> torch.Tensor:
     return apply(x.unsqueeze(-2)).squeeze(-2) if d == 1 else apply(x)
 
 
-class _DeepLiftMode(TorchFunctionMode):
-    """The rules on a paired batch (:func:`deeplift_rules`)."""
+class _RuleMode(TorchFunctionMode):
+    """A mode that hands every call with a DeepLIFT rule (:func:`_rule_of`) on a tensor of ``rows`` rows to
+    :meth:`apply_rule`; every other call runs as it is."""
 
     def __init__(self, rows: Any, eps: float, maxpool: str):
         super().__init__()
@@ -368,13 +369,23 @@ class _DeepLiftMode(TorchFunctionMode):
         x = args[0] if args else kwargs.get("input")
         if rule is None or not (isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == self.rows):
             return func(*args, **kwargs)
+        return self.apply_rule(func, args, kwargs, rule, x)
+
+    def apply_rule(self, func, args: tuple, kwargs: dict, rule: tuple, x: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+
+class _DeepLiftMode(_RuleMode):
+    """The rules on a paired batch (:func:`deeplift_rules`)."""
+
+    def apply_rule(self, func, args, kwargs, rule, x):
         if rule[0] == "elementwise":
             return _Rescale.apply(x, *rule[1:], self.eps)
         _, d, geometry, ceil_mode = rule
         return _pooled(d, x, lambda u: _MaxPoolRule.apply(u, geometry, ceil_mode, self.eps))
 
 
-class _TwoPassRules(TorchFunctionMode):
+class _TwoPassRules(_RuleMode):
     """The rules in two passes of ``rows`` rows each: entered with ``reference=True`` around the references'
     forward pass (no autograd), it records the input of every non-linearity and max pool in call order; entered
     again around the inputs' forward pass, each such call takes the record of the same call and passes back the
@@ -383,18 +394,13 @@ class _TwoPassRules(TorchFunctionMode):
     branches on its values may not)."""
 
     def __init__(self, rows: Any, eps: float, maxpool: str, check: bool):
-        super().__init__()
-        self.rows, self.eps, self.maxpool, self.check = rows, eps, maxpool, check
+        super().__init__(rows, eps, maxpool)
+        self.check = check
         self.records: list[Any] = []
         self.taken = 0
         self.reference = True
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        rule = _rule_of(func, args, kwargs, self.maxpool)
-        x = args[0] if args else kwargs.get("input")
-        if rule is None or not (isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == self.rows):
-            return func(*args, **kwargs)
+    def apply_rule(self, func, args, kwargs, rule, x):
         if self.reference:
             kept = x.clone() if rule[0] == "elementwise" and rule[3] else x  # an in-place call overwrites it
             y = func(*args, **kwargs)
