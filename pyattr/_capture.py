@@ -80,11 +80,16 @@ class PrefixCache:
     passes of the same input that change only the layer's output (:func:`reuse_prefix`): those passes then skip
     the part of the model before the layer instead of recomputing it.
 
-    ``outputs`` maps each cached module of the user's model (not of a view) to the tensor it returned. A module is
-    cached when, in the recorded pass, it was called exactly once, its call ended before the layer's began, it
-    returned a tensor, and that tensor was not modified in place afterwards (its version counter unchanged to the
-    end of the pass: e.g. a BatchNorm output that an in-place ReLU then overwrote is recomputed, the ReLU's is
-    reused). Its submodules then never run in a replay.
+    ``outputs`` maps each cached module of the user's model (not of a view) to the tensor it returned. Candidates
+    are the outermost modules a replay calls: those whose parent contains the layer (for ``layer3.1.conv2`` of a
+    ResNet: ``conv1``, ``bn1``, ..., ``layer2``, ``layer3.0``, ``layer3.1.bn1``, ...). One is cached when, in the
+    recorded pass, it was called exactly once, its call ended before the layer's began, it returned a tensor, and
+    that tensor was not modified in place afterwards (its version counter unchanged to the end of the pass: e.g. a
+    BatchNorm output that an in-place ReLU then overwrote is recomputed, the ReLU's is reused). Exception: an
+    output that a module with ``inplace=True`` (a ReLU) is about to overwrite is recorded as a copy taken just
+    before (one copy in the recorded pass instead of a recomputation in every replay), when that in-place module is
+    itself cached (else it would run in a replay and overwrite the copy). A module that is not cached runs in a
+    replay (its submodules with it).
     """
 
     def __init__(self) -> None:
@@ -94,35 +99,62 @@ class PrefixCache:
         return len(self.outputs)
 
 
+def _outermost(view: CallView, layer: nn.Module) -> list[nn.Module]:
+    """The modules of ``view`` whose parent is ``view.root`` or contains ``layer`` (the layer among them)."""
+    spine = [view.root]
+    for name, module in view.root.named_modules():
+        if module is layer:
+            parts = name.split(".")
+            spine += [view.root.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
+            break
+    found: dict[int, nn.Module] = {}
+    for parent in spine:
+        for child in parent.children():
+            if is_view(child) and child is not view.root:
+                found.setdefault(id(child), child)
+    return list(found.values())
+
+
 @contextmanager
 def record_prefix(view: CallView, layer: nn.Module) -> Iterator[PrefixCache]:
     """Record, during the body's forward pass on ``view``, which modules ran before ``layer`` (a module of the view)
     and what they returned; the yielded :class:`PrefixCache` is filled when the body ends. The hooks are put on the
-    view's modules and removed on exit."""
+    candidates' views (a dozen modules for a ResNet, so the pass costs about a plain forward pass) and removed on
+    exit."""
     cache = PrefixCache()
-    calls: dict[int, list] = {}  # id(view module) -> [module, calls, end event, output, version at return]
+    # id(view module) -> [module, calls, end event, output or None, version at return, id of the in-place module
+    # whose input the output is a copy of (or None)]
+    calls: dict[int, list] = {}
+    by_output: dict[int, list] = {}  # id(output) -> its entry
     events = [0, None]  # [event counter, event at which the layer's (first) call began]
     handles = []
 
-    def before(module, _inputs):
+    def before(module, inputs):
         events[0] += 1
         if module is layer and events[1] is None:
             events[1] = events[0]
+        if events[1] is None and inputs and getattr(module, "inplace", False) is True:
+            # an in-place module (ReLU(inplace=True)) about to overwrite a candidate's output: keep a copy of it
+            entry = by_output.get(id(inputs[0]))
+            if entry is not None and entry[3] is inputs[0] and entry[3]._version == entry[4]:
+                entry[3] = entry[3].clone()
+                entry[4], entry[5] = entry[3]._version, id(module)
 
     def after(module, _inputs, output):
         events[0] += 1
         entry = calls.get(id(module))
         if entry is not None:
             entry[1] += 1
-        else:
-            version = output._version if isinstance(output, torch.Tensor) else None
-            calls[id(module)] = [module, 1, events[0], output, version]
+            entry[3] = None  # called twice: never cached
+        elif events[1] is None and isinstance(output, torch.Tensor):
+            calls[id(module)] = by_output[id(output)] = [module, 1, events[0], output, output._version, None]
+        else:  # not a tensor, or ran (first) after the layer began: counted only
+            calls[id(module)] = [module, 1, events[0], None, None, None]
 
     try:
-        for module in view.root.modules():
-            if is_view(module):
-                handles.append(module.register_forward_pre_hook(before))
-                handles.append(module.register_forward_hook(after))
+        for module in _outermost(view, layer):
+            handles.append(module.register_forward_pre_hook(before))
+            handles.append(module.register_forward_hook(after))
         yield cache
     finally:
         for h in handles:
@@ -130,8 +162,11 @@ def record_prefix(view: CallView, layer: nn.Module) -> Iterator[PrefixCache]:
     start = events[1]
     if start is None:
         return
-    for module, count, end, output, version in calls.values():
-        if count == 1 and end < start and version is not None and output._version == version:
+    kept = {key for key, (_, count, end, output, version, _) in calls.items()
+            if count == 1 and end < start and output is not None and output._version == version}
+    for key in kept:
+        module, _, _, output, _, copied_for = calls[key]
+        if copied_for is None or copied_for in kept:
             cache.outputs[module.__dict__[_VIEW_MARK]] = output
 
 

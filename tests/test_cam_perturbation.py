@@ -335,3 +335,67 @@ def test_passes_after_the_layer_reuse_the_part_before_it(cls):
     assert len(calls) > 2
     torch.testing.assert_close(fast.raw, slow.raw, rtol=1e-5, atol=1e-6)
     assert fast.raw.abs().max() > 0
+
+
+class _CountedBN(torch.nn.BatchNorm2d):
+    """A BatchNorm that counts its forward calls (in a list shared by its call views)."""
+
+    def __init__(self, channels: int, calls: list):
+        super().__init__(channels)
+        self.calls = calls
+
+    def forward(self, x):
+        self.calls.append(1)
+        return super().forward(x)
+
+
+class _ScaleInPlace(torch.nn.Module):
+    """A module with ``inplace=True`` that changes its input in place, not idempotently (2x + 0.5)."""
+
+    inplace = True
+
+    def forward(self, x):
+        return x.mul_(2.0).add_(0.5)
+
+
+class _InPlaceNet(torch.nn.Module):
+    """conv -> counted BatchNorm -> in-place op (h) -> ``body`` (+ h's first channel, a skip connection around it) ->
+    fc; ``again``: the in-place op also runs after body."""
+
+    def __init__(self, calls: list, again: bool):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(4, 4, 1)
+        self.bn = _CountedBN(4, calls)
+        self.act = _ScaleInPlace()
+        self.body = torch.nn.Conv2d(4, 6, 3, padding=1)
+        self.fc = torch.nn.Linear(6, 5)
+        self.again = again
+
+    def forward(self, x):
+        h = self.act(self.bn(self.stem(x)))
+        x = self.body(h) + h[:, :1]
+        if self.again:
+            x = self.act(x)
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("again", [False, True])
+@pytest.mark.parametrize("cls", [AblationCAM, ReciproCAM])
+def test_output_overwritten_by_an_inplace_module(cls, again):
+    """A module whose output an ``inplace=True`` module overwrites (a stem BatchNorm before ReLU(inplace=True)) is
+    recorded as a copy and runs once per call when the in-place module runs only before the layer; when the
+    in-place module also runs after the layer (it is not skipped in replays and would overwrite the copy), the
+    BatchNorm runs in every pass. Maps equal split=False's (whole model per copy) in both cases (one sample: the skip
+    connection's tensor broadcasts over the copies; a reused copy that the in-place op overwrote would change it)."""
+    torch.manual_seed(1)
+    calls: list = []
+    model = _InPlaceNet(calls, again).eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+    x, target = torch.rand(1, 4, 5, 5), torch.tensor([3])
+    fast = cls(model, "body", chunk_size=2)(x, target)
+    passes = -(-(6 if cls is AblationCAM else 25) // 2)
+    assert len(calls) == (1 + passes if again else 1)
+    slow = cls(model, "body", chunk_size=2, split=False)(x, target)
+    torch.testing.assert_close(fast.raw, slow.raw, rtol=1e-5, atol=1e-6)
+    assert fast.raw.abs().max() > 0

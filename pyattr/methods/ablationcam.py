@@ -78,14 +78,18 @@ class AblationCAM(CAMMethod):
             raise InputError("AblationCAM replaces the layer's output, which needs it as an (N, C, h, w) map: "
                              "use it without reshape_transform (or Score-CAM for transformers)")
         channels = int(act.shape[1])
-        value = self.ablation_value(act)[:, None, None, None, None]  # (N, 1, 1, 1, 1)
-        eye = torch.eye(channels, dtype=torch.bool, device=act.device)
+        value = self.ablation_value(act)[:, None, None, None]  # (N, 1, 1, 1)
+        samples = torch.arange(act.shape[0], device=act.device)[:, None]  # (N, 1)
+        ablated = torch.arange(channels, device=act.device)  # copy j of a pass ablates channel start + j
+        copy = torch.arange(min(self.chunk_size, channels), device=act.device)
         chunks = []
         for start in range(0, channels, self.chunk_size):
             stop = min(start + self.chunk_size, channels)
-            ablate = eye[start:stop, :, None, None][None]  # (1, c, C, 1, 1): copy j ablates channel start + j
-            copies = torch.where(ablate, value, act[:, None]).flatten(0, 1)  # (N * c, C, h, w)
-            scores = self.scores_with_layer_output(x, copies, stop - start, self.split, prefix)
+            # c copies of each sample's activations (one dense copy, as x.repeat_interleave(c, 0)); then copy j's
+            # channel start + j is set to the ablation value in place: an index_put of N * c * h * w values
+            copies = act[:, None].expand(-1, stop - start, -1, -1, -1).clone(memory_format=torch.contiguous_format)
+            copies = copies.index_put_((samples, copy[:stop - start], ablated[start:stop]), value)  # (N, c, C, h, w)
+            scores = self.scores_with_layer_output(x, copies.flatten(0, 1), stop - start, self.split, prefix)
             chunks.append(scores_of_copies(scores, stop - start, resolved))
         return torch.cat(chunks, 1) if len(chunks) > 1 else chunks[0]
 

@@ -449,7 +449,13 @@ def check_scores(scores: Any, x: torch.Tensor, selector: Any) -> None:
         hint = "" if selector is None else f" (after output={selector!r})"
         raise InputError(f"the model's scores must have shape (N, K) with N = {x.shape[0]} inputs, got "
                          f"{tuple(scores.shape)}{hint}")
-    finite = torch.isfinite(scores.detach()).all(1)
+    values = scores.detach()
+    # one reduction first (called once per pass of the perturbation methods): a finite sum means every score is
+    # finite (an inf or a NaN makes the sum inf or NaN); only a non-finite sum (or a sum of finite scores that
+    # overflows) needs the element-wise test
+    if values.is_floating_point() and bool(torch.isfinite(values.sum())):
+        return
+    finite = torch.isfinite(values).all(1)
     if not bool(finite.all()):
         count = int((~finite).sum())
         raise InputError(

@@ -287,7 +287,6 @@ class CAMMethod(AttributionMethod):
                 raise InputError(f"the model failed when layer {self.layer_name!r} returned {replacement.shape[0]} "
                                  f"maps for {x.shape[0]} inputs ({error}): it uses tensors from before the layer "
                                  f"after it; pass split=False to {type(self).__name__}") from error
-        stand_in = x[:1].expand(replacement.shape[0], *x.shape[1:])  # (N * c, ...) rows, not copied
         if not self._tracing and split and isinstance(out, torch.Tensor) and out.shape[0] != replacement.shape[0]:
             raise InputError(
                 f"the model returned {out.shape[0]} rows for {x.shape[0]} inputs whose layer {self.layer_name!r} "
@@ -296,8 +295,9 @@ class CAMMethod(AttributionMethod):
         bound = current_target()
         if bound is None or bound.target is CLASS_TARGET:
             if not self._tracing:
-                check_scores(out, stand_in, self.output)
+                check_scores(out, replacement, self.output)  # (N * c, K) scores: only the row count is read
             return out
+        stand_in = x[:1].expand(replacement.shape[0], *x.shape[1:])  # (N * c, ...) rows, not copied
         return bound.scores(out, stand_in, checks=not self._tracing)
 
     def layer_activation_and_grad(self, x: torch.Tensor, target: torch.Tensor):
