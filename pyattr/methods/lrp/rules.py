@@ -107,15 +107,16 @@ class Stabilizer:
         epsilon = z.new_full((), self.epsilon)
         return torch.where(z < 0, -epsilon, epsilon)
 
-    def divide(self, relevance: torch.Tensor, z: torch.Tensor, owned: bool = False) -> torch.Tensor:
+    def divide(self, relevance: torch.Tensor, z: torch.Tensor, owned: bool = False, nonnegative: bool = False
+               ) -> torch.Tensor:
         """``relevance / self(z)``, the same numbers with fewer full-size temporaries; ``owned``: ``z`` is a
-        temporary of the caller's that may be overwritten (then it holds the result)."""
+        temporary of the caller's that may be overwritten (then it holds the result); ``nonnegative``: every
+        element of ``z`` is >= 0, -0.0 or NaN by construction (a sum of products of factors of one sign), so
+        ``self(z)`` is ``z + epsilon``."""
         if self.epsilon == 0:
             return relevance / self(z)
-        if owned:
-            z = z.add_(self.signed_epsilon(z))
-        else:
-            z = z + self.signed_epsilon(z)
+        shift = self.epsilon if nonnegative else self.signed_epsilon(z)
+        z = z.add_(shift) if owned else z + shift
         return torch.div(relevance, z, out=z)
 
 
@@ -240,7 +241,8 @@ class LinearRule(Rule):
                     else:
                         denominator, fresh = denominator + part, True
             if exact_stabilizer:
-                s = self.stabilizer.divide(relevance_out, denominator, owned=fresh)
+                s = self.stabilizer.divide(relevance_out, denominator, owned=fresh, nonnegative=all(
+                    _nonnegative_term(t, nonnegative) for t in terms if t.group == g))
             else:
                 s = relevance_out / self.stabilizer(denominator)
             gate = (self.gates or {}).get(g)
@@ -270,6 +272,15 @@ class LinearRule(Rule):
             else:
                 result = result + part
         return result
+
+
+def _nonnegative_term(term: Term, nonnegative_input: bool) -> bool:
+    """Whether the term's ``sign * z_i`` is >= 0 (or -0.0, or NaN) whatever the input: its input and weight are
+    the same sign's part (``x+ w+``, ``x- w-``; ``x`` itself when it is >= 0 by construction) and its bias is
+    ``b+`` or none (a sum of products >= 0 rounds to >= 0 or -0.0)."""
+    x_positive = term.input is positive or (nonnegative_input and term.input is identity)
+    same_sign = (x_positive and term.weight is positive) or (term.input is negative and term.weight is negative)
+    return same_sign and term.bias in (positive, None) and term.sign == 1.0
 
 
 def Epsilon(epsilon: float = 1e-6) -> LinearRule:
