@@ -8,6 +8,7 @@ interleaved rounds, wall and process CPU time, with the convolutions each eager 
         --name lrp_after_ab_resnet50_b1
     python benchmarks/lrp_ab.py --model vgg16 --batch 8 --backends eager torchscript pt2 onnx \\
         --export-dir /tmp/lrp_exports --threads 1 --rounds 5 --name lrp_vgg16_b8
+    python benchmarks/lrp_ab.py --summarize lrp_vgg16_b1 lrp_vgg16_b8 --name lrp_summary   # one table vs the goals
 
 Exported graphs have a dynamic batch: one export per model and size, kept in ``--export-dir`` under a
 hash of pyattr's sources and reused. Writes benchmarks/results/cpu/<name>.{md,json}. Ratios are medians
@@ -71,7 +72,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--name", default=None)
+    parser.add_argument("--summarize", nargs="+", metavar="NAME", default=None,
+                        help="no timing: one table (--name) of the results NAME.json written before, against the goals")
     args = parser.parse_args(argv)
+    if args.summarize:
+        summarize(args.summarize, args.name or "lrp_summary", argv)
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = getattr(torchvision.models, args.model)().eval()
@@ -172,6 +178,42 @@ def main(argv: list[str] | None = None) -> None:
             {"header": header, "notes": notes, "rows": rows, "times_s": times, "cpu_times_s": cpu,
              "load_before": load_before, "load_after": load_after, "versions": versions,
              "args": {k: str(v) for k, v in vars(args).items()}}, indent=1) + "\n")
+
+
+GOALS = {"eager": 1.6, "exported": 1.3}  # issue 19: LRP eager <= 1.6x, exported <= 1.3x the bound
+
+
+def summarize(names: list[str], name: str, argv: list[str] | None) -> None:
+    """One table of earlier results (benchmarks/results/cpu/<NAME>.json), each backend against its goal: printed,
+    and written with the sources' headers to <name>.json."""
+    folder = ROOT / "benchmarks" / "results" / "cpu"
+    rows, sources = [], []
+    for source in names:
+        data = json.loads((folder / f"{source}.json").read_text())
+        a = data["args"]
+        sources.append({"name": source, "header": data["header"], "notes": data.get("notes", {})})
+        for r in data["rows"]:
+            if r["contender"] == "bound":
+                continue
+            backend = r["contender"].replace("pyattr LRP ", "")
+            goal = None if "old" in backend else GOALS["eager" if backend == "eager" else "exported"]
+            rows.append({"model": a["model"], "batch": int(a["batch"]), "size": int(a["size"]), "backend": backend,
+                         "wall_x_bound": round(r["x_bound"], 3), "cpu_x_bound": round(r["cpu_x_bound"], 3),
+                         "goal": goal, "met_cpu": None if goal is None else r["cpu_x_bound"] <= goal,
+                         "met_wall": None if goal is None else r["x_bound"] <= goal,
+                         "load": [round(data["load_before"][0], 1), round(data["load_after"][0], 1)],
+                         "source": source})
+    lines = [("| model | batch | size | backend | × bound, wall | × bound, CPU | goal | met (CPU / wall) "
+             "| load (1-min, before/after) | source |"), "|---|---:|---:|---|---:|---:|---:|---|---|---|"]
+    for r in rows:
+        met = "" if r["goal"] is None else (f"{'yes' if r['met_cpu'] else 'no'} / {'yes' if r['met_wall'] else 'no'}")
+        goal = "" if r["goal"] is None else f"<= {r['goal']}x"
+        lines.append(f"| {r['model']} | {r['batch']} | {r['size']} | {r['backend']} | {r['wall_x_bound']:.2f}x | "
+                     f"{r['cpu_x_bound']:.2f}x | {goal} | {met} | {r['load'][0]} / {r['load'][1]} | {r['source']} |")
+    command = f"python benchmarks/lrp_ab.py {' '.join(sys.argv[1:] if argv is None else argv)}"
+    (folder / f"{name}.json").write_text(json.dumps({"command": command, "rows": rows, "sources": sources},
+                                                    indent=1) + "\n")
+    print("\n".join(lines))
 
 
 def export_graphs(method, x: torch.Tensor, model_name: str, size: int, formats: list[str], folder: Path):
