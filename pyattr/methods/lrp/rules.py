@@ -100,8 +100,24 @@ class Stabilizer:
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         if self.epsilon == 0:
             return torch.where(z == 0, torch.ones_like(z), z)
-        sign = (z == 0).to(z) + z.sign()
-        return z + sign * self.epsilon
+        return z + self.signed_epsilon(z)
+
+    def signed_epsilon(self, z: torch.Tensor) -> torch.Tensor:
+        """``epsilon * sign(z)`` with sign(0) = +1, in one pass (a NaN ``z`` stays NaN in ``z + this``)."""
+        epsilon = z.new_full((), self.epsilon)
+        return torch.where(z < 0, -epsilon, epsilon)
+
+    def divide(self, relevance: torch.Tensor, z: torch.Tensor, owned: bool = False, nonnegative: bool = False
+               ) -> torch.Tensor:
+        """``relevance / self(z)``, the same numbers with fewer full-size temporaries; ``owned``: ``z`` is a
+        temporary of the caller's that may be overwritten (then it holds the result); ``nonnegative``: every
+        element of ``z`` is >= 0, -0.0 or NaN by construction (a sum of products of factors of one sign), so
+        ``self(z)`` is ``z + epsilon``."""
+        if self.epsilon == 0:
+            return relevance / self(z)
+        shift = self.epsilon if nonnegative else self.signed_epsilon(z)
+        z = z.add_(shift) if owned else z + shift
+        return torch.div(relevance, z, out=z)
 
 
 @dataclass(frozen=True)
@@ -185,6 +201,7 @@ class LinearRule(Rule):
         kept = [i for i, t in enumerate(self.terms) if not (nonnegative and t.input is negative)]
         terms = [self.terms[i] for i in kept]
         zs, inputs, weights = [], [], []
+        owned = []  # zs[i] is a temporary of this call's (no graph, no one else's): may be overwritten
         for index, term in zip(kept, terms):
             unmodified_input = term.input is identity or (nonnegative and term.input is positive)
             xi = x if unmodified_input else term.input(x).detach()
@@ -195,41 +212,75 @@ class LinearRule(Rule):
             if (unmodified_input and term.weight is identity and term.bias is identity and reference is not None
                     and input_gradient is not None):
                 zs.append(reference)
+                owned.append(False)
             elif input_gradient is not None:
                 with torch.no_grad():
                     zs.append(layer(xi, wi, bi))
+                owned.append(True)
             else:
                 with torch.enable_grad():
                     xi = xi.detach().requires_grad_(True)
                     zs.append(layer(xi, wi, bi))
+                owned.append(False)
             inputs.append(xi)
             weights.append(wi)
+        # the same operations as ``relevance_out / stabilizer(sum of sign_i z_i)`` and ``sum coef_i sign_i x_i g_i``,
+        # computed in place in the temporaries of this call where there are some (full-size temporaries cost
+        # memory traffic and page faults at every layer)
+        exact_stabilizer = type(self.stabilizer) is Stabilizer
         scaled = {}
         for g in sorted({t.group for t in terms}):
-            denominator = None
-            for t, z in zip(terms, zs):
+            denominator, fresh = None, False
+            for t, z, own in zip(terms, zs, owned):
                 if t.group == g:
                     part = z.detach() if t.sign == 1.0 else t.sign * z.detach()
-                    denominator = part if denominator is None else denominator + part
-            s = relevance_out / self.stabilizer(denominator)
+                    if denominator is None:
+                        denominator, fresh = part, own or t.sign != 1.0
+                    elif fresh:
+                        denominator = denominator.add_(part)
+                    else:
+                        denominator, fresh = denominator + part, True
+            if exact_stabilizer:
+                s = self.stabilizer.divide(relevance_out, denominator, owned=fresh, nonnegative=all(
+                    _nonnegative_term(t, nonnegative) for t in terms if t.group == g))
+            else:
+                s = relevance_out / self.stabilizer(denominator)
             gate = (self.gates or {}).get(g)
             if gate is not None:
                 if reference is None:
                     with torch.no_grad():
                         reference = layer(x, weight, bias)
                 mask = reference > 0 if gate == "positive" else reference < 0
-                s = s * mask.to(s)
+                s = s.mul_(mask.to(s))
             scaled[g] = s
         if input_gradient is not None:
+            # fresh results of a transposed convolution / matrix product each: multiplied in place below
             grads = [input_gradient(xi, wi, scaled[t.group]) for t, xi, wi in zip(terms, inputs, weights)]
         else:
             grads = torch.autograd.grad(zs, inputs, grad_outputs=[scaled[t.group] for t in terms])
         result = None
         for term, xi, gi in zip(terms, inputs, grads):
             factor = term.coef * term.sign
-            part = xi.detach() * gi if factor == 1.0 else factor * (xi.detach() * gi)
-            result = part if result is None else result + part
+            if input_gradient is not None:
+                part = gi.mul_(xi.detach()) if factor == 1.0 else gi.mul_(xi.detach()).mul_(factor)
+            else:
+                part = xi.detach() * gi if factor == 1.0 else factor * (xi.detach() * gi)
+            if result is None:
+                result = part
+            elif input_gradient is not None and result is grads[0]:
+                result = result.add_(part)
+            else:
+                result = result + part
         return result
+
+
+def _nonnegative_term(term: Term, nonnegative_input: bool) -> bool:
+    """Whether the term's ``sign * z_i`` is >= 0 (or -0.0, or NaN) whatever the input: its input and weight are
+    the same sign's part (``x+ w+``, ``x- w-``; ``x`` itself when it is >= 0 by construction) and its bias is
+    ``b+`` or none (a sum of products >= 0 rounds to >= 0 or -0.0)."""
+    x_positive = term.input is positive or (nonnegative_input and term.input is identity)
+    same_sign = (x_positive and term.weight is positive) or (term.input is negative and term.weight is negative)
+    return same_sign and term.bias in (positive, None) and term.sign == 1.0
 
 
 def Epsilon(epsilon: float = 1e-6) -> LinearRule:
