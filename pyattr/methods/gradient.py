@@ -53,9 +53,10 @@ def check_chunk_size(chunk_size: int | None) -> int | None:
 def points_per_pass(chunk_size: int | None, total: int, tracing: bool) -> int:
     """How many of ``total`` points (IG's steps, SmoothGrad's samples) of an input go through the model in one
     pass: ``chunk_size`` when given; else :data:`EAGER_CHUNK` in an eager call (bounded memory) and all of them
-    in a traced graph (one batched pass: unrolled passes multiply the graph, its export time and file size; at
-    batch 1 the single pass's peak memory in onnxruntime is the unrolled graph's, see
-    ``benchmarks/results/export_time_vit_b_16_after.md``). The chunking does not change the values."""
+    in a traced graph (one batched pass: unrolled passes multiply the graph, its export time and file size). The
+    one pass's peak memory in onnxruntime, IG's 32 steps at batch 1 and 224 px: resnet50 2.4 GB as with two
+    passes of 16, vit_b_16 5.3 GB against 4.0 GB (``benchmarks/results/ig_pass_memory.md``); an int
+    ``chunk_size`` bounds it. The chunking does not change the values."""
     if chunk_size is not None:
         return chunk_size
     return total if tracing else EAGER_CHUNK
