@@ -14,10 +14,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import pyattr
 from pyattr.exporting import _onnx
+from pyattr.exporting.trace import trace_graph
 
 
 class Block(nn.Module):
@@ -220,3 +222,58 @@ def test_detection_graph_takes_the_fast_route(tmp_path, no_recapture):
     np.testing.assert_allclose(got["scores"], expected.scores.numpy(), atol=1e-6)
     np.testing.assert_allclose(got["raw"], expected.raw.numpy(), atol=1e-6, rtol=1e-4)
     np.testing.assert_allclose(got["maps"], expected.maps.numpy(), atol=1e-5)
+
+
+class TinyAttention(nn.Module):
+    """A ViT in miniature: 4x4 patches as tokens, LayerNorm, one attention layer (scaled_dot_product_attention,
+    2 heads) whose mask hides every key from the first query (its scores are all -inf), a GELU MLP, mean pool."""
+
+    def __init__(self, dim: int = 8, classes: int = 5):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, stride=4)
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, classes)
+        mask = torch.ones(16, 16, dtype=torch.bool)
+        mask[0] = False
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)  # (N, 16 tokens, dim) at 16x16
+        n, length, c = t.shape
+        q, k, v = self.qkv(self.norm(t)).view(n, length, 3, 2, c // 2).permute(2, 0, 3, 1, 4)
+        t = t + F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask).transpose(1, 2).reshape(n, length, c)
+        return self.head((t + self.mlp(t)).mean(1))
+
+
+def test_attention_takes_the_fast_route(tmp_path, no_recapture):
+    """Attention traced through scaled_dot_product_attention's math route holds ``_safe_softmax``, which torch.onnx
+    has no function for (a ViT-B/16 export took the slower route for it): spelled as torch's decomposition of it,
+    the graph is translated directly, and a query that sees no key gets zeros, as in eager (a plain softmax of an
+    all -inf row would give NaN)."""
+    torch.manual_seed(0)
+    model = TinyAttention().eval()
+    method = pyattr.Saliency(model)
+    assert any(n.target is torch.ops.aten._safe_softmax.default
+               for n in trace_graph(method, torch.rand(1, 3, 16, 16)).graph.nodes)
+    path = pyattr.export(method, torch.rand(1, 3, 16, 16), tmp_path / "attention.onnx")
+    _check_against_eager(method, path)
+
+
+def test_integrated_gradients_exports_one_pass(tmp_path, no_recapture):
+    """With chunk_size left at None, an eager call takes 16 integration points per pass (here 16 + 4) and the
+    exported graph all of them in one batched pass (not two unrolled ones); the maps agree."""
+    model = _model(TinyResNet)
+    method = pyattr.IntegratedGradients(model, steps=20)
+    assert method.chunk_size is None
+
+    def convolutions(m) -> int:
+        graph = trace_graph(m, torch.rand(1, 3, 16, 16)).graph
+        return sum(n.target is torch.ops.aten.convolution.default for n in graph.nodes)
+
+    one_pass = convolutions(method)
+    assert one_pass == convolutions(pyattr.IntegratedGradients(model, steps=20, chunk_size=20))
+    assert convolutions(pyattr.IntegratedGradients(model, steps=20, chunk_size=10)) > one_pass
+    path = pyattr.export(method, torch.rand(1, 3, 16, 16), tmp_path / "ig.onnx")
+    _check_against_eager(method, path)

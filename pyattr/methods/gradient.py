@@ -39,6 +39,27 @@ _REDUCTIONS = ("max", "sum", "l2", "mean", "none")
 NOISE_VARIANTS = ("smoothgrad", "smoothgrad_sq", "vargrad")
 IG_RULES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
 IG_BASELINES = ("zeros", "blur", "uniform")
+EAGER_CHUNK = 16
+"""Points / samples per input in one pass of an eager call when ``chunk_size`` is left at None."""
+
+
+def check_chunk_size(chunk_size: int | None) -> int | None:
+    if chunk_size is not None and not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool)
+                                       and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
+    return chunk_size
+
+
+def points_per_pass(chunk_size: int | None, total: int, tracing: bool) -> int:
+    """How many of ``total`` points (IG's steps, SmoothGrad's samples) of an input go through the model in one
+    pass: ``chunk_size`` when given; else :data:`EAGER_CHUNK` in an eager call (bounded memory) and all of them
+    in a traced graph (one batched pass: unrolled passes multiply the graph, its export time and file size). The
+    one pass's peak memory in onnxruntime, IG's 32 steps at batch 1 and 224 px: resnet50 2.4 GB as with two
+    passes of 16, vit_b_16 5.3 GB against 4.0 GB (``benchmarks/results/ig_pass_memory.md``); an int
+    ``chunk_size`` bounds it. The chunking does not change the values."""
+    if chunk_size is not None:
+        return chunk_size
+    return total if tracing else EAGER_CHUNK
 
 
 def reduce_channel_dim(attr: torch.Tensor, reduction: str, dim: int) -> torch.Tensor:
@@ -345,7 +366,8 @@ class SmoothGrad(GradientMethod):
         samples: S, the number of noisy samples.
         variant: ``"smoothgrad"``, ``"smoothgrad_sq"`` or ``"vargrad"``.
         seed: seed of the noise.
-        chunk_size: noisy samples per input in one batched pass.
+        chunk_size: noisy samples per input in one batched pass; None (default): 16 in eager calls, all
+            ``samples`` in an exported graph (one pass; pass an int to bound the runtime's memory instead).
         output, layout: as :class:`Saliency` (taken from the instance when ``method`` is one).
         **options: the inner method's options (``reduction``, ``absolute``).
 
@@ -360,7 +382,7 @@ class SmoothGrad(GradientMethod):
     name = "smoothgrad"
 
     def __init__(self, model: nn.Module, method: str | GradientMethod = "saliency", *, noise_level: float = 0.15,
-                 samples: int = 16, variant: str = "smoothgrad", seed: int = 0, chunk_size: int = 16,
+                 samples: int = 16, variant: str = "smoothgrad", seed: int = 0, chunk_size: int | None = None,
                  output: OutputSelector = None, layout: str = "image", **options):
         if isinstance(method, str):
             if method not in _BASE_METHODS:
@@ -380,8 +402,7 @@ class SmoothGrad(GradientMethod):
             raise ValueError(f"unknown SmoothGrad variant {variant!r}; use one of {', '.join(NOISE_VARIANTS)}")
         if not (isinstance(samples, int) and samples >= 1):
             raise ValueError(f"samples must be an int >= 1, got {samples!r}")
-        if not (isinstance(chunk_size, int) and chunk_size >= 1):
-            raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+        check_chunk_size(chunk_size)
         if not noise_level >= 0:
             raise ValueError(f"noise_level must be >= 0, got {noise_level!r}")
         self.inner = inner
@@ -408,8 +429,9 @@ class SmoothGrad(GradientMethod):
         noise = self.noise(x)  # (N, S, ...)
         n = x.shape[0]
         total = total_sq = None
-        for start in range(0, self.samples, self.chunk_size):
-            c = min(self.chunk_size, self.samples - start)
+        per_pass = points_per_pass(self.chunk_size, self.samples, self._tracing)
+        for start in range(0, self.samples, per_pass):
+            c = min(per_pass, self.samples - start)
             noisy = (x[:, None] + noise[:, start:start + c]).flatten(0, 1)  # sample-major: (N * c, ...)
             _, attr, _ = self.inner.elementwise(noisy, resolved.repeat_interleave(c, 0))
             attr = attr.view(n, c, *attr.shape[1:])
@@ -491,7 +513,8 @@ class IntegratedGradients(GradientMethod):
             Gauss-Legendre's is the largest (trapezoid 4.6e-3, Gauss-Legendre 5.1e-3 from a zero
             baseline; 2.7e-3 and 3.9e-3 from a blurred one).
         chunk_size: integration points per input in one batched pass (memory grows with
-            batch x chunk_size); ``ceil(steps / chunk_size)`` passes in all.
+            batch x chunk_size); ``ceil(steps / chunk_size)`` passes in all. None (default): 16 in eager
+            calls, all ``steps`` in an exported graph (one pass; pass an int to bound the runtime's memory).
         reduction, absolute: the channel reduction (default the signed ``"sum"``, so that the map
             adds up to the score difference) and whether ``|A|`` is taken first (default no).
         seed: seed of the ``"uniform"`` baseline.
@@ -512,7 +535,7 @@ class IntegratedGradients(GradientMethod):
     default_reduction = "sum"
 
     def __init__(self, model: nn.Module, baseline: str | torch.Tensor = "zeros", steps: int = 32,
-                 rule: str = "riemann_trapezoid", chunk_size: int = 16, reduction: str = "sum",
+                 rule: str = "riemann_trapezoid", chunk_size: int | None = None, reduction: str = "sum",
                  absolute: bool | None = None, *, seed: int = 0, blur_sigma: float = 4.0,
                  output: OutputSelector = None, layout: str = "image"):
         super().__init__(model, reduction, absolute, output=output, layout=layout)
@@ -524,8 +547,7 @@ class IntegratedGradients(GradientMethod):
             raise InputError("a blurred baseline needs images or signals; use 'zeros', 'uniform' or a tensor")
         if not (isinstance(steps, int) and steps >= 1):
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-        if not (isinstance(chunk_size, int) and chunk_size >= 1):
-            raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+        check_chunk_size(chunk_size)
         if not blur_sigma > 0:
             raise ValueError(f"blur_sigma must be > 0, got {blur_sigma!r}")
         self.alphas, self.weights = integration_points(steps, rule)
@@ -564,9 +586,10 @@ class IntegratedGradients(GradientMethod):
         n = x.shape[0]
         shape = (1, -1) + (1,) * (x.dim() - 1)  # (1, c, 1, ...) against (N, c, ...)
         total = None
-        for start in range(0, self.steps, self.chunk_size):
-            alphas = self.alphas[start:start + self.chunk_size]
-            weights = self.weights[start:start + self.chunk_size]
+        per_pass = points_per_pass(self.chunk_size, self.steps, self._tracing)
+        for start in range(0, self.steps, per_pass):
+            alphas = self.alphas[start:start + per_pass]
+            weights = self.weights[start:start + per_pass]
             c = len(alphas)
             a = torch.tensor(alphas, dtype=x.dtype, device=x.device).view(shape)
             points = (baseline[:, None] + a * delta[:, None]).flatten(0, 1)
