@@ -7,6 +7,7 @@ Every model is built once per session and handed out in eval mode. Tests must no
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,7 +18,9 @@ from torch import nn
 
 import pyattr
 
-torch.set_num_threads(2)
+# Two cores: the suite runs as two pytest-xdist workers (pyproject's addopts), one torch thread each; run alone
+# (``-n 0``) it keeps both threads.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 IMAGE_SIZE = 64
 NUM_CLASSES_TORCHVISION = 10
