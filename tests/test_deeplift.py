@@ -12,6 +12,12 @@
   its issue #1276 (PR #1847: the max-pool fallback used sample 0's gradient for every sample) and, for resnet18,
   one ReLU module per use (captum refuses reused modules); ``GradientShap`` against captum's
   ``InputBaselineXGradient`` on pyattr's draws (alphas injected through NumPy's generator);
+- agreement with shap (1e-5 relative; ``test_shap_*``, docs/deeplift.md "Against the shap package"):
+  ``DeepExplainer`` against ``DeepLiftShap`` with ``TIE_RTOL = 0`` (shap sends a max-pool window's difference
+  to its arg-max; the shipped near-tie sharing differs on shapes images: tested) on the built-in model, vgg11
+  and resnet18 (shap given out-of-place ReLUs, one per use, and, for resnet18's overlapping pool, a
+  scatter-add in place of its ``max_unpool``, without which it misses summation-to-delta: tested);
+  ``GradientExplainer`` against ``GradientShap`` on pyattr's draws;
 - max-pool ties (flat image regions) share a window's multiplier, so eager and onnxruntime agree on them;
 - (N, T) targets, the export contract (built-in model and resnet18), bad input.
 """
@@ -33,6 +39,7 @@ from torch import nn
 import pyattr
 from pyattr.errors import InputError
 from pyattr.methods import METHODS, DeepLift, DeepLiftShap, GradientShap
+from pyattr.methods import deeplift as deeplift_module
 from pyattr.methods.deeplift import deeplift_rules
 
 captum_attr = pytest.importorskip("captum.attr")
@@ -412,6 +419,128 @@ def test_draws_are_seeded_and_batch_independent(builtin_model):
     torch.testing.assert_close(a(x[1:2], 1).raw, ra[1:2], rtol=1e-5, atol=1e-6)
     d = DeepLiftShap(builtin_model, 4, seed=5)
     torch.testing.assert_close(d(x[1:2], 1).raw, d(x, 1).raw[1:2], rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Agreement with shap
+# --------------------------------------------------------------------------------------------------
+
+
+def shap_copy(model: nn.Module) -> nn.Module:
+    """A copy shap's module hooks accept: out-of-place ReLUs (its full backward hooks raise on in-place ones),
+    and in torchvision's resnet blocks an out-of-place sum and one ReLU module per use (shap keeps a module's
+    last input on the module, so a reused ReLU would get another call's input)."""
+    copied = one_relu_per_use(model)
+    for parent in list(copied.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.ReLU):
+                setattr(parent, name, nn.ReLU())
+    return copied
+
+
+def shap_maxpool_scatter_add(module, grad_input, grad_output):
+    """shap's max-pool hook with its ``max_unpool`` (which keeps one of the shares an input gets from
+    overlapping windows) replaced by a scatter-add."""
+    x, (y, y_ref) = module.x, module.y.chunk(2)
+    cross = torch.max(y, y_ref)
+    with torch.no_grad():
+        _, indices = F.max_pool2d(x, module.kernel_size, module.stride, module.padding, module.dilation,
+                                  module.ceil_mode, True)
+        shares = (grad_output[0] * torch.cat([cross - y_ref, y - cross])).flatten(2)
+        placed = x.new_zeros(*x.shape[:2], x[0, 0].numel()).scatter_add_(2, indices.flatten(2), shares)
+    delta = x.chunk(2)[0] - x.chunk(2)[1]
+    m = torch.where(delta.abs() < 1e-7, 0.0, sum(placed.view_as(x).chunk(2)) / delta)
+    return (m.repeat(2, 1, 1, 1),) + (None,) * (len(grad_input) - 1)
+
+
+shap_maxpool_scatter_add.__name__ = "maxpool"  # shap records a module's input only for handlers of this name
+
+
+class Columns(nn.Module):
+    """The scores of some classes as an (N, len(classes)) output, so that shap explains those alone."""
+
+    def __init__(self, model: nn.Module, classes: tuple[int, ...]):
+        super().__init__()
+        self.model, self.classes = model, list(classes)
+
+    def forward(self, x):
+        return self.model(x)[:, self.classes]
+
+
+def shap_deep(model, x, background) -> torch.Tensor:
+    """shap.DeepExplainer on every output, as (N, K, ...)."""
+    shap = pytest.importorskip("shap")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        values = shap.DeepExplainer(model, background).shap_values(x, check_additivity=False)
+    return torch.from_numpy(np.moveaxis(np.asarray(values).reshape(*x.shape, -1), -1, 1))
+
+
+@pytest.mark.parametrize("model_name", ["builtin", "vgg11", "resnet18"])
+def test_shap_deepexplainer_agreement(request, model_name, monkeypatch):
+    """shap's DeepExplainer is DeepLIFT (Rescale, max-pool rule) averaged over the background, as
+    DeepLiftShap, up to three things: shap sends a max-pool window's difference to its first arg-max where
+    pyattr shares it among near-ties (``TIE_RTOL``; set to 0 here: with the shipped default the built-in
+    model's maps on shapes images, whose flat regions make ties, move by 2.5%, tested); where windows overlap
+    (resnet18) shap's ``max_unpool`` keeps one share per input and misses summation-to-delta (tested; given a
+    scatter-add, it agrees); its thresholds (1e-6 for the element-wise rules, 1e-7 -> 0 for the pool) act on
+    no element here."""
+    model = request.getfixturevalue("builtin_model" if model_name == "builtin" else model_name)
+    x = make_images(2, seed=19, size=32)
+    if model_name == "builtin":  # shapes images: their flat regions make max-pool ties
+        x = make_shapes(2, seed=19)[..., 16:48, 16:48].contiguous()
+    background, classes = make_images(3, seed=20, size=32), (1, 4)
+    targets = torch.tensor([classes, classes])
+    with torch.no_grad():
+        gap = (model(x)[:, classes] - model(background)[:, classes].mean(0)).double()
+    oracle = Columns(shap_copy(model), classes)
+    if model_name == "builtin":
+        shipped = DeepLiftShap(model, background, chunk_size=3, reduction="none")(x, targets)
+        assert float(shipped.completeness_error.max()) < 1e-4 * float(gap.abs().max()) + 1e-5
+    monkeypatch.setattr(deeplift_module, "TIE_RTOL", 0.0)
+    ours = DeepLiftShap(model, background, chunk_size=3, reduction="none")(x, targets)
+    assert float(ours.completeness_error.max()) < 1e-4 * float(gap.abs().max()) + 1e-5
+    if model_name == "resnet18":
+        unpooled = shap_deep(oracle, x, background).flatten(2).sum(2).double()
+        assert float((unpooled - gap).abs().max()) > 100 * float(ours.completeness_error.max()) + 1e-4
+        shap_module = pytest.importorskip("shap.explainers._deep.deep_pytorch")
+        monkeypatch.setitem(shap_module.op_handler, "MaxPool2d", shap_maxpool_scatter_add)
+    theirs = shap_deep(oracle, x, background)
+    assert max_relative_error(ours.raw.flatten(0, 1), theirs.flatten(0, 1)) < 1e-5
+    if model_name == "builtin":
+        assert max_relative_error(shipped.raw.flatten(0, 1), theirs.flatten(0, 1)) > 1e-3
+
+
+@pytest.mark.parametrize("model_name", ["builtin", "vgg11", "resnet18"])
+def test_shap_gradientexplainer_on_the_same_draws(request, model_name, monkeypatch):
+    """shap's GradientExplainer (PyTorch) is GradientSHAP: ``mean_s (x + eps_s - b_s) * grad S(t_s (x + eps_s)
+    + (1 - t_s) b_s)`` with ``eps_s = local_smoothing * N(0, 1)``. It draws per input, per sample from NumPy's
+    global generator (reseeded per class) and the noise from torch's (not reseeded); pyattr draws once for
+    every input and class. Fed pyattr's draws (one input, one class per call; torch's global generator seeded
+    as pyattr's noise generator, the same stream for inputs of a multiple of 16 elements) it agrees. The
+    alphas go in rounded to float32, as pyattr applies them: as float64, shap's ``t * x + (1 - t) * b`` can
+    round an ulp apart, which moves vgg11's gradient by 3% (a max pool's arg-max)."""
+    shap = pytest.importorskip("shap")
+    model = request.getfixturevalue("builtin_model" if model_name == "builtin" else model_name)
+    x, background = make_images(2, seed=21, size=32), make_images(4, seed=22, size=32)
+    classes, samples, seed = (1, 3), 4, 7
+    method = GradientShap(model, background, samples=samples, stdevs=0.1, chunk_size=samples,
+                          reduction="none", seed=seed)
+    ours = method(x, torch.tensor([classes, classes])).raw
+    index, alpha, _ = method.draws(x)
+    draws = {}
+    monkeypatch.setattr(np.random, "seed", lambda *a: draws.update(i=iter(index), a=iter(alpha)))
+    monkeypatch.setattr(np.random, "choice", lambda *a: next(draws["i"]))
+    monkeypatch.setattr(np.random, "uniform", lambda *a: float(np.float32(next(draws["a"]))))
+    theirs = torch.zeros_like(ours, dtype=torch.float64)
+    for j in range(2):
+        for n, c in enumerate(classes):
+            explainer = shap.GradientExplainer(Columns(model, (c,)), background, local_smoothing=0.1)
+            with torch.random.fork_rng():
+                torch.manual_seed(seed + 1)
+                values = explainer.shap_values(x[j:j + 1], nsamples=samples, rseed=0)
+            theirs[j, n] = torch.from_numpy(np.asarray(values)[0, ..., 0])
+    assert max_relative_error(ours.flatten(0, 1), theirs.flatten(0, 1)) < 1e-5
 
 
 # --------------------------------------------------------------------------------------------------
