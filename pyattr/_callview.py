@@ -12,7 +12,8 @@ module tree, built by :func:`call_view`:
 - ``_parameters`` and ``_buffers`` are new dicts holding the *same* tensors (no weight is copied),
   so gradients, exported constants and the user's later weight updates are those of the model;
 - the hook dicts are copied: the user's own hooks still run, while hooks that pyattr registers on
-  a view are invisible to every other thread;
+  a view are invisible to every other thread; so are the module's plain dicts, lists and sets (a cache that
+  its forward fills, e.g. timm LeViT's attention biases, is filled in the view's copy);
 - ``training`` is False on every view: eval semantics (BatchNorm uses its running statistics and
   never updates them, dropout is off) without touching the user's flags;
 - plain attributes that refer to modules of the tree (a list of blocks kept outside ``_modules``,
@@ -41,6 +42,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import sys
 import threading
 import types
@@ -127,10 +129,12 @@ class CallView:
             return module
         view = object.__new__(type(module))
         state = dict(module.__dict__)
-        for name in _MODULE_KEYS:
-            value = state.get(name)
-            if isinstance(value, (dict, set)):
-                state[name] = value.copy()  # keeps OrderedDict an OrderedDict
+        for name, value in state.items():
+            # nn.Module's own containers, and the module's plain containers too: a forward pass that fills a
+            # cache (timm's LeViT keeps its attention biases in a dict in eval mode) fills the view's copy, so a
+            # traced (fake) tensor never lands in the user's model and threads never see each other's entries
+            if isinstance(value, (dict, set, list)):
+                state[name] = copy.copy(value)  # keeps OrderedDict an OrderedDict
         state["training"] = False
         self._views[key] = view  # before the children: a module reached again maps to this view
         children = module.__dict__["_modules"]

@@ -26,7 +26,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MODEL_NAMES, inputs_for, make_images
+from conftest import MODEL_NAMES, inputs_for, make_images, seeded
 from torch import nn
 
 import pyattr
@@ -773,3 +773,42 @@ def test_exported_graph_takes_strided_images(builtin_model, tmp_path, suffix):
         maps = runner(x, t)[3]
     ref = method(x, t)
     assert float((maps - ref.maps).abs().max()) <= 1e-5
+
+
+class CachingNet(nn.Module):
+    """A model whose forward fills caches in eval mode, as timm's LeViT does with its attention biases: a dict
+    entry computed from a weight, and a list it appends to."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 5)
+        self.cache: dict[str, torch.Tensor] = {}
+        self.calls: list[int] = []
+
+    def forward(self, x):
+        if "w" not in self.cache:
+            self.cache["w"] = self.conv.weight * 2
+        self.calls.append(1)
+        return self.fc(F.conv2d(x, self.cache["w"], self.conv.bias, padding=1).relu().mean((2, 3)))
+
+
+def test_a_cache_the_forward_fills_stays_out_of_the_users_model(tmp_path):
+    """Tracing for export used to leave a traced (fake) tensor in such a cache: the user's next eager call failed
+    with torch's GuardOnDataDependentSymNode (timm levit_128s), or compared with stale values."""
+    import onnxruntime as ort
+
+    model = seeded(3, CachingNet)
+    method = pyattr.Saliency(model)
+    x, t = make_images(3, seed=5), torch.tensor([-1, 2, 4])
+    path = pyattr.export(method, x[:1], tmp_path / "c.onnx")
+    assert model.cache == {} and model.calls == []  # nothing of the trace left in the model
+    eager = method(x, t)
+    assert model.cache == {} and model.calls == []  # nor of an eager call
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    raw = session.run(["raw"], {"images": x.numpy(), "target": t.numpy()})[0]
+    np.testing.assert_allclose(raw, eager.raw.numpy(), rtol=0, atol=1e-5 * float(eager.raw.abs().max()))
+    with torch.no_grad():  # the user's own call fills the user's cache, which pyattr then reads and leaves as is
+        model(x)
+    filled = model.cache["w"]
+    torch.testing.assert_close(method(x, t).raw, eager.raw)
+    assert model.cache["w"] is filled and len(model.calls) == 1
