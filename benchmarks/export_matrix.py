@@ -187,12 +187,16 @@ def run_backend(fmt: str, path: Path, x, t):
     return list(torch.export.load(str(path)).module()(x, t))
 
 
-def _fp64_errors(model, method_name: str, layer, x, t, ref_maps, out_maps) -> dict[str, float]:
+_TOKEN_HINT = re.compile(r"TokensToGrid\(prefix_tokens=(\d+)\), e\.g\. layer='([^']+)'")
+"""The layer and prefix tokens that a CAM's InputError on a token model (ViT, DeiT) suggests."""
+
+
+def _fp64_errors(model, method_name: str, layer, x, t, ref_maps, out_maps, **options) -> dict[str, float]:
     """How far eager fp32 and the export are from an fp64 eager run on the same inputs."""
 
     from pyattr.methods import build_method
 
-    m64 = build_method(method_name, copy.deepcopy(model).double(), layer)
+    m64 = build_method(method_name, copy.deepcopy(model).double(), layer, **options)
     maps64 = m64(x.double(), t).maps
     return {"eager_vs_fp64": float((ref_maps.double() - maps64).abs().max()),
             "export_vs_fp64": float((out_maps.double() - maps64).abs().max())}
@@ -214,11 +218,22 @@ def run_cell(model_name: str, method_name: str, fmt: str, tmp: Path,
         row["size"] = size
         stage = "build"
         layer = "layer3" if model_name == "builtin" and pyattr.methods.needs_layer(method_name) else None
+        options: dict[str, Any] = {}
         method = build_method(method_name, model, layer)
         gen = torch.Generator().manual_seed(1)
         stage = "eager"
         example = torch.rand(1, 3, size, size, generator=gen)
-        method(example)  # resolves an automatic CAM layer; eager errors are told apart from export errors
+        try:
+            method(example)  # resolves an automatic CAM layer; eager errors are told apart from export errors
+        except pyattr.InputError as err:  # a token model: the CAM's token variant, as the error names it
+            token = _TOKEN_HINT.search(str(err))
+            if token is None:
+                raise
+            layer = token.group(2)
+            options = {"reshape_transform": pyattr.TokensToGrid(prefix_tokens=int(token.group(1)))}
+            method = build_method(method_name, model, layer, **options)
+            method(example)
+            row["variant"] = f"token layer {layer!r}, TokensToGrid(prefix_tokens={token.group(1)})"
         layer = getattr(method, "layer_name", None)
         row["layer"] = layer
         stage = "export"
@@ -250,7 +265,7 @@ def run_cell(model_name: str, method_name: str, fmt: str, tmp: Path,
         row["status"] = "ok" if worst_maps <= TOLERANCE else "mismatch"
         if row["status"] == "mismatch":
             stage = "fp64"
-            row.update(_fp64_errors(model, method_name, layer, *worst))
+            row.update(_fp64_errors(model, method_name, layer, *worst, **options))
     except Exception as err:  # noqa: BLE001 - the matrix records every failure and goes on
         if stage == "fp64":
             row["fp64_error"] = first_line(err)
