@@ -286,10 +286,24 @@ def test_export_contract(request, model_name, name, formats, tmp_path):
         assert meta[key] == value
 
 
-class _Counted(torch.nn.Module):
-    """A 1x1 convolution that counts its forward calls (in a list outside the module, shared by its call views)."""
+class _Calls:
+    """A call counter with list's ``append`` and ``len``, not a container: call views copy a module's plain lists."""
 
-    def __init__(self, calls: list):
+    def __init__(self):
+        self.count = 0
+
+    def append(self, _):
+        self.count += 1
+
+    def __len__(self):
+        return self.count
+
+
+class _Counted(torch.nn.Module):
+    """A 1x1 convolution that counts its forward calls (in a _Calls object outside the module, shared by its call
+    views; a plain list attribute would be the view's own copy)."""
+
+    def __init__(self, calls: _Calls):
         super().__init__()
         self.conv = torch.nn.Conv2d(4, 4, 1)
         self.calls = calls
@@ -303,7 +317,7 @@ class _PrefixNet(torch.nn.Module):
     """A net whose part before ``body`` has an output overwritten in place (BatchNorm's, by a non-idempotent
     in-place op) and a module used both before and after ``body`` (``act``)."""
 
-    def __init__(self, calls: list):
+    def __init__(self, calls: _Calls):
         super().__init__()
         self.stem = _Counted(calls)
         self.bn = torch.nn.BatchNorm2d(4)
@@ -324,7 +338,7 @@ def test_passes_after_the_layer_reuse_the_part_before_it(cls):
     """split=True: the module before the layer runs once per call (not once per chunk), and the maps equal
     split=False's (which re-runs the whole model for every copy), despite the in-place op and the shared module."""
     torch.manual_seed(0)
-    calls: list = []
+    calls = _Calls()
     model = _PrefixNet(calls).eval()
     with torch.no_grad():
         model.bn.running_mean.uniform_(-0.5, 0.5)
@@ -338,9 +352,9 @@ def test_passes_after_the_layer_reuse_the_part_before_it(cls):
 
 
 class _CountedBN(torch.nn.BatchNorm2d):
-    """A BatchNorm that counts its forward calls (in a list shared by its call views)."""
+    """A BatchNorm that counts its forward calls (in a _Calls object shared by its call views)."""
 
-    def __init__(self, channels: int, calls: list):
+    def __init__(self, channels: int, calls: _Calls):
         super().__init__(channels)
         self.calls = calls
 
@@ -362,7 +376,7 @@ class _InPlaceNet(torch.nn.Module):
     """conv -> counted BatchNorm -> in-place op (h) -> ``body`` (+ h's first channel, a skip connection around it) ->
     fc; ``again``: the in-place op also runs after body."""
 
-    def __init__(self, calls: list, again: bool):
+    def __init__(self, calls: _Calls, again: bool):
         super().__init__()
         self.stem = torch.nn.Conv2d(4, 4, 1)
         self.bn = _CountedBN(4, calls)
@@ -388,7 +402,7 @@ def test_output_overwritten_by_an_inplace_module(cls, again):
     BatchNorm runs in every pass. Maps equal split=False's (whole model per copy) in both cases (one sample: the skip
     connection's tensor broadcasts over the copies; a reused copy that the in-place op overwrote would change it)."""
     torch.manual_seed(1)
-    calls: list = []
+    calls = _Calls()
     model = _InPlaceNet(calls, again).eval()
     with torch.no_grad():
         model.bn.running_mean.uniform_(-0.5, 0.5)
