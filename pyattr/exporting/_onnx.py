@@ -162,16 +162,14 @@ def _spell_safe_softmax(gm: fx.GraphModule, node: fx.Node) -> None:
     x, dim = node.args[0], node.args[1]
     dtype = node.args[2] if len(node.args) > 2 else node.kwargs.get("dtype")
     val = x.meta.get("val") if isinstance(x, fx.Node) else None
-    steps = [(aten._softmax.default, (x, dim, False)) if dtype is None else (aten.softmax.int, (x, dim, dtype)),
-             (aten.eq.Scalar, (x, float("-inf"))), (aten.all.dim, (None, dim, True)),
-             (aten.masked_fill.Scalar, (None, None, 0.0))]
+    softmax, extra = (aten._softmax.default, (False,)) if dtype is None else (aten.softmax.int, (dtype,))
     with gm.graph.inserting_before(node):
-        out = gm.graph.call_function(*steps[0])
-        masked = gm.graph.call_function(*steps[1])
-        rows = gm.graph.call_function(steps[2][0], (masked, dim, True))
-        result = gm.graph.call_function(steps[3][0], (out, rows, 0.0))
+        out = gm.graph.call_function(softmax, (x, dim, *extra))
+        masked = gm.graph.call_function(aten.eq.Scalar, (x, float("-inf")))
+        rows = gm.graph.call_function(aten.all.dim, (masked, dim, True))
+        result = gm.graph.call_function(aten.masked_fill.Scalar, (out, rows, 0.0))
     if val is not None:  # fake values, as make_fx gave every other node (the translation reads their types)
-        out.meta["val"] = steps[0][0](val, *steps[0][1][1:])
+        out.meta["val"] = softmax(val, dim, *extra)
         masked.meta["val"] = aten.eq.Scalar(val, float("-inf"))
         rows.meta["val"] = aten.all.dim(masked.meta["val"], dim, True)
     for new in (out, masked, rows):

@@ -267,7 +267,7 @@ class LinearRule(Rule):
                 part = xi.detach() * gi if factor == 1.0 else factor * (xi.detach() * gi)
             if result is None:
                 result = part
-            elif input_gradient is not None and result is grads[0]:
+            elif input_gradient is not None:  # result is grads[0], this call's own temporary
                 result = result.add_(part)
             else:
                 result = result + part
