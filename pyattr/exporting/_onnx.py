@@ -32,6 +32,8 @@ from types import SimpleNamespace
 import torch
 from torch import fx
 
+from .loops import copied_graph, loop_bodies, scan_nodes
+
 BATCH_DIM = "batch"
 
 
@@ -43,6 +45,7 @@ def _lifted_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, torch.T
     out = graph.graph_copy(gm.graph, mapping)
     graph.output(out)
     copy = fx.GraphModule(gm, graph)
+    _copy_loop_bodies(copy)  # the passes below change them: not the caller's
     # after the inputs, in order (not "before the first op": that may be a get_attr node erased below, as in a
     # graph that starts with the model's first weight, e.g. a method that takes no gradient)
     last_input = [n for n in copy.graph.nodes if n.op == "placeholder"][-1]
@@ -73,17 +76,35 @@ def _lifted_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, torch.T
     return copy, constants
 
 
-def _specialize(gm: fx.GraphModule, example_shape) -> int:
-    """Replace every symbolic size of ``gm`` that does not depend on the batch (``sym_size`` of a spatial
-    dimension, arithmetic on it) by its value at the example's (C, H, W). make_fx keeps every input size
-    symbolic; left so, the ONNX graph computes static sizes at run time (``Shape`` ops), and an extra
-    consumer of a convolution's output is enough to stop onnxruntime from fusing the BatchNorm after it.
-    Returns how many nodes were replaced."""
+def _static_symbols(gm: fx.GraphModule, example_shape) -> dict:
+    """{symbol: size} for the symbols of the images' (C, H, W) in ``gm`` (the traced graph), at the example's."""
     first = next(n for n in gm.graph.nodes if n.op == "placeholder")
     known = {}
     for i, dim in enumerate(first.meta["val"].shape):
         if i > 0 and isinstance(dim, torch.SymInt) and getattr(dim.node.expr, "is_Symbol", False):
             known[dim.node.expr] = int(example_shape[i])
+    return known
+
+
+def _copy_loop_bodies(gm: fx.GraphModule) -> None:
+    """Give ``gm`` its own copies of its loop bodies (which it shares with the graph it was copied from)."""
+    for node in scan_nodes(gm.graph):
+        name = node.args[0].target
+        body = getattr(gm, name)
+        body = fx.GraphModule(body, copied_graph(body.graph))
+        _copy_loop_bodies(body)
+        setattr(gm, name, body)
+
+
+def _specialize(gm: fx.GraphModule, example_shape, known: dict | None = None) -> int:
+    """Replace every symbolic size of ``gm`` that does not depend on the batch (``sym_size`` of a spatial
+    dimension, arithmetic on it) by its value at the example's (C, H, W). make_fx keeps every input size
+    symbolic; left so, the ONNX graph computes static sizes at run time (``Shape`` ops), and an extra
+    consumer of a convolution's output is enough to stop onnxruntime from fusing the BatchNorm after it.
+    ``known``: the symbols' sizes (default: read from ``gm``'s images; a loop body's come from its graph's).
+    Returns how many nodes were replaced."""
+    if known is None:
+        known = _static_symbols(gm, example_shape)
     if not known:
         return 0
     replaced = 0
@@ -342,11 +363,16 @@ def translate(gm: fx.GraphModule, example_shape, input_names, output_names):
 
     registry = _registry()
     lifted, constants = _lifted_graph(gm)
-    _spell_unregistered(lifted)
-    _specialize(lifted, example_shape)
-    if not _functionalize(lifted) or _missing_ops(lifted, registry):
+    # the graph, then its loop bodies (pyattr._loop: each a subgraph of a scan node, an ONNX Scan's body)
+    graphs = [lifted, *loop_bodies(lifted)]
+    known = _static_symbols(lifted, example_shape)
+    for graph in graphs:
+        _spell_unregistered(graph)
+        _specialize(graph, example_shape, known)
+    if not all(_functionalize(graph) for graph in graphs) or any(_missing_ops(graph, registry) for graph in graphs):
         return None
-    _insert_type_promotion(lifted)
+    for graph in graphs:
+        _insert_type_promotion(graph)
     lifted = _fx_passes.remove_assertion_nodes(lifted)
     inputs = [n.name for n in lifted.graph.nodes if n.op == "placeholder" and n.name not in constants]
     output = next(n for n in lifted.graph.nodes if n.op == "output")
@@ -379,9 +405,8 @@ def _cast_like_to_cast(model) -> int:
     CastLike; onnxruntime has no CPU kernel to fold it and warns once per node). Returns how many."""
     import onnx_ir as ir
 
-    graph = model.graph
     replaced = 0
-    for node in list(graph):
+    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):  # loop bodies too
         if node.op_type != "CastLike" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
             continue
         like = node.inputs[1]
@@ -391,7 +416,7 @@ def _cast_like_to_cast(model) -> int:
                        name=node.name)
         cast.outputs[0].dtype = like.dtype
         cast.outputs[0].shape = node.outputs[0].shape
-        ir.convenience.replace_nodes_and_values(graph, node, [node], [cast], node.outputs, cast.outputs)
+        ir.convenience.replace_nodes_and_values(node.graph, node, [node], [cast], node.outputs, cast.outputs)
         replaced += 1
     return replaced
 
@@ -420,9 +445,8 @@ def _empty_expand_to_identity(model) -> int:
     the graph ("Broadcast shape rank must be 1, but has 0"). Returns how many."""
     import onnx_ir as ir
 
-    graph = model.graph
     replaced = 0
-    for node in list(graph):
+    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):  # loop bodies too
         if node.op_type != "Expand" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
             continue
         if not _empty_constant(node.inputs[1]):
@@ -430,7 +454,7 @@ def _empty_expand_to_identity(model) -> int:
         identity = ir.Node("", "Identity", [node.inputs[0]], name=node.name)
         identity.outputs[0].dtype = node.outputs[0].dtype
         identity.outputs[0].shape = node.outputs[0].shape
-        ir.convenience.replace_nodes_and_values(graph, node, [node], [identity], node.outputs, identity.outputs)
+        ir.convenience.replace_nodes_and_values(node.graph, node, [node], [identity], node.outputs, identity.outputs)
         replaced += 1
     return replaced
 

@@ -17,6 +17,7 @@ from ..methods.base import AttributionMethod, select_output
 from ..targets.base import CLASS_TARGET, Target
 from .decompositions import decomposition_table
 from .diagnose import describe_layers, export_failure, what_to_try
+from .loops import scripted_loops
 from .rewrites import ExportRewrites
 
 aten = torch.ops.aten
@@ -232,6 +233,26 @@ def scriptable(gm: fx.GraphModule) -> fx.GraphModule:
         node.replace_all_uses_with(dense, delete_user_cb=lambda user, dense=dense: user is not dense)
     with graph.inserting_after(first):
         device = graph.call_function(getattr, (first, "device"))
+    _script_ops(graph, device)
+    scripted_loops(gm, _scriptable_body)
+    gm.recompile()
+    return gm
+
+
+def _scriptable_body(body: fx.GraphModule) -> fx.GraphModule:
+    """:func:`scriptable` for a loop body that takes its inputs as one list (:func:`loops.list_input_body`): the
+    same op conversion, device constants following its first input."""
+    first = next(n for n in body.graph.nodes if n.op == "call_function")  # args[0]
+    with body.graph.inserting_after(first):
+        device = body.graph.call_function(getattr, (first, "device"))
+    _script_ops(body.graph, device)
+    scripted_loops(body, _scriptable_body)
+    body.recompile()
+    return body
+
+
+def _script_ops(graph: fx.Graph, device: fx.Node) -> None:
+    """Op overloads -> op packets, ``sym_size`` -> ``size``, ``device=`` arguments -> ``device``'s value."""
     for node in list(graph.nodes):
         if node.op != "call_function" or node is device:
             continue
@@ -243,5 +264,3 @@ def scriptable(gm: fx.GraphModule) -> fx.GraphModule:
             kwargs["device"] = device
             kwargs.pop("pin_memory", None)
             node.kwargs = kwargs
-    gm.recompile()
-    return gm

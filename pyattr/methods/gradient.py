@@ -89,6 +89,13 @@ def seeded_tensor(kind: str, shape: tuple[int, ...], seed: int, like: torch.Tens
         return draw(shape, generator=generator, dtype=torch.float32).to(device=like.device, dtype=like.dtype)
 
 
+def constant_tensor(values, like: torch.Tensor) -> torch.Tensor:
+    """``torch.tensor(values)`` on ``like``'s device and dtype, made outside any tracing in progress (a traced
+    graph holds it as a constant)."""
+    with unset_fake_temporarily(), disable_proxy_modes_tracing():
+        return torch.tensor(values, dtype=like.dtype, device=like.device)
+
+
 def tensor_baseline(baseline: torch.Tensor, x: torch.Tensor, check: bool = True) -> torch.Tensor:
     """A user's baseline / reference tensor on ``x``'s device and dtype, expanded to ``x``'s shape; ``check``: a
     shape that does not broadcast to ``x``'s is an :class:`InputError` (Integrated Gradients, DeepLIFT)."""

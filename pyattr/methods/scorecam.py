@@ -3,13 +3,14 @@ input masked by each upsampled activation."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._loop import batched_loop
 from ..errors import InputError
 from ..postprocess import TINY
 from .cam import CAMMethod, LayerSpec, check_count, fuse_maps, scores_of_copies, weighted_sum
@@ -71,29 +72,51 @@ class ScoreCAM(CAMMethod):
         return self._normalize(F.interpolate(act, size=size, mode="bilinear", align_corners=self.align_corners))
 
     passes = 1
-    """Masked inputs per channel (:meth:`masked_inputs`)."""
+    """Masked inputs per channel (:meth:`masked_input`), whose scores are averaged."""
 
-    def masked_inputs(self, x: torch.Tensor, masks: torch.Tensor) -> Iterator[torch.Tensor]:
-        r"""The inputs scored for a chunk of (N, c, H, W) masks, each (N, c, C_in, H, W), made one at a time:
-        Score-CAM's one, :math:`x \odot M_k`; SS-CAM's and IS-CAM's :attr:`passes`, whose scores are averaged."""
-        yield x[:, None] * masks[:, :, None]
+    def pass_values(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What tells the :attr:`passes` masked inputs of a channel apart: tensors of :attr:`passes` rows, row s
+        given to :meth:`masked_input` for pass s (SS-CAM's noise, IS-CAM's coefficients; Score-CAM's none)."""
+        return ()
+
+    def masked_input(self, x: torch.Tensor, masks: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
+        r"""The (N, c, C_in, H, W) inputs scored for a chunk of (N, c, H, W) masks in one pass, given that pass's
+        rows of :meth:`pass_values`: Score-CAM's :math:`x \odot M_k`."""
+        return x[:, None] * masks[:, :, None]
 
     def channel_scores(self, x: torch.Tensor, act: torch.Tensor, resolved: torch.Tensor) -> torch.Tensor:
-        """(N, C) target scores of the inputs masked by each channel's mask (averaged over
-        :meth:`masked_inputs`)."""
+        """(N, C) target scores of the inputs masked by each channel's mask (averaged over the :attr:`passes`).
+
+        The C channels are split into ceil(C / chunk_size) chunks of one width (the last padded with constant
+        channels, whose scores are dropped); each (chunk, pass) is one forward pass of N * width images, and the
+        passes are one :func:`~pyattr._loop.batched_loop`: a Python loop in eager calls, one loop in an exported
+        graph (whose size does not grow with C)."""
         size = (int(x.shape[-2]), int(x.shape[-1]))
         image_shape = tuple(int(s) for s in x.shape[1:])
-        channels = int(act.shape[1])
-        chunks = []
-        for start in range(0, channels, self.chunk_size):
-            stop = min(start + self.chunk_size, channels)
-            masks = self.masks(act[:, start:stop], size)  # (N, c, H, W)
-            total = None
-            for masked in self.masked_inputs(x, masks):
-                scores = scores_of_copies(self._scores(masked.reshape(-1, *image_shape)), stop - start, resolved)
-                total = scores if total is None else total + scores
-            chunks.append(total if self.passes == 1 else total / self.passes)
-        return torch.cat(chunks, 1) if len(chunks) > 1 else chunks[0]
+        channels, passes = int(act.shape[1]), self.passes
+        chunks = -(-channels // self.chunk_size)
+        width = -(-channels // chunks)
+        if chunks * width > channels:
+            act = torch.cat([act, act.new_zeros(act.shape[0], chunks * width - channels, *act.shape[2:])], 1)
+        groups = act.reshape(-1, chunks, width, *act.shape[2:]).transpose(0, 1)  # (chunks, N, width, h, w)
+        values = self.pass_values(x)
+        # pass i: chunk i // passes, pass i % passes (indices, not copies of the chunks)
+        chunk_index = torch.arange(chunks, device=x.device).repeat_interleave(passes)[:, None]
+        pass_index = torch.arange(passes, device=x.device).repeat(chunks)[:, None]
+
+        def one_pass(chunk: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            masks = self.masks(groups.index_select(0, chunk)[0], size)  # (N, width, H, W)
+            masked = self.masked_input(x, masks, *(v.index_select(0, index)[0] for v in values))
+            return scores_of_copies(self._scores(masked.reshape(-1, *image_shape)), width, resolved)
+
+        scores = batched_loop(one_pass, chunk_index, pass_index)  # (chunks * passes, N, width)
+        if passes > 1:
+            per_pass = scores.reshape(chunks, passes, *scores.shape[1:])
+            total = per_pass[:, 0]
+            for s in range(1, passes):  # in order, as the scores of the passes were added before
+                total = total + per_pass[:, s]
+            scores = total / passes
+        return scores.permute(1, 0, 2).reshape(-1, chunks * width)[:, :channels]
 
     def attribute_raw(self, x: torch.Tensor, target: torch.Tensor):
         with torch.no_grad():
@@ -155,20 +178,21 @@ class SSCAM(ScoreCAM):
         self.std = float(std)
         self.seed = int(seed)
 
-    def noise(self, masks: torch.Tensor) -> torch.Tensor:
-        r"""(S, 1, H, W) noise :math:`\sigma \epsilon_s` for masks (N, c, H, W)."""
+    def noise(self, like: torch.Tensor) -> torch.Tensor:
+        r"""(S, 1, H, W) noise :math:`\sigma \epsilon_s` for inputs or masks ``like`` (..., H, W)."""
         from .gradient import seeded_tensor
 
-        return self.std * seeded_tensor("normal", (self.samples, 1, *masks.shape[-2:]), self.seed, masks)
+        return self.std * seeded_tensor("normal", (self.samples, 1, *like.shape[-2:]), self.seed, like)
 
     @property
     def passes(self) -> int:
         return self.samples
 
-    def masked_inputs(self, x, masks):
-        noise = self.noise(masks)
-        for s in range(self.samples):
-            yield x[:, None] * (masks + noise[s])[:, :, None]
+    def pass_values(self, x):
+        return (self.noise(x),)
+
+    def masked_input(self, x, masks, noise):
+        return x[:, None] * (masks + noise)[:, :, None]
 
     def metadata(self) -> dict[str, Any]:
         return {**super().metadata(), "samples": self.samples, "std": self.std, "seed": self.seed}
@@ -214,10 +238,13 @@ class ISCAM(ScoreCAM):
     def passes(self) -> int:
         return self.samples
 
-    def masked_inputs(self, x, masks):
-        masked = x[:, None] * masks[:, :, None]
-        for c in self.coefficients():
-            yield c * masked
+    def pass_values(self, x):
+        from .gradient import constant_tensor
+
+        return (constant_tensor(self.coefficients(), x),)
+
+    def masked_input(self, x, masks, coefficient):
+        return coefficient * (x[:, None] * masks[:, :, None])
 
     def metadata(self) -> dict[str, Any]:
         return {**super().metadata(), "samples": self.samples}

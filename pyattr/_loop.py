@@ -1,0 +1,121 @@
+"""One loop over equal passes: a Python loop in eager calls, one ``scan`` node in a traced graph.
+
+A multi-pass method (Score-CAM's C / chunk_size masked forward passes, ...) computes the same function of
+one slice of its inputs again and again. Unrolled in a traced graph, the body is copied once per pass
+(Score-CAM on ResNet-50's ``layer4``: 64 copies of the forward pass; no export finished in 420 s).
+:func:`batched_loop` traces the body once: while pyattr traces a method for export, it is one
+``torch.ops.higher_order.scan`` node whose body is a subgraph (``scan_combine_graph_<i>``), which
+torch.export keeps, torch.onnx writes as one ONNX ``Scan`` and pyattr's TorchScript route turns into a
+scripted ``for`` loop (:mod:`pyattr.exporting.loops`).
+
+torch's scan traces its body as a pure function of its inputs: a tensor the body merely closes over (the
+model's weights, the call's images, a target's inputs) would be frozen into the subgraph as a constant, a
+fake one while tracing. So, right after tracing, every constant of the body becomes an input of it: a
+tensor of the enclosing trace is passed from it, a weight becomes a constant of the enclosing graph (one
+tensor, stored once) passed in; the body is left with no constant of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import fx
+
+from ._callview import is_tracing
+from .errors import ExportError
+
+
+def batched_loop(body: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]], *xs: torch.Tensor
+                 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """``body(xs[0][i], xs[1][i], ...)`` for i in ``range(len(xs[0]))``, its outputs stacked along a new first
+    dimension (a tuple of stacked outputs when ``body`` returns a tuple). ``body`` may close over any tensor;
+    its outputs must be new tensors (not views of its inputs), of one shape in every pass.
+
+    Eager: a Python loop. While pyattr traces a method for export: one ``scan`` node (see the module's text).
+
+    Example:
+        >>> batched_loop(lambda a, b: a * b, torch.ones(3, 2), torch.arange(3.)[:, None]).shape
+        torch.Size([3, 2])
+    """
+    if not xs or any(x.shape[0] != xs[0].shape[0] for x in xs):
+        raise ValueError("batched_loop needs tensors of one length along their first dimension")
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    if is_tracing() and get_proxy_mode() is not None:
+        return _traced_loop(body, xs)
+    outs = [body(*(x[i] for x in xs)) for i in range(int(xs[0].shape[0]))]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.stack(column) for column in zip(*outs))
+    return torch.stack(outs)
+
+
+def _traced_loop(body, xs):
+    from torch._higher_order_ops.scan import scan_op
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot
+
+    single = []
+
+    def combine(carry, *slices):
+        out = body(*slices)
+        single.append(not isinstance(out, tuple))
+        return [carry.clone(), *((out,) if single[-1] else out)]
+
+    init = torch.zeros((), device=xs[0].device)  # scan needs a carry; this one is unused
+    outs = scan_op(combine, [init], list(xs), ())
+    tracer = get_proxy_mode().tracer
+    scan = get_proxy_slot(outs[1], tracer).proxy.node.args[0]
+    lift_constants(tracer, scan, getattr(xs[0], "fake_mode", None))
+    ys = tuple(outs[1:])
+    return ys[0] if single[0] else ys
+
+
+def lift_constants(tracer, scan: fx.Node, fake_mode=None) -> int:
+    """Make every tensor constant of the body of ``scan`` (a ``higher_order.scan`` node being traced by
+    ``tracer``) an input of the body: a fake tensor of the enclosing trace is passed from its node there, a real
+    tensor (a weight) from a constant of the enclosing graph. Raises :class:`ExportError` for a fake tensor the
+    enclosing trace does not know. Returns how many constants were lifted."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, get_proxy_slot
+
+    graph_attr, init, xs, extra = scan.args[:4]
+    body: fx.GraphModule = getattr(tracer.root, graph_attr.target)
+    constants: list[tuple[fx.Node, torch.Tensor]] = []
+    for node in body.graph.nodes:
+        if node.op == "get_attr":
+            value = body
+            for part in node.target.split("."):
+                value = getattr(value, part)
+            if isinstance(value, torch.Tensor):
+                constants.append((node, value))
+    if not constants:
+        return 0
+    # the body's tensors go first: the tracer looks weights up among the root's parameters, the body's included
+    for name in {node.target.split(".")[0] for node, _ in constants}:
+        delattr(body, name)
+    last = [n for n in body.graph.nodes if n.op == "placeholder"][-1]
+    lifted: dict[int, fx.Node] = {}  # id(tensor) -> the body's new input
+    outer: list[fx.Node] = []
+    for node, value in constants:
+        if id(value) not in lifted:
+            if isinstance(value, FakeTensor):
+                proxy = get_proxy_slot(value, tracer, None)
+                if proxy is None:
+                    raise ExportError("a loop body (pyattr._loop.batched_loop) closes over a tensor that the trace "
+                                      "does not know; pass it through the loop's inputs")
+                source, fake = proxy.proxy.node, value
+            else:
+                source = tracer.create_arg(value)  # a get_attr of the enclosing graph, one per tensor
+                scan.prepend(source)  # created at the graph's end, after the scan node
+                with disable_proxy_modes_tracing():  # a view's fake copy is made with ops: not of the graph
+                    fake = fake_mode.from_tensor(value, static_shapes=True) if fake_mode is not None else value
+            with body.graph.inserting_after(last):
+                last = body.graph.placeholder(f"lifted_{len(lifted)}")
+            last.meta["val"] = fake
+            lifted[id(value)] = last
+            outer.append(source)
+        node.replace_all_uses_with(lifted[id(value)])
+        body.graph.erase_node(node)
+    body.recompile()
+    scan.args = (graph_attr, init, xs, (*extra, *outer), *scan.args[4:])
+    return len(outer)
