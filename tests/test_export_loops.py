@@ -1,0 +1,84 @@
+"""Multi-pass methods export their passes as ONE loop (pyattr._loop.batched_loop), not as unrolled copies.
+
+The ONNX graph holds one ``Scan`` whose body is one forward pass (its Conv nodes are one forward's), the .pt2 one
+``higher_order.scan`` node, the TorchScript module one scripted loop (:class:`~pyattr.exporting.loops.ScanLoop`) around its body; and every format agrees
+with eager at batches 1 and 3.
+"""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+from conftest import make_shapes
+from contract import assert_export_contract
+from torch import nn
+
+from pyattr._callview import set_tracing
+from pyattr._loop import batched_loop
+from pyattr.methods import ScoreCAM
+
+
+def count_ops(graph: onnx.GraphProto, op_type: str) -> int:
+    """Nodes of ``op_type`` in ``graph`` and in every subgraph (a Scan's or Loop's body)."""
+    total = 0
+    for node in graph.node:
+        total += node.op_type == op_type
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                total += count_ops(attr.g, op_type)
+    return total
+
+
+def test_scorecam_exports_one_loop(builtin_model, tmp_path):
+    # layer2: 64 channels; chunk_size 24 -> 3 passes of 22 channels (the last padded by 2): 3 unrolled forwards before
+    method = ScoreCAM(builtin_model, "layer2", chunk_size=24)
+    assert_export_contract(method, make_shapes(3, seed=12), tmp_path, num_classes=6, batches=(1, 3))
+    convs = sum(isinstance(m, nn.Conv2d) for m in builtin_model.modules())
+    graph = onnx.load(str(tmp_path / "scorecam.onnx")).graph
+    assert count_ops(graph, "Scan") == 1 and count_ops(graph, "Loop") == 0
+    # the forward pass that scores the images, and the loop's body: one masked forward pass
+    assert count_ops(graph, "Conv") == 2 * convs
+    program = torch.export.load(str(tmp_path / "scorecam.pt2"))
+    scans = [n for n in program.graph.nodes if n.op == "call_function" and "scan" in str(n.target)]
+    assert len(scans) == 1
+    scripted = torch.jit.load(str(tmp_path / "scorecam.pt"))
+    loops = [m for name, m in scripted.named_modules() if name.startswith("_scripted_loop") and "." not in name]  # ScanLoop: one for loop
+    assert len(loops) == 1
+    code = "".join(m.code for _, m in scripted.named_modules())
+    assert code.count("torch.convolution(") == 2 * convs
+
+
+def test_batched_loop_lifts_what_its_body_closes_over():
+    """Traced, the body's weights and the tensors of the trace it closes over become inputs of the scan node;
+    eager and traced agree, at another batch size too."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 5)).eval()
+
+    def f(x, t):
+        scales = torch.arange(1.0, 4.0)[:, None]  # 3 passes
+        bias = t.float()[:, None]  # a tensor of the trace, closed over
+        return batched_loop(lambda s: model(x * s).gather(1, t[:, None]) + bias, scales)
+
+    x, t = torch.rand(2, 3, 8, 8), torch.tensor([1, 4])
+    set_tracing(True)
+    try:
+        gm = make_fx(f, tracing_mode="symbolic", _allow_non_fake_inputs=True)(x, t)
+    finally:
+        set_tracing(False)
+    scans = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.higher_order.scan]
+    assert len(scans) == 1
+    body = getattr(gm, scans[0].args[0].target)
+    assert not [n for n in body.graph.nodes if n.op == "get_attr"]  # no constant of its own
+    with torch.no_grad():
+        for xb, tb in ((x, t), (torch.rand(3, 3, 8, 8), torch.tensor([0, 2, 4]))):
+            want = torch.stack([model(xb * s).gather(1, tb[:, None]) + tb.float()[:, None] for s in (1.0, 2.0, 3.0)])
+            assert torch.allclose(gm(xb, tb), want, atol=1e-5)
+            assert torch.equal(f(xb, tb), want)
+
+
+def test_batched_loop_rejects_unequal_lengths():
+    with pytest.raises(ValueError, match="one length"):
+        batched_loop(lambda a, b: a + b, torch.ones(2), torch.ones(3))
+
