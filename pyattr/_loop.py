@@ -17,13 +17,29 @@ tensor, stored once) passed in; the body is left with no constant of its own.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import fx
 
 from ._callview import is_tracing
 from .errors import ExportError
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def unrolled_loops() -> Iterator[None]:
+    """Within this context (in this thread), :func:`batched_loop` runs its Python loop while tracing too: a traced
+    graph holds one copy of the body per pass, as before loops existed (for comparisons: ``benchmarks/loop_export.py``)."""
+    previous = getattr(_local, "unrolled", False)
+    _local.unrolled = True
+    try:
+        yield
+    finally:
+        _local.unrolled = previous
 
 
 def batched_loop(body: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]], *xs: torch.Tensor
@@ -42,7 +58,7 @@ def batched_loop(body: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]], *
         raise ValueError("batched_loop needs tensors of one length along their first dimension")
     from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
-    if is_tracing() and get_proxy_mode() is not None:
+    if is_tracing() and get_proxy_mode() is not None and not getattr(_local, "unrolled", False):
         return _traced_loop(body, xs)
     outs = [body(*(x[i] for x in xs)) for i in range(int(xs[0].shape[0]))]
     if isinstance(outs[0], tuple):
@@ -56,14 +72,19 @@ def _traced_loop(body, xs):
 
     single = []
 
-    def combine(carry, *slices):
-        out = body(*slices)
+    def combine(carry, *rest):
+        out = body(*rest[:len(xs)])
         single.append(not isinstance(out, tuple))
         return [carry.clone(), *((out,) if single[-1] else out)]
 
     init = torch.zeros((), device=xs[0].device)  # scan needs a carry; this one is unused
-    outs = scan_op(combine, [init], list(xs), ())
     tracer = get_proxy_mode().tracer
+    # the trace's symbolic sizes (the batch) go in as the sizes of (unused, empty) inputs of the body, which its own
+    # trace then knows: the symbolic size of a tensor it closes over would be unknown to it
+    sizes = [[d for d in t.shape if isinstance(d, torch.SymInt)] for t, slot in list(tracer.tensor_tracker.items())
+             if slot.proxy.node.op == "placeholder"]
+    anchors = tuple(torch.empty((*s, 0), device=xs[0].device) for s in sizes if s)
+    outs = scan_op(combine, [init], list(xs), anchors)
     scan = get_proxy_slot(outs[1], tracer).proxy.node.args[0]
     lift_constants(tracer, scan, getattr(xs[0], "fake_mode", None))
     ys = tuple(outs[1:])
@@ -94,6 +115,7 @@ def lift_constants(tracer, scan: fx.Node, fake_mode=None) -> int:
     for name in {node.target.split(".")[0] for node, _ in constants}:
         delattr(body, name)
     last = [n for n in body.graph.nodes if n.op == "placeholder"][-1]
+    storages = {_storage(n.meta["val"]) for n in (*init, *xs, *extra) if isinstance(n.meta.get("val"), torch.Tensor)}
     lifted: dict[int, fx.Node] = {}  # id(tensor) -> the body's new input
     outer: list[fx.Node] = []
     for node, value in constants:
@@ -104,6 +126,12 @@ def lift_constants(tracer, scan: fx.Node, fake_mode=None) -> int:
                     raise ExportError("a loop body (pyattr._loop.batched_loop) closes over a tensor that the trace "
                                       "does not know; pass it through the loop's inputs")
                 source, fake = proxy.proxy.node, value
+                if _storage(value) in storages:  # the scan's inputs may not alias each other: pass a copy
+                    with tracer.graph.inserting_before(scan):
+                        source = tracer.graph.call_function(torch.ops.aten.clone.default, (source,))
+                    with disable_proxy_modes_tracing():
+                        source.meta["val"] = value.clone()
+                storages.add(_storage(value))
             else:
                 source = tracer.create_arg(value)  # a get_attr of the enclosing graph, one per tensor
                 scan.prepend(source)  # created at the graph's end, after the scan node
@@ -119,3 +147,9 @@ def lift_constants(tracer, scan: fx.Node, fake_mode=None) -> int:
     body.recompile()
     scan.args = (graph_attr, init, xs, (*extra, *outer), *scan.args[4:])
     return len(outer)
+
+
+def _storage(tensor: torch.Tensor):
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    return StorageWeakRef(tensor.untyped_storage())

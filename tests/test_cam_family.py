@@ -604,7 +604,7 @@ def test_frozen_model_and_errors(fresh_shapesnet, vgg11, mobilenet_v3_small):
 @pytest.mark.parametrize("name", CAM_NAMES)
 def test_export_contract(builtin_model, name, tmp_path):
     assert name in METHODS
-    options = {"chunk_size": 64} if name == "scorecam" else {}  # 2 masked passes, unrolled in the graph
+    options = {"chunk_size": 64} if name == "scorecam" else {}  # 2 masked passes, one loop in the graph
     method = build_method(name, builtin_model, pyattr.zoo.SHAPESNET_LAYER, **options)
     # FullGrad on image 2 of seed 50 sits on a ReLU tie of the current weights: eager's own map moves by
     # 3.7e-3 under a 1e-7 input perturbation (onnxruntime lands on the other side); seed 56 has no tie.

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .._capture import PrefixCache
+from .._loop import batched_loop
 from ..errors import InputError
 from .cam import CAMMethod, LayerSpec, check_count, scores_of_copies, weighted_sum
 
@@ -28,8 +29,8 @@ class AblationCAM(CAMMethod):
     :math:`\min A - 10^7` (pytorch-grad-cam's ``AblationLayer``, :data:`ABLATION_OFFSET`). A score of exactly 0
     is divided by 1 instead (no inf / NaN).
 
-    The layer's activations are computed once; the ablated copies (N * ``chunk_size`` per pass, C / chunk_size
-    passes, unrolled in an exported graph) go through the rest of the network with the layer's output replaced
+    The layer's activations are computed once; the ablated copies (N * ``chunk_size`` per pass, ceil(C / chunk_size)
+    passes, ONE loop in an exported graph: :func:`pyattr._loop.batched_loop`) go through the rest of the network with the layer's output replaced
     (:meth:`~pyattr.methods.cam.CAMMethod.scores_with_layer_output`; ``split=False`` for a model that uses
     tensors from before the layer after it). Costs C passes of the network's part after the layer per image: with
     ``split=True`` the modules that ran before the layer return their outputs recorded in the first pass
@@ -80,18 +81,23 @@ class AblationCAM(CAMMethod):
         channels = int(act.shape[1])
         value = self.ablation_value(act)[:, None, None, None]  # (N, 1, 1, 1)
         samples = torch.arange(act.shape[0], device=act.device)[:, None]  # (N, 1)
-        ablated = torch.arange(channels, device=act.device)  # copy j of a pass ablates channel start + j
-        copy = torch.arange(min(self.chunk_size, channels), device=act.device)
-        chunks = []
-        for start in range(0, channels, self.chunk_size):
-            stop = min(start + self.chunk_size, channels)
-            # c copies of each sample's activations (one dense copy, as x.repeat_interleave(c, 0)); then copy j's
-            # channel start + j is set to the ablation value in place: an index_put of N * c * h * w values
-            copies = act[:, None].expand(-1, stop - start, -1, -1, -1).clone(memory_format=torch.contiguous_format)
-            copies = copies.index_put_((samples, copy[:stop - start], ablated[start:stop]), value)  # (N, c, C, h, w)
-            scores = self.scores_with_layer_output(x, copies.flatten(0, 1), stop - start, self.split, prefix)
-            chunks.append(scores_of_copies(scores, stop - start, resolved))
-        return torch.cat(chunks, 1) if len(chunks) > 1 else chunks[0]
+        # ceil(C / chunk_size) passes of one width; pass i ablates channels i * width + j (beyond C in the last
+        # pass: channel C - 1 again, whose scores are dropped)
+        chunks = -(-channels // self.chunk_size)
+        width = -(-channels // chunks)
+        ablated = torch.arange(chunks * width, device=act.device).clamp_max(channels - 1).reshape(chunks, width)
+        copy = torch.arange(width, device=act.device)
+
+        def one_pass(channel_ids: torch.Tensor) -> torch.Tensor:
+            # width copies of each sample's activations (one dense copy, as x.repeat_interleave(width, 0)); then
+            # copy j's channel channel_ids[j] is set to the ablation value in place: an index_put of N * width * h * w
+            copies = act[:, None].expand(-1, width, -1, -1, -1).clone(memory_format=torch.contiguous_format)
+            copies = copies.index_put_((samples, copy, channel_ids), value)  # (N, width, C, h, w)
+            scores = self.scores_with_layer_output(x, copies.flatten(0, 1), width, self.split, prefix)
+            return scores_of_copies(scores, width, resolved)
+
+        scores = batched_loop(one_pass, ablated)  # (chunks, N, width): one loop in an exported graph
+        return scores.permute(1, 0, 2).reshape(-1, chunks * width)[:, :channels]
 
     def attribute_raw(self, x: torch.Tensor, target: torch.Tensor):
         with torch.no_grad():

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._loop import batched_loop
 from ..errors import InputError
 from .cam import CAMMethod, LayerSpec, check_count, scores_of_copies
 
@@ -56,7 +57,8 @@ class ReciproCAM(CAMMethod):
 
     The h*w mosaics of each sample go through the rest of the network with the layer's output replaced
     (:meth:`~pyattr.methods.cam.CAMMethod.scores_with_layer_output`): ``chunk_size`` positions per pass
-    (N * chunk_size maps), ceil(h*w / chunk_size) passes, unrolled in an exported graph; with ``split=True`` the
+    (N * chunk_size maps), ceil(h*w / chunk_size) passes, ONE loop in an exported graph
+    (:func:`pyattr._loop.batched_loop`); with ``split=True`` the
     part before the layer is not run again (the outputs of its modules recorded in the first pass are reused).
 
     OpenVINO XAI's ``ReciproCAM`` (for CNNs) is ``kernel="point"``: the test holds pyattr to it.
@@ -103,16 +105,23 @@ class ReciproCAM(CAMMethod):
             _, resolved = self.select(scores, target)
             act = self.as_map(out, self.layer_names[0])
             h, w = int(act.shape[2]), int(act.shape[3])
-            masks = position_masks(h, w, self.kernel, act)
-            chunks = []
-            for start in range(0, h * w, self.chunk_size):
-                stop = min(start + self.chunk_size, h * w)
-                mosaics = (act[:, None] * masks[None, start:stop, None]).flatten(0, 1)  # (N * c, C, h, w)
-                out_scores = self.scores_with_layer_output(x, mosaics, stop - start, self.split, prefix)
+            masks = position_masks(h, w, self.kernel, act)  # (h * w, h, w)
+            # ceil(h * w / chunk_size) passes of one width (the last padded with empty masks, their scores dropped):
+            # one loop in an exported graph
+            chunks = -(-(h * w) // self.chunk_size)
+            width = -(-(h * w) // chunks)
+            if chunks * width > h * w:
+                masks = torch.cat([masks, masks.new_zeros(chunks * width - h * w, h, w)])
+
+            def one_pass(chunk_masks: torch.Tensor) -> torch.Tensor:
+                mosaics = (act[:, None] * chunk_masks[None, :, None]).flatten(0, 1)  # (N * width, C, h, w)
+                out_scores = self.scores_with_layer_output(x, mosaics, width, self.split, prefix)
                 if self.softmax:
                     out_scores = torch.softmax(out_scores, dim=1)
-                chunks.append(scores_of_copies(out_scores, stop - start, resolved))
-            raw = (torch.cat(chunks, 1) if len(chunks) > 1 else chunks[0]).reshape(-1, h, w)
+                return scores_of_copies(out_scores, width, resolved)
+
+            per_pass = batched_loop(one_pass, masks.reshape(chunks, width, h, w))  # (chunks, N, width)
+            raw = per_pass.permute(1, 0, 2).reshape(-1, chunks * width)[:, :h * w].reshape(-1, h, w)
         return scores, raw, resolved
 
     def metadata(self) -> dict[str, Any]:

@@ -28,8 +28,10 @@ class ScoreCAM(CAMMethod):
 
     (the baseline score :math:`S_t(x_b)` of the paper cancels in the softmax). The masked forward
     passes are batched: ``chunk_size`` channels per pass, i.e. N * chunk_size images at once, which
-    bounds memory; the C / chunk_size passes are unrolled in an exported graph, whose batch stays
-    dynamic. Costs C forward passes per image and layer.
+    bounds memory (chunks of one width, ceil(C / ceil(C / chunk_size)) channels). An exported graph holds the
+    ceil(C / chunk_size) passes as ONE loop (:func:`pyattr._loop.batched_loop`: an ONNX ``Scan``, a ``scan`` node
+    in a ``.pt2``, a scripted ``for`` loop in TorchScript) whose body is one forward pass, so its size and export
+    time do not grow with C; its batch stays dynamic. Costs C forward passes per image and layer.
 
     Args:
         model, layer, fuse, reshape_transform: see :class:`~pyattr.methods.cam.CAMMethod`.
@@ -144,7 +146,8 @@ class SSCAM(ScoreCAM):
 
     with :math:`M_k` Score-CAM's masks in torchcam's order (min-max normalized at the layer's resolution, then
     upsampled: ``normalize_first=True``) and :math:`\epsilon_s` standard normal noise at the input's resolution
-    (torchcam's baseline score, subtracted before the softmax, cancels in it). Costs S * C forward passes per image.
+    (torchcam's baseline score, subtracted before the softmax, cancels in it). Costs S * C forward passes per image:
+    S * ceil(C / chunk_size) passes, ONE loop in an exported graph (see :class:`ScoreCAM`).
 
     Noise: the S maps :math:`\epsilon_s` (1, H, W) are drawn from ``seed`` (CPU generator) and shared by every
     channel and every input of a batch; the exported graph holds them as a constant (S * H * W floats), so eager
@@ -207,7 +210,7 @@ class ISCAM(ScoreCAM):
 
     (torchcam's coefficients :math:`c_i`, which reach :math:`(S + 1) / 2` at i = S; its baseline score cancels in
     the softmax), with :math:`M_k` Score-CAM's masks in torchcam's order (``normalize_first=True``). No randomness.
-    Costs S * C forward passes per image.
+    Costs S * C forward passes per image: S * ceil(C / chunk_size) passes, ONE loop in an exported graph.
 
     Args:
         model, layer, fuse, reshape_transform, chunk_size, align_corners: as :class:`ScoreCAM`.
