@@ -14,9 +14,10 @@ from conftest import make_shapes
 from contract import assert_export_contract
 from torch import nn
 
+import pyattr
 from pyattr._callview import set_tracing
 from pyattr._loop import batched_loop
-from pyattr.methods import ScoreCAM
+from pyattr.methods import ScoreCAM, build_method
 
 
 def count_ops(graph: onnx.GraphProto, op_type: str) -> int:
@@ -82,3 +83,14 @@ def test_batched_loop_rejects_unequal_lengths():
     with pytest.raises(ValueError, match="one length"):
         batched_loop(lambda a, b: a + b, torch.ones(2), torch.ones(3))
 
+
+
+@pytest.mark.parametrize("name, options", [("ablationcam", {"chunk_size": 48}), ("rise", {"masks": 10, "chunk_size": 4})])
+def test_other_multi_pass_methods_export_one_loop(builtin_model, name, options, tmp_path):
+    """Ablation-CAM (the layer's output replaced in each pass; layer3's 128 channels in 3 passes) and RISE (masked
+    inputs; 10 masks in 3 passes of 4, the last padded) hold one Scan too; their values: test_cam_perturbation.py,
+    test_perturbation.py."""
+    method = build_method(name, builtin_model, "layer3", **options)
+    pyattr.export(method, make_shapes(1, seed=13), tmp_path / "m.onnx")
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    assert count_ops(graph, "Scan") == 1 and count_ops(graph, "Loop") == 0

@@ -216,7 +216,7 @@ def test_rise_masks_statistics_and_a_constant_models_map():
     per_pixel = masks.mean(0)
     assert abs(float(per_pixel.mean()) - 0.5) < 0.01 and float((per_pixel - 0.5).abs().max()) < 0.05
     # in-graph masks (A_i G_i B_i^T) == the paper's upsample-and-crop
-    built = method.mask_maps(0, 4000, 30, 30, torch.zeros((), dtype=torch.float64))
+    built = method.mask_maps(torch.arange(4000), 30, 30, torch.zeros((), dtype=torch.float64))
     assert float((built - masks).abs().max()) < 1e-12
     # the interpolation matrix is F.interpolate's
     v = torch.rand(3, 7, dtype=torch.float64)

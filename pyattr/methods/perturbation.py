@@ -4,7 +4,8 @@ No gradient is taken. Every method runs a fixed number :math:`P` of forward pass
 each input (under ``torch.no_grad()``), batched ``chunk_size`` perturbations per pass: a pass holds
 ``N * chunk_size`` images, sample-major, so the target's run-time inputs are repeated per copy
 (:meth:`~pyattr.methods.AttributionMethod.scores_of`) and every target kind works. In an exported graph the
-``ceil(P / chunk_size)`` passes are unrolled and the batch stays dynamic; the masks are built in the graph
+``ceil(P / chunk_size)`` passes of RISE are one loop (:func:`pyattr._loop.batched_loop`: one ONNX ``Scan``), those
+of Occlusion and Feature Ablation still unrolled; the batch stays dynamic; the masks are built in the graph
 from the (static) image size, from small constants (RISE's seeded grids) or from a segment map given at
 construction.
 
@@ -32,6 +33,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
+from .._loop import batched_loop
 from ..errors import InputError
 from .base import AttributionMethod, OutputSelector
 from .gradient import reduce_channel_dim
@@ -449,7 +451,8 @@ class RISE(PerturbationMethod):
     graphs use the very same masks. The masks are built in the graph for the image size, chunk by chunk, as
     :math:`A_i G_i B_i^T` (rows of the bilinear interpolation matrices at the mask's shift), so an exported
     graph holds only the (masks, s, s) grids, not (masks, H, W) maps. Costs ``masks`` forward passes (plus one),
-    ``ceil(masks / chunk_size)`` batched passes.
+    ``ceil(masks / chunk_size)`` batched passes of one width (the last padded with empty masks), ONE loop in an
+    exported graph (:func:`pyattr._loop.batched_loop`).
 
     Args:
         model: a module mapping images to (N, K) scores.
@@ -508,12 +511,13 @@ class RISE(PerturbationMethod):
 
         return self.constant(("geometry", h, w), make)
 
-    def mask_maps(self, start: int, stop: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
-        """(c, H, W) masks [start, stop) at the image size (traceable: built from constants)."""
+    def mask_maps(self, ids: torch.Tensor, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+        """(c, H, W) masks ``ids`` (c,) (long, on ``like``'s device) at the image size (traceable: built from
+        constants)."""
         rh, ih, rw, iw = self.geometry(h, w)
-        a = rh.to(like)[ih[start:stop].to(like.device)]  # (c, H, s)
-        b = rw.to(like)[iw[start:stop].to(like.device)]  # (c, W, s)
-        grids = self.grids[start:stop].to(like)
+        a = rh.to(like)[ih.to(like.device).index_select(0, ids)]  # (c, H, s)
+        b = rw.to(like)[iw.to(like.device).index_select(0, ids)]  # (c, W, s)
+        grids = self.grids.to(like).index_select(0, ids)
         return a @ grids @ b.transpose(1, 2)
 
     def attribute_raw(self, x: torch.Tensor, target: torch.Tensor):
@@ -522,19 +526,32 @@ class RISE(PerturbationMethod):
             self.check_memory(x, self.num_masks)
             scores, resolved, _ = self._targets(x, target)
             h, w = int(x.shape[2]), int(x.shape[3])
-            saliency = None
-            for start, stop in self.chunks(self.num_masks):
-                m = self.mask_maps(start, stop, h, w, x)  # (c, H, W)
+            # ceil(masks / chunk_size) passes of one width, one loop in an exported graph (pyattr._loop): pass i
+            # scores masks i * width + j; those beyond the last (the last pass's padding) are empty masks, whose
+            # part of the sum is 0
+            total = self.num_masks
+            chunks = -(-total // (total if self.chunk_size is None else self.chunk_size))
+            width = -(-total // chunks)
+            ids = torch.arange(chunks * width)
+            kept = (ids < total).to(x.dtype).to(x.device).reshape(chunks, width)
+            ids = ids.clamp_max(total - 1).to(x.device).reshape(chunks, width)
+
+            def one_pass(mask_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+                m = self.mask_maps(mask_ids, h, w, x) * keep[:, None, None]  # (width, H, W)
                 mm = m[None, :, None]
                 perturbed = x[:, None] * mm if self.baseline == 0 else x[:, None] * mm + self.baseline * (1 - mm)
                 if self.softmax:
                     out = self.scores_of(perturbed.reshape(-1, *x.shape[1:])).softmax(-1)
-                    out = out.reshape(x.shape[0], stop - start, -1)
-                    s = out.gather(2, resolved[:, None, :].expand(-1, stop - start, -1))
+                    out = out.reshape(-1, width, out.shape[-1])
+                    s = out.gather(2, resolved[:, None, :].expand(-1, width, -1))
                 else:
-                    s = self.perturbed_scores(x, perturbed, resolved)  # (N, c, T)
-                part = s.transpose(1, 2) @ m.flatten(1)  # (N, T, HW)
-                saliency = part if saliency is None else saliency + part
+                    s = self.perturbed_scores(x, perturbed, resolved)  # (N, width, T)
+                return s.transpose(1, 2) @ m.flatten(1)  # (N, T, HW)
+
+            parts = batched_loop(one_pass, ids, kept)  # (chunks, N, T, HW)
+            saliency = parts[0]
+            for i in range(1, chunks):  # in order, as the passes' parts were added before
+                saliency = saliency + parts[i]
             raw = (saliency / (self.num_masks * self.p)).reshape(*saliency.shape[:2], h, w)
         if target.dim() == 1:
             raw, resolved = raw[:, 0], resolved[:, 0]
