@@ -13,6 +13,13 @@ model's weights, the call's images, a target's inputs) would be frozen into the 
 fake one while tracing. So, right after tracing, every constant of the body becomes an input of it: a
 tensor of the enclosing trace is passed from it, a weight becomes a constant of the enclosing graph (one
 tensor, stored once) passed in; the body is left with no constant of its own.
+
+Limits: the body is traced below autograd, so ``torch.autograd.grad`` inside it fails while tracing ("element 0 of
+tensors does not require grad"); ``torch.func.grad`` / ``vjp`` inside it trace (the backward made of forward ops
+by pyattr's decompositions, checked on a small CNN). The gradient methods (Integrated Gradients and SmoothGrad with
+a ``chunk_size``, Smooth Grad-CAM++, DeepLIFT-SHAP / GradientSHAP) and Occlusion / Feature Ablation still unroll
+their passes. Ops of the body that depend on constants only (a convolution's flipped weight in a backward pass)
+are not hoisted out of the loop: they would run once per pass.
 """
 
 from __future__ import annotations
