@@ -17,8 +17,7 @@ tensor, stored once) passed in; the body is left with no constant of its own.
 Limits: the body is traced below autograd, so ``torch.autograd.grad`` inside it fails while tracing ("element 0 of
 tensors does not require grad"); ``torch.func.grad`` / ``vjp`` inside it trace (the backward made of forward ops
 by pyattr's decompositions, checked on a small CNN). The gradient methods (Integrated Gradients and SmoothGrad with
-a ``chunk_size``, Smooth Grad-CAM++, DeepLIFT-SHAP / GradientSHAP) and Occlusion / Feature Ablation still unroll
-their passes. Ops of the body that depend on constants only (a convolution's flipped weight in a backward pass)
+a ``chunk_size``, Smooth Grad-CAM++, DeepLIFT-SHAP / GradientSHAP) still unroll their passes. Ops of the body that depend on constants only (a convolution's flipped weight in a backward pass)
 are not hoisted out of the loop: they would run once per pass.
 """
 

@@ -4,8 +4,9 @@ No gradient is taken. Every method runs a fixed number :math:`P` of forward pass
 each input (under ``torch.no_grad()``), batched ``chunk_size`` perturbations per pass: a pass holds
 ``N * chunk_size`` images, sample-major, so the target's run-time inputs are repeated per copy
 (:meth:`~pyattr.methods.AttributionMethod.scores_of`) and every target kind works. In an exported graph the
-``ceil(P / chunk_size)`` passes of RISE are one loop (:func:`pyattr._loop.batched_loop`: one ONNX ``Scan``), those
-of Occlusion and Feature Ablation still unrolled; the batch stays dynamic; the masks are built in the graph
+``ceil(P / chunk_size)`` passes are one loop (:func:`pyattr._loop.batched_loop`: one ONNX ``Scan``; chunks of one
+width, the last padded with empty masks; eager calls keep ``chunk_size`` a pass, the last chunk shorter, as captum)
+and the batch stays dynamic; the masks are built in the graph
 from the (static) image size, from small constants (RISE's seeded grids) or from a segment map given at
 construction.
 
@@ -104,6 +105,25 @@ class PerturbationMethod(AttributionMethod):
         step = total if self.chunk_size is None else self.chunk_size
         return [(start, min(start + step, total)) for start in range(0, total, step)]
 
+    def run_passes(self, one_pass, total: int, device: torch.device):
+        """The outputs of ``one_pass(index, keep)`` for the chunks of the ``total`` perturbations, stacked (a tuple
+        of stacked outputs when it returns a tuple): ``index`` (c,) long, the chunk's perturbations; ``keep`` (c,)
+        bool, False for padding (whose masks must be empty). Eager calls: the chunks of :meth:`chunks` (the last
+        shorter), as captum batches them. While tracing: ceil(P / chunk_size) chunks of one width (the last padded
+        with ``keep`` False), ONE loop in the exported graph (:func:`pyattr._loop.batched_loop`)."""
+        if not self._tracing:
+            outs = [one_pass(torch.arange(start, stop, device=device), torch.ones(stop - start, dtype=torch.bool,
+                                                                                 device=device))
+                    for start, stop in self.chunks(total)]
+            if isinstance(outs[0], tuple):
+                return tuple(torch.stack(column) for column in zip(*outs))
+            return torch.stack(outs)
+        chunks = len(self.chunks(total))
+        width = -(-total // chunks)
+        ids = torch.arange(chunks * width, device=device)
+        keep = (ids < total).reshape(chunks, width)
+        return batched_loop(one_pass, ids.clamp_max(total - 1).reshape(chunks, width), keep)
+
     def check_memory(self, x: torch.Tensor, total: int) -> None:
         """Eager-only: raise InputError when one pass's perturbed inputs (N * chunk images) exceed the budget."""
         if self._tracing:
@@ -163,9 +183,9 @@ class _Ablation(PerturbationMethod):
         """Score drops are signed evidence (a negative value: the score rose without that part)."""
         return self.reduction != "max"
 
-    def masks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """(B, c, C', H, W) bool masks of perturbations [start, stop): B = 1 (the same for every input) or N,
-        C' = 1 (every channel) or C."""
+    def masks(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """(B, c, C', H, W) bool masks of the perturbations ``index`` (c,) (long, in [0, P)): B = 1 (the same for
+        every input) or N, C' = 1 (every channel) or C."""
         raise NotImplementedError
 
     def attribute_raw(self, x: torch.Tensor, target: torch.Tensor):
@@ -174,21 +194,27 @@ class _Ablation(PerturbationMethod):
             total = self.count(x)
             self.check_memory(x, total)
             scores, resolved, clean = self._targets(x, target)
-            attr = weight = None
-            for start, stop in self.chunks(total):
-                mask = self.masks(x, start, stop)  # (B, c, C', H, W)
+
+            def one_pass(index: torch.Tensor, keep: torch.Tensor):  # padding (keep False): empty masks, parts 0
+                mask = self.masks(x, index) & keep[None, :, None, None, None]  # (B, c, C', H, W)
                 perturbed = torch.where(mask, torch.full((), self.baseline, dtype=x.dtype, device=x.device),
                                         x[:, None])
                 drop = clean[:, None, :] - self.perturbed_scores(x, perturbed, resolved)  # (N, c, T)
                 flat = mask.flatten(2).to(x.dtype)  # (B, c, C'HW)
                 part = drop.transpose(1, 2) @ flat  # (N, T, C'HW)
-                attr = part if attr is None else attr + part
-                if self.average:
-                    w = flat.sum(1)  # (B, C'HW)
-                    weight = w if weight is None else weight + w
+                return (part, flat.sum(1)) if self.average else part  # flat.sum(1): (B, C'HW)
+
+            out = self.run_passes(one_pass, total, x.device)  # (passes, ...): one loop in an exported graph
+            parts, weights = out if self.average else (out, None)
+            attr = parts[0]
+            weight = None if weights is None else weights[0]
+            for i in range(1, int(parts.shape[0])):  # in order, as the passes' parts were added before
+                attr = attr + parts[i]
+                if weights is not None:
+                    weight = weight + weights[i]
             if self.average:
                 attr = attr / weight[:, None]
-            c_mask = mask.shape[2]
+            c_mask = attr.shape[-1] // (int(x.shape[2]) * int(x.shape[3]))
             attr = attr.reshape(*attr.shape[:2], c_mask, *x.shape[2:])
             if c_mask != x.shape[1]:
                 attr = attr.expand(-1, -1, x.shape[1], -1, -1)
@@ -270,9 +296,8 @@ class Occlusion(_Ablation):
     def count(self, x: torch.Tensor) -> int:
         return math.prod(p for *_, p in self.windows(x))
 
-    def masks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    def masks(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         dims = self.windows(x)
-        index = torch.arange(start, stop, device=x.device)
         cover = []
         # window number -> one position per dimension, the last dimension fastest
         for i, (d, k, s, positions) in enumerate(dims):
@@ -410,10 +435,9 @@ class FeatureAblation(_Ablation):
     def count(self, x: torch.Tensor) -> int:
         return self.segment_map(x)[1]
 
-    def masks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    def masks(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         ids, _ = self.segment_map(x)
-        segment = torch.arange(start, stop, device=x.device)
-        return ids[:, None] == segment[None, :, None, None, None]  # (B, c, C', H, W)
+        return ids[:, None] == index[None, :, None, None, None]  # (B, c, C', H, W)
 
     def metadata(self) -> dict[str, Any]:
         meta = {**super().metadata()}
@@ -451,8 +475,8 @@ class RISE(PerturbationMethod):
     graphs use the very same masks. The masks are built in the graph for the image size, chunk by chunk, as
     :math:`A_i G_i B_i^T` (rows of the bilinear interpolation matrices at the mask's shift), so an exported
     graph holds only the (masks, s, s) grids, not (masks, H, W) maps. Costs ``masks`` forward passes (plus one),
-    ``ceil(masks / chunk_size)`` batched passes of one width (the last padded with empty masks), ONE loop in an
-    exported graph (:func:`pyattr._loop.batched_loop`).
+    ``ceil(masks / chunk_size)`` batched passes, ONE loop in an exported graph (:func:`pyattr._loop.batched_loop`;
+    there the chunks are of one width, the last padded with empty masks).
 
     Args:
         model: a module mapping images to (N, K) scores.
@@ -526,18 +550,11 @@ class RISE(PerturbationMethod):
             self.check_memory(x, self.num_masks)
             scores, resolved, _ = self._targets(x, target)
             h, w = int(x.shape[2]), int(x.shape[3])
-            # ceil(masks / chunk_size) passes of one width, one loop in an exported graph (pyattr._loop): pass i
-            # scores masks i * width + j; those beyond the last (the last pass's padding) are empty masks, whose
-            # part of the sum is 0
-            total = self.num_masks
-            chunks = -(-total // (total if self.chunk_size is None else self.chunk_size))
-            width = -(-total // chunks)
-            ids = torch.arange(chunks * width)
-            kept = (ids < total).to(x.dtype).to(x.device).reshape(chunks, width)
-            ids = ids.clamp_max(total - 1).to(x.device).reshape(chunks, width)
 
             def one_pass(mask_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-                m = self.mask_maps(mask_ids, h, w, x) * keep[:, None, None]  # (width, H, W)
+                width = int(mask_ids.shape[0])
+                # padding (keep False): empty masks, whose part of the sum is 0
+                m = self.mask_maps(mask_ids, h, w, x) * keep.to(x.dtype)[:, None, None]  # (width, H, W)
                 mm = m[None, :, None]
                 perturbed = x[:, None] * mm if self.baseline == 0 else x[:, None] * mm + self.baseline * (1 - mm)
                 if self.softmax:
@@ -548,9 +565,9 @@ class RISE(PerturbationMethod):
                     s = self.perturbed_scores(x, perturbed, resolved)  # (N, width, T)
                 return s.transpose(1, 2) @ m.flatten(1)  # (N, T, HW)
 
-            parts = batched_loop(one_pass, ids, kept)  # (chunks, N, T, HW)
+            parts = self.run_passes(one_pass, self.num_masks, x.device)  # (passes, N, T, HW): one loop when traced
             saliency = parts[0]
-            for i in range(1, chunks):  # in order, as the passes' parts were added before
+            for i in range(1, int(parts.shape[0])):  # in order, as the passes' parts were added before
                 saliency = saliency + parts[i]
             raw = (saliency / (self.num_masks * self.p)).reshape(*saliency.shape[:2], h, w)
         if target.dim() == 1:
