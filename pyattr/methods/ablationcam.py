@@ -81,14 +81,27 @@ class AblationCAM(CAMMethod):
         value = self.ablation_value(act)[:, None, None, None]  # (N, 1, 1, 1)
         samples = torch.arange(act.shape[0], device=act.device)[:, None]  # (N, 1)
         ablated = torch.arange(channels, device=act.device)  # copy j of a pass ablates channel start + j
-        copy = torch.arange(min(self.chunk_size, channels), device=act.device)
+        chunk = min(self.chunk_size, channels)
+        copy = torch.arange(chunk, device=act.device)
+        reuse = not self._tracing  # eager: one buffer of copies for every full pass (see below)
+        buffer, version, previous = None, None, 0
         chunks = []
         for start in range(0, channels, self.chunk_size):
             stop = min(start + self.chunk_size, channels)
-            # c copies of each sample's activations (one dense copy, as x.repeat_interleave(c, 0)); then copy j's
-            # channel start + j is set to the ablation value in place: an index_put of N * c * h * w values
-            copies = act[:, None].expand(-1, stop - start, -1, -1, -1).clone(memory_format=torch.contiguous_format)
-            copies = copies.index_put_((samples, copy[:stop - start], ablated[start:stop]), value)  # (N, c, C, h, w)
+            # the buffer holds the previous pass's copies unless the model wrote into the layer's output in place
+            # (its version counter moved): then restore the channels it ablated and ablate this pass's (2 * N * c *
+            # h * w values written instead of N * c * C * h * w copied; the same copies)
+            if reuse and buffer is not None and stop - start == chunk and buffer._version == version:
+                buffer.index_put_((samples, copy, ablated[previous:previous + chunk]),
+                                  act[:, previous:previous + chunk])
+                copies = buffer.index_put_((samples, copy, ablated[start:stop]), value)
+            else:
+                # c copies of each sample's activations (one dense copy, as x.repeat_interleave(c, 0)); then copy
+                # j's channel start + j is set to the ablation value in place: an index_put of N * c * h * w values
+                copies = act[:, None].expand(-1, stop - start, -1, -1, -1).clone(memory_format=torch.contiguous_format)
+                copies = copies.index_put_((samples, copy[:stop - start], ablated[start:stop]), value)  # (N, c, C, h, w)
+                buffer = copies if stop - start == chunk else None
+            version, previous = copies._version, start
             scores = self.scores_with_layer_output(x, copies.flatten(0, 1), stop - start, self.split, prefix)
             chunks.append(scores_of_copies(scores, stop - start, resolved))
         return torch.cat(chunks, 1) if len(chunks) > 1 else chunks[0]
