@@ -32,8 +32,11 @@ class AblationCAM(CAMMethod):
     passes, unrolled in an exported graph) go through the rest of the network with the layer's output replaced
     (:meth:`~pyattr.methods.cam.CAMMethod.scores_with_layer_output`; ``split=False`` for a model that uses
     tensors from before the layer after it). Costs C passes of the network's part after the layer per image: with
-    ``split=True`` the modules that ran before the layer return their outputs recorded in the first pass
-    (:meth:`~pyattr.methods.cam.CAMMethod.forward_with_prefix`) instead of running again.
+    ``split=True`` an eager call runs the model's part after the layer alone, traced once per (model, layer)
+    (:mod:`pyattr._tail`), where that part depends on the layer's output only; else the modules that ran before the
+    layer return their outputs recorded in the first pass (:meth:`~pyattr.methods.cam.CAMMethod.forward_with_prefix`)
+    instead of running again. An eager call builds its copies once and, pass after pass, restores the channels the
+    previous pass ablated and ablates the next ones.
 
     Differences from pytorch-grad-cam 1.5.7's ``AblationCAM`` (the test's reference): none for layers with
     minimum 0. For a layer with another minimum, pytorch-grad-cam's ablation value drifts within a batch (its
@@ -109,7 +112,7 @@ class AblationCAM(CAMMethod):
     def attribute_raw(self, x: torch.Tensor, target: torch.Tensor):
         with torch.no_grad():
             x = x.detach()
-            scores, out, prefix = self.forward_with_prefix(x)
+            scores, out, prefix = self.forward_with_prefix(x, self.split)
             _, resolved = self.select(scores, target)
             act = self.as_map(out, self.layer_names[0])
             y = scores.gather(1, resolved[:, None])  # (N, 1)
