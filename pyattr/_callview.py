@@ -199,6 +199,10 @@ class CallView:
         return next((n for n, m in self.original.named_modules() if m is module), "")
 
     # -- lookup ----------------------------------------------------------------------------------
+    def modules(self) -> list[nn.Module]:
+        """Every module of the view once (a shared TorchScript module as it is)."""
+        return list({id(v): v for v in self._views.values()}.values())
+
     def of(self, module: nn.Module) -> nn.Module:
         """The view of ``module``, a module of the original model (a view is returned as is)."""
         view = self._views.get(id(module))
