@@ -14,7 +14,9 @@ traceable. The user's model is not touched. Tracing fails (and :func:`layer_tail
 fallback being to replay the whole forward) for control flow on tensors in those forwards, a layer called more or
 less than once, global module hooks, or a part after the layer that uses other tensors computed from the input (a
 skip connection around the layer, the input's batch size). The caller compares the tail's scores with the model's
-own on every call (:meth:`LayerTail.matches`) before trusting it.
+own on every call before trusting it, and drops it (:func:`forget`) when they differ
+(:meth:`pyattr.methods.cam.CAMMethod.forward_with_prefix`): a plain attribute that the traced forwards read (kept
+at its traced value) may have changed since.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 from torch import fx, nn
 
 from ._callview import CallView, is_view
+from .errors import InputError
 
 _LOCK = threading.RLock()  # a forward that explains another model while being traced re-enters
 _TAILS: weakref.WeakKeyDictionary[nn.Module, dict[str, LayerTail | None]] = weakref.WeakKeyDictionary()
@@ -206,6 +209,8 @@ def layer_tail(model: nn.Module, layer_name: str, layer: nn.Module) -> LayerTail
         if layer_name not in tails:
             try:
                 tails[layer_name] = None if global_hooks() else _trace(model, layer)
+            except InputError:  # the layer is no longer part of the model (a stale method): nothing to keep
+                return None
             except Exception:  # noqa: BLE001 - anything the proxies cannot go through: replay the forward instead
                 tails[layer_name] = None
         return tails[layer_name]
