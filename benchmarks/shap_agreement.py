@@ -5,7 +5,7 @@ Inputs and backgrounds: seeded U[0, 1) images (no flat regions, so no max-pool t
 on its shapes images (flat regions: max-pool ties). Every explained class of every model is compared.
 
 (a) ``shap.DeepExplainer(model, background).shap_values(x)`` against ``pyattr.DeepLiftShap(model, background)``:
-    as shipped, with ``TIE_RTOL = 0`` (a max-pool window's difference to its arg-max, as shap does; pyattr
+    as shipped, with ``tie_rtol=0`` (a max-pool window's difference to its arg-max, as shap does; pyattr
     shares it among near-ties) and with ``maxpool="gradient"``. shap gets a copy of torchvision's models with
     out-of-place ReLUs (its full backward hooks raise on in-place ones), and, for resnet18, an out-of-place
     residual sum (they raise on ``out += identity`` too) and one ReLU module per use (shap keeps each module's
@@ -199,25 +199,15 @@ def shap_deep(model, x, background) -> tuple[torch.Tensor, float]:
     return torch.from_numpy(np.moveaxis(np.asarray(values), -1, 1)), time.perf_counter() - start
 
 
-VARIANTS = (  # (label, maxpool rule, TIE_RTOL or None for pyattr's default)
-    ("default", "deeplift", None),
-    ("TIE_RTOL=0", "deeplift", 0.0),
-    ("maxpool=gradient", "gradient", None),
+VARIANTS = (  # (label, maxpool rule, tie_rtol)
+    ("default", "deeplift", deeplift_module.TIE_RTOL),
+    ("tie_rtol=0", "deeplift", 0.0),
+    ("maxpool=gradient", "gradient", deeplift_module.TIE_RTOL),
 )
-"""pyattr's DeepLIFT-SHAP as it ships (max-pool rule, near-ties within ``TIE_RTOL`` of a window's maximum share its
-difference), the same with ``TIE_RTOL = 0`` (only exactly equal values share; otherwise a window's difference goes to
-its arg-max, as in shap, captum and torch's max-pool gradient), and with torch's plain max-pool gradient."""
-
-
-@contextmanager
-def tie_rtol(value: float | None):
-    saved = deeplift_module.TIE_RTOL
-    if value is not None:
-        deeplift_module.TIE_RTOL = value
-    try:
-        yield
-    finally:
-        deeplift_module.TIE_RTOL = saved
+"""pyattr's DeepLIFT-SHAP as it ships (max-pool rule, near-ties within ``tie_rtol`` of a window's maximum share its
+difference), the same with ``tie_rtol=0`` (only exactly equal values share; otherwise a window's difference goes to
+its arg-max, as in shap, captum and torch's max-pool gradient), and with torch's plain max-pool gradient. (Results
+before 2026-12-02 set the module's ``TIE_RTOL`` to 0 instead, labelled ``TIE_RTOL=0``: the same computation.)"""
 
 
 def deep_case(case: dict) -> dict:
@@ -231,9 +221,8 @@ def deep_case(case: dict) -> dict:
         "shap": float((theirs.flatten(2).sum(2) - gap).abs().max())}}
     for label, rule, tie in VARIANTS:
         start = time.perf_counter()
-        with tie_rtol(tie):
-            ours = DeepLiftShap(model, background, chunk_size=background.shape[0], reduction="none",
-                                maxpool=rule)(x, targets).raw
+        ours = DeepLiftShap(model, background, chunk_size=background.shape[0], reduction="none",
+                            maxpool=rule, tie_rtol=tie)(x, targets).raw
         out.setdefault("pyattr_seconds", round(time.perf_counter() - start, 2))
         out["completeness_error"][label] = float((ours.double().flatten(2).sum(2) - gap).abs().max())
         out[label] = {
@@ -246,7 +235,7 @@ def deep_case(case: dict) -> dict:
 def shap_misuse(case: dict) -> dict:
     """What shap makes of torchvision's resnet18 as it is (in-place ReLUs), with out-of-place ReLUs (torchvision's
     ``out += identity`` remains), and with an out-of-place sum but the block's ReLU module called twice, against
-    pyattr on the unmodified model (``TIE_RTOL = 0``, as shap)."""
+    pyattr on the unmodified model (``tie_rtol=0``, as shap)."""
     model, x, background, k = case["model"], case["x"], case["background"], case["k"]
     out = {}
     # on copies: an exception inside shap_values leaves shap's hooks (and its saved tensors) on the model
@@ -259,8 +248,8 @@ def shap_misuse(case: dict) -> dict:
             out[label] = f"RuntimeError: {str(error).splitlines()[0][:100]}"
     targets = torch.arange(k).expand(x.shape[0], k)
     gap = score_gap(model, x, background, k)
-    with tie_rtol(0.0):
-        ours = DeepLiftShap(model, background, chunk_size=background.shape[0], reduction="none")(x, targets).raw
+    ours = DeepLiftShap(model, background, chunk_size=background.shape[0], reduction="none",
+                        tie_rtol=0.0)(x, targets).raw
     for label, one_per_use in (("reused ReLU module", False), ("one ReLU module per use", True)):
         with shap_scatter_add(True):
             theirs, _ = shap_deep(for_shap(model, one_per_use=one_per_use), x, background)
@@ -400,8 +389,7 @@ def markdown(report: dict) -> str:
              f"{report['threads']} thread(s); " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
              "", "Max relative error: max over samples of max |pyattr - shap| / max |shap|. Every class explained.",
              "", "## DeepExplainer vs DeepLiftShap (4 baselines, 2 inputs, every class)", "",
-             "pyattr variants: " + "; ".join(f"`{label}`: maxpool={rule}" + ("" if tie is None else
-                                                                           f", TIE_RTOL={tie}")
+             "pyattr variants: " + "; ".join(f"`{label}`: maxpool={rule}, tie_rtol={tie}"
                                             for label, rule, tie in VARIANTS) + ".", "",
              "| model | " + " | ".join(f"{label} rel / abs" for label, _, _ in VARIANTS) +
              " | sum error: shap | " + " | ".join(label for label, _, _ in VARIANTS) + " | shap s | pyattr s |",
@@ -423,7 +411,7 @@ def markdown(report: dict) -> str:
                   f"- ReLUs out of place, torchvision's `out += identity` kept: {m['ReLUs out of place']}"]
         for label in ("reused ReLU module", "one ReLU module per use"):
             lines.append(f"- out-of-place sum, {label} (shap's max-pool hook scatter-adds): max rel "
-                         f"{e(m[label]['max_rel'])} from pyattr (TIE_RTOL=0), shap's sum error "
+                         f"{e(m[label]['max_rel'])} from pyattr (tie_rtol=0), shap's sum error "
                          f"{e(m[label]['completeness_error'])}")
     if "functional" in report:
         lines += ["", "## Non-linearities shap does not hook (conv -> act -> linear, 8x8)", "",

@@ -413,3 +413,110 @@ def test_output_overwritten_by_an_inplace_module(cls, again):
     slow = cls(model, "body", chunk_size=2, split=False)(x, target)
     torch.testing.assert_close(fast.raw, slow.raw, rtol=1e-5, atol=1e-6)
     assert fast.raw.abs().max() > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The passes run the model's part after the layer only (pyattr._tail), traced without touching anything shared
+# --------------------------------------------------------------------------------------------------
+
+
+class _TailNet(torch.nn.Module):
+    """stem (counted) -> body (the layer) -> head (counted) -> pooling -> fc, times ``scale`` (a plain attribute the
+    forward reads: a traced tail keeps the value it had; the call's check must notice a change). While tracing,
+    ``seen`` records whether ``torch.nn.Module.__call__`` is still torch's own (torch.fx.symbolic_trace replaces it
+    for the whole process while it traces)."""
+
+    def __init__(self, before: _Calls, after: _Calls, seen: list):
+        super().__init__()
+        self.stem = _Counted(before)
+        self.body = torch.nn.Conv2d(4, 6, 3, padding=1)
+        self.head = torch.nn.Sequential(torch.nn.ReLU(), _Counted6(after))
+        self.fc = torch.nn.Linear(6, 5)
+        self.scale = 1.0
+        self.seen = seen
+
+    def forward(self, x):
+        self.seen.append(torch.nn.Module.__call__ is _MODULE_CALL)
+        x = self.head(self.body(self.stem(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)) * self.scale
+
+
+_MODULE_CALL = torch.nn.Module.__call__
+
+
+class _Counted6(_Counted):
+    def __init__(self, calls: _Calls):
+        super().__init__(calls)
+        self.conv = torch.nn.Conv2d(6, 6, 1)
+
+
+class _Seen:
+    """What the forward saw, in an object outside the module (call views copy a module's lists)."""
+
+    def __init__(self):
+        self.values = []
+
+    def append(self, value):
+        self.values.append(value)
+
+
+def _module_state(model):
+    return [(name, dict(m.__dict__), {k: dict(getattr(m, k)) for k in ("_forward_hooks", "_forward_pre_hooks")})
+            for name, m in model.named_modules()]
+
+
+@pytest.mark.parametrize("cls", [AblationCAM, ReciproCAM])
+def test_passes_run_the_traced_tail_only(cls):
+    """The model's part after the layer is traced once (never with torch.nn.Module.__call__ replaced, the user's
+    modules untouched) and the passes run it alone: the stem runs once a call, the head once in the forward pass,
+    once in the check of the tail and once per pass. Maps equal split=False's. A plain attribute that the forward
+    reads (``scale``) changed after the tracing: the check sees the tail disagree, and the passes replay the model."""
+    from pyattr import _tail
+
+    torch.manual_seed(2)
+    before, after, seen = _Calls(), _Calls(), _Seen()
+    model = _TailNet(before, after, seen).eval()
+    state = _module_state(model)
+    x, target = torch.rand(2, 4, 6, 6), torch.tensor([1, 3])
+    fast = cls(model, "body", chunk_size=4)(x, target)
+    passes = -(-(6 if cls is AblationCAM else 36) // 4)
+    assert len(before) == 1 and len(after) == 2 + passes
+    assert len(seen.values) == 2 and all(seen.values)  # the traced forward and the call's own
+    assert _module_state(model) == state
+    tail = _tail.layer_tail(model, "body", model.body)
+    assert [n.target for n in tail.steps if n.op == "call_module"] == ["head", "fc"]
+    slow = cls(model, "body", chunk_size=4, split=False)(x, target)
+    torch.testing.assert_close(fast.raw, slow.raw, rtol=1e-5, atol=1e-6)
+
+    model.scale = 3.0
+    changed = cls(model, "body", chunk_size=4)(x, target)
+    assert _tail.layer_tail(model, "body", model.body) is None  # dropped: the passes replay the model from now on
+    reference = cls(model, "body", chunk_size=4, split=False)(x, target)
+    torch.testing.assert_close(changed.raw, reference.raw, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(changed.scores, 3.0 * fast.scores)
+
+
+class _ScaleAfter(torch.nn.Module):
+    """conv (the layer) -> an in-place 2x + 0.5 on its output -> pooling -> fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 5, 3)
+        self.act = _ScaleInPlace()
+        self.fc = torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc(self.act(self.conv(x)).mean((2, 3)))
+
+
+def test_ablationcam_model_writing_into_the_copies():
+    """A model that changes the layer's output in place (not idempotently) after the layer: the copies of a pass are
+    then not reused for the next (Ablation-CAM restores only the channels it ablated): maps equal those of one pass
+    holding every channel."""
+    torch.manual_seed(0)
+    model = _ScaleAfter().eval().double()
+    x = torch.rand(2, 3, 7, 7, dtype=torch.float64)
+    chunked = AblationCAM(model, "conv", chunk_size=2)(x, 1)
+    whole = AblationCAM(model, "conv", chunk_size=5)(x, 1)
+    torch.testing.assert_close(chunked.raw, whole.raw, rtol=1e-12, atol=0)
+    assert chunked.raw.abs().max() > 0

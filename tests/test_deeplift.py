@@ -13,7 +13,7 @@
   one ReLU module per use (captum refuses reused modules); ``GradientShap`` against captum's
   ``InputBaselineXGradient`` on pyattr's draws (alphas injected through NumPy's generator);
 - agreement with shap (1e-5 relative; ``test_shap_*``, docs/deeplift.md "Against the shap package"):
-  ``DeepExplainer`` against ``DeepLiftShap`` with ``TIE_RTOL = 0`` (shap sends a max-pool window's difference
+  ``DeepExplainer`` against ``DeepLiftShap`` with ``tie_rtol=0`` (shap sends a max-pool window's difference
   to its arg-max; the shipped near-tie sharing differs on shapes images: tested) on the built-in model, vgg11
   and resnet18 (shap given out-of-place ReLUs, one per use, and, for resnet18's overlapping pool, a
   scatter-add in place of its ``max_unpool``, without which it misses summation-to-delta: tested);
@@ -158,6 +158,44 @@ def test_maxpool_ties_share_the_multiplier():
     plain = torch.stack([x, ref])[:, None].requires_grad_(True)
     first = torch.autograd.grad(F.max_pool2d(plain, 2).sum(), plain)[0][0, 0]
     assert torch.equal(first, torch.tensor([[1.0, 0.0], [0.0, 0.0]]))  # torch's gradient: the first of the tie
+
+
+def test_tie_rtol_sets_which_maxpool_values_are_tied():
+    """``tie_rtol``: a window's values within ``tie_rtol`` times the row's largest ``|u|`` of its maximum share its
+    difference (default 1e-5); with 0 only equal values do, so a near-tie (4e-6 below the maximum 2: within the
+    default's 2e-5) sends it all to the maximum, as torch's gradient, captum and shap send it to the arg-max. Both
+    keep summation-to-delta. The traced graph (every export format is made from it) follows the option."""
+    from pyattr.exporting.trace import trace_graph
+
+    x = torch.tensor([[2.0, 2.0 - 4e-6], [1.0, 0.0]])
+    ref = torch.zeros(2, 2)
+
+    def multipliers(**options):
+        pairs = torch.stack([x, ref])[:, None].requires_grad_(True)
+        with deeplift_rules(rows=2, **options):
+            y = F.max_pool2d(pairs, 2)
+        return torch.autograd.grad(y.sum() * 3, pairs)[0][0, 0]
+
+    shared, first = multipliers(), multipliers(tie_rtol=0)
+    torch.testing.assert_close(shared, torch.tensor([[1.5, 1.5], [0.0, 0.0]]))  # 3 * (2 / 2) / (2 - 0) each
+    assert torch.equal(first, torch.tensor([[3.0, 0.0], [0.0, 0.0]]))  # 3 * 2 / (2 - 0), all to the maximum
+    for m in (shared, first):
+        assert float((x * m).sum()) == pytest.approx(3 * 2.0)
+    assert torch.equal(multipliers(tie_rtol=1e-7), first) and torch.equal(multipliers(tie_rtol=1e-5), shared)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4, 3)).eval()
+    images = x.repeat(2, 2)[None, None].repeat(2, 1, 1, 1) * torch.tensor([1.0, 0.5]).view(2, 1, 1, 1)
+    target = torch.tensor([1, 2])
+    maps = {}
+    for rtol in (deeplift_module.TIE_RTOL, 0.0):
+        method = DeepLift(model, tie_rtol=rtol)
+        eager = method(images, target)
+        _, _, raw, _ = trace_graph(method, images[:1])(images, target)
+        torch.testing.assert_close(raw, eager.raw, rtol=1e-6, atol=1e-7)
+        assert float(eager.completeness_error.max()) < 1e-5
+        maps[rtol] = eager.raw
+    assert float((maps[0.0] - maps[deeplift_module.TIE_RTOL]).abs().max()) > 0.1 * float(maps[0.0].abs().max())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -480,7 +518,7 @@ def shap_deep(model, x, background) -> torch.Tensor:
 def test_shap_deepexplainer_agreement(request, model_name, monkeypatch):
     """shap's DeepExplainer is DeepLIFT (Rescale, max-pool rule) averaged over the background, as
     DeepLiftShap, up to three things: shap sends a max-pool window's difference to its first arg-max where
-    pyattr shares it among near-ties (``TIE_RTOL``; set to 0 here: with the shipped default the built-in
+    pyattr shares it among near-ties (``tie_rtol``; 0 here: with the shipped default the built-in
     model's maps on shapes images, whose flat regions make ties, move by 2.5%, tested); where windows overlap
     (resnet18) shap's ``max_unpool`` keeps one share per input and misses summation-to-delta (tested; given a
     scatter-add, it agrees); its thresholds (1e-6 for the element-wise rules, 1e-7 -> 0 for the pool) act on
@@ -497,8 +535,7 @@ def test_shap_deepexplainer_agreement(request, model_name, monkeypatch):
     if model_name == "builtin":
         shipped = DeepLiftShap(model, background, chunk_size=3, reduction="none")(x, targets)
         assert float(shipped.completeness_error.max()) < 1e-4 * float(gap.abs().max()) + 1e-5
-    monkeypatch.setattr(deeplift_module, "TIE_RTOL", 0.0)
-    ours = DeepLiftShap(model, background, chunk_size=3, reduction="none")(x, targets)
+    ours = DeepLiftShap(model, background, chunk_size=3, reduction="none", tie_rtol=0)(x, targets)
     assert float(ours.completeness_error.max()) < 1e-4 * float(gap.abs().max()) + 1e-5
     if model_name == "resnet18":
         unpooled = shap_deep(oracle, x, background).flatten(2).sum(2).double()
@@ -603,6 +640,13 @@ def test_bad_input(builtin_model):
         DeepLift(builtin_model, "blur")
     with pytest.raises(InputError, match="max-pool rule"):
         DeepLift(builtin_model, maxpool="avg")
+    for bad in (-1e-5, float("nan"), float("inf"), True, "0"):
+        for cls in (DeepLift, DeepLiftShap):
+            with pytest.raises(InputError, match="tie_rtol must be a finite number >= 0"):
+                cls(builtin_model, tie_rtol=bad)
+        with pytest.raises(InputError, match="tie_rtol must be a finite number >= 0"), \
+                deeplift_rules(rows=2, tie_rtol=bad):
+            pass
     with pytest.raises(InputError, match="samples"):
         GradientShap(builtin_model, samples=0)
     with pytest.raises(InputError, match="stdevs"):

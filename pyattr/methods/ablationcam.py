@@ -33,8 +33,11 @@ class AblationCAM(CAMMethod):
     passes, ONE loop in an exported graph: :func:`pyattr._loop.batched_loop`) go through the rest of the network with the layer's output replaced
     (:meth:`~pyattr.methods.cam.CAMMethod.scores_with_layer_output`; ``split=False`` for a model that uses
     tensors from before the layer after it). Costs C passes of the network's part after the layer per image: with
-    ``split=True`` the modules that ran before the layer return their outputs recorded in the first pass
-    (:meth:`~pyattr.methods.cam.CAMMethod.forward_with_prefix`) instead of running again.
+    ``split=True`` an eager call runs the model's part after the layer alone, traced once per (model, layer)
+    (:mod:`pyattr._tail`), where that part depends on the layer's output only; else the modules that ran before the
+    layer return their outputs recorded in the first pass (:meth:`~pyattr.methods.cam.CAMMethod.forward_with_prefix`)
+    instead of running again. An eager call builds its copies once and, pass after pass, restores the channels the
+    previous pass ablated and ablates the next ones.
 
     Differences from pytorch-grad-cam 1.5.7's ``AblationCAM`` (the test's reference): none for layers with
     minimum 0. For a layer with another minimum, pytorch-grad-cam's ablation value drifts within a batch (its
@@ -87,12 +90,27 @@ class AblationCAM(CAMMethod):
         width = -(-channels // chunks)
         ablated = torch.arange(chunks * width, device=act.device).clamp_max(channels - 1).reshape(chunks, width)
         copy = torch.arange(width, device=act.device)
+        reuse = not self._tracing  # eager: one buffer of copies for every pass (see below)
+        state: dict = {"buffer": None, "version": None, "previous": None}
 
         def one_pass(channel_ids: torch.Tensor) -> torch.Tensor:
-            # width copies of each sample's activations (one dense copy, as x.repeat_interleave(width, 0)); then
-            # copy j's channel channel_ids[j] is set to the ablation value in place: an index_put of N * width * h * w
-            copies = act[:, None].expand(-1, width, -1, -1, -1).clone(memory_format=torch.contiguous_format)
-            copies = copies.index_put_((samples, copy, channel_ids), value)  # (N, width, C, h, w)
+            buffer = state["buffer"]
+            # eager: the buffer holds the previous pass's copies unless the model wrote into the layer's output in
+            # place (its version counter moved): then restore the channels it ablated and ablate this pass's (2 * N *
+            # width * h * w values written instead of N * width * C * h * w copied; the same copies)
+            if reuse and buffer is not None and buffer._version == state["version"]:
+                previous = state["previous"]
+                buffer.index_put_((samples, copy, previous), act[:, previous])
+                copies = buffer.index_put_((samples, copy, channel_ids), value)
+            else:
+                # width copies of each sample's activations (one dense copy, as x.repeat_interleave(width, 0)); then
+                # copy j's channel channel_ids[j] is set to the ablation value in place: an index_put of N * width * h * w
+                copies = act[:, None].expand(-1, width, -1, -1, -1).clone(memory_format=torch.contiguous_format)
+                copies = copies.index_put_((samples, copy, channel_ids), value)  # (N, width, C, h, w)
+                if reuse:
+                    state["buffer"] = copies
+            if reuse:
+                state["version"], state["previous"] = copies._version, channel_ids
             scores = self.scores_with_layer_output(x, copies.flatten(0, 1), width, self.split, prefix)
             return scores_of_copies(scores, width, resolved)
 
@@ -102,7 +120,7 @@ class AblationCAM(CAMMethod):
     def attribute_raw(self, x: torch.Tensor, target: torch.Tensor):
         with torch.no_grad():
             x = x.detach()
-            scores, out, prefix = self.forward_with_prefix(x)
+            scores, out, prefix = self.forward_with_prefix(x, self.split)
             _, resolved = self.select(scores, target)
             act = self.as_map(out, self.layer_names[0])
             y = scores.gather(1, resolved[:, None])  # (N, 1)

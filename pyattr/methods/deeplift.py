@@ -41,6 +41,7 @@ points ``b + alpha (x + noise - b)`` over random baselines ``b``, alphas and noi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -187,8 +188,9 @@ class _RescaleAgainst(torch.autograd.Function):
 
 
 TIE_RTOL = 1e-5
-"""Max-pool ties: the values of a window within ``TIE_RTOL * max |u|`` (the largest magnitude of that row's pool
-input) of the window's maximum share its multiplier equally (see :class:`_MaxPoolRule`)."""
+"""Max-pool ties, the default ``tie_rtol``: the values of a window within ``tie_rtol * max |u|`` (the largest magnitude
+of that row's pool input) of the window's maximum share its multiplier equally (see :class:`_MaxPoolRule`); with
+``tie_rtol=0`` only exactly equal values do (shap's and captum's convention is the first arg-max)."""
 
 
 def _offsets(kernel) -> list[tuple[int, ...]]:
@@ -198,10 +200,12 @@ def _offsets(kernel) -> list[tuple[int, ...]]:
     return grid
 
 
-def _tie_shares(x: torch.Tensor, out: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
+def _tie_shares(x: torch.Tensor, out: torch.Tensor, kernel, stride, padding, dilation,
+                rtol: float = TIE_RTOL) -> torch.Tensor:
     """(R, C, k, *O): for each max-pool window (``out`` (R, C, *O) its maxima over ``x`` (R, C, *S)) and each of
-    its k offsets, 1 / t where the input there is one of the t within ``TIE_RTOL * max |x|`` (per row) of the
-    window's maximum, else 0. Forward ops only: the k offsets are strided slices of ``x`` padded with -inf."""
+    its k offsets, 1 / t where the input there is one of the t within ``rtol * max |x|`` (per row) of the
+    window's maximum (``rtol=0``: equal to it), else 0. Forward ops only: the k offsets are strided slices of ``x``
+    padded with -inf."""
     d = x.dim() - 2
     spatial, outs = x.shape[2:], out.shape[2:]
     need = [(o - 1) * s + dl * (k - 1) + 1 for o, s, dl, k in zip(outs, stride, dilation, kernel)]
@@ -209,7 +213,7 @@ def _tie_shares(x: torch.Tensor, out: torch.Tensor, kernel, stride, padding, dil
     for i in reversed(range(d)):  # F.pad's order: last dim first; enough on the right for every window
         pads += [padding[i], max(0, need[i] - spatial[i] - padding[i])]
     padded = F.pad(x, pads, value=float("-inf"))
-    floor = out - TIE_RTOL * x.abs().flatten(1).amax(1).view(-1, *[1] * (x.dim() - 1))
+    floor = out if rtol == 0 else out - rtol * x.abs().flatten(1).amax(1).view(-1, *[1] * (x.dim() - 1))
     masks = []
     for offset in _offsets(kernel):
         index = tuple(slice(a * dl, a * dl + (o - 1) * s + 1, s) for a, dl, o, s in zip(offset, dilation, outs, stride))
@@ -244,14 +248,14 @@ class _MaxPoolRule(torch.autograd.Function):
     """Max pooling forward on the paired batch; backward: captum's DeepLIFT max-pool rule, ties shared.
 
     A window's share of the score difference goes to its arg-max; where several inputs of a window are equal up
-    to ``TIE_RTOL`` times the row's largest ``|u|`` (flat image regions make exact ties, which backends that
-    round differently would break either way) they share it equally, so that eager and exported graphs agree
-    (torch and captum send it to the first one)."""
+    to ``rtol`` (:data:`TIE_RTOL` by default) times the row's largest ``|u|`` (flat image regions make exact ties,
+    which backends that round differently would break either way) they share it equally, so that eager and exported
+    graphs agree (torch and captum send it to the first one)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, geometry: tuple, ceil_mode: bool, eps: float):
+    def forward(ctx, x: torch.Tensor, geometry: tuple, ceil_mode: bool, eps: float, rtol: float = TIE_RTOL):
         out = _max_pool(x, geometry, ceil_mode)
-        share = _tie_shares(x, out, *geometry)
+        share = _tie_shares(x, out, *geometry, rtol)
         xp, yp = _pairs(x), _pairs(out)
         cross = torch.maximum(yp[:, 0], yp[:, 1])
         dy = torch.stack([cross - yp[:, 1], yp[:, 0] - cross], 1).flatten(0, 1)  # each row's share of the gap
@@ -267,7 +271,7 @@ class _MaxPoolRule(torch.autograd.Function):
         shares = _pairs(shares)
         ratio = ((shares[:, 0] + shares[:, 1]) / dx)[:, None]
         new = torch.where((dx.abs() < ctx.eps)[:, None], _pairs(plain), ratio)
-        return new.flatten(0, 1), None, None, None
+        return new.flatten(0, 1), None, None, None, None
 
 
 class _MaxPoolAgainst(torch.autograd.Function):
@@ -277,13 +281,13 @@ class _MaxPoolAgainst(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, xr: torch.Tensor, yr: torch.Tensor | None, geometry: tuple, ceil_mode: bool,
-                eps: float):
+                eps: float, rtol: float = TIE_RTOL):
         out = _max_pool(x, geometry, ceil_mode)
         yr = _max_pool(xr, geometry, ceil_mode) if yr is None else yr
         cross = torch.maximum(out, yr)
-        share = _tie_shares(x, out, *geometry)
+        share = _tie_shares(x, out, *geometry, rtol)
         weights = ((cross - yr)[:, :, None] * share  # the input's share of the difference, to its arg-max
-                   + (out - cross)[:, :, None] * _tie_shares(xr, yr, *geometry))  # the reference's, to its arg-max
+                   + (out - cross)[:, :, None] * _tie_shares(xr, yr, *geometry, rtol))  # the reference's
         ctx.geometry, ctx.eps = geometry, eps
         ctx.save_for_backward(weights, share, x - xr)
         return out
@@ -294,7 +298,7 @@ class _MaxPoolAgainst(torch.autograd.Function):
         g = grad[:, :, None]
         placed = _place(torch.cat([g * weights, g * share]), dx.shape[2:], *ctx.geometry)
         ratio, plain = placed.unflatten(0, (2, -1)).unbind(0)  # (not chunk: a guard on a symbolic batch)
-        return torch.where(dx.abs() < ctx.eps, plain, ratio / dx), None, None, None, None, None
+        return torch.where(dx.abs() < ctx.eps, plain, ratio / dx), None, None, None, None, None, None
 
 
 _RELU = frozenset({F.relu, torch.relu, torch.Tensor.relu})
@@ -359,9 +363,9 @@ class _RuleMode(TorchFunctionMode):
     """A mode that hands every call with a DeepLIFT rule (:func:`_rule_of`) on a tensor of ``rows`` rows to
     :meth:`apply_rule`; every other call runs as it is."""
 
-    def __init__(self, rows: Any, eps: float, maxpool: str):
+    def __init__(self, rows: Any, eps: float, maxpool: str, tie_rtol: float = TIE_RTOL):
         super().__init__()
-        self.rows, self.eps, self.maxpool = rows, eps, maxpool
+        self.rows, self.eps, self.maxpool, self.tie_rtol = rows, eps, maxpool, tie_rtol
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -382,7 +386,7 @@ class _DeepLiftMode(_RuleMode):
         if rule[0] == "elementwise":
             return _Rescale.apply(x, *rule[1:], self.eps)
         _, d, geometry, ceil_mode = rule
-        return _pooled(d, x, lambda u: _MaxPoolRule.apply(u, geometry, ceil_mode, self.eps))
+        return _pooled(d, x, lambda u: _MaxPoolRule.apply(u, geometry, ceil_mode, self.eps, self.tie_rtol))
 
 
 class _TwoPassRules(_RuleMode):
@@ -393,8 +397,8 @@ class _TwoPassRules(_RuleMode):
     paired batch's. Eager calls check that the two passes make the same calls (a model whose forward pass
     branches on its values may not)."""
 
-    def __init__(self, rows: Any, eps: float, maxpool: str, check: bool):
-        super().__init__(rows, eps, maxpool)
+    def __init__(self, rows: Any, eps: float, maxpool: str, check: bool, tie_rtol: float = TIE_RTOL):
+        super().__init__(rows, eps, maxpool, tie_rtol)
         self.check = check
         self.records: list[Any] = []
         self.taken = 0
@@ -412,7 +416,8 @@ class _TwoPassRules(_RuleMode):
         _, d, geometry, ceil_mode = rule
         if d == 1:
             ref, out = ref.unsqueeze(-2), None if out is None else out.unsqueeze(-2)
-        return _pooled(d, x, lambda u: _MaxPoolAgainst.apply(u, ref, out, geometry, ceil_mode, self.eps))
+        return _pooled(d, x, lambda u: _MaxPoolAgainst.apply(u, ref, out, geometry, ceil_mode, self.eps,
+                                                             self.tie_rtol))
 
     def take(self, func, rule: tuple, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The recorded reference input of this call, and its output (None where the model has changed it in
@@ -444,10 +449,12 @@ class _TwoPassRules(_RuleMode):
 
 
 @contextmanager
-def deeplift_rules(rows: Any, eps: float = EPS, maxpool: str = "deeplift") -> Iterator[None]:
+def deeplift_rules(rows: Any, eps: float = EPS, maxpool: str = "deeplift", tie_rtol: float = TIE_RTOL
+                   ) -> Iterator[None]:
     """Within the block, every non-linearity applied to a tensor of ``rows`` rows (pairs of an input and its
     reference, sample-major: rows 2p and 2p + 1) passes back DeepLIFT's multipliers instead of its gradient
-    (Rescale rule; captum's max-pool rule, or the plain max-pool gradient with ``maxpool="gradient"``).
+    (Rescale rule; captum's max-pool rule with ties within ``tie_rtol`` sharing, or the plain max-pool gradient
+    with ``maxpool="gradient"``).
     Forward values are unchanged. (The methods run the same rules in two passes, references then inputs, and
     differentiate the inputs' pass only; see :class:`DeepLift`.)
 
@@ -461,8 +468,16 @@ def deeplift_rules(rows: Any, eps: float = EPS, maxpool: str = "deeplift") -> It
     """
     if maxpool not in MAXPOOL_RULES:
         raise InputError(f"unknown max-pool rule {maxpool!r}; use one of {', '.join(MAXPOOL_RULES)}")
-    with _DeepLiftMode(rows, float(eps), maxpool):
+    with _DeepLiftMode(rows, float(eps), maxpool, check_tie_rtol(tie_rtol)):
         yield
+
+
+def check_tie_rtol(value: Any) -> float:
+    """``tie_rtol`` checked to be a finite number >= 0 (raises InputError)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise InputError(f"tie_rtol must be a finite number >= 0 (0: only exactly equal values of a max-pool window "
+                         f"share its multiplier; default {TIE_RTOL}), got {value!r}")
+    return float(value)
 
 
 # -- the methods ---------------------------------------------------------------------------------------------
@@ -473,7 +488,7 @@ class _PairedMethod(GradientMethod):
     default_reduction = "sum"
 
     def __init__(self, model: nn.Module, reduction: str, absolute: bool | None, eps: float, maxpool: str, *,
-                 output: OutputSelector, layout: str):
+                 tie_rtol: float, output: OutputSelector, layout: str):
         super().__init__(model, reduction, absolute, output=output, layout=layout)
         if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and eps >= 0):
             raise InputError(f"eps must be a number >= 0, got {eps!r}")
@@ -481,6 +496,7 @@ class _PairedMethod(GradientMethod):
             raise InputError(f"unknown max-pool rule {maxpool!r}; use one of {', '.join(MAXPOOL_RULES)}")
         self.eps = float(eps)
         self.maxpool = maxpool
+        self.tie_rtol = check_tie_rtol(tie_rtol)
 
     def paired_pass(self, x: torch.Tensor, refs: torch.Tensor, target: torch.Tensor, resolved: torch.Tensor | None):
         """DeepLIFT of inputs ``x`` (N, ...) against ``c`` references each, ``refs`` (N, c, ...): a forward pass of
@@ -495,7 +511,7 @@ class _PairedMethod(GradientMethod):
         rows = x[:, None].expand_as(refs).flatten(0, 1).detach().requires_grad_(True)
         ref_rows = refs.flatten(0, 1).detach()
         checks = not self._tracing
-        rules = _TwoPassRules(rows.shape[0], self.eps, self.maxpool, check=checks)
+        rules = _TwoPassRules(rows.shape[0], self.eps, self.maxpool, check=checks, tie_rtol=self.tie_rtol)
         bound = current_target()
         old = None if bound is None else bound.repeats
         if bound is not None:  # c copies of each input: the target's outputs are read from the first
@@ -553,7 +569,7 @@ class _PairedMethod(GradientMethod):
         raise NotImplementedError
 
     def metadata(self) -> dict[str, Any]:
-        return {**super().metadata(), "eps": self.eps, "maxpool": self.maxpool}
+        return {**super().metadata(), "eps": self.eps, "maxpool": self.maxpool, "tie_rtol": self.tie_rtol}
 
 
 def _check_baselines(b: torch.Tensor, what: str) -> torch.Tensor:
@@ -587,6 +603,11 @@ class DeepLift(_PairedMethod):
         maxpool: ``"deeplift"`` (default: captum's max-pool rule, summation-to-delta holds) or ``"gradient"`` (the
             plain max-pool gradient: what captum 0.9 computes in effect when a hooked ReLU feeds the pool, as in
             VGG and ResNet stems; its sums then miss the score difference, see docs/deeplift.md).
+        tie_rtol: the max-pool rule's ties: the inputs of a window within ``tie_rtol`` times the row's largest
+            ``|u|`` of its maximum share the window's multiplier equally (default :data:`TIE_RTOL`, 1e-5: eager
+            and exported graphs then agree where backends round equal values apart by an ulp). ``0``: exactly
+            equal values only, as shap's ``DeepExplainer`` and captum otherwise do (they send a window's share to
+            its first arg-max); maps move by 1-5% between the two on random images (docs/deeplift.md).
         output, layout: as :class:`~pyattr.Saliency`.
 
     Example:
@@ -601,8 +622,8 @@ class DeepLift(_PairedMethod):
 
     def __init__(self, model: nn.Module, baseline: str | float | torch.Tensor = "zeros", reduction: str = "sum",
                  absolute: bool | None = None, *, eps: float = EPS, maxpool: str = "deeplift",
-                 output: OutputSelector = None, layout: str = "image"):
-        super().__init__(model, reduction, absolute, eps, maxpool, output=output, layout=layout)
+                 tie_rtol: float = TIE_RTOL, output: OutputSelector = None, layout: str = "image"):
+        super().__init__(model, reduction, absolute, eps, maxpool, tie_rtol=tie_rtol, output=output, layout=layout)
         if isinstance(baseline, torch.Tensor):
             baseline = _check_baselines(baseline, "the baseline")
         elif isinstance(baseline, bool) or not (baseline == "zeros" or isinstance(baseline, (int, float))):
@@ -691,7 +712,7 @@ class DeepLiftShap(_PairedMethod):
             once from ``seed`` (CPU generator) and the same for every input, held by an exported graph as a
             constant.
         chunk_size: baselines per input in one pass.
-        reduction, absolute, eps, maxpool, output, layout: as :class:`DeepLift`.
+        reduction, absolute, eps, maxpool, tie_rtol, output, layout: as :class:`DeepLift`.
         seed: seed of the random baselines (an int ``baselines``).
 
     Example:
@@ -707,8 +728,8 @@ class DeepLiftShap(_PairedMethod):
 
     def __init__(self, model: nn.Module, baselines: int | torch.Tensor = 16, chunk_size: int = 8,
                  reduction: str = "sum", absolute: bool | None = None, *, eps: float = EPS, maxpool: str = "deeplift",
-                 seed: int = 0, output: OutputSelector = None, layout: str = "image"):
-        super().__init__(model, reduction, absolute, eps, maxpool, output=output, layout=layout)
+                 tie_rtol: float = TIE_RTOL, seed: int = 0, output: OutputSelector = None, layout: str = "image"):
+        super().__init__(model, reduction, absolute, eps, maxpool, tie_rtol=tie_rtol, output=output, layout=layout)
         if not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size >= 1):
             raise InputError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
         self.distribution = _Distribution(_baseline_distribution(baselines, "baselines"), int(seed))

@@ -58,8 +58,9 @@ class ReciproCAM(CAMMethod):
     The h*w mosaics of each sample go through the rest of the network with the layer's output replaced
     (:meth:`~pyattr.methods.cam.CAMMethod.scores_with_layer_output`): ``chunk_size`` positions per pass
     (N * chunk_size maps), ceil(h*w / chunk_size) passes, ONE loop in an exported graph
-    (:func:`pyattr._loop.batched_loop`); with ``split=True`` the
-    part before the layer is not run again (the outputs of its modules recorded in the first pass are reused).
+    (:func:`pyattr._loop.batched_loop`); with ``split=True`` the part before the layer is not run again (an eager call
+    runs the model's part after the layer alone, traced once per (model, layer) by :mod:`pyattr._tail`, or else reuses
+    the outputs of the modules before the layer recorded in the first pass).
 
     OpenVINO XAI's ``ReciproCAM`` (for CNNs) is ``kernel="point"``: the test holds pyattr to it.
 
@@ -101,7 +102,7 @@ class ReciproCAM(CAMMethod):
     def attribute_raw(self, x: torch.Tensor, target: torch.Tensor):
         with torch.no_grad():
             x = x.detach()
-            scores, out, prefix = self.forward_with_prefix(x)
+            scores, out, prefix = self.forward_with_prefix(x, self.split)
             _, resolved = self.select(scores, target)
             act = self.as_map(out, self.layer_names[0])
             h, w = int(act.shape[2]), int(act.shape[3])
