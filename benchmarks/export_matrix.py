@@ -13,8 +13,10 @@ A mismatch also records how far eager fp32 itself is from an fp64 eager run on t
 Models: ``builtin`` (pyattr's ShapesNet), every torchvision classification builder
 (``torchvision.models.list_models(module=torchvision.models)``, random init, 10 classes) and a
 representative timm set (``timm/<name>``, random init). Inputs are 64x64, or the smallest size from
-``SIZES`` at which the model's forward runs (e.g. MaxViT: 224). Zero-initialised weight matrices
-(torchvision ViT's head) are re-drawn, otherwise every attribution is exactly 0 and the check compares nothing.
+``SIZES`` at which the model's forward runs (e.g. MaxViT: 224), uniform noise; the built-in model's are rendered
+images of its shapes data set and its explicit targets classes they show (:class:`ShapesStream`).
+Zero-initialised weight matrices (torchvision ViT's head) are re-drawn, otherwise every attribution is exactly 0
+and the check compares nothing.
 
 The run is resumable: cells already in the results JSON are skipped (``--redo timeout,error`` runs
 those statuses again). Results: ``benchmarks/results/export_matrix_<name>.{json,md}``.
@@ -202,6 +204,24 @@ def _fp64_errors(model, method_name: str, layer, x, t, ref_maps, out_maps, **opt
             "export_vs_fp64": float((out_maps.double() - maps64).abs().max())}
 
 
+class ShapesStream:
+    """The built-in model's inputs: consecutive rendered images of its shapes data set (seed 1) and their multi-hot
+    labels. On uniform noise the trained ShapesNet sees none of its classes, and the Grad-CAM-type maps of a class
+    it does not see can be constant (the ReLU of a weighted sum that is < 0 everywhere), which compares nothing."""
+
+    def __init__(self, size: int):
+        self.size, self.start = size, 0
+
+    def take(self, n: int):
+        import torch
+
+        from pyattr.zoo.shapes import generate
+
+        batch = generate(n, seed=1, size=self.size, start=self.start)
+        self.start += n
+        return torch.from_numpy(batch.images).permute(0, 3, 1, 2).float().div(255), torch.from_numpy(batch.labels)
+
+
 def run_cell(model_name: str, method_name: str, fmt: str, tmp: Path,
              batches: tuple[int, ...] = BATCHES) -> dict[str, Any]:
     """Export one (model, method) to ``fmt`` and check it against eager; returns the cell's row."""
@@ -222,7 +242,8 @@ def run_cell(model_name: str, method_name: str, fmt: str, tmp: Path,
         method = build_method(method_name, model, layer)
         gen = torch.Generator().manual_seed(1)
         stage = "eager"
-        example = torch.rand(1, 3, size, size, generator=gen)
+        stream = ShapesStream(size) if model_name == "builtin" else None
+        example = torch.rand(1, 3, size, size, generator=gen) if stream is None else stream.take(1)[0]
         try:
             method(example)  # resolves an automatic CAM layer; eager errors are told apart from export errors
         except pyattr.InputError as err:  # a token model: the CAM's token variant, as the error names it
@@ -245,9 +266,13 @@ def run_cell(model_name: str, method_name: str, fmt: str, tmp: Path,
         worst_maps = worst_raw = 0.0
         worst = None
         for b in batches:
-            x = torch.rand(b, 3, size, size, generator=gen)
-            ref = method(x)  # arg-max classes, to draw explicit ids of the model's own range
-            t = torch.randint(0, ref.scores.shape[1], (b,), generator=gen)
+            if stream is None:
+                x = torch.rand(b, 3, size, size, generator=gen)
+                ref = method(x)  # arg-max classes, to draw explicit ids of the model's own range
+                t = torch.randint(0, ref.scores.shape[1], (b,), generator=gen)
+            else:  # a class each image shows: an absent one can have a constant map (Grad-CAM's ReLU of all < 0)
+                x, labels = stream.take(b)
+                t = torch.multinomial(labels, 1, generator=gen)[:, 0]
             t[::2] = -1
             ref = method(x, t)
             out = run_backend(fmt, path, x, t)
@@ -375,7 +400,8 @@ def markdown(rows: list[dict], meta: dict, formats: list[str]) -> str:
              f"timm {meta.get('timm')}, CPU ({meta['threads']} thread(s) per cell, {meta['jobs']} cell(s) at once), "
              f"per-cell timeout {meta['timeout']} s. Exported at batch 1, checked against eager at batches "
              f"{meta['batches']} with mixed targets; `ok`: normalized maps within {TOLERANCE:g} (max abs) and the same "
-             "explained classes. Grid cells: status, max abs error of the maps, export seconds."), "",
+             "explained classes. Grid cells: status, max abs error of the maps, export seconds. Inputs: uniform noise; "
+             "the built-in model's: rendered images of its shapes data set, explicit targets a class each shows."), "",
              f"Command: `{meta['command']}`", "",
              f"The full matrix (resumable; thousands of cells, many hours on 2 cores): `{FULL_COMMAND}`", ""]
     statuses = ("ok", "mismatch", "no_rule", "error", "timeout")

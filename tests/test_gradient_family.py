@@ -341,6 +341,70 @@ def test_smoothgrad_over_integrated_gradients(fresh_model):
     assert_maps_close(smooth.raw, inner(x, target).raw, rtol=1e-5)
 
 
+class _FoldsClean:
+    """Runs the clean input as one more row of the first batched pass in eager calls too (as traced graphs do)."""
+
+    def folds_clean(self) -> bool:
+        return True
+
+
+class FoldedIG(_FoldsClean, IntegratedGradients):
+    pass
+
+
+class FoldedSmoothGrad(_FoldsClean, SmoothGrad):
+    pass
+
+
+def test_clean_input_in_the_first_pass_gives_the_same_results():
+    """An exported IG / SmoothGrad graph takes the clean input's scores and arg-max targets from one more row of
+    its batched pass (the model is traced once); eager calls from a no-grad forward: the same scores, targets and
+    maps, with chunked passes, several targets, the inner methods that take the row and one that does not (IG),
+    and a target with a run-time input (the reference) and an extra output (the embedding, from the clean row)."""
+    from target_models import tiny_embedder
+
+    from pyattr.targets import SimilarityTarget
+
+    model = tiny_embedder()  # (N, 3, 16, 16) -> (N, 6): scores of 6 "classes" too
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    pairs = [(FoldedIG(model, steps=6, chunk_size=4), IntegratedGradients(model, steps=6, chunk_size=4)),
+             (FoldedSmoothGrad(model, "inputxgradient", samples=5, chunk_size=2),
+              SmoothGrad(model, "inputxgradient", samples=5, chunk_size=2)),
+             (FoldedSmoothGrad(model, "guidedbackprop", samples=3), SmoothGrad(model, "guidedbackprop", samples=3)),
+             (FoldedSmoothGrad(model, IntegratedGradients(model, steps=3), samples=2),
+              SmoothGrad(model, IntegratedGradients(model, steps=3), samples=2))]
+    for folded, plain in pairs:
+        for target in (torch.tensor([-1, 2, -1]), torch.tensor([[-1, 2], [0, 1], [3, -1]])):
+            a, b = folded(x, target), plain(x, target)
+            assert torch.equal(a.target, b.target)
+            torch.testing.assert_close(a.scores, b.scores, rtol=1e-5, atol=1e-6)
+            assert_maps_close(a.raw, b.raw, rtol=1e-5)
+    ref = torch.randn(3, 6, generator=torch.Generator().manual_seed(4))
+    for folded, plain in pairs[:2]:
+        a, b = folded(x, SimilarityTarget(ref)), plain(x, SimilarityTarget(ref))
+        torch.testing.assert_close(a.outputs["embedding"], model(x).detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.scores, b.scores, rtol=1e-5, atol=1e-6)
+        assert_maps_close(a.raw, b.raw, rtol=1e-5)
+
+
+def test_multi_pass_graphs_trace_the_model_once():
+    """IG's and SmoothGrad's traced graphs hold as many convolutions as Saliency's (one forward and its backward):
+    the clean input runs in the batched pass, not in a second traced forward (one model's export time more)."""
+    from target_models import tiny_embedder
+
+    model = tiny_embedder()
+
+    def convolutions(method) -> int:
+        graph = trace_graph(method, torch.rand(1, 3, 16, 16)).graph
+        return sum(n.target is torch.ops.aten.convolution.default for n in graph.nodes)
+
+    once = convolutions(Saliency(model))
+    assert once > 0
+    for method in (IntegratedGradients(model, steps=3), SmoothGrad(model, samples=2),
+                   SmoothGrad(model, "inputxgradient", samples=2)):
+        assert convolutions(method) == once, type(method).__name__
+
+
 def test_integrated_gradients_chunking_and_baselines(fresh_model):
     x, target = make_images(2, seed=74), torch.tensor([2, -1])
     whole = IntegratedGradients(fresh_model, steps=7, chunk_size=7)(x, target)
