@@ -61,6 +61,24 @@ class ViewMutation(TinyResNet):
         return self.fc(self.pool(y).flatten(1))
 
 
+class ShiftedWindowMask(TinyResNet):
+    """Builds a constant mask as torchvision's Swin builds its shifted-window attention mask (``new_zeros``, then
+    ``fill_`` on slices of it), and reads it once before a later write and once after."""
+
+    def forward(self, x):
+        y = self.layer1(self.stem(x))  # (N, 8, 8, 8) at 16x16
+        mask = y.new_zeros(y.shape[-2:])
+        count = 0
+        for h in (slice(0, 4), slice(4, 6), slice(6, None)):
+            for w in (slice(0, 4), slice(4, 6), slice(6, None)):
+                mask[h, w] = count
+                count += 1
+        first = y * torch.sigmoid(mask - mask.mean())
+        mask[:2, :2] = -3.0
+        y = first + y * mask.view(1, 1, 8, 8) / 8.0
+        return self.fc(self.pool(y).flatten(1))
+
+
 def _model(cls) -> nn.Module:
     torch.manual_seed(0)
     model = cls().eval()
@@ -158,6 +176,26 @@ def test_in_place_op_on_a_view_takes_the_public_route(tmp_path):
     path = pyattr.export(method, x, tmp_path / "m.onnx")
     graph = onnx.load(str(path))
     assert _dims(graph.graph.input[0]) == ["batch", 3, 16, 16]
+    _check_against_eager(method, path)
+
+
+def test_a_constant_written_in_place_takes_the_fast_route(tmp_path, no_recapture):
+    """Swin's shifted-window mask is a constant written in place on slices (``fill_`` on views, which the
+    out-of-place rewrite refuses): computed at export time, each read of it becomes a constant holding its value
+    at that read, and the graph is translated directly (torchvision swin_t Saliency took the public route for it).
+    Here the mask is read before and after a second write: the two reads differ, as in eager."""
+    model = _model(ShiftedWindowMask)
+    method = pyattr.Saliency(model)
+    x = torch.rand(1, 3, 16, 16)
+    lifted, constants = _onnx._lifted_graph(trace_graph(method, x))
+    _onnx._specialize(lifted, x.shape)
+    fills = (torch.ops.aten.fill_.Scalar, torch.ops.aten.fill_.Tensor)
+    assert any(n.target in fills for n in lifted.graph.nodes)
+    assert _onnx.fold_mutated_constants(lifted, constants) == 2  # sigmoid(mask - mean); the mask after the write
+    assert not any(n.target in fills for n in lifted.graph.nodes) and _onnx._functionalize(lifted)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = pyattr.export(method, x, tmp_path / "m.onnx")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     _check_against_eager(method, path)
 
 
