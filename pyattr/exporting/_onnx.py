@@ -197,6 +197,18 @@ def _mutates(node: fx.Node) -> bool:
             and node.target._schema.is_mutable)
 
 
+def _closure(start, within: set[fx.Node], upward: bool) -> set[fx.Node]:
+    """``start`` and every node of ``within`` that it reads (``upward``) or that reads it, transitively."""
+    seen, todo = set(start), list(start)
+    while todo:
+        node = todo.pop()
+        for other in (node.all_input_nodes if upward else node.users):
+            if other in within and other not in seen:
+                seen.add(other)
+                todo.append(other)
+    return seen
+
+
 def fold_mutated_constants(gm: fx.GraphModule, constants: dict[str, torch.Tensor]) -> int:
     """Compute the constants that the graph builds by writing in place (Swin's shifted-window attention mask:
     ``new_zeros``, then ``fill_`` on slices of it) at export time: each use of such a tensor by the rest of the
@@ -212,6 +224,9 @@ def fold_mutated_constants(gm: fx.GraphModule, constants: dict[str, torch.Tensor
     if any(n not in const and isinstance(n.args[0], fx.Node) and n.args[0] in const for n in mutations):
         return 0  # a constant written with a value computed from the inputs
     model_storages = {t.untyped_storage().data_ptr() for t in constants.values() if t.numel()}
+    # the constants to compute: what the writes read, what reads those, and what that reads (not every weight op)
+    region = _closure([n for n in mutations if n in const], const, upward=True)
+    region = _closure(_closure(region, const, upward=False), const, upward=True)
 
     def evaluate(visit=None) -> dict[fx.Node, Any] | None:
         """The constant nodes' values, computed in graph order (None: an in-place write would reach a model
@@ -220,7 +235,7 @@ def fold_mutated_constants(gm: fx.GraphModule, constants: dict[str, torch.Tensor
         env: dict[fx.Node, Any] = {}
         writes = 0
         for node in gm.graph.nodes:
-            if node in const:
+            if node in region:
                 if node.op == "placeholder":
                     env[node] = constants[node.name]
                     continue
@@ -235,7 +250,7 @@ def fold_mutated_constants(gm: fx.GraphModule, constants: dict[str, torch.Tensor
                     writes += 1
                 with torch.no_grad():
                     env[node] = node.target(*args, **kwargs)
-            elif visit is not None:
+            elif visit is not None and node not in const:
                 for source in node.all_input_nodes:
                     if source in tainted:
                         visit(node, source, env[source], writes)
@@ -248,7 +263,7 @@ def fold_mutated_constants(gm: fx.GraphModule, constants: dict[str, torch.Tensor
         return 0
     written = {env[n.args[0]].untyped_storage().data_ptr() for n in mutations if n in const}
     for node in gm.graph.nodes:  # what is (a view of) a tensor written in place, or computed from one
-        if node in const and node.op == "call_function":
+        if node in region and node.op == "call_function":
             value = env[node]
             if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in written:
                 aliasing.add(node)  # its value changes with each write: read it per write
