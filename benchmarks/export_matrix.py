@@ -208,6 +208,13 @@ def load_backend(fmt: str, path: Path):
 
 _TOKEN_HINT = re.compile(r"TokensToGrid\(prefix_tokens=(\d+)\), e\.g\. layer='([^']+)'")
 """The layer and prefix tokens that a CAM's InputError on a token model (ViT, DeiT) suggests."""
+_NHWC_HINT = re.compile(r"reshape_transform=lambda t: t\.permute\(0, 3, 1, 2\), e\.g\. layer='([^']+)'")
+"""The layer that a CAM's InputError on a channels-last model (timm's Swin) suggests, with :func:`nhwc_to_nchw`."""
+
+
+def nhwc_to_nchw(t):
+    """A channels-last (N, h, w, C) layer output as the (N, C, h, w) map a CAM takes."""
+    return t.permute(0, 3, 1, 2)
 
 
 def _fp64_errors(model, method_name: str, layer, x, t, ref_maps, out_maps, **options) -> dict[str, float]:
@@ -282,15 +289,21 @@ def run_group(model_name: str, method_name: str, formats: list[str], tmp: Path,
         example = torch.rand(1, 3, size, size, generator=gen)
         try:
             method(example)  # resolves an automatic CAM layer; eager errors are told apart from export errors
-        except pyattr.InputError as err:  # a token model: the CAM's token variant, as the error names it
-            token = _TOKEN_HINT.search(str(err))
-            if token is None:
+        except pyattr.InputError as err:  # a token or channels-last model: the CAM's variant the error names
+            token, nhwc = _TOKEN_HINT.search(str(err)), _NHWC_HINT.search(str(err))
+            if token is not None:
+                layer = token.group(2)
+                options = {"reshape_transform": pyattr.TokensToGrid(prefix_tokens=int(token.group(1)))}
+                variant = f"token layer {layer!r}, TokensToGrid(prefix_tokens={token.group(1)})"
+            elif nhwc is not None:
+                layer = nhwc.group(1)
+                options = {"reshape_transform": nhwc_to_nchw}
+                variant = f"channels-last layer {layer!r}, reshape_transform=permute(0, 3, 1, 2)"
+            else:
                 raise
-            layer = token.group(2)
-            options = {"reshape_transform": pyattr.TokensToGrid(prefix_tokens=int(token.group(1)))}
             method = build_method(method_name, model, layer, **options)
             method(example)
-            base["variant"] = f"token layer {layer!r}, TokensToGrid(prefix_tokens={token.group(1)})"
+            base["variant"] = variant
         layer = getattr(method, "layer_name", None)
         base["layer"] = layer
     except Exception as err:  # noqa: BLE001 - the matrix records every failure and goes on

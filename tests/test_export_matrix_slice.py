@@ -71,6 +71,27 @@ def test_a_group_past_its_timeout_records_its_unfinished_cells_as_timeout(matrix
     assert rows[1]["error"] == "not reached: the group was killed when onnx ran past 0.5 s"
 
 
+def test_the_channels_last_hint_of_a_cam_names_the_layer_the_matrix_takes(matrix):
+    """A CAM on a channels-last model (timm's Swin) runs as the variant its InputError names: the regex must
+    keep reading pyattr's message."""
+    import torch
+    from torch import nn
+
+    from pyattr.models import default_layer_choice
+
+    class ChannelsLast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm, self.head = nn.Conv2d(3, 8, 3, stride=2), nn.LayerNorm(8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(self.norm(self.conv(x).permute(0, 2, 3, 1)).mean((1, 2)))
+
+    layer, hint = default_layer_choice(ChannelsLast().eval(), torch.rand(1, 3, 16, 16))
+    assert layer is None and matrix._NHWC_HINT.search(hint).group(1) == "norm"
+    assert matrix.nhwc_to_nchw(torch.zeros(2, 5, 6, 8)).shape == (2, 8, 5, 6)
+
+
 def test_models_ordered_by_parameter_count(matrix):
     names = ["resnet50", "timm/resnet18", "resnet18", "builtin", "vgg11"]
     assert sorted(names, key=matrix.parameter_count) == ["timm/resnet18", "builtin", "resnet18", "resnet50", "vgg11"]
