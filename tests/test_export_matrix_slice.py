@@ -47,6 +47,56 @@ def test_a_cell_past_its_timeout_is_killed_and_recorded(matrix):
     assert row["error"] == "no result within 0.5 s"
 
 
+def test_a_group_exports_every_format_from_one_model_and_emits_each_row(matrix, tmp_path):
+    emitted = []
+    rows = matrix.run_group("builtin", "saliency", ["torchscript", "pt2"], tmp_path, emit=emitted.append)
+    assert rows == emitted and [r["format"] for r in rows] == ["torchscript", "pt2"]
+    for row in rows:
+        assert row["status"] == "ok" and row["size"] == 64 and row["export_s"] > 0, row
+        assert row["max_abs_maps"] <= matrix.TOLERANCE and row["max_rel_raw"] < 1e-4
+    assert not list(tmp_path.iterdir())  # each exported file is removed once checked
+
+
+def test_a_failure_before_the_export_is_every_formats_row(matrix, tmp_path):
+    rows = matrix.run_group("no_such_model", "saliency", ["onnx", "pt2"], tmp_path)
+    assert [(r["format"], r["status"], r["stage"]) for r in rows] == [("onnx", "error", "model"), ("pt2", "error", "model")]
+
+
+def test_a_group_past_its_timeout_records_its_unfinished_cells_as_timeout(matrix):
+    seen = []
+    rows = matrix.run_group_in_subprocess("builtin", "saliency", ["onnx", "torchscript"], timeout=0.5, threads=1,
+                                          on_row=seen.append)
+    assert rows == seen and [(r["format"], r["status"]) for r in rows] == [("onnx", "timeout"), ("torchscript", "timeout")]
+    assert rows[0]["error"] == "no result within 0.5 s" and rows[0]["cell_s"] < 30
+    assert rows[1]["error"] == "not reached: the group was killed when onnx ran past 0.5 s"
+
+
+def test_the_channels_last_hint_of_a_cam_names_the_layer_the_matrix_takes(matrix):
+    """A CAM on a channels-last model (timm's Swin) runs as the variant its InputError names: the regex must
+    keep reading pyattr's message."""
+    import torch
+    from torch import nn
+
+    from pyattr.models import default_layer_choice
+
+    class ChannelsLast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm, self.head = nn.Conv2d(3, 8, 3, stride=2), nn.LayerNorm(8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(self.norm(self.conv(x).permute(0, 2, 3, 1)).mean((1, 2)))
+
+    layer, hint = default_layer_choice(ChannelsLast().eval(), torch.rand(1, 3, 16, 16))
+    assert layer is None and matrix._NHWC_HINT.search(hint).group(1) == "norm"
+    assert matrix.nhwc_to_nchw(torch.zeros(2, 5, 6, 8)).shape == (2, 8, 5, 6)
+
+
+def test_models_ordered_by_parameter_count(matrix):
+    names = ["resnet50", "timm/resnet18", "resnet18", "builtin", "vgg11"]
+    assert sorted(names, key=matrix.parameter_count) == ["timm/resnet18", "builtin", "resnet18", "resnet50", "vgg11"]
+
+
 def _row(model, method, fmt, status, **extra):
     family = "builtin" if model == "builtin" else ("timm" if model.startswith("timm/") else "torchvision")
     return {"model": model, "method": method, "format": fmt, "family": family, "status": status, "size": 64,

@@ -28,6 +28,7 @@ import logging
 import operator
 import re
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch import fx
@@ -172,6 +173,145 @@ def _functionalize(gm: fx.GraphModule) -> bool:
                 user.replace_input_with(base, node)
     gm.recompile()
     return True
+
+
+_FILLED_LIKE = frozenset({torch.ops.aten.new_zeros.default, torch.ops.aten.new_ones.default,
+                          torch.ops.aten.new_full.default, torch.ops.aten.zeros_like.default,
+                          torch.ops.aten.ones_like.default, torch.ops.aten.full_like.default})
+"""Ops whose first argument gives only a dtype and device (and for ``*_like`` a shape), never values."""
+
+
+def _static(val) -> bool:
+    """Whether a node's value has no symbolic size (a tensor of static shape, a number, a tuple of them)."""
+    if isinstance(val, torch.Tensor):
+        return all(isinstance(d, int) for d in val.shape)
+    if isinstance(val, (tuple, list)):
+        return all(_static(v) for v in val)
+    return isinstance(val, (int, float, bool)) or val is None
+
+
+def _constant_nodes(gm: fx.GraphModule, constants: dict[str, torch.Tensor]) -> set[fx.Node]:
+    """The nodes of ``gm`` whose value depends on no graph input: the lifted ``constants``, and ops of static
+    shape whose inputs are all such nodes (the first input of a ``new_zeros``-like op does not count)."""
+    const = {n for n in gm.graph.nodes if n.op == "placeholder" and n.name in constants}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not _static(node.meta.get("val")):
+            continue
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload):
+            if torch.Tag.nondeterministic_seeded in target.tags:
+                continue
+            deps = node.all_input_nodes
+            if target in _FILLED_LIKE and node.args and isinstance(node.args[0], fx.Node):
+                deps = [d for d in deps if d is not node.args[0]]
+        elif target is operator.getitem:
+            deps = node.all_input_nodes
+        else:
+            continue
+        if all(d in const for d in deps):
+            const.add(node)
+    return const
+
+
+def _mutates(node: fx.Node) -> bool:
+    return (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+            and node.target._schema.is_mutable)
+
+
+def _closure(start, within: set[fx.Node], upward: bool) -> set[fx.Node]:
+    """``start`` and every node of ``within`` that it reads (``upward``) or that reads it, transitively."""
+    seen, todo = set(start), list(start)
+    while todo:
+        node = todo.pop()
+        for other in (node.all_input_nodes if upward else node.users):
+            if other in within and other not in seen:
+                seen.add(other)
+                todo.append(other)
+    return seen
+
+
+def fold_mutated_constants(gm: fx.GraphModule, constants: dict[str, torch.Tensor]) -> int:
+    """Compute the constants that the graph builds by writing in place (Swin's shifted-window attention mask:
+    ``new_zeros``, then ``fill_`` on slices of it) at export time: each use of such a tensor by the rest of the
+    graph reads a new constant (lifted as a placeholder, added to ``constants``) holding its value at that
+    point, and the ops that built it are removed. The in-place ops on views that :func:`_functionalize`
+    refuses are then gone, and the graph can take the direct translation. Returns how many constants were
+    made; 0 (graph untouched) when no constant is written in place, or when a write would reach a model
+    tensor or depend on a graph input."""
+    const = _constant_nodes(gm, constants)
+    mutations = [n for n in gm.graph.nodes if _mutates(n)]
+    if not any(n in const for n in mutations):
+        return 0
+    if any(n not in const and isinstance(n.args[0], fx.Node) and n.args[0] in const for n in mutations):
+        return 0  # a constant written with a value computed from the inputs
+    model_storages = {t.untyped_storage().data_ptr() for t in constants.values() if t.numel()}
+    # the constants to compute: what the writes read, what reads those, and what that reads (not every weight op)
+    region = _closure([n for n in mutations if n in const], const, upward=True)
+    region = _closure(_closure(region, const, upward=False), const, upward=True)
+
+    def evaluate(visit=None) -> dict[fx.Node, Any] | None:
+        """The constant nodes' values, computed in graph order (None: an in-place write would reach a model
+        tensor). ``visit(consumer, node, value, writes)`` sees each tainted input of the other nodes at the
+        point the graph reads it (``writes``: the in-place ops run so far)."""
+        env: dict[fx.Node, Any] = {}
+        writes = 0
+        for node in gm.graph.nodes:
+            if node in region:
+                if node.op == "placeholder":
+                    env[node] = constants[node.name]
+                    continue
+                args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env.get(n, n))
+                if node.target in _FILLED_LIKE and isinstance(args[0], fx.Node):  # only its dtype (and shape)
+                    like = args[0].meta["val"]
+                    shape = tuple(like.shape) if node.target._schema.name.endswith("_like") else ()
+                    args = (torch.empty(shape, dtype=like.dtype, device=like.device), *args[1:])
+                if _mutates(node):
+                    if args[0].untyped_storage().data_ptr() in model_storages:
+                        return None
+                    writes += 1
+                with torch.no_grad():
+                    env[node] = node.target(*args, **kwargs)
+            elif visit is not None and node not in const:
+                for source in node.all_input_nodes:
+                    if source in tainted:
+                        visit(node, source, env[source], writes)
+        return env
+
+    tainted: set[fx.Node] = set()
+    aliasing: set[fx.Node] = set()
+    env = evaluate()
+    if env is None:
+        return 0
+    written = {env[n.args[0]].untyped_storage().data_ptr() for n in mutations if n in const}
+    for node in gm.graph.nodes:  # what is (a view of) a tensor written in place, or computed from one
+        if node in region and node.op == "call_function":
+            value = env[node]
+            if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in written:
+                aliasing.add(node)  # its value changes with each write: read it per write
+            if _mutates(node) or node in aliasing or any(n in tainted for n in node.all_input_nodes):
+                tainted.add(node)
+    del env
+    last_input = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    made: dict[tuple[fx.Node, int], fx.Node] = {}
+
+    def snapshot(consumer: fx.Node, source: fx.Node, value, writes: int) -> None:
+        nonlocal last_input
+        writes = writes if source in aliasing else -1
+        if (source, writes) not in made:
+            with gm.graph.inserting_after(last_input):
+                lifted = gm.graph.placeholder(f"{source.name}_folded{len(made)}")
+            last_input = lifted
+            lifted.meta = {k: v for k, v in source.meta.items() if k != "val"}
+            lifted.meta["val"] = constants[lifted.name] = value.detach().clone(memory_format=torch.contiguous_format)
+            made[source, writes] = lifted
+        consumer.replace_input_with(source, made[source, writes])
+
+    evaluate(snapshot)
+    for node in reversed(list(gm.graph.nodes)):
+        if node in tainted and not node.users:
+            gm.graph.erase_node(node)
+    gm.recompile()
+    return len(made)
 
 
 def _spell_safe_softmax(gm: fx.GraphModule, node: fx.Node) -> None:
@@ -369,6 +509,7 @@ def translate(gm: fx.GraphModule, example_shape, input_names, output_names):
     for graph in graphs:
         _spell_unregistered(graph)
         _specialize(graph, example_shape, known)
+    fold_mutated_constants(lifted, constants)
     if not all(_functionalize(graph) for graph in graphs) or any(_missing_ops(graph, registry) for graph in graphs):
         return None
     for graph in graphs:
