@@ -85,11 +85,12 @@ def _traced_loop(body, xs):
 
     init = torch.zeros((), device=xs[0].device)  # scan needs a carry; this one is unused
     tracer = get_proxy_mode().tracer
-    # the trace's symbolic sizes (the batch) go in as the sizes of (unused, empty) inputs of the body, which its own
-    # trace then knows: the symbolic size of a tensor it closes over would be unknown to it
+    # the trace's symbolic sizes (the batch) go in as the sizes of (unused, one-column) inputs of the body, which
+    # its own trace then knows: the symbolic size of a tensor it closes over would be unknown to it (one column,
+    # not zero: no empty tensor for a runtime to trip over)
     sizes = [[d for d in t.shape if isinstance(d, torch.SymInt)] for t, slot in list(tracer.tensor_tracker.items())
              if slot.proxy.node.op == "placeholder"]
-    anchors = tuple(torch.empty((*s, 0), device=xs[0].device) for s in sizes if s)
+    anchors = tuple(torch.zeros((*s, 1), device=xs[0].device) for s in sizes if s)
     outs = scan_op(combine, [init], list(xs), anchors)
     scan = get_proxy_slot(outs[1], tracer).proxy.node.args[0]
     lift_constants(tracer, scan, getattr(xs[0], "fake_mode", None))

@@ -600,6 +600,64 @@ def _empty_expand_to_identity(model) -> int:
     return replaced
 
 
+def _within(graph, root) -> bool:
+    """Whether ``graph`` is ``root`` or a subgraph (at any depth) of one of its nodes."""
+    while graph is not None:
+        if graph is root:
+            return True
+        owner = getattr(graph, "parent", None)  # onnx_ir: a subgraph's node, or None
+        graph = owner.graph if owner is not None else None
+    return False
+
+
+def _outer_values_as_states(model) -> int:
+    """Every value a ``Scan`` body reads from outside it that is not an initializer (the images, a value computed
+    before the loop) becomes a state variable of the Scan, passed through the body unchanged: ONNX lets a body read
+    outer values, but OpenVINO's ONNX reader (2026.4) takes a body's outer reads for missing inputs ("Number of
+    Scan node inputs (2) is less than required (3)", and a segmentation fault on larger graphs). Initializers (the
+    weights) stay outer reads, which OpenVINO reads. Returns how many values were passed."""
+    import onnx_ir as ir
+
+    passed = 0
+    for scan in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+        if scan.op_type != "Scan" or scan.domain not in ("", "ai.onnx"):
+            continue
+        body = scan.attributes["body"].as_graph()
+        outer: list = []
+        for node in ir.traversal.RecursiveGraphIterator(body):
+            for value in node.inputs:
+                if (value is not None and value not in outer and not _within(value.graph, body)
+                        and not value.is_initializer()):
+                    outer.append(value)
+        if not outer:
+            continue
+        states = len(scan.inputs) - scan.attributes["num_scan_inputs"].as_int()
+        carried_in, carried_out = [], []
+        for value in outer:
+            inner = ir.Value(name=f"{value.name}__carried", type=value.type, shape=value.shape)
+            for user, index in list(value.uses()):
+                if _within(user.graph, body):
+                    user.replace_input_with(index, inner)
+            identity = ir.Node("", "Identity", [inner], name=f"{value.name}__carried_identity")
+            identity.outputs[0].name = f"{value.name}__carried_out"
+            identity.outputs[0].type, identity.outputs[0].shape = value.type, value.shape
+            body.append(identity)
+            carried_in.append(inner)
+            carried_out.append(identity.outputs[0])
+        for k, (inner, out) in enumerate(zip(carried_in, carried_out)):
+            body.inputs.insert(states + k, inner)
+            body.outputs.insert(states + k, out)
+        inputs = [*scan.inputs[:states], *outer, *scan.inputs[states:]]
+        new = ir.Node(scan.domain, "Scan", inputs, attributes=list(scan.attributes.values()),
+                      num_outputs=len(scan.outputs) + len(outer), name=scan.name, version=scan.version)
+        kept = [*new.outputs[:states], *new.outputs[states + len(outer):]]
+        for old, out in zip(scan.outputs, kept):
+            out.name, out.type, out.shape = old.name, old.type, old.shape
+        ir.convenience.replace_nodes_and_values(scan.graph, scan, [scan], [new], scan.outputs, kept)
+        passed += len(outer)
+    return passed
+
+
 def clean_up(model) -> None:
     """Cheap passes in place of onnxscript's optimizer: inline torchlib's functions (``aten_amax``, ...: a
     runtime knows only standard ops), drop identities, unused nodes, initializers, functions and opsets."""
@@ -609,6 +667,7 @@ def clean_up(model) -> None:
     _cast_like_to_cast(model)
     _empty_expand_to_identity(model)
     common.IdentityEliminationPass()(model)
+    _outer_values_as_states(model)  # after the identity pass, which would fold the pass-through back
     common.RemoveUnusedNodesPass()(model)
     common.RemoveUnusedFunctionsPass()(model)
     common.RemoveUnusedOpsetsPass()(model)
