@@ -62,6 +62,10 @@ _VIEW_MARK = "_pyattr_view_of"
 # shallow copies of the containers a module's __dict__ holds (a dozen hook OrderedDicts each): the types' own copy
 # methods, several times faster than copy.copy's __reduce_ex__ route for an OrderedDict (see the module docstring)
 _COPIERS = {dict: dict.copy, OrderedDict: OrderedDict.copy, list: list.copy, set: set.copy}
+# attribute types that a view keeps as they are without a look (immutable, and no module inside)
+_LEAVES = frozenset({bool, int, float, str, type(None), torch.dtype, torch.device, torch.Size})
+# what may refer to a module of the tree, to be redirected to its view (see CallView._redirect)
+_REFERRING = (nn.Module, types.MethodType, list, tuple)
 
 _local = threading.local()
 
@@ -118,6 +122,9 @@ class CallView:
         self.original = model
         self.memo: dict = {}
         self._views: dict[int, nn.Module] = {}
+        self._pending: list[dict] = []  # views' states holding an attribute that may refer to a module
+        eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+        self._optimized = getattr(eval_frame, "OptimizedModule", None) if eval_frame is not None else None
         self.root = self._view(model)
         self._redirect_attributes()
 
@@ -126,9 +133,8 @@ class CallView:
         key = id(module)
         if key in self._views:
             return self._views[key]
-        inner = _compiled_inner(module)
-        if inner is not None:
-            view = self._view(inner)
+        if self._optimized is not None and isinstance(module, self._optimized):  # a torch.compile wrapper
+            view = self._view(module._orig_mod)
             self._views[key] = view
             return view
         if isinstance(module, torch.jit.ScriptModule):
@@ -137,15 +143,22 @@ class CallView:
             return module
         view = object.__new__(type(module))
         state = dict(module.__dict__)
+        refers = False
+        # one pass over the module's attributes (values replaced in place: the dict's size does not change)
         for name, value in state.items():
+            kind = type(value)
+            if kind in _LEAVES or (kind is tuple and _LEAVES.issuperset(map(type, value))):  # e.g. a kernel size
+                continue
             # nn.Module's own containers, and the module's plain containers too: a forward pass that fills a
             # cache (timm's LeViT keeps its attention biases in a dict in eval mode) fills the view's copy, so a
             # traced (fake) tensor never lands in the user's model and threads never see each other's entries
-            copier = _COPIERS.get(type(value))
+            copier = _COPIERS.get(kind)
             if copier is not None:
                 state[name] = copier(value)
             elif isinstance(value, (dict, set, list)):
                 state[name] = copy.copy(value)  # keeps a subclass its class
+            if not refers and name not in _MODULE_KEYS and isinstance(value, _REFERRING):
+                refers = True
         state["training"] = False
         self._views[key] = view  # before the children: a module reached again maps to this view
         children = module.__dict__["_modules"]
@@ -154,6 +167,8 @@ class CallView:
         )
         state[_VIEW_MARK] = module
         view.__dict__.update(state)
+        if refers:
+            self._pending.append(view.__dict__)
         return view
 
     def _check_script(self, module: torch.jit.ScriptModule) -> None:
@@ -181,19 +196,16 @@ class CallView:
         return value
 
     def _redirect_attributes(self) -> None:
-        """Point plain attributes (outside ``_modules``) that refer to modules of the tree to their views."""
-        seen = set()
-        for view in self._views.values():
-            if id(view) in seen or not is_view(view):
-                continue
-            seen.add(id(view))
-            state = view.__dict__
+        """Point plain attributes (outside ``_modules``) that refer to modules of the tree to their views (only the
+        views whose attributes include a module, a bound method or a list or tuple: marked while building)."""
+        for state in self._pending:
             for name, value in list(state.items()):
-                if name in _MODULE_KEYS or name == _VIEW_MARK:
+                if name in _MODULE_KEYS or name == _VIEW_MARK or not isinstance(value, _REFERRING):
                     continue
                 new = self._redirect(value)
                 if new is not value:
                     state[name] = new
+        self._pending = []
 
     def _name_of(self, module: nn.Module) -> str:
         return next((n for n, m in self.original.named_modules() if m is module), "")

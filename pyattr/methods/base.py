@@ -83,10 +83,15 @@ def resolve_target(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(in_range, target, best)
 
 
-def valid_samples(x: torch.Tensor, scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def valid_samples(x: torch.Tensor, scores: torch.Tensor, target: torch.Tensor,
+                  inputs_finite: bool = False) -> torch.Tensor:
     """Which (sample, target) pairs can have a meaningful map: the sample's input and scores are all
-    finite and the target is -1 or a class id in [0, K). Shape of ``target``: (N,) or (N, T). Traceable."""
-    finite = torch.isfinite(x.flatten(1)).all(1) & torch.isfinite(scores.flatten(1)).all(1)
+    finite and the target is -1 or a class id in [0, K). Shape of ``target``: (N,) or (N, T). Traceable.
+    ``inputs_finite``: ``x`` is known to be finite (an eager call checked it): its element-wise test is skipped
+    (0.3 ms for a 224x224 image on one CPU thread), the result is the same."""
+    finite = torch.isfinite(scores.flatten(1)).all(1)
+    if not inputs_finite:
+        finite = torch.isfinite(x.flatten(1)).all(1) & finite
     if target.dim() == 2:
         finite = finite[:, None]
     return finite & (target >= -1) & (target < scores.shape[1])
@@ -305,7 +310,8 @@ class AttributionMethod:
     def check_target_kind(self, kind: Target) -> None:
         """Raise :class:`InputError` when this method cannot explain targets of ``kind`` (all can by default)."""
 
-    def _compute(self, x: torch.Tensor, target: torch.Tensor, diagnostics: bool):
+    def _compute(self, x: torch.Tensor, target: torch.Tensor, diagnostics: bool, inputs_checked: bool = False):
+        """``inputs_checked``: ``x`` passed :meth:`_check_input` (an eager call), so it is finite."""
         with torch.enable_grad():
             if diagnostics:
                 scores, raw, resolved, extra = self.attribute_with_diagnostics(x, target)
@@ -315,7 +321,7 @@ class AttributionMethod:
         maps = self.postprocess(raw, x, lead=target.dim())
         # what eager calls reject (non-finite inputs or scores, target ids that are not classes) an exported
         # graph cannot: its outputs for those samples are made visibly invalid instead of plausible
-        valid = valid_samples(x, scores.detach(), target)
+        valid = valid_samples(x, scores.detach(), target, inputs_finite=inputs_checked)
         resolved = torch.where(valid, resolved, torch.full_like(resolved, -1))
         raw, maps = mark_invalid(raw.detach(), valid), mark_invalid(maps.detach(), valid)
         return scores.detach(), resolved, raw, maps, {k: v.detach() for k, v in extra.items()}
@@ -339,7 +345,7 @@ class AttributionMethod:
             with bound_target(kind, kind.prepare_inputs(x, kind.run_time_inputs(x)), x.shape[0]) as bound:
                 return self._eager(x, t, bound)
 
-    def _compute_targets(self, x: torch.Tensor, t: torch.Tensor, bound, diagnostics: bool):
+    def _compute_targets(self, x: torch.Tensor, t: torch.Tensor, bound, diagnostics: bool, inputs_checked: bool = False):
         """:meth:`_compute` for (N,) or (N, T) targets: a method without ``multi_target`` runs on the batch
         repeated T times (sample-major) and its results are viewed back as (N, T, ...)."""
         if t.dim() == 2 and not self.multi_target:
@@ -347,17 +353,18 @@ class AttributionMethod:
             bound.repeats = k
             try:
                 scores, resolved, raw, maps, extra = self._compute(x.repeat_interleave(k, 0), t.reshape(-1),
-                                                                   diagnostics)
+                                                                   diagnostics, inputs_checked)
             finally:
                 bound.repeats = 1
             scores = scores.view(n, k, -1)[:, 0]
             resolved, raw, maps = (v.view(n, k, *v.shape[1:]) for v in (resolved, raw, maps))
             extra = {key: v.view(n, k, *v.shape[1:]) for key, v in extra.items()}
             return scores, resolved, raw, maps, extra
-        return self._compute(x, t, diagnostics)
+        return self._compute(x, t, diagnostics, inputs_checked)
 
     def _eager(self, x: torch.Tensor, t: torch.Tensor, bound) -> Attribution:
-        scores, resolved, raw, maps, extra = self._compute_targets(x, t, bound, True)
+        # x passed _check_input (finite): valid_samples need not test it again
+        scores, resolved, raw, maps, extra = self._compute_targets(x, t, bound, True, inputs_checked=True)
         return Attribution(maps=maps, raw=raw, scores=scores, target=resolved,
                            completeness_error=extra.get("completeness_error"),
                            outputs={k: v.detach() for k, v in bound.outputs.items()})
