@@ -48,6 +48,39 @@ def unrolled_loops() -> Iterator[None]:
         _local.unrolled = previous
 
 
+def in_loop_body() -> bool:
+    """Whether the calling thread is tracing the body of a :func:`batched_loop` as one ``scan`` node: the body is
+    traced below autograd there, so a gradient inside it is taken with ``torch.func.vjp`` (:func:`vjp_columns`)."""
+    return getattr(_local, "body", 0) > 0
+
+
+def vjp_columns(fn: Callable[[torch.Tensor], tuple[torch.Tensor, object]], x: torch.Tensor
+                ) -> tuple[torch.Tensor, object]:
+    """``(grads, aux)`` for ``selected, aux = fn(x)`` with ``selected`` of shape (M, T): ``grads`` (M, T, *x.shape[1:])
+    holds the gradient of ``selected[:, j].sum()`` with respect to ``x`` for every column j.
+
+    ``torch.autograd.grad`` (one backward per column, the graph retained between them) outside a loop body, so that
+    eager calls and unrolled traces are what they were; ``torch.func.vjp`` inside one (:func:`in_loop_body`), where
+    autograd does not trace. ``fn`` must not take gradients itself; ``aux`` comes back detached from ``x``'s graph
+    only in the ``vjp`` case (detach what you keep)."""
+    if in_loop_body():
+        selected, pullback, aux = torch.func.vjp(fn, x, has_aux=True)
+        columns = selected.shape[1]
+        eye = torch.eye(columns, dtype=selected.dtype, device=selected.device)
+        grads = [pullback(eye[j].expand_as(selected))[0] for j in range(columns)]
+        return torch.stack(grads, 1), aux
+    x = x.detach().requires_grad_(True)
+    selected, aux = fn(x)
+    columns = selected.shape[1]
+    grads = [torch.autograd.grad(selected[:, j].sum(), x, retain_graph=j + 1 < columns)[0] for j in range(columns)]
+    return torch.stack(grads, 1), aux
+
+
+def loops_unrolled() -> bool:
+    """Whether :func:`batched_loop` runs its Python loop while tracing too (within :func:`unrolled_loops`)."""
+    return getattr(_local, "unrolled", False)
+
+
 def batched_loop(body: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]], *xs: torch.Tensor
                  ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """``body(xs[0][i], xs[1][i], ...)`` for i in ``range(len(xs[0]))``, its outputs stacked along a new first
@@ -79,7 +112,11 @@ def _traced_loop(body, xs):
     single = []
 
     def combine(carry, *rest):
-        out = body(*rest[:len(xs)])
+        _local.body = getattr(_local, "body", 0) + 1
+        try:
+            out = body(*rest[:len(xs)])
+        finally:
+            _local.body -= 1
         single.append(not isinstance(out, tuple))
         return [carry.clone(), *((out,) if single[-1] else out)]
 
