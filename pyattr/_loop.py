@@ -81,6 +81,14 @@ def loops_unrolled() -> bool:
     return getattr(_local, "unrolled", False)
 
 
+def loop_passes(passes: int) -> bool:
+    """Whether a method's ``passes`` passes should be one :func:`batched_loop` with equal passes (the last one
+    padded): while tracing for export, when there are several, outside a loop's body (a loop inside a body is
+    unrolled there) and outside :func:`unrolled_loops`. Eager calls keep their own Python loop of uneven chunks
+    (their results unchanged)."""
+    return is_tracing() and passes > 1 and not in_loop_body() and not loops_unrolled()
+
+
 def batched_loop(body: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]], *xs: torch.Tensor
                  ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """``body(xs[0][i], xs[1][i], ...)`` for i in ``range(len(xs[0]))``, its outputs stacked along a new first

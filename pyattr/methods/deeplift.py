@@ -54,10 +54,18 @@ from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 from torch.nn.modules.utils import _ntuple
 from torch.overrides import TorchFunctionMode
 
+from .._loop import batched_loop
 from ..errors import InputError
 from ..targets.base import CLASS_TARGET, current_target
 from .base import OutputSelector, check_scores, select_output
-from .gradient import GradientMethod, _sample_range, seeded_tensor, tensor_baseline
+from .gradient import (
+    GradientMethod,
+    _sample_range,
+    constant_tensor,
+    padded_passes,
+    seeded_tensor,
+    tensor_baseline,
+)
 
 EPS = 1e-10
 """captum's threshold: where ``|u - u_ref| < eps`` a non-linearity passes back its plain derivative."""
@@ -840,7 +848,24 @@ class GradientShap(GradientMethod):
         n = x.shape[0]
         view = (1, -1) + (1,) * (x.dim() - 1)
         total = None
-        for start in range(0, self.samples, self.chunk_size):
+        if self.looped(math.ceil(self.samples / self.chunk_size)):
+            ids, keep = padded_passes(list(range(self.samples)), [1.0] * self.samples, self.chunk_size, x)
+            c = ids.shape[1]
+            bases = constant_tensor(index, x).long()
+            alphas = constant_tensor(alpha, x)
+
+            def one_pass(i: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+                i = i.long()
+                base = refs[:, bases[i]]  # (1 or N, c, ...)
+                noisy = x[:, None] + self.stdevs * noise[i][None] if self.stdevs else x[:, None]
+                a = alphas[i].view(view)
+                points = (a * noisy + (1 - a) * base).expand(n, c, *x.shape[1:]).flatten(0, 1)
+                _, grads, _ = self.input_gradients(points, resolved.repeat_interleave(c, 0))
+                w = w.view(1, c, 1, *[1] * (x.dim() - 1))
+                return ((noisy - base)[:, :, None] * grads.view(n, c, *grads.shape[1:]) * w).sum(1)
+
+            total = batched_loop(one_pass, ids, keep).sum(0)  # one loop in a traced graph
+        for start in range(0, 0 if total is not None else self.samples, self.chunk_size):
             stop = min(start + self.chunk_size, self.samples)
             c = stop - start
             base = refs[:, index[start:stop]]  # (1 or N, c, ...)

@@ -34,7 +34,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
-from .._loop import batched_loop, in_loop_body, loops_unrolled, vjp_columns
+from .._loop import batched_loop, in_loop_body, loop_passes, vjp_columns
 from ..errors import InputError
 from ..targets.base import current_target
 from .base import AttributionMethod, OutputSelector
@@ -228,7 +228,7 @@ class GradientMethod(AttributionMethod):
         """Whether ``passes`` passes of a multi-pass method (Integrated Gradients and SmoothGrad with a
         ``chunk_size``) are one loop (:func:`~pyattr._loop.batched_loop`): in a traced graph, when there are several
         and this is not already a loop's body. Eager calls keep their Python loop (unchanged results)."""
-        return self._tracing and passes > 1 and not in_loop_body() and not loops_unrolled()
+        return loop_passes(passes)
 
     def elementwise(self, x: torch.Tensor, target: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
