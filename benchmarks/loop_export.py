@@ -1,10 +1,16 @@
 """A multi-pass method exported with its passes as one loop against the same passes unrolled (issue 12, item 4).
 
     OMP_NUM_THREADS=1 python benchmarks/loop_export.py --model resnet18 --layer layer4 --size 64 --chunk 32
+    OMP_NUM_THREADS=1 python benchmarks/loop_export.py --method integratedgradients --model resnet18 --size 64 \
+        --chunk 8 --option steps=32 --out benchmarks/results/loop_export_ig_resnet18
+    OMP_NUM_THREADS=1 python benchmarks/loop_export.py --method smoothgradcampp --model builtin --layer layer3 \
+        --chunk 4 --option samples=16 --out benchmarks/results/loop_export_sgcampp_builtin
 
 For one model, layer and method (Score-CAM by default), the method is exported to ONNX twice: as pyattr exports
 it (the passes one ``Scan``: :func:`pyattr._loop.batched_loop`) and within :func:`pyattr._loop.unrolled_loops`
-(one copy of the forward pass per chunk, as before). Reported: export wall / CPU seconds, file size, node counts
+(one copy of the pass per chunk, as before; a gradient method's pass is a forward and a backward pass).
+``--model builtin`` is pyattr's built-in model; ``--option name=value`` passes more options to the method (ints,
+floats or strings). Reported: export wall / CPU seconds, file size, node counts
 (Conv nodes including those in loop bodies), then onnxruntime run times of both graphs (CPU, 1 intra-op thread,
 batch 1 and 3), the two sessions called alternately, one call each per pair; the median of the per-pair ratios
 (looped / unrolled) is the result. Both graphs' outputs are checked against eager. Results go to ``--out``
@@ -63,6 +69,15 @@ def export(method, x: torch.Tensor, path: Path, unrolled: bool) -> dict:
     return row
 
 
+def parse_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def session(path: Path):
     import onnxruntime as ort
 
@@ -81,12 +96,20 @@ def main(argv=None) -> int:
     parser.add_argument("--chunk", type=int, default=32)
     parser.add_argument("--pairs", type=int, default=7, help="interleaved onnxruntime call pairs per batch size")
     parser.add_argument("--batches", default="1,3")
+    parser.add_argument("--option", action="append", default=[], help="name=value: another option of the method")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "loop_export"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = torchvision.models.get_model(args.model, weights=None).eval()
-    method = build_method(args.method, model, args.layer, chunk_size=args.chunk)
+    if args.model == "builtin":
+        model = pyattr.zoo.load_builtin()
+    else:
+        model = torchvision.models.get_model(args.model, weights=None).eval()
+    options: dict = {"chunk_size": args.chunk}
+    for item in args.option:
+        key, value = item.split("=", 1)
+        options[key] = parse_value(value)
+    method = build_method(args.method, model, args.layer, **options)
     x = torch.rand(1, 3, args.size, args.size)
     env = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -137,8 +160,9 @@ def main(argv=None) -> int:
 
 def markdown(result: dict) -> str:
     env, args = result["env"], result["args"]
+    options = "".join(f", {item}" for item in args.get("option", []))
     lines = [(f"# {args['method']} exported as one loop vs unrolled: {args['model']} {args['layer']}, "
-             f"{args['size']} px, chunk {args['chunk']}"), "",
+             f"{args['size']} px, chunk {args['chunk']}{options}"), "",
              f"- command: `{env['command']}`",
              (f"- machine: {env['cpu']}, {env['cores']} cores (shared), torch threads 1, OMP_NUM_THREADS="
              f"{env['omp_threads']}; load average at start {env['load_start'][0]:.1f}, at end {env['load_end'][0]:.1f}"),

@@ -61,8 +61,8 @@ def vjp_columns(fn: Callable[[torch.Tensor], tuple[torch.Tensor, object]], x: to
 
     ``torch.autograd.grad`` (one backward per column, the graph retained between them) outside a loop body, so that
     eager calls and unrolled traces are what they were; ``torch.func.vjp`` inside one (:func:`in_loop_body`), where
-    autograd does not trace. ``fn`` must not take gradients itself; ``aux`` comes back detached from ``x``'s graph
-    only in the ``vjp`` case (detach what you keep)."""
+    autograd does not trace. ``aux``: tensors (a tuple / list of them, as ``torch.func.vjp`` wants); it comes back
+    detached from ``x``'s graph only in the ``vjp`` case (detach what you keep)."""
     if in_loop_body():
         selected, pullback, aux = torch.func.vjp(fn, x, has_aux=True)
         columns = selected.shape[1]
