@@ -157,3 +157,26 @@ def test_vjp_columns_agrees_with_autograd_inside_a_loop_body():
         set_tracing(False)
     assert len([n for n in gm.graph.nodes if n.target is torch.ops.higher_order.scan]) == 1
     assert torch.allclose(gm(torch.rand(2, 5, 6)), w[[1, 3]].expand(2, 5, 2, 6))
+
+
+@pytest.mark.parametrize("name, kind", [("integratedgradients", "similarity"), ("deepliftshap", "segmentation"),
+                                        ("smoothgradcampp", "similarity")])
+def test_gradient_loops_with_run_time_target_inputs(name, kind, tmp_path):
+    """A target's run-time inputs (a reference embedding, a region) reach the loop's body, and a target's extra
+    outputs (the embedding) are recorded by the forward pass before the loop, not from inside its body; ONNX."""
+    from target_models import tiny_embedder, tiny_segmenter
+    from test_targets import K, images, layer_for, seg_inputs, sim_inputs_for
+
+    from pyattr.targets import SegmentationTarget, SimilarityTarget
+
+    model = tiny_embedder() if kind == "similarity" else tiny_segmenter()
+    options = {"integratedgradients": {"steps": 5, "chunk_size": 2}, "deepliftshap": {"baselines": 5, "chunk_size": 2},
+               "smoothgradcampp": {"samples": 5, "chunk_size": 2}}[name]
+    method = build_method(name, model, layer_for(name, model), **options)
+    if kind == "similarity":
+        assert_export_contract(method, images(2), tmp_path, num_classes=1, formats=("onnx",), batches=(1, 3),
+                               target=SimilarityTarget(), target_inputs=sim_inputs_for(model))
+    else:
+        assert_export_contract(method, images(2), tmp_path, num_classes=K, formats=("onnx",), batches=(1, 3),
+                               target=SegmentationTarget(), target_inputs=seg_inputs)
+    assert count_ops(onnx.load(str(tmp_path / f"{method.name}.onnx")).graph, "Scan") == 1
