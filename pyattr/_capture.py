@@ -63,6 +63,34 @@ def capture_outputs(layers: Sequence[nn.Module]) -> Iterator[list[torch.Tensor |
 
 
 @contextmanager
+def add_to_outputs(layers: Sequence[nn.Module], addends: Sequence[torch.Tensor]
+                   ) -> Iterator[list[torch.Tensor | None]]:
+    """Within the body, each of ``layers`` (modules of a per-call view) returns its output plus the matching
+    tensor of ``addends`` (a zero "probe" whose gradient is the gradient with respect to the output: the CAMs'
+    route to a layer's gradient under ``torch.func.vjp``); yields the list of those sums, filled in place as
+    :func:`capture_outputs`. Hooks live only inside the ``with`` block."""
+    captured: list[torch.Tensor | None] = [None] * len(layers)
+    handles = []
+
+    def make_hook(i: int):
+        def hook(_module, _inputs, output):
+            captured[i] = output + addends[i]
+            return captured[i]
+        return hook
+
+    try:
+        for i, layer in enumerate(layers):
+            if not is_view(layer):
+                raise InputError(f"cannot capture the output of a {type(layer).__name__} that is not part of a "
+                                 "per-call view")
+            handles.append(layer.register_forward_hook(make_hook(i)))
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
 def replace_output(layer: nn.Module, replacement: torch.Tensor) -> Iterator[None]:
     """Within the body, ``layer`` (a module of a per-call view) returns ``replacement`` instead of its own
     output (a forward hook, removed on exit)."""

@@ -14,11 +14,24 @@ fake one while tracing. So, right after tracing, every constant of the body beco
 tensor of the enclosing trace is passed from it, a weight becomes a constant of the enclosing graph (one
 tensor, stored once) passed in; the body is left with no constant of its own.
 
-Limits: the body is traced below autograd, so ``torch.autograd.grad`` inside it fails while tracing ("element 0 of
-tensors does not require grad"); ``torch.func.grad`` / ``vjp`` inside it trace (the backward made of forward ops
-by pyattr's decompositions, checked on a small CNN). The gradient methods (Integrated Gradients and SmoothGrad with
-a ``chunk_size``, Smooth Grad-CAM++, DeepLIFT-SHAP / GradientSHAP) still unroll their passes. Ops of the body that depend on constants only (a convolution's flipped weight in a backward pass)
-are not hoisted out of the loop: they would run once per pass.
+Gradients in the body: it is traced below autograd, so ``torch.autograd.grad`` inside it fails while tracing
+("element 0 of tensors does not require grad"); ``torch.func.vjp`` traces (the backward made of forward ops by
+pyattr's decompositions). :func:`vjp_columns` takes a gradient with ``autograd.grad`` outside a loop body (eager
+calls, unrolled traces: unchanged) and with ``torch.func.vjp`` inside one (:func:`in_loop_body`); the autograd
+Functions of modified backward rules (Guided Backprop / DeconvNet's ReLU, DeepLIFT's rules against references) are
+written in ``setup_context`` form so that ``torch.func`` accepts them, and a CAM takes a layer's gradient as the
+gradient with respect to a zero tensor added to the layer's output (``_capture.add_to_outputs``). So the gradient
+multi-pass methods are one loop too: Integrated Gradients and SmoothGrad with an int ``chunk_size`` (their default
+exports all points as one batched pass, no loop), GradientSHAP, DeepLIFT-SHAP and Smooth Grad-CAM++ (their passes
+of ``chunk_size``), the chunks made equal and the last one padded with points of weight 0 (:func:`loop_passes`:
+eager calls keep their Python loop of uneven chunks, bit for bit). A loop inside a loop's body (SmoothGrad over an
+Integrated Gradients with a ``chunk_size``) is unrolled in that body.
+
+Costs: torch traces a scan's body several times (pyattr's trace, then torch.export's and the ONNX exporter's
+decompositions), so a loop of few passes exports in more CPU time than the unrolled passes (Integrated Gradients on
+resnet18, 64 px: 4 passes 9.3 s against 7.2 s, 8 passes 9.2-10.1 s against 13.1-13.6 s; the loop's file 51 MB against
+199 / 351 MB: ``benchmarks/results/loop_export_ig_resnet18*.md``). Ops of the body that depend on constants only (a
+convolution's flipped weight in a backward pass) are not hoisted out of the loop: they run once per pass.
 """
 
 from __future__ import annotations
@@ -46,6 +59,47 @@ def unrolled_loops() -> Iterator[None]:
         yield
     finally:
         _local.unrolled = previous
+
+
+def in_loop_body() -> bool:
+    """Whether the calling thread is tracing the body of a :func:`batched_loop` as one ``scan`` node: the body is
+    traced below autograd there, so a gradient inside it is taken with ``torch.func.vjp`` (:func:`vjp_columns`)."""
+    return getattr(_local, "body", 0) > 0
+
+
+def vjp_columns(fn: Callable[[torch.Tensor], tuple[torch.Tensor, object]], x: torch.Tensor
+                ) -> tuple[torch.Tensor, object]:
+    """``(grads, aux)`` for ``selected, aux = fn(x)`` with ``selected`` of shape (M, T): ``grads`` (M, T, *x.shape[1:])
+    holds the gradient of ``selected[:, j].sum()`` with respect to ``x`` for every column j.
+
+    ``torch.autograd.grad`` (one backward per column, the graph retained between them) outside a loop body, so that
+    eager calls and unrolled traces are what they were; ``torch.func.vjp`` inside one (:func:`in_loop_body`), where
+    autograd does not trace. ``aux``: tensors (a tuple / list of them, as ``torch.func.vjp`` wants); it comes back
+    detached from ``x``'s graph only in the ``vjp`` case (detach what you keep)."""
+    if in_loop_body():
+        selected, pullback, aux = torch.func.vjp(fn, x, has_aux=True)
+        columns = selected.shape[1]
+        eye = torch.eye(columns, dtype=selected.dtype, device=selected.device)
+        grads = [pullback(eye[j].expand_as(selected))[0] for j in range(columns)]
+        return torch.stack(grads, 1), aux
+    x = x.detach().requires_grad_(True)
+    selected, aux = fn(x)
+    columns = selected.shape[1]
+    grads = [torch.autograd.grad(selected[:, j].sum(), x, retain_graph=j + 1 < columns)[0] for j in range(columns)]
+    return torch.stack(grads, 1), aux
+
+
+def loops_unrolled() -> bool:
+    """Whether :func:`batched_loop` runs its Python loop while tracing too (within :func:`unrolled_loops`)."""
+    return getattr(_local, "unrolled", False)
+
+
+def loop_passes(passes: int) -> bool:
+    """Whether a method's ``passes`` passes should be one :func:`batched_loop` with equal passes (the last one
+    padded): while tracing for export, when there are several, outside a loop's body (a loop inside a body is
+    unrolled there) and outside :func:`unrolled_loops`. Eager calls keep their own Python loop of uneven chunks
+    (their results unchanged)."""
+    return is_tracing() and passes > 1 and not in_loop_body() and not loops_unrolled()
 
 
 def batched_loop(body: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]], *xs: torch.Tensor
@@ -79,7 +133,11 @@ def _traced_loop(body, xs):
     single = []
 
     def combine(carry, *rest):
-        out = body(*rest[:len(xs)])
+        _local.body = getattr(_local, "body", 0) + 1
+        try:
+            out = body(*rest[:len(xs)])
+        finally:
+            _local.body -= 1
         single.append(not isinstance(out, tuple))
         return [carry.clone(), *((out,) if single[-1] else out)]
 

@@ -24,7 +24,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._callview import call_view
-from .._capture import PrefixCache, capture_outputs, find_layer, record_prefix, reuse_prefix
+from .._capture import PrefixCache, add_to_outputs, capture_outputs, find_layer, record_prefix, reuse_prefix
+from .._loop import batched_loop, loop_passes
 from .._tail import LayerTail, global_hooks, has_hooks, layer_tail
 from .._tail import forget as forget_tail
 from ..errors import InputError
@@ -516,11 +517,16 @@ class SmoothGradCAMPlusPlus(GradientCAM):
 
         return self.std * seeded_tensor("normal", (self.samples, *x.shape[1:]), self.seed, x)
 
-    def noisy_moments(self, x: torch.Tensor, resolved: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    def noisy_moments(self, x: torch.Tensor, resolved: torch.Tensor, shapes: list[torch.Size] | None = None
+                      ) -> list[tuple[torch.Tensor, ...]]:
         """Per layer (D_2, D_3, g_S, A_S), each (N, C, h, w): the means over the noisy copies of the gradient's
-        square and cube, the last copy's gradient and activations."""
+        square and cube, the last copy's gradient and activations. ``shapes``: the layers' output shapes for
+        one input (as the layers return them); with them, a traced graph's passes are one loop
+        (:meth:`_looped_moments`)."""
         noise = self.noise(x)
         n = x.shape[0]
+        if shapes is not None and loop_passes(math.ceil(self.samples / self.chunk_size)):
+            return self._looped_moments(x, resolved, noise, shapes)
         sums: list[list[torch.Tensor]] | None = None
         for start in range(0, self.samples, self.chunk_size):
             c = min(self.chunk_size, self.samples - start)
@@ -535,13 +541,62 @@ class SmoothGradCAMPlusPlus(GradientCAM):
             sums = parts if sums is None else [[u + v for u, v in zip(old, new)] for old, new in zip(sums, parts)]
         return [(d2 / self.samples, d3 / self.samples, g, a) for (d2, d3), (g, a) in zip(sums, last)]
 
+    def _looped_moments(self, x: torch.Tensor, resolved: torch.Tensor, noise: torch.Tensor,
+                        shapes: list[torch.Size]) -> list[tuple[torch.Tensor, ...]]:
+        """:meth:`noisy_moments` with the passes one loop (:func:`~pyattr._loop.batched_loop`, traced graphs): the
+        chunks are equal, the last one padded with copies of the last noisy copy (weight 0 in the sums; the last
+        copy's gradient and activations are then the last row of the last pass)."""
+        from .gradient import padded_passes
+
+        index, keep = padded_passes(list(range(self.samples)), [1.0] * self.samples, self.chunk_size, x)
+        n, c = x.shape[0], index.shape[1]
+
+        def one_pass(i: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            noisy = (x[:, None] + noise[i.long()][None]).flatten(0, 1)  # sample-major (N * c, ...)
+            acts, grads = self.layer_grads_by_vjp(noisy, resolved.repeat_interleave(c, 0), shapes)
+            outs: list[torch.Tensor] = []
+            for a, g in zip(acts, grads):
+                g = g.reshape(n, c, *g.shape[1:])
+                g2 = g * g
+                wv = w.view(1, c, *[1] * (g.dim() - 2))
+                outs += [(g2 * wv).sum(1), (g2 * g * wv).sum(1), g[:, -1].clone(),
+                         a.reshape(n, c, *a.shape[1:])[:, -1].clone()]
+            return tuple(outs)
+
+        ys = batched_loop(one_pass, index, keep)
+        return [(ys[k].sum(0) / self.samples, ys[k + 1].sum(0) / self.samples, ys[k + 2][-1], ys[k + 3][-1])
+                for k in range(0, len(ys), 4)]
+
+    def layer_grads_by_vjp(self, x: torch.Tensor, target: torch.Tensor, shapes: list[torch.Size]
+                           ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """([A_l], [dS_t/dA_l]) as (N, C, h, w) maps, like :meth:`activations_and_grads`, with ``torch.func.vjp``
+        (a loop's body, where ``torch.autograd.grad`` does not trace): each layer's output gets a zero tensor added
+        (``shapes``: the outputs' shapes for one input), and the gradient with respect to that zero tensor is the
+        gradient with respect to the output."""
+        probes = [torch.zeros((x.shape[0], *s), dtype=x.dtype, device=x.device) for s in shapes]
+
+        def selected_of(*probes: torch.Tensor):
+            with call_view(self._model):
+                layers = [self.in_call(m) for m in self._require_layers()]
+                with add_to_outputs(layers, probes) as captured:
+                    scores = self._scores(x)
+            score, _ = self.select(scores, target)
+            return score, list(captured)
+
+        score, pullback, outputs = torch.func.vjp(selected_of, *probes, has_aux=True)
+        grads = pullback(torch.ones_like(score))
+        return ([self.as_map(a, n) for a, n in zip(outputs, self.layer_names)],
+                [self.as_map(g, n) for g, n in zip(grads, self.layer_names)])
+
     def attribute_raw(self, x: torch.Tensor, target: torch.Tensor):
         x = x.detach()
         with torch.no_grad():
             scores, outputs = self.forward_with_layers(x)
             _, resolved = self.select(scores, target)
         maps = []
-        for out, name, (d2, d3, grad, act) in zip(outputs, self.layer_names, self.noisy_moments(x, resolved)):
+        shapes = [out.shape[1:] for out in outputs]
+        moments = self.noisy_moments(x, resolved, shapes)
+        for out, name, (d2, d3, grad, act) in zip(outputs, self.layer_names, moments):
             third = (self.as_map(out, name).detach() * d3).sum((2, 3), keepdim=True)
             maps.append(weighted_sum(plusplus_weights(grad, d2, third, self.eps, d2 != 0), act))
         return scores.detach(), fuse_maps(maps, self.fuse), resolved

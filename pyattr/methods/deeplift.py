@@ -54,10 +54,18 @@ from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 from torch.nn.modules.utils import _ntuple
 from torch.overrides import TorchFunctionMode
 
+from .._loop import batched_loop, vjp_columns
 from ..errors import InputError
 from ..targets.base import CLASS_TARGET, current_target
 from .base import OutputSelector, check_scores, select_output
-from .gradient import GradientMethod, _sample_range, seeded_tensor, tensor_baseline
+from .gradient import (
+    GradientMethod,
+    _sample_range,
+    constant_tensor,
+    padded_passes,
+    seeded_tensor,
+    tensor_baseline,
+)
 
 EPS = 1e-10
 """captum's threshold: where ``|u - u_ref| < eps`` a non-linearity passes back its plain derivative."""
@@ -169,21 +177,29 @@ class _Rescale(torch.autograd.Function):
 class _RescaleAgainst(torch.autograd.Function):
     """``f`` forward on the inputs' rows; backward: the multiplier against the references ``ur`` (the same
     non-linearity's input in the references' pass, row for row; ``yr`` its output there, or None: recomputed),
-    computed in the forward pass."""
+    computed in the forward pass. ``apply`` returns (output, multiplier); written with ``setup_context`` (the
+    multiplier an output of its own, not differentiable) so that ``torch.func.vjp`` accepts it (DeepLIFT-SHAP's
+    loop body)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, ur: torch.Tensor, yr: torch.Tensor | None, kind: str, params: tuple,
+    def forward(x: torch.Tensor, ur: torch.Tensor, yr: torch.Tensor | None, kind: str, params: tuple,
                 inplace: bool, eps: float):
         y = _forward(kind, x, params)
         yr = _forward(kind, ur, params) if yr is None else yr
-        ctx.save_for_backward(_multiplier(kind, x, ur, y, yr, params, eps))
+        m = _multiplier(kind, x, ur, y, yr, params, eps)
         if inplace:
-            ctx.mark_dirty(x)
-            return x.copy_(y)
-        return y
+            return x.copy_(y), m
+        return y, m
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1])
+        if inputs[5]:
+            ctx.mark_dirty(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _grad_m: torch.Tensor | None):
         return grad * ctx.saved_tensors[0], None, None, None, None, None, None
 
 
@@ -277,10 +293,11 @@ class _MaxPoolRule(torch.autograd.Function):
 class _MaxPoolAgainst(torch.autograd.Function):
     """Max pooling forward on the inputs' rows; backward: the max-pool rule against the references ``xr`` (the
     same pool's input in the references' pass; ``yr`` its output there, or None: recomputed), ties shared (as
-    :class:`_MaxPoolRule`)."""
+    :class:`_MaxPoolRule`). ``apply`` returns (output, weights, share); ``setup_context`` form (as
+    :class:`_RescaleAgainst`)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, xr: torch.Tensor, yr: torch.Tensor | None, geometry: tuple, ceil_mode: bool,
+    def forward(x: torch.Tensor, xr: torch.Tensor, yr: torch.Tensor | None, geometry: tuple, ceil_mode: bool,
                 eps: float, rtol: float = TIE_RTOL):
         out = _max_pool(x, geometry, ceil_mode)
         yr = _max_pool(xr, geometry, ceil_mode) if yr is None else yr
@@ -288,12 +305,17 @@ class _MaxPoolAgainst(torch.autograd.Function):
         share = _tie_shares(x, out, *geometry, rtol)
         weights = ((cross - yr)[:, :, None] * share  # the input's share of the difference, to its arg-max
                    + (out - cross)[:, :, None] * _tie_shares(xr, yr, *geometry, rtol))  # the reference's
-        ctx.geometry, ctx.eps = geometry, eps
-        ctx.save_for_backward(weights, share, x - xr)
-        return out
+        return out, weights, share
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def setup_context(ctx, inputs, output) -> None:
+        x, xr, _, geometry, _, eps = inputs[:6]
+        ctx.geometry, ctx.eps = geometry, eps
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.save_for_backward(output[1], output[2], x - xr)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _grad_weights, _grad_share):
         weights, share, dx = ctx.saved_tensors
         g = grad[:, :, None]
         placed = _place(torch.cat([g * weights, g * share]), dx.shape[2:], *ctx.geometry)
@@ -412,12 +434,12 @@ class _TwoPassRules(_RuleMode):
             return y
         ref, out = self.take(func, rule, x)
         if rule[0] == "elementwise":
-            return _RescaleAgainst.apply(x, ref, out, *rule[1:], self.eps)
+            return _RescaleAgainst.apply(x, ref, out, *rule[1:], self.eps)[0]
         _, d, geometry, ceil_mode = rule
         if d == 1:
             ref, out = ref.unsqueeze(-2), None if out is None else out.unsqueeze(-2)
         return _pooled(d, x, lambda u: _MaxPoolAgainst.apply(u, ref, out, geometry, ceil_mode, self.eps,
-                                                             self.tie_rtol))
+                                                             self.tie_rtol)[0])
 
     def take(self, func, rule: tuple, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The recorded reference input of this call, and its output (None where the model has changed it in
@@ -498,22 +520,35 @@ class _PairedMethod(GradientMethod):
         self.maxpool = maxpool
         self.tie_rtol = check_tie_rtol(tie_rtol)
 
-    def paired_pass(self, x: torch.Tensor, refs: torch.Tensor, target: torch.Tensor, resolved: torch.Tensor | None):
+    def paired_pass(self, x: torch.Tensor, refs: torch.Tensor, target: torch.Tensor, resolved: torch.Tensor | None,
+                    weights: torch.Tensor | None = None):
         """DeepLIFT of inputs ``x`` (N, ...) against ``c`` references each, ``refs`` (N, c, ...): a forward pass of
         the N c references without autograd, which records the input of every non-linearity, then a forward pass
         of the inputs (each repeated c times) whose non-linearities pass back their multipliers against those
-        records (:class:`_TwoPassRules`), and one backward pass of the N c input rows per target column.
+        records (:class:`_TwoPassRules`), and one backward pass of the N c input rows per target column (autograd;
+        ``torch.func.vjp`` in a loop's body: :func:`pyattr._loop.vjp_columns`).
 
         Returns: scores of ``x`` (N, K), the attributions summed over the c references (N, T, ...), the resolved
         targets (N, T) (``resolved`` when given, else ``target`` resolved on the scores of ``x``) and the score
-        differences F(x) - F(ref) summed over the references (N, T)."""
+        differences F(x) - F(ref) summed over the references (N, T). ``weights`` (c,): the references' weights in
+        those sums (a loop's padded pass; None: 1 each)."""
         n, c = refs.shape[0], refs.shape[1]
-        rows = x[:, None].expand_as(refs).flatten(0, 1).detach().requires_grad_(True)
+        rows = x[:, None].expand_as(refs).flatten(0, 1).detach()
         ref_rows = refs.flatten(0, 1).detach()
         checks = not self._tracing
         rules = _TwoPassRules(rows.shape[0], self.eps, self.maxpool, check=checks, tie_rtol=self.tie_rtol)
         bound = current_target()
         old = None if bound is None else bound.repeats
+
+        def selected_of(rows: torch.Tensor):
+            with rules:
+                out = self._rows_scores(rows, x, bound, checks=checks)
+            rules.finish()
+            scores = out.view(n, c, out.shape[1])[:, 0]
+            res = self.resolve(scores.detach(), target) if resolved is None else resolved
+            selected = out.gather(1, res.repeat_interleave(c, 0))  # (Nc, T)
+            return selected, (scores.detach(), res, selected.detach())
+
         if bound is not None:  # c copies of each input: the target's outputs are read from the first
             bound.repeats = old * c
         try:
@@ -523,26 +558,20 @@ class _PairedMethod(GradientMethod):
                 if bound is not None:  # the target's outputs are the inputs'
                     bound.outputs = kept
             rules.reference = False
-            with rules:
-                out = self._rows_scores(rows, x, bound, checks=checks)
-            rules.finish()
+            grads, (scores, resolved, selected) = vjp_columns(selected_of, rows)
         finally:
             if bound is not None:
                 bound.repeats = old
         if checks:
             check_scores(out_ref, ref_rows, self.output if bound is None or bound.target is CLASS_TARGET else None)
-        scores = out.view(n, c, out.shape[1])[:, 0]
-        if resolved is None:
-            resolved = self.resolve(scores.detach(), target)
         columns = resolved.shape[1]
-        index = resolved.repeat_interleave(c, 0)
-        selected = out.gather(1, index)  # (Nc, T)
-        grads = [torch.autograd.grad(selected[:, j].sum(), rows, retain_graph=j + 1 < columns)[0]
-                 for j in range(columns)]
-        g = torch.stack(grads, 1).view(n, c, columns, *x.shape[1:])
-        attr = ((x[:, None] - refs)[:, :, None] * g).sum(1)
-        gap = (selected.detach() - out_ref.gather(1, index)).view(n, c, columns).sum(1)
-        return scores.detach(), attr, resolved, gap
+        g = grads.view(n, c, columns, *x.shape[1:])
+        contributions = (x[:, None] - refs)[:, :, None] * g
+        gaps = (selected - out_ref.gather(1, resolved.repeat_interleave(c, 0))).view(n, c, columns)
+        if weights is not None:
+            contributions = contributions * weights.view(1, c, *[1] * (contributions.dim() - 2))
+            gaps = gaps * weights.view(1, c, 1)
+        return scores, contributions.sum(1), resolved, gaps.sum(1)
 
     def _rows_scores(self, rows: torch.Tensor, x: torch.Tensor, bound, checks: bool) -> torch.Tensor:
         """The target's scores of ``rows`` (the call's inputs or references, each repeated); with ``checks``, the
@@ -740,7 +769,20 @@ class DeepLiftShap(_PairedMethod):
         refs = self.distribution.of(self, x).detach()
         count = self.distribution.count
         total = gap = resolved = scores = None
-        for start in range(0, count, self.chunk_size):
+        if self.looped(math.ceil(count / self.chunk_size)):
+            with torch.no_grad():  # the targets, resolved before the loop (every pass explains the same ones)
+                scores = self.scores_of(x)
+            resolved = self.resolve(scores, target)
+            ids, keep = padded_passes(list(range(count)), [1.0] * count, self.chunk_size, x)
+
+            def one_pass(i: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                part = refs[:, i.long()]
+                part = part.expand(x.shape[0], *part.shape[1:])
+                _, attr, _, g = self.paired_pass(x, part, target, resolved, weights=w)
+                return attr, g
+
+            total, gap = (v.sum(0) for v in batched_loop(one_pass, ids, keep))  # one loop in a traced graph
+        for start in range(0, 0 if total is not None else count, self.chunk_size):
             part = refs[:, start:start + self.chunk_size]
             part = part.expand(x.shape[0], *part.shape[1:])
             s, attr, resolved, g = self.paired_pass(x, part, target, resolved)
@@ -840,7 +882,24 @@ class GradientShap(GradientMethod):
         n = x.shape[0]
         view = (1, -1) + (1,) * (x.dim() - 1)
         total = None
-        for start in range(0, self.samples, self.chunk_size):
+        if self.looped(math.ceil(self.samples / self.chunk_size)):
+            ids, keep = padded_passes(list(range(self.samples)), [1.0] * self.samples, self.chunk_size, x)
+            c = ids.shape[1]
+            bases = constant_tensor(index, x).long()
+            alphas = constant_tensor(alpha, x)
+
+            def one_pass(i: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+                i = i.long()
+                base = refs[:, bases[i]]  # (1 or N, c, ...)
+                noisy = x[:, None] + self.stdevs * noise[i][None] if self.stdevs else x[:, None]
+                a = alphas[i].view(view)
+                points = (a * noisy + (1 - a) * base).expand(n, c, *x.shape[1:]).flatten(0, 1)
+                _, grads, _ = self.input_gradients(points, resolved.repeat_interleave(c, 0))
+                w = w.view(1, c, 1, *[1] * (x.dim() - 1))
+                return ((noisy - base)[:, :, None] * grads.view(n, c, *grads.shape[1:]) * w).sum(1)
+
+            total = batched_loop(one_pass, ids, keep).sum(0)  # one loop in a traced graph
+        for start in range(0, 0 if total is not None else self.samples, self.chunk_size):
             stop = min(start + self.chunk_size, self.samples)
             c = stop - start
             base = refs[:, index[start:stop]]  # (1 or N, c, ...)

@@ -34,6 +34,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
+from .._loop import batched_loop, in_loop_body, loop_passes, vjp_columns
 from ..errors import InputError
 from ..targets.base import current_target
 from .base import AttributionMethod, OutputSelector
@@ -195,32 +196,39 @@ class GradientMethod(AttributionMethod):
             scores (M, K), gradients (M, T, ...), resolved targets (M, T); with ``clean``: the clean inputs'
             scores (N, K, no graph) and resolved targets (N, T).
         """
-        x = x.detach().requires_grad_(True)
         if clean is None:
-            with modified_relu(self.relu_rule):
-                scores = self.scores_of(x)
-            resolved = self.resolve(scores, target)
-            selected = scores.gather(1, resolved)  # (M, T)
+            def selected_of(x):
+                with modified_relu(self.relu_rule):
+                    scores = self.scores_of(x)
+                resolved = self.resolve(scores, target)
+                return scores.gather(1, resolved), (scores, resolved)  # (M, T)
         else:
             n = clean.shape[0]
             r = x.shape[0] // n
-            rows = torch.cat([clean.detach()[:, None], x.view(n, r, *x.shape[1:])], 1).flatten(0, 1)
-            with modified_relu(self.relu_rule), _repeated_rows(r + 1):
-                out = self.scores_of(rows)
-            out = out.view(n, r + 1, *out.shape[1:])
-            scores = out[:, 0].detach()
-            resolved = self.resolve(scores, target)
-            selected = out[:, 1:].flatten(0, 1).gather(1, resolved.repeat_interleave(r, 0))  # (M, T)
-        columns = selected.shape[1]
-        grads = [torch.autograd.grad(selected[:, j].sum(), x, retain_graph=j + 1 < columns)[0]
-                 for j in range(columns)]
-        return scores, torch.stack(grads, 1), resolved
+
+            def selected_of(x):
+                rows = torch.cat([clean.detach()[:, None], x.view(n, r, *x.shape[1:])], 1).flatten(0, 1)
+                with modified_relu(self.relu_rule), _repeated_rows(r + 1):
+                    out = self.scores_of(rows)
+                out = out.view(n, r + 1, *out.shape[1:])
+                scores = out[:, 0].detach()
+                resolved = self.resolve(scores, target)
+                return out[:, 1:].flatten(0, 1).gather(1, resolved.repeat_interleave(r, 0)), (scores, resolved)
+        grads, (scores, resolved) = vjp_columns(selected_of, x)
+        return scores, grads, resolved
 
     def folds_clean(self) -> bool:
         """Whether a multi-pass method (Integrated Gradients, SmoothGrad) runs the clean input in its first pass
         (``input_gradients(points, target, clean=x)``) rather than in a no-grad forward of its own: in traced
-        graphs (one trace of the model), not in eager calls (no faster there, see :meth:`input_gradients`)."""
-        return self._tracing
+        graphs (one trace of the model), not in eager calls (no faster there, see :meth:`input_gradients`), nor in
+        the body of a loop (:func:`~pyattr._loop.batched_loop`, where the targets come resolved)."""
+        return self._tracing and not in_loop_body()
+
+    def looped(self, passes: int) -> bool:
+        """Whether ``passes`` passes of a multi-pass method (Integrated Gradients and SmoothGrad with a
+        ``chunk_size``) are one loop (:func:`~pyattr._loop.batched_loop`): in a traced graph, when there are several
+        and this is not already a loop's body. Eager calls keep their Python loop (unchanged results)."""
+        return loop_passes(passes)
 
     def elementwise(self, x: torch.Tensor, target: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -479,15 +487,18 @@ class SmoothGrad(GradientMethod):
 
     def elementwise(self, x, target):
         scores = resolved = None
-        if not (self.folds_clean() and "clean" in inspect.signature(self.inner.elementwise).parameters):
+        per_pass = points_per_pass(self.chunk_size, self.samples, self._tracing)
+        looped = self.looped(math.ceil(self.samples / per_pass))
+        if looped or not (self.folds_clean() and "clean" in inspect.signature(self.inner.elementwise).parameters):
             with torch.no_grad():
                 scores = self.scores_of(x)
             resolved = self.resolve(scores, target)
-        noise = self.noise(x)  # (N, S, ...)
         n = x.shape[0]
         total = total_sq = None
-        per_pass = points_per_pass(self.chunk_size, self.samples, self._tracing)
-        for start in range(0, self.samples, per_pass):
+        if looped:
+            total, total_sq = self._looped_sums(x, resolved, per_pass)
+        noise = None if looped else self.noise(x)  # (N, S, ...)
+        for start in range(0, 0 if looped else self.samples, per_pass):
             c = min(per_pass, self.samples - start)
             noisy = (x[:, None] + noise[:, start:start + c]).flatten(0, 1)  # sample-major: (N * c, ...)
             if resolved is None:
@@ -507,6 +518,28 @@ class SmoothGrad(GradientMethod):
             return scores, total_sq / self.samples, resolved
         mean = total / self.samples
         return scores, total_sq / self.samples - mean * mean, resolved
+
+    def _looped_sums(self, x: torch.Tensor, resolved: torch.Tensor, per_pass: int):
+        """(sum of A_s, sum of A_s^2) over the samples (None where the variant needs no such sum), the passes one
+        loop (:func:`~pyattr._loop.batched_loop`); the last chunk is padded with copies of the last noise tensor,
+        counted with weight 0."""
+        eps = self.constant("normal", (self.samples, *x.shape[1:]), self.seed, x)
+        index, keep = padded_passes(list(range(self.samples)), [1.0] * self.samples, per_pass, x)
+        c = index.shape[1]
+        sigma = self.noise_level * _sample_range(x)
+        n = x.shape[0]
+        plain, squared = self.variant != "smoothgrad_sq", self.variant != "smoothgrad"
+
+        def one_pass(i: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            noise = sigma[:, None] * eps[i.long()][None]  # (N, c, ...)
+            noisy = (x[:, None] + noise).flatten(0, 1)
+            _, attr, _ = self.inner.elementwise(noisy, resolved.repeat_interleave(c, 0))
+            attr = attr.view(n, c, *attr.shape[1:])
+            w = w.view(1, c, *[1] * (attr.dim() - 2))
+            return (*((attr * w).sum(1),) * plain, *((attr.pow(2) * w).sum(1),) * squared)
+
+        sums = [s.sum(0) for s in batched_loop(one_pass, index, keep)]
+        return sums[0] if plain else None, sums[-1] if squared else None
 
     def metadata(self) -> dict[str, Any]:
         return {**self.inner.metadata(), "method": self.name, "inner": self.inner.name,
@@ -533,6 +566,19 @@ def integration_points(steps: int, rule: str) -> tuple[list[float], list[float]]
     if offset is None:
         raise ValueError(f"unknown integration rule {rule!r}; use one of {', '.join(IG_RULES)}")
     return [(i + offset) / steps for i in range(steps)], [1.0 / steps] * steps
+
+
+def padded_passes(alphas: list[float], weights: list[float], per_pass: int, like: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The points of a looped multi-pass method as (passes, c) tensors, passes = ceil(P / per_pass) and
+    c = ceil(P / passes) <= per_pass (the chunks as even as the count of passes allows); the last chunk is padded
+    with copies of the last point of weight 0 (a loop's passes have one shape)."""
+    total = len(alphas)
+    passes = math.ceil(total / per_pass)
+    c = math.ceil(total / passes)
+    pad = passes * c - total
+    return (constant_tensor(alphas + alphas[-1:] * pad, like).view(passes, c),
+            constant_tensor(weights + [0.0] * pad, like).view(passes, c))
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -639,7 +685,9 @@ class IntegratedGradients(GradientMethod):
 
     def _integrate(self, x: torch.Tensor, target: torch.Tensor, diagnostics: bool):
         scores = resolved = None
-        if not self.folds_clean():  # else from the first pass, which runs the clean input too
+        per_pass = points_per_pass(self.chunk_size, self.steps, self._tracing)
+        looped = self.looped(math.ceil(self.steps / per_pass))
+        if looped or not self.folds_clean():  # else from the first pass, which runs the clean input too
             with torch.no_grad():
                 scores = self.scores_of(x)
             resolved = self.resolve(scores, target)
@@ -648,8 +696,17 @@ class IntegratedGradients(GradientMethod):
         n = x.shape[0]
         shape = (1, -1) + (1,) * (x.dim() - 1)  # (1, c, 1, ...) against (N, c, ...)
         total = None
-        per_pass = points_per_pass(self.chunk_size, self.steps, self._tracing)
-        for start in range(0, self.steps, per_pass):
+        if looped:
+            alphas, weights = padded_passes(self.alphas, self.weights, per_pass, x)
+            c = alphas.shape[1]
+
+            def one_pass(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+                points = (baseline[:, None] + a.view(shape) * delta[:, None]).flatten(0, 1)
+                _, grads, _ = self.input_gradients(points, resolved.repeat_interleave(c, 0))
+                return (grads.view(n, c, *grads.shape[1:]) * w.view(1, -1, 1, *[1] * (x.dim() - 1))).sum(1)
+
+            total = batched_loop(one_pass, alphas, weights).sum(0)  # one loop: (passes, N, T, ...) summed
+        for start in range(0, 0 if looped else self.steps, per_pass):
             alphas = self.alphas[start:start + per_pass]
             weights = self.weights[start:start + per_pass]
             c = len(alphas)

@@ -29,17 +29,23 @@ _RELU_INPLACE = frozenset({torch.relu_, torch.Tensor.relu_})
 
 
 class _ModifiedReLU(torch.autograd.Function):
-    """ReLU forward; backward by ``rule``. In place (``mark_dirty``) when ``inplace``."""
+    """ReLU forward; backward by ``rule``. In place (``mark_dirty``) when ``inplace``. Written with
+    ``setup_context`` so that ``torch.func`` transforms (``vjp`` in a loop body: :mod:`pyattr._loop`) accept it."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, rule: str, inplace: bool) -> torch.Tensor:
-        ctx.rule = rule
-        if rule == "guided":
-            ctx.save_for_backward(x > 0)  # taken before an in-place update
+    def forward(x: torch.Tensor, rule: str, inplace: bool) -> torch.Tensor:
         if inplace:
-            ctx.mark_dirty(x)
             return x.clamp_min_(0)
         return x.clamp_min(0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, rule, inplace = inputs
+        ctx.rule = rule
+        if rule == "guided":
+            ctx.save_for_backward(output > 0)  # output > 0 exactly where x > 0, also after an in-place update
+        if inplace:
+            ctx.mark_dirty(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
