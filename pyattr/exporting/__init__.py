@@ -21,6 +21,7 @@ from ..runtime.metadata import read_metadata as _read_metadata
 from ..runtime.metadata import validate_metadata
 from ..targets.base import CLASS_TARGET, Target, as_target
 from .diagnose import check_exportable, export_failure, first_line
+from .serial import serialized_export
 from .trace import GraphModule, example_inputs, input_names, output_names, scriptable, trace_graph
 
 FORMATS = {".onnx": "onnx", ".pt": "torchscript", ".pt2": "pt2"}
@@ -128,8 +129,9 @@ def _dynamic_shapes(count: int):
 
 def _export_program(gm, inputs: tuple[torch.Tensor, ...], dense_inputs: bool = False) -> torch.export.ExportedProgram:
     try:
-        return torch.export.export(GraphModule(gm, dense_inputs).eval(), tuple(inputs), dynamic_shapes=_dynamic_shapes(len(inputs)),
-                                   strict=False)
+        with serialized_export():
+            return torch.export.export(GraphModule(gm, dense_inputs).eval(), tuple(inputs),
+                                       dynamic_shapes=_dynamic_shapes(len(inputs)), strict=False)
     except Exception as err:
         raise ExportError(f"torch.export could not capture the traced attribution graph: "
                           f"{str(err).strip().splitlines()[0]}") from err
@@ -150,7 +152,7 @@ def _onnx_via_torch(gm, inputs, names):
 
 def quiet_onnx_export(program_or_module, inputs, input_names, output_names, **options: Any):
     """``torch.onnx.export(..., dynamo=True)`` without its warnings and printed progress: the ONNX IR model."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with serialized_export(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         return torch.onnx.export(program_or_module, tuple(inputs), None, dynamo=True, input_names=list(input_names),
                                  output_names=list(output_names), verbose=False, **options).model
@@ -293,20 +295,22 @@ def export(method: AttributionMethod, example_input: torch.Tensor, path: str | o
     inputs = checked_example_inputs(method, example, kind, meta)
     if per_input is not None:  # the traced target: (N, T) arg-max ids, T static (only the batch is dynamic)
         inputs = (inputs[0], inputs[1][:, None].expand(-1, per_input).contiguous(), *inputs[2:])
-    gm = trace_graph(method, example, kind, inputs)
-    check_class_names(meta, gm)
-    check_exportable(gm, method, fmt)  # fail fast, before minutes in an exporter
-    with written_atomically(path, f".tmp{path.suffix}") as tmp:
-        try:
-            write_graph(gm, fmt, inputs, tmp, meta)
-        except (InputError, OSError):  # the caller's input, the disk: not the exporter's
-            raise
-        except ExportError as err:
-            if getattr(err, "diagnosed", False):
+    # one pyattr export at a time (torch's tracing state is process-wide, see .serial); eager calls never wait
+    with serialized_export():
+        gm = trace_graph(method, example, kind, inputs)
+        check_class_names(meta, gm)
+        check_exportable(gm, method, fmt)  # fail fast, before minutes in an exporter
+        with written_atomically(path, f".tmp{path.suffix}") as tmp:
+            try:
+                write_graph(gm, fmt, inputs, tmp, meta)
+            except (InputError, OSError):  # the caller's input, the disk: not the exporter's
                 raise
-            raise export_failure(err, method, fmt, _STAGES[fmt], gm) from err
-        except Exception as err:  # no raw torch/onnx exception leaves export()
-            raise export_failure(err, method, fmt, _STAGES[fmt], gm) from err
+            except ExportError as err:
+                if getattr(err, "diagnosed", False):
+                    raise
+                raise export_failure(err, method, fmt, _STAGES[fmt], gm) from err
+            except Exception as err:  # no raw torch/onnx exception leaves export()
+                raise export_failure(err, method, fmt, _STAGES[fmt], gm) from err
     return path
 
 

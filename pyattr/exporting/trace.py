@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import fx
@@ -11,6 +13,7 @@ from torch.fx import traceback as fx_traceback
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .._callview import CallView, is_view
 from .._capture import eval_mode
 from ..errors import ExportError, PyattrError
 from ..methods.base import AttributionMethod, select_output
@@ -19,6 +22,7 @@ from .decompositions import decomposition_table
 from .diagnose import describe_layers, export_failure, what_to_try
 from .loops import scripted_loops
 from .rewrites import ExportRewrites
+from .serial import serialized_export
 
 aten = torch.ops.aten
 INPUT_NAMES = ("images", "target")
@@ -97,6 +101,67 @@ def _is_backward_op(target) -> bool:
     return "backward" in name or name.startswith("aten::_backward")
 
 
+def _current_graph() -> fx.Graph | None:
+    """The graph that make_fx is recording in this thread (its proxy mode is per thread), or None."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    mode = get_proxy_mode()
+    tracer = getattr(mode, "tracer", None)
+    return getattr(tracer, "graph", None)
+
+
+def _annotate(graph: fx.Graph, after: fx.Node, key: str, path: str, cls: str) -> None:
+    """Put (path, cls) outermost in the ``nn_module_stack`` of every node recorded after ``after``: a module's
+    call ends after those of the modules it calls, so the stack is built from the inside out."""
+    node = after.next
+    while node is not graph._root:
+        if node.op not in ("placeholder", "output"):
+            node.meta["nn_module_stack"] = {key: (path, cls), **(node.meta.get("nn_module_stack") or {})}
+        node = node.next
+
+
+def _recording_forward(forward, path: str, cls: str, calls: dict[str, int]):
+    def recording(*args, **kwargs):
+        graph = _current_graph()
+        if graph is None:
+            return forward(*args, **kwargs)
+        count = calls[path] = calls.get(path, -1) + 1
+        key = f"{path}@{count}" if count else path
+        after = graph._root.prev
+        out = forward(*args, **kwargs)
+        if _current_graph() is graph:
+            _annotate(graph, after, key, path, cls)
+        return out
+
+    return recording
+
+
+@contextmanager
+def recording_layers(view: CallView) -> Iterator[None]:
+    """Within the body, the nodes that make_fx records in this thread while a module of ``view`` runs carry its
+    layer in ``node.meta["nn_module_stack"]`` ({key: (name in the user's model, "module.Class")}, outermost first,
+    as torch's ``record_module_stack`` writes it). Done by an instance ``forward`` on each module of the view (the
+    call's own objects: the user's modules and other threads are not touched), removed on exit."""
+    from .._capture import _NO_FORWARD
+
+    calls: dict[str, int] = {}
+    installed = []
+    try:
+        for path, module in view.root.named_modules():
+            if not is_view(module):  # a shared TorchScript module: left alone
+                continue
+            cls = f"{type(module).__module__}.{type(module).__qualname__}"
+            installed.append((module, module.__dict__.get("forward", _NO_FORWARD)))
+            module.__dict__["forward"] = _recording_forward(module.forward, path, cls, calls)
+        yield
+    finally:
+        for module, previous in reversed(installed):
+            if previous is _NO_FORWARD:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = previous
+
+
 def trace_graph(method: AttributionMethod, example: torch.Tensor, kind: Target | None = None,
                 inputs: tuple[torch.Tensor, ...] | None = None) -> fx.GraphModule:
     """Trace ``method.graph(images, target, *target inputs)`` (forward + backward + post-processing) into
@@ -112,26 +177,25 @@ def trace_graph(method: AttributionMethod, example: torch.Tensor, kind: Target |
         with ExportRewrites():
             return method.graph(images, target, *extra, kind=kind)
 
-    method._tracing = True
-    try:
-        # attention in its math form: the fused kernels' backward ops have no export rule (every method,
-        # not only those that ask for it, e.g. Saliency on a ViT)
-        with eval_mode(method.model), warnings.catch_warnings(), sdpa_kernel([SDPBackend.MATH]), \
-                fx_traceback.preserve_node_meta():
-            warnings.simplefilter("ignore")
-            # nodes record the model layer they ran in (nn_module_stack): inside eval_mode, method.model is
-            # this call's view of the model (pyattr._callview), the modules that actually run; their names
-            # are the user's model's names
-            attribution_graph._orig_mod = method.model
-            gm = make_fx(attribution_graph, decomposition_table=decomposition_table(),
-                         tracing_mode="symbolic", _allow_non_fake_inputs=True,
-                         record_module_stack=True)(*batch_symbolic(*inputs))
-    except Exception as err:  # torch's tracing errors are long: name the op, the layer and what to try
-        if isinstance(err, PyattrError) and not isinstance(err, ExportError):
-            raise
-        raise export_failure(err, method, None, "tracing") from err
-    finally:
-        method._tracing = False
+    with serialized_export():  # torch's tracing state is process-wide: one export at a time (see .serial)
+        method._tracing = True
+        try:
+            # attention in its math form: the fused kernels' backward ops have no export rule (every method,
+            # not only those that ask for it, e.g. Saliency on a ViT); node meta preserved: the backward ops'
+            # seq_nr (see .rewrites)
+            with eval_mode(method.model) as view, warnings.catch_warnings(), sdpa_kernel([SDPBackend.MATH]), \
+                    fx_traceback.preserve_node_meta(), recording_layers(view):
+                warnings.simplefilter("ignore")
+                # no record_module_stack: its tracer took the module calls of every thread (see .serial); the
+                # layers are recorded on this call's view instead (recording_layers)
+                gm = make_fx(attribution_graph, decomposition_table=decomposition_table(),
+                             tracing_mode="symbolic", _allow_non_fake_inputs=True)(*batch_symbolic(*inputs))
+        except Exception as err:  # torch's tracing errors are long: name the op, the layer and what to try
+            if isinstance(err, PyattrError) and not isinstance(err, ExportError):
+                raise
+            raise export_failure(err, method, None, "tracing") from err
+        finally:
+            method._tracing = False
 
     left = [n for n in gm.graph.nodes if n.op == "call_function" and _is_backward_op(n.target)]
     if left:

@@ -1,0 +1,49 @@
+"""pyattr's exports run one at a time; what torch changes for other threads while one runs.
+
+What torch (2.14) changes for the whole process while it traces, and what pyattr does about each:
+
+- ``make_fx`` (pyattr's trace, :func:`pyattr.exporting.trace.trace_graph`) patches ``nn.Module.__call__`` and
+  ``nn.Module.__getattr__`` (``torch.fx.Tracer.trace``, through ``_Patcher``) for every thread. With
+  ``record_module_stack=True`` every module call of every thread then went through the trace's
+  ``_ModuleStackTracer``; for a model that registers one module under two names, other threads got its
+  ``AttrProxy`` objects, whose calls pushed onto the trace's module stack: ``AssertionError: Unexpected key conv1@6,
+  expected conv1@5`` in eager calls of other threads, and in the export itself (2 of 3 exports, 2 of 485 eager
+  calls, tests/test_export_threads.py). pyattr now traces with the plain tracer, whose wrappers only pass calls
+  through, and records the layers itself on its per-call view (:func:`pyattr.exporting.trace.recording_layers`).
+- Those patches are undone in reverse order of their making, per trace: two traces that overlap in time undo each
+  other's (``nn.Module.__call__`` can be left wrapped for good). Also process-wide: ``fx.traceback``'s
+  ``should_preserve_node_meta`` flag and ``current_meta`` dict (the backward ops' ``seq_nr``), make_fx's current
+  tracer (``_CURRENT_MAKE_FX_TRACER``, read when a loop body is traced), and torch.export's patches of
+  ``builtins.max``/``min``, ``math.pow`` and of the dynamo config. Hence :data:`EXPORT_LOCK`: one pyattr export
+  (trace and writers) at a time. Eager calls never take it, so they never wait on an export.
+- ``torch.export`` (pyattr's .pt2 writer, and ONNX when the direct translation fails) switches mkldnn, nnpack and
+  cuDNN off for the whole process while it traces (``torch.export._trace._ignore_backend_decomps``; they are global
+  C++ flags, there is no per-thread setting). Other threads' convolutions then run another algorithm: eager
+  Saliency in another thread differed from its single-threaded result in 750 of 1866 calls during .pt2 exports
+  (by 4e-11 on gradients of ~1e-4), and on a GPU they run without cuDNN meanwhile. pyattr cannot avoid it (keeping
+  the flags on for its own exports changes the exported program: a ``batch <= 15`` guard appears and the export
+  fails), so: export before serving, or in another process, when other threads need bit-identical results.
+
+Still process-wide while pyattr exports (harmless to other threads' results): the pass-through
+``Module.__call__``/``__getattr__`` wrappers (one more Python call per module call), and torch.export's
+``builtins.max``/``min`` (tensor arguments give ``torch.maximum``/``minimum``) and ``math.pow`` (``x ** y``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+EXPORT_LOCK = threading.RLock()
+"""Held by a thread while it traces or writes an export (re-entrant: export calls trace_graph)."""
+
+
+@contextlib.contextmanager
+def serialized_export() -> Iterator[None]:
+    """Within the body, this thread holds :data:`EXPORT_LOCK`: no other pyattr export traces or writes meanwhile."""
+    with EXPORT_LOCK:
+        yield
+
+
+__all__ = ["EXPORT_LOCK", "serialized_export"]
