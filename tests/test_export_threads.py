@@ -265,3 +265,46 @@ def test_layers_are_recorded_on_the_call_view():
                      and diagnose.layer_of_node(n) is not None and diagnose.layer_of_node(n)[:2] == ("act", "ReLU")]
     assert relu_backward, "no backward op is placed at the ReLU it differentiates"
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+class WaitingLinear(nn.Linear):
+    """A Linear whose forward signals ``entered`` and waits for ``printed`` (torch.onnx traces it meanwhile)."""
+
+    def __init__(self):
+        super().__init__(4, 2)
+        self.entered, self.printed = threading.Event(), threading.Event()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.entered.set()
+        self.printed.wait(WAIT)
+        return super().forward(x)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_other_threads_prints_are_kept_while_torch_onnx_exports(capsys):
+    """pyattr drops torch.onnx's progress lines; another thread's prints meanwhile still reach stdout."""
+    from pyattr.exporting import quiet_onnx_export
+
+    model = WaitingLinear().eval()
+    errors = []
+
+    def other():
+        try:
+            assert model.entered.wait(WAIT)
+            print("printed by another thread")
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+        finally:
+            model.printed.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        quiet_onnx_export(model, (torch.rand(2, 4),), ["x"], ["y"])
+    finally:
+        model.printed.set()
+        thread.join(WAIT)
+    assert not errors, errors
+    out = capsys.readouterr().out
+    assert "printed by another thread" in out
+    assert "torch.onnx" not in out  # the exporter's own progress lines are still dropped

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import os
@@ -21,7 +19,7 @@ from ..runtime.metadata import read_metadata as _read_metadata
 from ..runtime.metadata import validate_metadata
 from ..targets.base import CLASS_TARGET, Target, as_target
 from .diagnose import check_exportable, export_failure, first_line
-from .serial import serialized_export
+from .serial import quiet_stdout, serialized_export
 from .trace import GraphModule, example_inputs, input_names, output_names, scriptable, trace_graph
 
 FORMATS = {".onnx": "onnx", ".pt": "torchscript", ".pt2": "pt2"}
@@ -152,7 +150,7 @@ def _onnx_via_torch(gm, inputs, names):
 
 def quiet_onnx_export(program_or_module, inputs, input_names, output_names, **options: Any):
     """``torch.onnx.export(..., dynamo=True)`` without its warnings and printed progress: the ONNX IR model."""
-    with serialized_export(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with serialized_export(), warnings.catch_warnings(), quiet_stdout():  # this thread's prints only
         warnings.simplefilter("ignore")
         return torch.onnx.export(program_or_module, tuple(inputs), None, dynamo=True, input_names=list(input_names),
                                  output_names=list(output_names), verbose=False, **options).model

@@ -24,6 +24,10 @@ What torch (2.14) changes for the whole process while it traces, and what pyattr
   the flags on for its own exports changes the exported program: a ``batch <= 15`` guard appears and the export
   fails), so: export before serving, or in another process, when other threads need bit-identical results.
 
+- torch.onnx prints its progress; pyattr used to silence it with ``contextlib.redirect_stdout``, which swapped
+  ``sys.stdout`` for every thread: other threads' prints were lost meanwhile. :func:`quiet_stdout` drops only the
+  exporting thread's output.
+
 Still process-wide while pyattr exports (harmless to other threads' results): the pass-through
 ``Module.__call__``/``__getattr__`` wrappers (one more Python call per module call), and torch.export's
 ``builtins.max``/``min`` (tensor arguments give ``torch.maximum``/``minimum``) and ``math.pow`` (``x ** y``).
@@ -32,6 +36,8 @@ Still process-wide while pyattr exports (harmless to other threads' results): th
 from __future__ import annotations
 
 import contextlib
+import io
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -46,4 +52,35 @@ def serialized_export() -> Iterator[None]:
         yield
 
 
-__all__ = ["EXPORT_LOCK", "serialized_export"]
+class _ThreadStdout:
+    """A ``sys.stdout`` that sends one thread's writes to ``sink`` and every other thread's to ``original``."""
+
+    def __init__(self, original, sink):
+        self._original, self._sink, self._thread = original, sink, threading.get_ident()
+
+    def _target(self):
+        return self._sink if threading.get_ident() == self._thread else self._original
+
+    def write(self, text: str) -> int:
+        return self._target().write(text)
+
+    def flush(self) -> None:
+        self._target().flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self._original, name)
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """Within the body, what this thread prints is dropped; other threads' prints go where they went.
+    (``sys.stdout`` is swapped for the body, as ``contextlib.redirect_stdout`` does, but for this thread only.)"""
+    original = sys.stdout
+    sys.stdout = _ThreadStdout(original, io.StringIO())
+    try:
+        yield
+    finally:
+        sys.stdout = original
+
+
+__all__ = ["EXPORT_LOCK", "quiet_stdout", "serialized_export"]
