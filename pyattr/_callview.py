@@ -43,6 +43,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 import threading
@@ -85,6 +86,33 @@ def is_tracing() -> bool:
 def set_tracing(value: bool) -> None:
     """Mark this thread as tracing (or not). Other threads are not affected."""
     _local.tracing = bool(value)
+
+
+def this_thread_traces() -> bool:
+    """Whether this thread is tracing: pyattr's export trace, or any torch trace with a proxy or fake tensor mode of
+    this thread (torch.export's pre-dispatch tracing included)."""
+    C = torch._C
+    return (is_tracing() or C._get_dispatch_mode(C._TorchDispatchModeKey.PROXY) is not None
+            or C._get_dispatch_mode(C._TorchDispatchModeKey.FAKE) is not None
+            or C._dispatch_tls_is_dispatch_key_included(C.DispatchKey.PreDispatch))
+
+
+@contextmanager
+def _modes_set_aside() -> Iterator[None]:
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+
+    with unset_fake_temporarily(), disable_proxy_modes_tracing():
+        yield
+
+
+def outside_trace():
+    """A context in which tensors are made as real tensors (a traced graph holds them as constants): in a thread
+    that traces, its fake and proxy modes are set aside; in any other thread, nothing is done. torch keeps its
+    pre-dispatch proxy mode (torch.export's) on one stack for the whole process: setting it aside from a thread
+    that does not trace took it away from the thread that does (its export failed with 'Trying to pop empty mode
+    stack' or 'fake tensor in the exported program constant's list'; tests/test_export_threads.py)."""
+    return _modes_set_aside() if this_thread_traces() else contextlib.nullcontext()
 
 
 def active_view(model: nn.Module) -> CallView | None:
@@ -260,4 +288,5 @@ def call_view(model: nn.Module) -> Iterator[CallView]:
         del active[id(model)]
 
 
-__all__ = ["CallView", "active_view", "call_view", "is_tracing", "is_view", "set_tracing"]
+__all__ = ["CallView", "active_view", "call_view", "is_tracing", "is_view", "outside_trace", "set_tracing",
+           "this_thread_traces"]

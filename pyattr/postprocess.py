@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import unset_fake_temporarily
-from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+
+from ._callview import outside_trace
 
 TINY = float(torch.finfo(torch.float32).tiny)
 
@@ -20,7 +20,7 @@ def nan_like(values: torch.Tensor) -> torch.Tensor:
     """A 0-dim NaN of ``values``' dtype and device, made outside any tracing in progress: a traced graph
     holds it as a constant (TorchScript cannot write a NaN literal, so ``full_like(x, nan)`` would not
     script)."""
-    with unset_fake_temporarily(), disable_proxy_modes_tracing():
+    with outside_trace():
         return torch.tensor(float("nan"), dtype=values.dtype, device=values.device)
 
 

@@ -25,7 +25,7 @@ from torch.fx import _symbolic_trace
 from torch.fx import traceback as fx_traceback
 
 import pyattr
-from pyattr._callview import is_tracing
+from pyattr._callview import is_tracing, outside_trace
 from pyattr.exporting import diagnose
 from pyattr.exporting.trace import trace_graph
 
@@ -268,15 +268,16 @@ def test_layers_are_recorded_on_the_call_view():
 
 
 class WaitingLinear(nn.Linear):
-    """A Linear whose forward signals ``entered`` and waits for ``printed`` (torch.onnx traces it meanwhile)."""
+    """A Linear whose forward signals ``entered`` and waits for ``go_on`` (torch.export / torch.onnx trace it
+    meanwhile)."""
 
     def __init__(self):
         super().__init__(4, 2)
-        self.entered, self.printed = threading.Event(), threading.Event()
+        self.entered, self.go_on = threading.Event(), threading.Event()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.entered.set()
-        self.printed.wait(WAIT)
+        self.go_on.wait(WAIT)
         return super().forward(x)
 
 
@@ -295,16 +296,68 @@ def test_other_threads_prints_are_kept_while_torch_onnx_exports(capsys):
         except Exception as err:  # noqa: BLE001 - reported below
             errors.append(err)
         finally:
-            model.printed.set()
+            model.go_on.set()
 
     thread = threading.Thread(target=other)
     thread.start()
     try:
         quiet_onnx_export(model, (torch.rand(2, 4),), ["x"], ["y"])
     finally:
-        model.printed.set()
+        model.go_on.set()
         thread.join(WAIT)
     assert not errors, errors
     out = capsys.readouterr().out
     assert "printed by another thread" in out
     assert "torch.onnx" not in out  # the exporter's own progress lines are still dropped
+
+
+@pytest.mark.parametrize("name", ["saliency", "smoothgrad", "deeplift"])
+def test_eager_calls_leave_a_torch_export_in_another_thread_alone(name):
+    """torch.export keeps its pre-dispatch proxy mode on a process-wide stack. pyattr's eager methods make their
+    constants outside any trace in progress; they used to set that mode aside from the eager thread too, taking it
+    from the exporting thread ('Trying to pop empty mode stack', 'fake tensor in the exported program constant's
+    list'). Now only a thread that traces sets its modes aside: the export is whole, and the eager results are
+    the single-threaded ones (up to rounding: torch.export turns mkldnn off for the process meanwhile)."""
+    from pyattr.methods import build_method
+
+    waiting = WaitingLinear().eval()
+    model = shared_model()
+    model.pause.resume.set()
+    method = build_method(name, model, None, **({"samples": 2} if name == "smoothgrad" else {}))
+    x = images()
+    ref = method(x)
+    results, errors = [], []
+    exported = threading.Event()
+
+    def other():
+        try:
+            assert waiting.entered.wait(WAIT)
+            results.extend(method(x) for _ in range(3))
+            # what those calls do to make their constants, held while the export goes on and ends
+            with outside_trace():
+                waiting.go_on.set()
+                exported.wait(WAIT)
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(f"eager: {type(err).__name__}: {err}")
+        finally:
+            waiting.go_on.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    example = torch.rand(3, 4, generator=torch.Generator().manual_seed(2))
+    try:
+        program = torch.export.export(waiting, (example,), strict=False)
+    except Exception as err:  # noqa: BLE001 - reported below
+        errors.append(f"torch.export: {type(err).__name__}: {err}")
+    finally:
+        exported.set()
+        waiting.go_on.set()
+        thread.join(WAIT)
+    assert not errors, errors
+    assert not program.constants, f"constants leaked into the program: {list(program.constants)}"
+    torch.testing.assert_close(program.module()(example), waiting(example), rtol=0, atol=0)
+    assert len(results) == 3
+    for result in results:
+        torch.testing.assert_close(result.raw, ref.raw, rtol=1e-5, atol=1e-5 * float(ref.raw.abs().max()))
+        assert torch.equal(result.target, ref.target)
+    assert not torch._C._dispatch_tls_is_dispatch_key_included(torch._C.DispatchKey.PreDispatch)

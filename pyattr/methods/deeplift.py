@@ -49,11 +49,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._subclasses.fake_tensor import unset_fake_temporarily
-from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 from torch.nn.modules.utils import _ntuple
 from torch.overrides import TorchFunctionMode
 
+from .._callview import outside_trace
 from .._loop import batched_loop, vjp_columns
 from ..errors import InputError
 from ..targets.base import CLASS_TARGET, current_target
@@ -242,7 +241,7 @@ def _place(values: torch.Tensor, spatial, kernel, stride, padding, dilation) -> 
     """(R, C, k, *O) -> (R, C, *S): the value of each window's offset j added at the input position it reads
     (the max-pool backward's scatter-add), as one transposed convolution with one-hot kernels."""
     count = values.shape[2]
-    with unset_fake_temporarily(), disable_proxy_modes_tracing():  # a constant of the graph, not ops
+    with outside_trace():  # a constant of the graph, not ops
         eye = torch.eye(count, dtype=values.dtype, device=values.device).view(count, 1, *kernel)
     outs = values.shape[3:]
     natural = [(o - 1) * s - 2 * p + dl * (k - 1) + 1 for o, s, p, dl, k in zip(outs, stride, padding, dilation, kernel)]
@@ -864,7 +863,7 @@ class GradientShap(GradientMethod):
         key = (tuple(int(s) for s in x.shape[1:]), x.device, x.dtype)
         cached = self._draw_cache.get(key)
         if cached is None:
-            with unset_fake_temporarily(), disable_proxy_modes_tracing():  # constants, not graph ops
+            with outside_trace():  # constants, not graph ops
                 generator = torch.Generator().manual_seed(self.seed)
                 index = torch.randint(self.distribution.count, (self.samples,), generator=generator).tolist()
                 alpha = torch.rand(self.samples, generator=generator, dtype=torch.float64).tolist()

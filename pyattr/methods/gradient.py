@@ -31,9 +31,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._subclasses.fake_tensor import unset_fake_temporarily
-from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
+from .._callview import outside_trace
 from .._loop import batched_loop, in_loop_body, loop_passes, vjp_columns
 from ..errors import InputError
 from ..targets.base import current_target
@@ -105,7 +104,7 @@ def seeded_tensor(kind: str, shape: tuple[int, ...], seed: int, like: torch.Tens
 
     Made outside any tracing in progress, so that a traced graph holds it as a constant."""
     shape = tuple(int(s) for s in shape)
-    with unset_fake_temporarily(), disable_proxy_modes_tracing():
+    with outside_trace():
         generator = torch.Generator().manual_seed(int(seed))
         draw = torch.randn if kind == "normal" else torch.rand
         return draw(shape, generator=generator, dtype=torch.float32).to(device=like.device, dtype=like.dtype)
@@ -114,7 +113,7 @@ def seeded_tensor(kind: str, shape: tuple[int, ...], seed: int, like: torch.Tens
 def constant_tensor(values, like: torch.Tensor) -> torch.Tensor:
     """``torch.tensor(values)`` on ``like``'s device and dtype, made outside any tracing in progress (a traced
     graph holds it as a constant)."""
-    with unset_fake_temporarily(), disable_proxy_modes_tracing():
+    with outside_trace():
         return torch.tensor(values, dtype=like.dtype, device=like.device)
 
 

@@ -31,9 +31,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._subclasses.fake_tensor import unset_fake_temporarily
-from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
+from .._callview import outside_trace
 from .._loop import batched_loop
 from ..errors import InputError
 from .base import AttributionMethod, OutputSelector
@@ -74,7 +73,7 @@ def _finite_float(value: Any, name: str) -> float:
 
 def as_constant(make) -> torch.Tensor:
     """``make()`` run outside any tracing in progress, so that a traced graph holds its result as a constant."""
-    with unset_fake_temporarily(), disable_proxy_modes_tracing():
+    with outside_trace():
         return make()
 
 
