@@ -20,17 +20,25 @@ What torch (2.14) changes for the whole process while it traces, and what pyattr
   cuDNN off for the whole process while it traces (``torch.export._trace._ignore_backend_decomps``; they are global
   C++ flags, there is no per-thread setting). Other threads' convolutions then run another algorithm: eager
   Saliency in another thread differed from its single-threaded result in 750 of 1866 calls during .pt2 exports
-  (by 4e-11 on gradients of ~1e-4), and on a GPU they run without cuDNN meanwhile. pyattr cannot avoid it (keeping
-  the flags on for its own exports changes the exported program: a ``batch <= 15`` guard appears and the export
-  fails), so: export before serving, or in another process, when other threads need bit-identical results.
-
+  (by 4e-11 on gradients of 3e-4: exactly what turning mkldnn off gives), and on a GPU they run without cuDNN
+  meanwhile. pyattr cannot avoid it (keeping the flags on for its own exports changes the exported program: a
+  ``batch <= 15`` guard appears and the export fails), so: export before serving, or in another process, when
+  other threads need bit-identical results.
+- torch.export traces with a *pre-dispatch* proxy mode, which torch keeps on one process-wide stack
+  (``torch._ops._mode_stack_state_for_pre_dispatch``). pyattr's eager calls made their constants with
+  ``disable_proxy_modes_tracing()``, which set that mode aside from whichever thread called it: 2 of 3 .pt2 exports
+  failed while an eager Saliency thread ran ('fake tensor in the exported program constant's list', 'Trying to pop
+  empty mode stack'). :func:`pyattr._callview.outside_trace` now does it only in a thread that traces. (torch does
+  the same when any thread prints a tensor, ``torch._tensor_str``: not pyattr's to fix.)
 - torch.onnx prints its progress; pyattr used to silence it with ``contextlib.redirect_stdout``, which swapped
   ``sys.stdout`` for every thread: other threads' prints were lost meanwhile. :func:`quiet_stdout` drops only the
   exporting thread's output.
 
 Still process-wide while pyattr exports (harmless to other threads' results): the pass-through
-``Module.__call__``/``__getattr__`` wrappers (one more Python call per module call), and torch.export's
-``builtins.max``/``min`` (tensor arguments give ``torch.maximum``/``minimum``) and ``math.pow`` (``x ** y``).
+``Module.__call__``/``__getattr__`` wrappers (one more Python call per module call), torch.export's
+``builtins.max``/``min`` (tensor arguments give ``torch.maximum``/``minimum``) and ``math.pow`` (``x ** y``), the
+``warnings.catch_warnings()`` of the trace and the writers (Python's warning filters are global: other threads'
+warnings are not shown meanwhile) and the ONNX translation's raising of torch.onnx's logger level to ERROR.
 """
 
 from __future__ import annotations
