@@ -208,6 +208,33 @@ def test_raw_errors_of_every_writer_become_export_errors(tmp_path, monkeypatch, 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("over", ["estimate", "protobuf"])
+def test_an_onnx_graph_over_protobufs_2gib_names_the_limit_and_the_formats_without_it(tmp_path, monkeypatch, over):
+    """vit_h_14 and regnet_y_128gf (the zoo matrix) failed with 'EncodeError: Failed to serialize proto'. A graph
+    whose constants exceed the limit (here: the limit lowered to the test model's size) is refused before writing;
+    one that protobuf itself refuses gets the same message. No file is left either way."""
+    import google.protobuf.message
+    import onnx_ir
+
+    from pyattr import exporting
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # 944 bytes
+    if over == "estimate":  # the graph's constants hold at least the weights
+        monkeypatch.setattr(exporting, "ONNX_FILE_LIMIT", weights - 1)
+    else:
+        def refuse(*args, **kwargs):
+            raise google.protobuf.message.EncodeError("Failed to serialize proto")
+
+        monkeypatch.setattr(onnx_ir, "save", refuse)
+    with pytest.raises(pyattr.ExportError) as info:
+        pyattr.export(pyattr.Saliency(model), _images(), tmp_path / "big.onnx")
+    text = str(info.value)
+    assert "over the 2 GiB that one .onnx file can hold" in text and "(.pt)" in text and "(.pt2)" in text
+    assert f"holds {weights / 2**30:.2f} GiB of weights" in text
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_writers_own_export_error_is_diagnosed_from_its_cause(tmp_path, monkeypatch):
     from pyattr import exporting
 

@@ -167,7 +167,40 @@ def save_onnx(model, path: Path, key: str, text: str, what: str = "the ONNX grap
         raise ExportError(f"{what} holds non-standard ops: {', '.join(forbidden)}")
     model.metadata_props.clear()
     model.metadata_props[key] = text
-    ir.save(model, str(path))
+    size = _constant_bytes(model)
+    if size > ONNX_FILE_LIMIT:
+        raise _too_large(what, size)
+    try:
+        ir.save(model, str(path))
+    except Exception as err:  # protobuf's EncodeError: the serialized graph is over its 2 GiB
+        if type(err).__name__ != "EncodeError":
+            raise
+        raise _too_large(what, size) from err
+
+
+ONNX_FILE_LIMIT = 2**31 - 2**26
+"""Bytes of constants above which a single .onnx file cannot be written: protobuf serializes at most 2 GiB (the
+graph's nodes take the rest; 64 MiB are left for them)."""
+
+
+def _constant_bytes(model) -> int:
+    """Bytes of the graph's constants: initializers and ``Constant`` nodes' tensors, loop bodies included."""
+    import onnx_ir as ir
+
+    total = sum(getattr(v.const_value, "nbytes", 0) for v in model.graph.initializers.values()
+                if v.const_value is not None)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type == "Constant" and "value" in node.attributes:
+            total += getattr(node.attributes["value"].as_tensor(), "nbytes", 0)
+    return total
+
+
+def _too_large(what: str, size: int) -> ExportError:
+    err = ExportError(f"{what} holds {size / 2**30:.2f} GiB of weights and constants, over the 2 GiB that one .onnx "
+                      "file can hold (protobuf's limit; pyattr writes no external-data files): export this model to "
+                      "TorchScript (.pt) or torch.export (.pt2), which have no such limit")
+    err.diagnosed = True  # export() passes it on as it is
+    return err
 
 
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnx_ir")
