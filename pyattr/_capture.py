@@ -34,6 +34,24 @@ def find_layer(model: nn.Module, name: str) -> nn.Module:
 
 
 @contextmanager
+def _view_hooks(layers: Sequence[nn.Module], make_hook) -> Iterator[None]:
+    """Within the body, each of ``layers`` (modules of a per-call view) has the forward hook ``make_hook(i)``
+    (``i``: its index in ``layers``); the hooks are removed when the ``with`` block exits, also when it raises."""
+    handles = []
+    try:
+        for i, layer in enumerate(layers):
+            if not is_view(layer):
+                raise InputError(
+                    f"cannot capture the output of a {type(layer).__name__} that is not part of a per-call view "
+                    "(a TorchScript module, or a call outside a method call)")
+            handles.append(layer.register_forward_hook(make_hook(i)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
 def capture_outputs(layers: Sequence[nn.Module]) -> Iterator[list[torch.Tensor | None]]:
     """Record the output of each of ``layers`` during the body's forward pass.
 
@@ -42,24 +60,14 @@ def capture_outputs(layers: Sequence[nn.Module]) -> Iterator[list[torch.Tensor |
     last call's output). Hooks live only inside the ``with`` block.
     """
     captured: list[torch.Tensor | None] = [None] * len(layers)
-    handles = []
 
     def make_hook(i: int):
         def hook(_module, _inputs, output):
             captured[i] = output
         return hook
 
-    try:
-        for i, layer in enumerate(layers):
-            if not is_view(layer):
-                raise InputError(
-                    f"cannot capture the output of a {type(layer).__name__} that is not part of a per-call view "
-                    "(a TorchScript module, or a call outside a method call)")
-            handles.append(layer.register_forward_hook(make_hook(i)))
+    with _view_hooks(layers, make_hook):
         yield captured
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextmanager
@@ -70,7 +78,6 @@ def add_to_outputs(layers: Sequence[nn.Module], addends: Sequence[torch.Tensor]
     route to a layer's gradient under ``torch.func.vjp``); yields the list of those sums, filled in place as
     :func:`capture_outputs`. Hooks live only inside the ``with`` block."""
     captured: list[torch.Tensor | None] = [None] * len(layers)
-    handles = []
 
     def make_hook(i: int):
         def hook(_module, _inputs, output):
@@ -78,16 +85,8 @@ def add_to_outputs(layers: Sequence[nn.Module], addends: Sequence[torch.Tensor]
             return captured[i]
         return hook
 
-    try:
-        for i, layer in enumerate(layers):
-            if not is_view(layer):
-                raise InputError(f"cannot capture the output of a {type(layer).__name__} that is not part of a "
-                                 "per-call view")
-            handles.append(layer.register_forward_hook(make_hook(i)))
+    with _view_hooks(layers, make_hook):
         yield captured
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextmanager
