@@ -111,3 +111,13 @@ def model_case(request: pytest.FixtureRequest) -> Callable[[str], ModelCase]:
 def images() -> Callable[..., torch.Tensor]:
     """The :func:`make_images` helper: ``images(n, seed=0)`` -> (n, 3, 64, 64) in [0, 1)."""
     return make_images
+
+
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """One intra-op thread for a test module's calls (bit-identical results across threads need it: the summation
+    order then never changes); modules that compare threads bit for bit use it with ``pytestmark``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

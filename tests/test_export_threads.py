@@ -33,13 +33,7 @@ WAIT = 10.0  # seconds; only a broken test waits that long
 _ORIGINALS = (builtins.max, builtins.min, math.pow)  # what torch.export patches while it runs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Bit-identical results need one intra-op thread per call (the summation order then never changes)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 class Pause(nn.Identity):
