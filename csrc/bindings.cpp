@@ -283,6 +283,87 @@ py::array_t<std::uint8_t> draw_boxes(const py::object& images_obj, const py::obj
   return out;
 }
 
+// float32 (count,) values, C-contiguous and aligned (DeepLIFT's rule kernel).
+py::array checked_values(const py::object& obj, const char* arg) {
+  py::array a = as_array(obj, arg, "float32", "float32");
+  if (!a.dtype().equal(py::dtype::of<float>())) {
+    throw py::type_error(std::string(arg) + " must have dtype float32, got " + std::string(py::str(a.dtype())) +
+                         fix_hint(arg, "float32"));
+  }
+  check_layout(a, arg, "float32", 4, 1, "(count,)");
+  return a;
+}
+
+void relu_rescale(const py::object& u_obj, const py::object& ur_obj, const py::object& out_obj, double eps,
+                  int num_threads) {
+  py::array u = checked_values(u_obj, "u"), ur = checked_values(ur_obj, "ur"), out = checked_values(out_obj, "out");
+  if (ur.size() != u.size() || out.size() != u.size()) {
+    throw py::value_error("u, ur and out must have the same size, got " + shape_of(u) + ", " + shape_of(ur) +
+                          " and " + shape_of(out));
+  }
+  if (!out.writeable()) throw py::value_error("out must be writeable");
+  if (u.size() > 0 && (out.data() == u.data() || out.data() == ur.data())) {
+    throw py::value_error("out may not be u or ur");
+  }
+  const auto* a = static_cast<const float*>(u.data());
+  const auto* b = static_cast<const float*>(ur.data());
+  auto* o = static_cast<float*>(out.mutable_data());
+  const std::int64_t count = u.size();
+  py::gil_scoped_release release;
+  pyattr::relu_rescale(a, b, count, static_cast<float>(eps), o, num_threads);
+}
+
+// float32 (R, C, H, W) planes, C-contiguous and aligned, of the given shape when shape is not null.
+py::array checked_planes(const py::object& obj, const char* arg, const py::array* like = nullptr) {
+  py::array a = as_array(obj, arg, "float32", "float32");
+  if (!a.dtype().equal(py::dtype::of<float>())) {
+    throw py::type_error(std::string(arg) + " must have dtype float32, got " + std::string(py::str(a.dtype())) +
+                         fix_hint(arg, "float32"));
+  }
+  check_layout(a, arg, "float32", 4, 4, "(R, C, H, W)");
+  if (like != nullptr) {
+    for (py::ssize_t d = 0; d < 4; ++d) {
+      if (a.shape(d) != like->shape(d)) {
+        throw py::value_error(std::string(arg) + " must have shape " + shape_of(*like) + ", got " + shape_of(a));
+      }
+    }
+  }
+  return a;
+}
+
+void maxpool_rescale_backward(const py::object& x_obj, const py::object& xr_obj, const py::object& out_obj,
+                              const py::object& yr_obj, const py::object& grad_obj, const py::object& tol_x_obj,
+                              const py::object& tol_r_obj, std::pair<std::int64_t, std::int64_t> kernel,
+                              std::pair<std::int64_t, std::int64_t> stride,
+                              std::pair<std::int64_t, std::int64_t> padding,
+                              std::pair<std::int64_t, std::int64_t> dilation, double eps, const py::object& result_obj,
+                              int num_threads) {
+  py::array x = checked_planes(x_obj, "x"), xr = checked_planes(xr_obj, "xr", &x);
+  py::array out = checked_planes(out_obj, "out");
+  py::array yr = checked_planes(yr_obj, "yr", &out), grad = checked_planes(grad_obj, "grad", &out);
+  py::array result = checked_planes(result_obj, "result", &x);
+  if (out.shape(0) != x.shape(0) || out.shape(1) != x.shape(1)) {
+    throw py::value_error("out must have x's rows and channels, got " + shape_of(out) + " for x " + shape_of(x));
+  }
+  py::array tol_x = checked_values(tol_x_obj, "tol_x"), tol_r = checked_values(tol_r_obj, "tol_r");
+  if (tol_x.size() != x.shape(0) || tol_r.size() != x.shape(0)) {
+    throw py::value_error("tol_x and tol_r must hold one value per row of x " + shape_of(x));
+  }
+  if (!result.writeable()) throw py::value_error("result must be writeable");
+  for (const py::array* a : {&x, &xr, &out, &yr, &grad, &tol_x, &tol_r}) {
+    if (a->size() > 0 && a->data() == result.data()) throw py::value_error("result may not be an input");
+  }
+  const pyattr::Pool2d pool{kernel.first,  kernel.second,  stride.first,   stride.second,
+                            padding.first, padding.second, dilation.first, dilation.second};
+  const auto f = [](const py::array& a) { return static_cast<const float*>(a.data()); };
+  auto* o = static_cast<float*>(result.mutable_data());
+  const std::int64_t rows = x.shape(0), channels = x.shape(1), h = x.shape(2), w = x.shape(3);
+  const std::int64_t oh = out.shape(2), ow = out.shape(3);
+  py::gil_scoped_release release;
+  pyattr::maxpool_rescale_backward(f(x), f(xr), f(out), f(yr), f(grad), f(tol_x), f(tol_r), rows, channels, h, w,
+                                   oh, ow, pool, static_cast<float>(eps), o, num_threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -345,4 +426,14 @@ PYBIND11_MODULE(_C, m) {
         return out;
       },
       "The (10, 3) uint8 RGB default box colors (matplotlib's tab10); box j gets color j % 10.");
+  m.def("relu_rescale", &relu_rescale, py::arg("u"), py::arg("ur"), py::arg("out"), py::arg("eps"),
+        py::arg("num_threads") = 0,
+        "relu_rescale(u, ur, out: float32 (count,), eps): out = (relu(u) - relu(ur)) / (u - ur), or (u > 0) where\n"
+        "|u - ur| < eps: DeepLIFT's Rescale multiplier of ReLU in one pass (used by pyattr.DeepLift's eager calls).");
+  m.def("maxpool_rescale_backward", &maxpool_rescale_backward, py::arg("x"), py::arg("xr"), py::arg("out"),
+        py::arg("yr"), py::arg("grad"), py::arg("tol_x"), py::arg("tol_r"), py::arg("kernel"), py::arg("stride"),
+        py::arg("padding"), py::arg("dilation"), py::arg("eps"), py::arg("result"), py::arg("num_threads") = 0,
+        "maxpool_rescale_backward(x, xr float32 (R, C, H, W), out, yr, grad float32 (R, C, OH, OW), tol_x, tol_r\n"
+        "float32 (R,), kernel, stride, padding, dilation, eps, result float32 (R, C, H, W)): DeepLIFT's max-pool rule,\n"
+        "backward, in one pass per plane (used by pyattr.DeepLift's eager calls; see csrc/postprocess.hpp).");
 }

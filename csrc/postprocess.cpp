@@ -1062,4 +1062,122 @@ void draw_boxes(const std::uint8_t* images, std::int64_t n, std::int64_t h, std:
   });
 }
 
+void relu_rescale(const float* u, const float* ur, std::int64_t count, float eps, float* out, int num_threads) {
+  if (count < 0) throw std::invalid_argument("relu_rescale: count must be >= 0, got " + std::to_string(count));
+  resolve_num_threads(num_threads);  // checks num_threads >= 0
+  if (!(eps >= 0.0f)) throw std::invalid_argument("relu_rescale: eps must be >= 0");
+  if (count == 0) return;
+  if (u == nullptr || ur == nullptr || out == nullptr) throw std::invalid_argument("relu_rescale: null data pointer");
+  // One pass, branch-free (the selects vectorize): the same IEEE operations, in the same order, as
+  // pyattr.methods.deeplift._multiplier("relu", ...) does with torch ops, so the values are identical.
+  parallel_for(count, 1, num_threads, [&](std::int64_t begin, std::int64_t end) {
+    for (std::int64_t i = begin; i < end; ++i) {
+      const float a = u[i], b = ur[i];
+      const float ya = a < 0.0f ? 0.0f : a;  // clamp_min(0): NaN stays NaN
+      const float yb = b < 0.0f ? 0.0f : b;
+      const float dx = a - b;
+      const float ratio = (ya - yb) / dx;
+      const float plain = a > 0.0f ? 1.0f : 0.0f;
+      out[i] = std::fabs(dx) < eps ? plain : ratio;
+    }
+  });
+}
+
+void maxpool_rescale_backward(const float* x, const float* xr, const float* out, const float* yr, const float* grad,
+                              const float* tol_x, const float* tol_r, std::int64_t rows, std::int64_t channels,
+                              std::int64_t h, std::int64_t w, std::int64_t oh, std::int64_t ow, const Pool2d& pool,
+                              float eps, float* result, int num_threads) {
+  if (rows < 0 || channels < 0 || h < 0 || w < 0 || oh < 0 || ow < 0) {
+    throw std::invalid_argument("maxpool_rescale_backward: dimensions must be >= 0");
+  }
+  if (pool.kh < 1 || pool.kw < 1 || pool.sh < 1 || pool.sw < 1 || pool.dh < 1 || pool.dw < 1 || pool.ph < 0 ||
+      pool.pw < 0) {
+    throw std::invalid_argument("maxpool_rescale_backward: kernel, stride and dilation must be >= 1, padding >= 0");
+  }
+  resolve_num_threads(num_threads);
+  if (!(eps >= 0.0f)) throw std::invalid_argument("maxpool_rescale_backward: eps must be >= 0");
+  const std::int64_t planes = rows * channels, plane = h * w, oplane = oh * ow;
+  if (planes * plane == 0) return;
+  if (!x || !xr || !out || !yr || !grad || !tol_x || !tol_r || !result) {
+    throw std::invalid_argument("maxpool_rescale_backward: null data pointer");
+  }
+  const std::int64_t k = pool.kh * pool.kw;
+  parallel_items(
+      planes, plane * 2 + oplane * k * 4, num_threads,
+      [&] { return std::vector<float>(static_cast<std::size_t>(2 * plane + 6 * oplane)); },
+      [&](std::int64_t p, std::vector<float>& buf) {
+        const float* xp = x + p * plane;
+        const float* rp = xr + p * plane;
+        const float* op = out + p * oplane;
+        const float* yp = yr + p * oplane;
+        const float* gp = grad + p * oplane;
+        const float tx = tol_x[p / channels], tr = tol_r[p / channels];
+        float* num = buf.data();
+        float* plain = num + plane;
+        float* share_x = plain + plane;  // per window: 1 / (its values at the maximum, up to the tolerance)
+        float* share_r = share_x + oplane;
+        float* part_x = share_r + oplane;  // per window: the input's share of the gap (cross - yr), the reference's
+        float* part_r = part_x + oplane;
+        float* floor_x = part_r + oplane;  // per window: the tie floors
+        float* floor_r = floor_x + oplane;
+        std::fill(num, num + 2 * plane, 0.0f);
+        // The windows' tie counts: values >= out - tol (torch: out - rtol * max|x| of the row).
+        for (std::int64_t oi = 0; oi < oh; ++oi) {
+          for (std::int64_t oj = 0; oj < ow; ++oj) {
+            const std::int64_t o = oi * ow + oj, i0 = oi * pool.sh - pool.ph, j0 = oj * pool.sw - pool.pw;
+            const float fx = op[o] - tx, fr = yp[o] - tr;
+            int cx = 0, cr = 0;
+            for (std::int64_t a = 0; a < pool.kh; ++a) {
+              const std::int64_t i = i0 + a * pool.dh;
+              if (i < 0 || i >= h) continue;
+              for (std::int64_t b = 0; b < pool.kw; ++b) {
+                const std::int64_t j = j0 + b * pool.dw;
+                if (j < 0 || j >= w) continue;
+                cx += xp[i * w + j] >= fx;
+                cr += rp[i * w + j] >= fr;
+              }
+            }
+            share_x[o] = 1.0f / static_cast<float>(cx);
+            share_r[o] = 1.0f / static_cast<float>(cr);
+            const float cross = std::max(op[o], yp[o]);
+            part_x[o] = cross - yp[o];
+            part_r[o] = op[o] - cross;
+            floor_x[o] = fx;
+            floor_r[o] = fr;
+          }
+        }
+        // Scatter-add in the order of torch's col2im (offsets outer, windows inner): the same sums.
+        for (std::int64_t a = 0; a < pool.kh; ++a) {
+          for (std::int64_t b = 0; b < pool.kw; ++b) {
+            for (std::int64_t oi = 0; oi < oh; ++oi) {
+              const std::int64_t i = oi * pool.sh - pool.ph + a * pool.dh;
+              if (i < 0 || i >= h) continue;
+              // the windows whose column is inside: j = oj * sw - pw + b * dw in [0, w)
+              const std::int64_t shift = b * pool.dw - pool.pw;
+              const std::int64_t lo = shift >= 0 ? 0 : (-shift + pool.sw - 1) / pool.sw;
+              const std::int64_t hi = std::min(ow, shift >= w ? 0 : (w - 1 - shift) / pool.sw + 1);
+              const float* xrow = xp + i * w + shift;
+              const float* rrow = rp + i * w + shift;
+              float* nrow = num + i * w + shift;
+              float* prow = plain + i * w + shift;
+              const std::int64_t base = oi * ow;
+              for (std::int64_t oj = lo; oj < hi; ++oj) {
+                const std::int64_t o = base + oj, at = oj * pool.sw;
+                const float sx = xrow[at] >= floor_x[o] ? share_x[o] : 0.0f;
+                const float sr = rrow[at] >= floor_r[o] ? share_r[o] : 0.0f;
+                const float weight = part_x[o] * sx + part_r[o] * sr;
+                nrow[at] += gp[o] * weight;
+                prow[at] += gp[o] * sx;
+              }
+            }
+          }
+        }
+        float* rp_out = result + p * plane;
+        for (std::int64_t at = 0; at < plane; ++at) {
+          const float dx = xp[at] - rp[at];
+          rp_out[at] = std::fabs(dx) < eps ? plain[at] : num[at] / dx;
+        }
+      });
+}
+
 }  // namespace pyattr

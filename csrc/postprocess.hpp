@@ -205,4 +205,29 @@ void draw_boxes(const std::uint8_t* images, std::int64_t n, std::int64_t h, std:
                 const double* boxes, std::int64_t b, const std::uint8_t* colors, std::int64_t thickness,
                 std::uint8_t* out, int num_threads = 0);
 
+// DeepLIFT's Rescale multiplier of ReLU (pyattr.methods.deeplift), element-wise over count values of an
+// activation's input u and its reference's ur: out = (relu(u) - relu(ur)) / (u - ur), or u > 0 (1 or 0)
+// where |u - ur| < eps. Not post-processing: eager DeepLIFT's one-pass replacement for seven torch
+// kernels; the values equal the torch formula's (same operations, same order; -ffp-contract=off).
+// out may not alias u or ur. Throws std::invalid_argument for count < 0, eps < 0 or num_threads < 0.
+void relu_rescale(const float* u, const float* ur, std::int64_t count, float eps, float* out, int num_threads = 0);
+
+// A 2-D pooling window: kernel (kh, kw), stride, padding, dilation (torch's max_pool2d arguments).
+struct Pool2d {
+  std::int64_t kh, kw, sh, sw, ph, pw, dh, dw;
+};
+
+// DeepLIFT's max-pool rule, backward (pyattr.methods.deeplift._MaxPoolAgainst): the multipliers at a 2-D max pool's
+// input for rows x channels planes. x, xr (planes, h, w): the pool's input and its reference's; out, yr (planes, oh,
+// ow): their window maxima; grad (planes, oh, ow): the gradient at the output; tol_x, tol_r (rows,): a window's
+// values >= its maximum - tol share it equally (ties). Each window passes g * (max(out, yr) - yr) to the input's
+// maxima and g * (out - max(out, yr)) to the reference's, and g to the input's maxima as the plain gradient; the
+// sums at each input position are taken in torch's col2im order; result = plain where |x - xr| < eps, else the
+// sum over (x - xr). Windows past the input's end (ceil mode) read nothing there. Not post-processing: eager
+// DeepLIFT's replacement for the torch formula's dozen kernels (same operations, same order).
+void maxpool_rescale_backward(const float* x, const float* xr, const float* out, const float* yr, const float* grad,
+                              const float* tol_x, const float* tol_r, std::int64_t rows, std::int64_t channels,
+                              std::int64_t h, std::int64_t w, std::int64_t oh, std::int64_t ow, const Pool2d& pool,
+                              float eps, float* result, int num_threads = 0);
+
 }  // namespace pyattr

@@ -56,3 +56,26 @@ def draw_boxes(
     num_threads: int = 0,
 ) -> npt.NDArray[np.uint8]: ...
 def box_palette() -> npt.NDArray[np.uint8]: ...
+def relu_rescale(
+    u: npt.NDArray[np.float32],
+    ur: npt.NDArray[np.float32],
+    out: npt.NDArray[np.float32],
+    eps: float,
+    num_threads: int = 0,
+) -> None: ...
+def maxpool_rescale_backward(
+    x: npt.NDArray[np.float32],
+    xr: npt.NDArray[np.float32],
+    out: npt.NDArray[np.float32],
+    yr: npt.NDArray[np.float32],
+    grad: npt.NDArray[np.float32],
+    tol_x: npt.NDArray[np.float32],
+    tol_r: npt.NDArray[np.float32],
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    eps: float,
+    result: npt.NDArray[np.float32],
+    num_threads: int = 0,
+) -> None: ...

@@ -199,6 +199,89 @@ def test_tie_rtol_sets_which_maxpool_values_are_tied():
 
 
 # --------------------------------------------------------------------------------------------------
+# The compiled rules (eager CPU float32 calls): the same values as the torch formulas
+# --------------------------------------------------------------------------------------------------
+
+
+def test_compiled_relu_multiplier_equals_the_torch_formula():
+    """``pyattr._C.relu_rescale`` against ``_multiplier("relu")``: random values, exact ties (0/0), differences
+    below eps across zero (the plain derivative), +-0, subnormals, NaN; eps 1e-10, 0 and 1e-3; a channels-last
+    layout; the threads do not change the values."""
+    g = torch.Generator().manual_seed(0)
+    u, ur = torch.randn(100_003, generator=g), torch.randn(100_003, generator=g)
+    edge = torch.tensor([[0.0, 0.0], [-0.0, 0.0], [1e-11, -1e-11], [-1e-11, 1e-11], [0.5, 0.5], [-0.5, -0.5],
+                         [1e-45, -1e-45], [3e-11, 0.0], [2.0, 2.0], [0.0, -0.0], [float("nan"), 1.0], [1.0, 1e-4]])
+    u[:len(edge)], ur[:len(edge)] = edge[:, 0], edge[:, 1]
+    for eps in (1e-10, 0.0, 1e-3):
+        want = deeplift_module._multiplier("relu", u, ur, u.clamp_min(0), ur.clamp_min(0), (), eps)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            try:
+                got = deeplift_module._relu_multiplier_compiled(u, ur, eps)
+            finally:
+                torch.set_num_threads(1)
+            same = (got == want) | (got.isnan() & want.isnan())
+            assert bool(same.all()), (eps, threads, int((~same).sum()))
+    assert float(deeplift_module._relu_multiplier_compiled(u, ur, 1e-10)[2]) == 1.0  # 2e-11 apart across 0: u > 0
+    a = torch.randn(2, 8, 5, 5, generator=g).to(memory_format=torch.channels_last)
+    b = torch.randn(2, 8, 5, 5, generator=g).to(memory_format=torch.channels_last)
+    got = deeplift_module._relu_multiplier_compiled(a, b, 1e-10)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, deeplift_module._multiplier("relu", a, b, a.clamp_min(0), b.clamp_min(0), (), 1e-10))
+    # where the core does not apply, the caller uses the torch formula
+    assert deeplift_module._relu_multiplier_compiled(u.double(), ur.double(), 1e-10) is None
+    assert deeplift_module._relu_multiplier_compiled(a, b.contiguous(), 1e-10) is None
+    assert deeplift_module._relu_multiplier_compiled(u[::2], ur[::2], 1e-10) is None
+
+
+COMPILED_POOLS = [  # (shape, (kernel, stride, padding, dilation), ceil_mode)
+    ((1, 16, 40, 40), ((3, 3), (2, 2), (1, 1), (1, 1)), False), ((2, 8, 13, 13), ((3, 3), (2, 2), (1, 1), (1, 1)), True),
+    ((3, 4, 10, 9), ((2, 2), (2, 2), (0, 0), (1, 1)), False), ((2, 3, 11, 12), ((3, 2), (2, 3), (1, 1), (2, 1)), True),
+    ((1, 5, 1, 17), ((1, 3), (1, 2), (0, 1), (1, 1)), False),
+]
+
+
+@pytest.mark.parametrize("shape, geometry, ceil_mode", COMPILED_POOLS)
+@pytest.mark.parametrize("rtol", [1e-5, 0.0, 0.3])
+def test_compiled_maxpool_rule_equals_the_torch_formula(shape, geometry, ceil_mode, rtol):
+    """``pyattr._C.maxpool_rescale_backward`` (eager) against the torch formula (:class:`_MaxPoolAgainst`, which
+    the exported graphs hold): overlapping windows, padding, dilation, ceil mode, a 1-D pool as 2-D; exact ties
+    (flat regions), equal input and reference; forward equal, multipliers equal up to the transposed convolution's
+    own summation order (bit for bit where it sums as col2im does)."""
+    g = torch.Generator().manual_seed(len(shape) + shape[-1])
+    x, xr = torch.randn(shape, generator=g).relu(), torch.randn(shape, generator=g).relu()
+    x[..., :3, :], xr[..., 2:5, :] = 0.5, 0.25
+    xr[:, :, 0, 0] = x[:, :, 0, 0]
+    yr = deeplift_module._max_pool(xr, geometry, ceil_mode)
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    want = deeplift_module._MaxPoolAgainst.apply(a, xr, yr, geometry, ceil_mode, 1e-10, rtol)[0]
+    got = deeplift_module._MaxPoolCompiled.apply(b, xr, yr, geometry, ceil_mode, 1e-10, rtol)
+    assert torch.equal(got, want)
+    w = torch.randn(want.shape, generator=g)
+    gw, = torch.autograd.grad(want, a, w)
+    gg, = torch.autograd.grad(got, b, w)
+    assert bool(torch.isfinite(gg).all())
+    assert float((gg - gw).abs().max()) <= 1e-6 * float(gw.abs().max())
+
+
+@pytest.mark.parametrize("model_name", ["builtin", "resnet18", "vgg11"])
+def test_compiled_rules_give_the_torch_formulas_maps(request, model_name, monkeypatch):
+    """Eager DeepLIFT / DeepLIFT-SHAP with the compiled ReLU and max-pool rules against the same calls on the torch
+    formulas alone (``_core`` None): resnet18's in-place reused ReLUs and overlapping pool, vgg11's five pools."""
+    if model_name == "builtin":
+        model, x, t = request.getfixturevalue("builtin_model"), make_shapes(2, seed=3)[..., :32, :32], torch.tensor([1, 4])
+    else:
+        model, x, t = request.getfixturevalue(model_name), make_images(2, seed=3, size=32), torch.tensor([2, 7])
+    ref = make_images(2, seed=4, size=x.shape[-1]) * 0.5
+    background = make_images(3, seed=5, size=x.shape[-1])
+    compiled = [DeepLift(model, ref)(x, t).raw, DeepLiftShap(model, background, chunk_size=2)(x, t).raw]
+    monkeypatch.setattr(deeplift_module, "_core", None)
+    torch_only = [DeepLift(model, ref)(x, t).raw, DeepLiftShap(model, background, chunk_size=2)(x, t).raw]
+    for got, want in zip(compiled, torch_only):
+        assert max_relative_error(got, want) < 1e-6
+
+
+# --------------------------------------------------------------------------------------------------
 # Summation-to-delta
 # --------------------------------------------------------------------------------------------------
 
