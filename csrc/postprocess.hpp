@@ -1,4 +1,6 @@
-// Host-side post-processing of attribution maps: plain C++17, no Python, no torch.
+// Host-side post-processing of attribution maps: plain C++17, no Python, no torch. At the end, two kernels
+// that are not post-processing: eager DeepLIFT's ReLU and max-pool rules (relu_rescale,
+// maxpool_rescale_backward), one pass each where the torch formulas take many kernels.
 //
 // Layout conventions: maps are float32 or float16 (N, H, W), images and outputs are uint8 RGB
 // (N, H, W, 3), all C-contiguous and passed as raw pointers plus their dimensions.

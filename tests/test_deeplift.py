@@ -264,6 +264,35 @@ def test_compiled_maxpool_rule_equals_the_torch_formula(shape, geometry, ceil_mo
     assert float((gg - gw).abs().max()) <= 1e-6 * float(gw.abs().max())
 
 
+def test_compiled_rules_reject_bad_arrays():
+    """The core's DeepLIFT kernels check their arrays (dtype, layout, sizes, aliasing, options) before any work."""
+    from pyattr import _C
+
+    a, b, out = (np.zeros(6, np.float32) for _ in range(3))
+    with pytest.raises(TypeError, match="u must have dtype float32, got float64"):
+        _C.relu_rescale(a.astype(np.float64), b, out, 1e-10)
+    with pytest.raises(ValueError, match="u, ur and out must have the same size"):
+        _C.relu_rescale(a, b[:5], out, 1e-10)
+    with pytest.raises(ValueError, match="out may not be u or ur"):
+        _C.relu_rescale(a, b, a, 1e-10)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _C.relu_rescale(np.zeros(12, np.float32)[::2], b, out, 1e-10)
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        _C.relu_rescale(a, b, out, -1.0)
+    x, o = np.zeros((1, 2, 4, 4), np.float32), np.zeros((1, 2, 2, 2), np.float32)
+    tol = np.zeros(1, np.float32)
+    args = dict(kernel=(2, 2), stride=(2, 2), padding=(0, 0), dilation=(1, 1), eps=1e-10)
+    with pytest.raises(ValueError, match=r"xr must have shape \(1, 2, 4, 4\)"):
+        _C.maxpool_rescale_backward(x, x[:, :1].copy(), o, o, o, tol, tol, result=np.zeros_like(x), **args)
+    with pytest.raises(ValueError, match="one value per row"):
+        _C.maxpool_rescale_backward(x, x, o, o, o, np.zeros(2, np.float32), tol, result=np.zeros_like(x), **args)
+    with pytest.raises(ValueError, match="result may not be an input"):
+        _C.maxpool_rescale_backward(x, x, o, o, o, tol, tol, result=x, **args)
+    with pytest.raises(ValueError, match="stride and dilation must be >= 1"):
+        _C.maxpool_rescale_backward(x, x, o, o, o, tol, tol, result=np.zeros_like(x),
+                                    **{**args, "stride": (0, 2)})
+
+
 @pytest.mark.parametrize("model_name", ["builtin", "resnet18", "vgg11"])
 def test_compiled_rules_give_the_torch_formulas_maps(request, model_name, monkeypatch):
     """Eager DeepLIFT / DeepLIFT-SHAP with the compiled ReLU and max-pool rules against the same calls on the torch
@@ -723,6 +752,12 @@ def test_bad_input(builtin_model):
         DeepLift(builtin_model, "blur")
     with pytest.raises(InputError, match="max-pool rule"):
         DeepLift(builtin_model, maxpool="avg")
+    for bad in (0.0, 0, -1e-10, float("nan"), True, "1e-10"):  # eps 0: 0 / 0 where u == u_ref, a NaN map
+        for cls in (DeepLift, DeepLiftShap):
+            with pytest.raises(InputError, match=r"eps must be a number > 0 .* divide 0 by 0"):
+                cls(builtin_model, eps=bad)
+        with pytest.raises(InputError, match=r"eps must be a number > 0"), deeplift_rules(rows=2, eps=bad):
+            pass
     for bad in (-1e-5, float("nan"), float("inf"), True, "0"):
         for cls in (DeepLift, DeepLiftShap):
             with pytest.raises(InputError, match="tie_rtol must be a finite number >= 0"):

@@ -586,8 +586,17 @@ def deeplift_rules(rows: Any, eps: float = EPS, maxpool: str = "deeplift", tie_r
     """
     if maxpool not in MAXPOOL_RULES:
         raise InputError(f"unknown max-pool rule {maxpool!r}; use one of {', '.join(MAXPOOL_RULES)}")
-    with _DeepLiftMode(rows, float(eps), maxpool, check_tie_rtol(tie_rtol)):
+    with _DeepLiftMode(rows, check_eps(eps), maxpool, check_tie_rtol(tie_rtol)):
         yield
+
+
+def check_eps(value: Any) -> float:
+    """``eps`` checked to be a number > 0 (raises InputError)."""
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
+        raise InputError(f"eps must be a number > 0 (where |u - u_ref| < eps a non-linearity passes back its plain "
+                         f"derivative; with 0, a unit whose input equals its reference's would divide 0 by 0 and make "
+                         f"the map NaN), got {value!r}; the default is {EPS}")
+    return float(value)
 
 
 def check_tie_rtol(value: Any) -> float:
@@ -608,8 +617,7 @@ class _PairedMethod(GradientMethod):
     def __init__(self, model: nn.Module, reduction: str, absolute: bool | None, eps: float, maxpool: str, *,
                  tie_rtol: float, output: OutputSelector, layout: str):
         super().__init__(model, reduction, absolute, output=output, layout=layout)
-        if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and eps >= 0):
-            raise InputError(f"eps must be a number >= 0, got {eps!r}")
+        eps = check_eps(eps)
         if maxpool not in MAXPOOL_RULES:
             raise InputError(f"unknown max-pool rule {maxpool!r}; use one of {', '.join(MAXPOOL_RULES)}")
         self.eps = float(eps)
