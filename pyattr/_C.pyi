@@ -1,5 +1,6 @@
 # ruff: noqa: N999  (the module is named _C on purpose: private, compiled)
-"""Type stub of pyattr._C, the compiled post-processing core (csrc/bindings.cpp).
+"""Type stub of pyattr._C, the compiled post-processing core (csrc/bindings.cpp), with eager DeepLIFT's two rule
+kernels (relu_rescale, maxpool_rescale_backward: float32 arrays, used by pyattr.methods.deeplift).
 
 Inputs must already be C-contiguous, aligned arrays of an accepted dtype (the module never
 copies them): maps float32 or float16, images and colors uint8, boxes float64. Wrong dtype raises
