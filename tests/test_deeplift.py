@@ -281,7 +281,7 @@ def test_compiled_rules_reject_bad_arrays():
         _C.relu_rescale(a, b, out, -1.0)
     x, o = np.zeros((1, 2, 4, 4), np.float32), np.zeros((1, 2, 2, 2), np.float32)
     tol = np.zeros(1, np.float32)
-    args = dict(kernel=(2, 2), stride=(2, 2), padding=(0, 0), dilation=(1, 1), eps=1e-10)
+    args = {"kernel": (2, 2), "stride": (2, 2), "padding": (0, 0), "dilation": (1, 1), "eps": 1e-10}
     with pytest.raises(ValueError, match=r"xr must have shape \(1, 2, 4, 4\)"):
         _C.maxpool_rescale_backward(x, x[:, :1].copy(), o, o, o, tol, tol, result=np.zeros_like(x), **args)
     with pytest.raises(ValueError, match="one value per row"):

@@ -123,6 +123,51 @@ def select_output(output: Any, selector: Any) -> Any:
     return output[selector]
 
 
+MAX_UPFRONT_BYTES = 2 * 1024**3
+"""What a method may set aside up front for its count options (IG's steps, the samples of SmoothGrad, GradientSHAP,
+SS-CAM / IS-CAM and Smooth Grad-CAM++, RISE's masks, an int number of random baselines): their noise, baselines,
+mask grids and per-point values are made before the passes, which ``chunk_size`` then splits. A count whose share
+would pass this raises :class:`InputError` naming the option (before anything is allocated)."""
+
+MAX_PASS_BYTES = 2 * 1024**3
+"""The default bound on one eager pass's input rows (N x chunk copies of an input); the perturbation methods take
+their own ``max_pass_bytes``. Above it a call raises :class:`InputError` naming the ``chunk_size`` that fits."""
+
+PER_POINT_BYTES = 64
+"""Bookkeeping per step / sample / mask (Python floats and ints in lists, index tensors): what a count costs before
+any image is touched."""
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n < 2**40 else f"{n / 2**40:.1f} TiB"
+
+
+def check_upfront(owner: str, option: str, count: int, per_item: int, what: str) -> None:
+    """Raise :class:`InputError` when ``count`` items of ``per_item`` bytes (``what``) would pass
+    :data:`MAX_UPFRONT_BYTES`; the message names ``option`` and the largest count that fits."""
+    need = int(count) * int(per_item)
+    if need > MAX_UPFRONT_BYTES:
+        fits = max(1, MAX_UPFRONT_BYTES // max(1, int(per_item)))
+        raise InputError(f"{owner}: {option}={count} would set aside {_gib(need)} up front for its {what} "
+                         f"({per_item} bytes each), over the {_gib(MAX_UPFRONT_BYTES)} a call may; use {option}={fits} "
+                         "or fewer (they are drawn before the passes, so chunk_size does not split them)")
+
+
+def check_pass(owner: str, x: torch.Tensor, per_input: int, option: str = "chunk_size",
+               max_bytes: int | None = None) -> None:
+    """Raise :class:`InputError` when one eager pass of ``per_input`` copies of each of the N inputs of ``x`` would
+    pass ``max_bytes`` (default :data:`MAX_PASS_BYTES`); the message names the ``option`` value that fits."""
+    limit = MAX_PASS_BYTES if max_bytes is None else max_bytes
+    per_row = x[0].numel() * x.element_size() if x.shape[0] else 0
+    rows = int(x.shape[0]) * int(per_input)
+    need = rows * per_row
+    if need > limit:
+        fits = max(1, limit // max(1, int(x.shape[0]) * per_row))
+        raise InputError(f"{owner} would put {rows} copies of the inputs ({int(x.shape[0])} x {per_input}; "
+                         f"{_gib(need)}, the model's activations on top) through the model in one pass, over "
+                         f"{_gib(limit)}: pass {option}={fits} or less, or a smaller batch")
+
+
 class AttributionMethod:
     """Base class. A subclass implements :meth:`attribute_raw`, a traceable function of tensors.
 

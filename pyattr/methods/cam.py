@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .._callview import call_view
+from .._callview import call_view, is_tracing
 from .._capture import PrefixCache, add_to_outputs, capture_outputs, find_layer, record_prefix, reuse_prefix
 from .._loop import batched_loop, loop_passes
 from .._tail import LayerTail, global_hooks, has_hooks, layer_tail
@@ -31,7 +31,7 @@ from .._tail import forget as forget_tail
 from ..errors import InputError
 from ..postprocess import normalize_minmax, resize_bilinear
 from ..targets.base import CLASS_TARGET, current_target
-from .base import AttributionMethod, check_scores, select_output
+from .base import PER_POINT_BYTES, AttributionMethod, check_pass, check_scores, check_upfront, select_output
 
 LayerSpec = "str | Sequence[str] | None"
 FUSIONS = ("mean", "max")
@@ -505,6 +505,7 @@ class SmoothGradCAMPlusPlus(GradientCAM):
                  seed: int = 0, chunk_size: int = 4, **options):
         super().__init__(model, layer, **options)
         self.samples = check_count(samples, "samples")
+        check_upfront("SmoothGradCAMPlusPlus", "samples", self.samples, PER_POINT_BYTES, "samples' bookkeeping")
         self.chunk_size = check_count(chunk_size, "chunk_size")
         if not (isinstance(std, (int, float)) and not isinstance(std, bool) and std >= 0):
             raise InputError(f"std must be a number >= 0, got {std!r}")
@@ -515,6 +516,9 @@ class SmoothGradCAMPlusPlus(GradientCAM):
         r"""The (S, ...) noise :math:`\sigma \epsilon_s` added to every input of ``x``."""
         from .gradient import seeded_tensor
 
+        check_upfront("SmoothGradCAMPlusPlus", "samples", self.samples, x[0].numel() * (4 + x.element_size()), "noise")
+        if not is_tracing():
+            check_pass("SmoothGradCAMPlusPlus", x, min(self.chunk_size, self.samples))
         return self.std * seeded_tensor("normal", (self.samples, *x.shape[1:]), self.seed, x)
 
     def noisy_moments(self, x: torch.Tensor, resolved: torch.Tensor, shapes: list[torch.Size] | None = None

@@ -56,11 +56,7 @@ from .._callview import outside_trace, this_thread_traces
 from .._loop import batched_loop, vjp_columns
 from ..errors import InputError
 from ..targets.base import CLASS_TARGET, current_target
-from .base import OutputSelector, check_scores, select_output
-try:
-    from .. import _C as _core  # the compiled core: eager DeepLIFT's one-pass ReLU multiplier
-except ImportError:  # pragma: no cover - the torch formula is used instead (same values)
-    _core = None
+from .base import PER_POINT_BYTES, OutputSelector, check_pass, check_scores, check_upfront, select_output
 from .gradient import (
     GradientMethod,
     _sample_range,
@@ -69,6 +65,11 @@ from .gradient import (
     seeded_tensor,
     tensor_baseline,
 )
+
+try:
+    from .. import _C as _core  # the compiled core: eager DeepLIFT's ReLU and max-pool rules
+except ImportError:  # pragma: no cover - the torch formula is used instead (same values)
+    _core = None
 
 EPS = 1e-10
 """captum's threshold: where ``|u - u_ref| < eps`` a non-linearity passes back its plain derivative."""
@@ -818,6 +819,8 @@ class _Distribution:
                     raise InputError(f"the baselines' shape {tuple(b.shape)} does not fit the inputs' "
                                      f"{tuple(x.shape)}: give (B, {', '.join(str(s) for s in x.shape[1:])})")
             return b.expand(-1, *x.shape[1:])[None]
+        check_upfront(type(method).__name__, "baselines", self.count, x[0].numel() * (4 + x.element_size()),
+                      "random baselines")
         noise = method.constant("uniform", (self.count, *x.shape[1:]), self.seed, x)
         low = x.flatten(1).amin(1).view(-1, 1, *[1] * (x.dim() - 1))
         return low + _sample_range(x)[:, None] * noise[None]
@@ -870,6 +873,8 @@ class DeepLiftShap(_PairedMethod):
         self.seed = int(seed)
 
     def _run(self, x, target):
+        if not self._tracing:
+            check_pass("DeepLiftShap", x, min(self.chunk_size, self.distribution.count))
         refs = self.distribution.of(self, x).detach()
         count = self.distribution.count
         total = gap = resolved = scores = None
@@ -950,6 +955,7 @@ class GradientShap(GradientMethod):
         super().__init__(model, reduction, absolute, output=output, layout=layout)
         if not (isinstance(samples, int) and not isinstance(samples, bool) and samples >= 1):
             raise InputError(f"samples must be an int >= 1, got {samples!r}")
+        check_upfront("GradientShap", "samples", samples, PER_POINT_BYTES, "draws' bookkeeping")
         if not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size >= 1):
             raise InputError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
         if isinstance(stdevs, bool) or not isinstance(stdevs, (int, float)) or not stdevs >= 0:
@@ -968,6 +974,7 @@ class GradientShap(GradientMethod):
         key = (tuple(int(s) for s in x.shape[1:]), x.device, x.dtype)
         cached = self._draw_cache.get(key)
         if cached is None:
+            check_upfront("GradientShap", "samples", self.samples, x[0].numel() * (4 + x.element_size()), "noise")
             with outside_trace():  # constants, not graph ops
                 generator = torch.Generator().manual_seed(self.seed)
                 index = torch.randint(self.distribution.count, (self.samples,), generator=generator).tolist()
@@ -981,6 +988,8 @@ class GradientShap(GradientMethod):
         with torch.no_grad():
             scores = self.scores_of(x)
         resolved = self.resolve(scores, target)
+        if not self._tracing:
+            check_pass("GradientShap", x, min(self.chunk_size, self.samples))
         index, alpha, noise = self.draws(x)
         refs = self.distribution.of(self, x).detach()
         n = x.shape[0]

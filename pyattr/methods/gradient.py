@@ -36,7 +36,7 @@ from .._callview import outside_trace
 from .._loop import batched_loop, in_loop_body, loop_passes, vjp_columns
 from ..errors import InputError
 from ..targets.base import current_target
-from .base import AttributionMethod, OutputSelector
+from .base import PER_POINT_BYTES, AttributionMethod, OutputSelector, check_pass, check_upfront
 from .modified_backward import modified_relu
 
 _REDUCTIONS = ("max", "sum", "l2", "mean", "none")
@@ -464,6 +464,7 @@ class SmoothGrad(GradientMethod):
             raise ValueError(f"unknown SmoothGrad variant {variant!r}; use one of {', '.join(NOISE_VARIANTS)}")
         if not (isinstance(samples, int) and samples >= 1):
             raise ValueError(f"samples must be an int >= 1, got {samples!r}")
+        check_upfront("SmoothGrad", "samples", samples, PER_POINT_BYTES, "samples' bookkeeping")
         check_chunk_size(chunk_size)
         if not noise_level >= 0:
             raise ValueError(f"noise_level must be >= 0, got {noise_level!r}")
@@ -480,13 +481,20 @@ class SmoothGrad(GradientMethod):
     def noise(self, x: torch.Tensor) -> torch.Tensor:
         """The (S, ...) noise added to every input of ``x``: ``sigma * epsilon_s``, sigma per input;
         returned as (N, S, ...)."""
-        eps = self.constant("normal", (self.samples, *x.shape[1:]), self.seed, x)
+        eps = self.noise_draws(x)
         sigma = self.noise_level * _sample_range(x)
         return sigma[:, None] * eps[None]
+
+    def noise_draws(self, x: torch.Tensor) -> torch.Tensor:
+        """The (S, ...) standard normal draws (a constant of the method), checked to fit first."""
+        check_upfront("SmoothGrad", "samples", self.samples, x[0].numel() * (4 + x.element_size()), "noise")
+        return self.constant("normal", (self.samples, *x.shape[1:]), self.seed, x)
 
     def elementwise(self, x, target):
         scores = resolved = None
         per_pass = points_per_pass(self.chunk_size, self.samples, self._tracing)
+        if not self._tracing:
+            check_pass("SmoothGrad", x, min(per_pass, self.samples))
         looped = self.looped(math.ceil(self.samples / per_pass))
         if looped or not (self.folds_clean() and "clean" in inspect.signature(self.inner.elementwise).parameters):
             with torch.no_grad():
@@ -522,7 +530,7 @@ class SmoothGrad(GradientMethod):
         """(sum of A_s, sum of A_s^2) over the samples (None where the variant needs no such sum), the passes one
         loop (:func:`~pyattr._loop.batched_loop`); the last chunk is padded with copies of the last noise tensor,
         counted with weight 0."""
-        eps = self.constant("normal", (self.samples, *x.shape[1:]), self.seed, x)
+        eps = self.noise_draws(x)
         index, keep = padded_passes(list(range(self.samples)), [1.0] * self.samples, per_pass, x)
         c = index.shape[1]
         sigma = self.noise_level * _sample_range(x)
@@ -652,6 +660,7 @@ class IntegratedGradients(GradientMethod):
             raise InputError("a blurred baseline needs images or signals; use 'zeros', 'uniform' or a tensor")
         if not (isinstance(steps, int) and steps >= 1):
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        check_upfront("IntegratedGradients", "steps", steps, PER_POINT_BYTES, "integration points")
         check_chunk_size(chunk_size)
         if not blur_sigma > 0:
             raise ValueError(f"blur_sigma must be > 0, got {blur_sigma!r}")
@@ -685,6 +694,8 @@ class IntegratedGradients(GradientMethod):
     def _integrate(self, x: torch.Tensor, target: torch.Tensor, diagnostics: bool):
         scores = resolved = None
         per_pass = points_per_pass(self.chunk_size, self.steps, self._tracing)
+        if not self._tracing:
+            check_pass("IntegratedGradients", x, min(per_pass, self.steps))
         looped = self.looped(math.ceil(self.steps / per_pass))
         if looped or not self.folds_clean():  # else from the first pass, which runs the clean input too
             with torch.no_grad():

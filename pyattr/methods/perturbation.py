@@ -35,7 +35,7 @@ from torch import nn
 from .._callview import outside_trace
 from .._loop import batched_loop
 from ..errors import InputError
-from .base import AttributionMethod, OutputSelector
+from .base import PER_POINT_BYTES, AttributionMethod, OutputSelector, check_upfront
 from .gradient import reduce_channel_dim
 
 REDUCTIONS = ("mean", "sum", "max", "none")
@@ -512,6 +512,9 @@ class RISE(PerturbationMethod):
         self.seed = seed
         self.baseline = _finite_float(baseline, "baseline")
         self.softmax = bool(softmax)
+        # the grids (float64 and the float32 draw) and shifts, made here
+        check_upfront("RISE", "masks", self.num_masks, self.cells * self.cells * 13 + 24 + PER_POINT_BYTES,
+                      f"low-resolution mask grids ({self.cells} x {self.cells} cells)")
         generator = torch.Generator().manual_seed(seed)
         self.grids = (torch.rand(self.num_masks, self.cells, self.cells, generator=generator) < self.p).double()
         self.shift_fractions = torch.rand(self.num_masks, 2, generator=generator, dtype=torch.float64)
@@ -523,6 +526,8 @@ class RISE(PerturbationMethod):
     def geometry(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """For (H, W) images: (interpolation matrix (up_H, s), rows (masks, H) of it for each mask's crop,
         the same two for W), the rows as long indices. Constants."""
+        self.check_geometry(h, w)
+
         def make():
             out = []
             for axis, size in enumerate((h, w)):
@@ -533,6 +538,10 @@ class RISE(PerturbationMethod):
             return tuple(out)
 
         return self.constant(("geometry", h, w), make)
+
+    def check_geometry(self, h: int, w: int) -> None:
+        """InputError when the masks' crop rows for (H, W) images (long, masks x (H + W)) would not fit."""
+        check_upfront("RISE", "masks", self.num_masks, 8 * (h + w + 2), f"crop rows at {h} x {w} pixels")
 
     def mask_maps(self, ids: torch.Tensor, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
         """(c, H, W) masks ``ids`` (c,) (long, on ``like``'s device) at the image size (traceable: built from
@@ -547,8 +556,9 @@ class RISE(PerturbationMethod):
         with torch.no_grad():
             x = x.detach()
             self.check_memory(x, self.num_masks)
-            scores, resolved, _ = self._targets(x, target)
             h, w = int(x.shape[2]), int(x.shape[3])
+            self.check_geometry(h, w)
+            scores, resolved, _ = self._targets(x, target)
 
             def one_pass(mask_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
                 width = int(mask_ids.shape[0])

@@ -13,6 +13,7 @@ from torch import nn
 from .._loop import batched_loop
 from ..errors import InputError
 from ..postprocess import TINY
+from .base import PER_POINT_BYTES, check_upfront
 from .cam import CAMMethod, LayerSpec, check_count, fuse_maps, scores_of_copies, weighted_sum
 
 
@@ -176,6 +177,7 @@ class SSCAM(ScoreCAM):
                  seed: int = 0, normalize_first: bool = True, **options):
         super().__init__(model, layer, normalize_first=normalize_first, **options)
         self.samples = check_count(samples, "samples")
+        check_upfront("SSCAM", "samples", self.samples, PER_POINT_BYTES, "samples' bookkeeping")
         if not (isinstance(std, (int, float)) and not isinstance(std, bool) and std >= 0):
             raise InputError(f"std must be a number >= 0, got {std!r}")
         self.std = float(std)
@@ -185,6 +187,8 @@ class SSCAM(ScoreCAM):
         r"""(S, 1, H, W) noise :math:`\sigma \epsilon_s` for inputs or masks ``like`` (..., H, W)."""
         from .gradient import seeded_tensor
 
+        plane = int(like.shape[-2]) * int(like.shape[-1])
+        check_upfront("SSCAM", "samples", self.samples, plane * (4 + like.element_size()), "noise maps")
         return self.std * seeded_tensor("normal", (self.samples, 1, *like.shape[-2:]), self.seed, like)
 
     @property
@@ -228,6 +232,7 @@ class ISCAM(ScoreCAM):
                  **options):
         super().__init__(model, layer, normalize_first=normalize_first, **options)
         self.samples = check_count(samples, "samples")
+        check_upfront("ISCAM", "samples", self.samples, PER_POINT_BYTES, "path coefficients")
 
     def coefficients(self) -> list[float]:
         """:math:`c_1 .. c_S`, accumulated in float64 as torchcam does (a Python float)."""
