@@ -356,3 +356,88 @@ def test_eager_calls_leave_a_torch_export_in_another_thread_alone(name):
         torch.testing.assert_close(result.raw, ref.raw, rtol=1e-5, atol=1e-5 * float(ref.raw.abs().max()))
         assert torch.equal(result.target, ref.target)
     assert not torch._C._dispatch_tls_is_dispatch_key_included(torch._C.DispatchKey.PreDispatch)
+
+
+class TracePause(nn.Identity):
+    """Identity; inside any torch trace of this thread (torch.export's fake / proxy modes) it sets ``entered`` and
+    waits for ``resume``: the export is then mid-trace while another thread runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.entered, self.resume = threading.Event(), threading.Event()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from pyattr._callview import this_thread_traces
+
+        if this_thread_traces():
+            self.entered.set()
+            self.resume.wait(WAIT)
+        return x
+
+
+class TinyDetector(nn.Module):
+    """A dense detector: (N, 3, H, W) -> boxes (N, M, 4), scores (N, M, 3), M = H W / 16."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=4, padding=1)
+        self.pause = TracePause()
+        self.boxes = nn.Conv2d(8, 4, 1)
+        self.scores = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.pause(torch.relu(self.conv(x)))
+        return self.boxes(f).flatten(2).transpose(1, 2), self.scores(f).flatten(2).transpose(1, 2).sigmoid()
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_export_detector_leaves_other_threads_running_the_model_alone(tmp_path):
+    """export_detector traces the detector with torch.export, which swaps the traced module's parameters for fake
+    tensors while it traces. While the trace waits (TracePause), another thread runs the user's detector three
+    times: its outputs are the single-threaded ones (before the export traced a per-call view, that thread ran on
+    fake parameters: DataDependentOutputException, proxies of the other thread's trace), its parameters stay the
+    same real tensors, and the file gives the model's outputs in onnxruntime."""
+    import onnxruntime as ort
+
+    from pyattr.exporting.detector import export_detector
+
+    torch.manual_seed(0)
+    model = TinyDetector().eval()
+    params = {name: p for name, p in model.named_parameters()}
+    x = images()
+    with torch.no_grad():
+        ref = model(x)
+    errors, results = [], []
+
+    def other():
+        if not model.pause.entered.wait(WAIT):
+            errors.append("the export never entered its trace")
+            return
+        try:
+            for _ in range(3):
+                with torch.no_grad():
+                    results.append(model(x))
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(f"{type(err).__name__}: {err}")
+        finally:
+            model.pause.resume.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    path = tmp_path / "detector.onnx"
+    try:
+        export_detector(model, x[:1], path)
+    finally:
+        model.pause.resume.set()
+        thread.join(WAIT)
+    assert not errors, errors
+    assert len(results) == 3
+    for boxes, scores in results:  # rounding only: torch.export turns mkldnn off process-wide while it runs
+        torch.testing.assert_close(boxes, ref[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(scores, ref[1], rtol=1e-5, atol=1e-6)
+    assert {name: p for name, p in model.named_parameters()} == params
+    assert all(type(p) is nn.Parameter and not p.is_meta for p in model.parameters())
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    boxes, scores = session.run(None, {"images": x.numpy()})
+    np.testing.assert_allclose(boxes, ref[0].numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(scores, ref[1].numpy(), rtol=1e-4, atol=1e-5)

@@ -44,7 +44,9 @@ def export_detector(model: nn.Module, example_input: torch.Tensor, path: str | o
     preprocessing, class names, the NMS IoU threshold the runtime applies).
 
     Args:
-        model: the detector, in eval mode (it is traced as it is; nothing of it is changed).
+        model: the detector. It is traced on a private per-call view (:mod:`pyattr._callview`), in eval semantics
+            whatever its training flag: torch.export swaps a traced module's parameters for fake tensors while it
+            traces, which other threads running the same model would otherwise see (nothing of it is changed).
         example_input: an (N, C, H, W) input in the model's input convention (what ``preprocessing`` makes).
         path: the ``.onnx`` file (written atomically).
         decode: ``output -> (boxes (N, M, 4) xyxy in input pixels, scores (N, M, K))``; default: the output
@@ -68,20 +70,24 @@ def export_detector(model: nn.Module, example_input: torch.Tensor, path: str | o
     require_onnx_packages()
     if not 0 <= nms_iou_threshold <= 1:
         raise InputError(f"nms_iou_threshold must be in [0, 1], got {nms_iou_threshold!r}")
-    # the model runs in the mode it is in (call .eval() first): nothing of it is changed, not even its training flag
-    wrapper = _Candidates(model, decode or (lambda output: (output[0], output[1])))
-    wrapper.training = model.training
-    with torch.no_grad():
-        boxes, scores = wrapper(example_input)
-    if boxes.dim() != 3 or boxes.shape[-1] != 4 or scores.dim() != 3 or scores.shape[:2] != boxes.shape[:2]:
-        raise InputError(f"the detector must give boxes (N, M, 4) and scores (N, M, K), got {tuple(boxes.shape)} and "
-                         f"{tuple(scores.shape)}")
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    try:
-        model_ir = quiet_onnx_export(wrapper, (example_input,), ["images"], ["boxes", "scores"],
-                                     dynamic_shapes=({0: batch},))
-    except Exception as err:  # torch.export / torch.onnx raise many types
-        raise ExportError(f"cannot export the detector to ONNX: {str(err).strip().splitlines()[0][:300]}") from err
+    from .._callview import call_view
+
+    # traced on this call's view of the model (eval semantics, the same tensors): torch.export re-parametrizes the
+    # module it traces with fake tensors, which a thread running the user's model at that moment would run on
+    with call_view(model) as view:
+        wrapper = _Candidates(view.root, decode or (lambda output: (output[0], output[1])))
+        wrapper.training = False
+        with torch.no_grad():
+            boxes, scores = wrapper(example_input)
+        if boxes.dim() != 3 or boxes.shape[-1] != 4 or scores.dim() != 3 or scores.shape[:2] != boxes.shape[:2]:
+            raise InputError(f"the detector must give boxes (N, M, 4) and scores (N, M, K), got {tuple(boxes.shape)} "
+                             f"and {tuple(scores.shape)}")
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        try:
+            model_ir = quiet_onnx_export(wrapper, (example_input,), ["images"], ["boxes", "scores"],
+                                         dynamic_shapes=({0: batch},))
+        except Exception as err:  # torch.export / torch.onnx raise many types
+            raise ExportError(f"cannot export the detector to ONNX: {str(err).strip().splitlines()[0][:300]}") from err
     with written_atomically(path, ".onnx") as tmp:
         save_onnx(model_ir, tmp, DETECTOR_METADATA_KEY,
                   detector_metadata(preprocessing or {}, class_names, nms_iou_threshold=float(nms_iou_threshold)),
