@@ -42,6 +42,7 @@ points ``b + alpha (x + noise - b)`` over random baselines ``b``, alphas and noi
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -157,6 +158,12 @@ def _multiplier(kind: str, u: torch.Tensor, ur: torch.Tensor, y: torch.Tensor, y
     return torch.where(dx.abs_() < eps, plain, ratio)
 
 
+def _core_threads() -> int:
+    """Threads for the compiled rules: torch's intra-op setting, at most the machine's cores (the core starts its
+    threads per call)."""
+    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+
+
 def _dense_flat(t: torch.Tensor) -> torch.Tensor | None:
     """A 1-D view of ``t``'s elements in memory order (contiguous or channels-last), else None."""
     if t.is_contiguous():
@@ -185,7 +192,7 @@ def _relu_multiplier_compiled(u: torch.Tensor, ur: torch.Tensor, eps: float) -> 
     fo = _dense_flat(out)
     if fo is None:
         return None
-    _core.relu_rescale(fu.numpy(), fr.numpy(), fo.numpy(), eps, torch.get_num_threads())
+    _core.relu_rescale(fu.numpy(), fr.numpy(), fo.numpy(), eps, _core_threads())
     return out
 
 
@@ -409,7 +416,7 @@ class _MaxPoolCompiled(torch.autograd.Function):
         kernel, stride, padding, dilation = ctx.geometry
         _core.maxpool_rescale_backward(x.numpy(), xr.numpy(), out.numpy(), yr.numpy(), grad.contiguous().numpy(),
                                        tol_x.numpy(), tol_r.numpy(), kernel, stride, padding, dilation, ctx.eps,
-                                       result.numpy(), torch.get_num_threads())
+                                       result.numpy(), _core_threads())
         return result, None, None, None, None, None, None
 
 
