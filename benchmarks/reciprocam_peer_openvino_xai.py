@@ -96,14 +96,14 @@ def main() -> None:
     out = Path(__file__).parent / "results" / "cpu" / args.name
     cmd = f"python benchmarks/reciprocam_peer_openvino_xai.py {args.rounds} --size {args.size} --name {args.name}"
     lines = [f"# Recipro-CAM vs OpenVINO XAI {version('openvino-xai')} (resnet50, {args.size} px, batch 1, 1 thread)", "",
-             f"`{cmd}` · {platform.processor() or platform.machine()} · torch {torch.__version__} · "
+             (f"`{cmd}` · {platform.processor() or platform.machine()} · torch {torch.__version__} · "
              f"load before {tuple(round(v, 2) for v in load)}, after {tuple(round(v, 2) for v in os.getloadavg())} · "
-             f"{args.rounds} interleaved rounds", "",
+             f"{args.rounds} interleaved rounds"), "",
              "| contender | median ms | x bound (median per-round ratio) | x pyattr point kernel |",
              "|---|---:|---:|---:|"]
     lines += [f"| {k} | {m:.1f} | {b:.3f}x | {p:.3f}x |" for k, m, b, p in rows]
-    lines += ["", f"Point-kernel maps, pyattr vs OpenVINO XAI: max relative difference {error:.1e}. OpenVINO XAI "
-              "returns every class's map; pyattr the target's."]
+    lines += ["", (f"Point-kernel maps, pyattr vs OpenVINO XAI: max relative difference {error:.1e}. OpenVINO XAI "
+              "returns every class's map; pyattr the target's.")]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps({"command": cmd, "rows": rows, "error": error,
                                                     "times": times}, indent=1) + "\n")
