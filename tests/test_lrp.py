@@ -606,6 +606,47 @@ def test_layer_without_rule_is_named_with_the_fix():
     assert torch.allclose(rel["norm"], rel["fc2"])  # passed through unchanged
 
 
+class StochasticBlocks(nn.Module):
+    """Convolutions with torchvision's StochasticDepth and DropBlock2d, timm's DropPath, and torchvision's Permute
+    there and back (EfficientNet's, ConvNeXt's, timm's blocks have them); ``plain=True``: the same layers with
+    nn.Identity in their place."""
+
+    def __init__(self, plain: bool = False):
+        super().__init__()
+        from timm.layers import DropPath
+        from torchvision.ops import DropBlock2d, Permute, StochasticDepth
+
+        torch.manual_seed(0)
+        self.conv1, self.conv2 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
+        self.depth = nn.Identity() if plain else StochasticDepth(0.5, "row")
+        self.block = nn.Identity() if plain else DropBlock2d(0.3, 3)
+        self.path = nn.Identity() if plain else DropPath(0.3)
+        self.there = nn.Identity() if plain else Permute([0, 2, 3, 1])
+        self.back = nn.Identity() if plain else Permute([0, 3, 1, 2])
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = self.block(self.relu1(self.conv1(x)))
+        h = h + self.depth(self.path(self.relu2(self.conv2(h))))
+        return self.fc(self.back(self.there(h)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("composite", ["epsilon_plus", "epsilon_alpha2_beta1"])
+def test_stochastic_depth_and_permute_layers_have_rules(composite, tmp_path):
+    """torchvision's StochasticDepth / DropBlock2d and timm's DropPath are the identity in eval mode (the mode a
+    call's view runs in, whatever the user's flags: here the model is left in training mode) and Permute a
+    reordering: LRP gives the maps of the same network with nn.Identity in their place (before: NoRuleError on
+    every EfficientNet), leaves the user's flags alone, and exports (onnxruntime == eager)."""
+    model, plain = StochasticBlocks().train(), StochasticBlocks(plain=True).eval()
+    x = make_images(2, seed=31, size=16)
+    got = lrp.LRP(model, composite)(x, torch.tensor([1, 3]))
+    want = lrp.LRP(plain, composite)(x, torch.tensor([1, 3]))
+    torch.testing.assert_close(got.raw, want.raw, rtol=1e-6, atol=1e-7 * float(want.raw.abs().max()))
+    assert model.training and all(m.training for m in model.modules())
+    assert_export_contract(lrp.LRP(model, composite), x, tmp_path, num_classes=4, formats=("onnx",), batches=(1, 3))
+
+
 def test_errors():
     model = TwoLayer().eval()
     with pytest.raises(pyattr.InputError, match="low=... and high="):

@@ -61,7 +61,35 @@ ACTIVATIONS = (
     nn.Tanhshrink,
     nn.Threshold,
 )
+class _EvalIdentityType(type):
+    def __instancecheck__(cls, obj) -> bool:
+        kind = type(obj)
+        return kind.__name__ in _EVAL_IDENTITY_NAMES and kind.__module__.split(".", 1)[0] in ("torchvision", "timm")
+
+
+_EVAL_IDENTITY_NAMES = frozenset({"StochasticDepth", "DropPath", "DropBlock2d", "DropBlock3d"})
+
+
+class EvalIdentity(metaclass=_EvalIdentityType):
+    """Matches (``isinstance``) the stochastic regularizers of torchvision (``StochasticDepth``, ``DropBlock2d/3d``)
+    and timm (``DropPath``): the identity in eval mode, which pyattr's calls run in (a call's view of the model is
+    in eval mode whatever the user's flags). Matched by name, so that neither library is imported for it."""
+
+
+class _LayoutType(type):
+    def __instancecheck__(cls, obj) -> bool:
+        kind = type(obj)
+        return kind.__name__ == "Permute" and kind.__module__.split(".", 1)[0] == "torchvision"
+
+
+class LayoutLayer(metaclass=_LayoutType):
+    """Matches torchvision's ``Permute`` (ConvNeXt's, Swin's): a reordering of the dimensions, whose gradient carries
+    relevance back unchanged, reordered (as ``nn.Flatten``). Matched by name (torchvision is not imported for it)."""
+
+
 GRADIENT_LAYERS = (
+    EvalIdentity,
+    LayoutLayer,
     nn.MaxPool1d,
     nn.MaxPool2d,
     nn.MaxPool3d,

@@ -31,7 +31,16 @@ from ...errors import InputError
 from ..base import AttributionMethod, OutputSelector
 from ..gradient import reduce_channel_dim
 from .canonizers import batch_norm_pairs, canonical_blocks, merge_batch_norm, out_of_place_activations
-from .composites import AVG_POOLS, COMPOSITES, CONVOLUTIONS, LINEARS, Composite, EpsilonGammaBox
+from .composites import (
+    AVG_POOLS,
+    COMPOSITES,
+    CONVOLUTIONS,
+    LINEARS,
+    Composite,
+    EpsilonGammaBox,
+    EvalIdentity,
+    LayoutLayer,
+)
 from .rules import LinearRule, Rule, term_parameters
 
 RuleKey = str | type
@@ -75,6 +84,7 @@ def input_gradient(module: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, t
 # layers whose output is >= 0 whatever their input, and layers whose output is >= 0 when their input is
 NONNEGATIVE_OUTPUTS = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
 SIGN_KEEPING = AVG_POOLS + (
+    EvalIdentity, LayoutLayer,
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity, nn.Flatten, nn.Unflatten,
 )
