@@ -283,16 +283,19 @@ py::array_t<std::uint8_t> draw_boxes(const py::object& images_obj, const py::obj
   return out;
 }
 
-// float32 (count,) values, C-contiguous and aligned (DeepLIFT's rule kernel).
-py::array checked_values(const py::object& obj, const char* arg) {
+// A float32 array of ndim dimensions (layout names them), C-contiguous and aligned (DeepLIFT's rule kernels).
+py::array checked_float32(const py::object& obj, const char* arg, py::ssize_t ndim, const char* layout) {
   py::array a = as_array(obj, arg, "float32", "float32");
   if (!a.dtype().equal(py::dtype::of<float>())) {
     throw py::type_error(std::string(arg) + " must have dtype float32, got " + std::string(py::str(a.dtype())) +
                          fix_hint(arg, "float32"));
   }
-  check_layout(a, arg, "float32", 4, 1, "(count,)");
+  check_layout(a, arg, "float32", 4, ndim, layout);
   return a;
 }
+
+// float32 (count,) values.
+py::array checked_values(const py::object& obj, const char* arg) { return checked_float32(obj, arg, 1, "(count,)"); }
 
 void relu_rescale(const py::object& u_obj, const py::object& ur_obj, const py::object& out_obj, double eps,
                   int num_threads) {
@@ -313,14 +316,9 @@ void relu_rescale(const py::object& u_obj, const py::object& ur_obj, const py::o
   pyattr::relu_rescale(a, b, count, static_cast<float>(eps), o, num_threads);
 }
 
-// float32 (R, C, H, W) planes, C-contiguous and aligned, of the given shape when shape is not null.
+// float32 (R, C, H, W) planes, of like's shape when like is not null.
 py::array checked_planes(const py::object& obj, const char* arg, const py::array* like = nullptr) {
-  py::array a = as_array(obj, arg, "float32", "float32");
-  if (!a.dtype().equal(py::dtype::of<float>())) {
-    throw py::type_error(std::string(arg) + " must have dtype float32, got " + std::string(py::str(a.dtype())) +
-                         fix_hint(arg, "float32"));
-  }
-  check_layout(a, arg, "float32", 4, 4, "(R, C, H, W)");
+  py::array a = checked_float32(obj, arg, 4, "(R, C, H, W)");
   if (like != nullptr) {
     for (py::ssize_t d = 0; d < 4; ++d) {
       if (a.shape(d) != like->shape(d)) {

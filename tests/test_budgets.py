@@ -111,8 +111,9 @@ def test_one_pass_too_large_names_the_chunk_size_that_fits(builtin_model, addres
     old = base.MAX_PASS_BYTES
     base.MAX_PASS_BYTES = 2**30
     try:
-        with pytest.raises(InputError, match=r"would put 10000 copies of the inputs \(2 x 5000; .*\) through the "
-                                             r"model in one pass") as err:
+        with pytest.raises(InputError, match=r"would put 2 x 5000 = 10000 copies of the inputs \(.* GiB, .*\) "
+                                             r"through the model in one pass, over pyattr\.methods\.base\."
+                                             r"MAX_PASS_BYTES") as err:
             make(builtin_model)(x)
     finally:
         base.MAX_PASS_BYTES = old

@@ -153,19 +153,28 @@ def check_upfront(owner: str, option: str, count: int, per_item: int, what: str)
                          "or fewer (they are drawn before the passes, so chunk_size does not split them)")
 
 
-def check_pass(owner: str, x: torch.Tensor, per_input: int, option: str = "chunk_size",
-               max_bytes: int | None = None) -> None:
-    """Raise :class:`InputError` when one eager pass of ``per_input`` copies of each of the N inputs of ``x`` would
-    pass ``max_bytes`` (default :data:`MAX_PASS_BYTES`); the message names the ``option`` value that fits."""
+def input_draw_bytes(x: torch.Tensor) -> int:
+    """Bytes of one input-sized draw: drawn in float32 (:func:`~pyattr.methods.gradient.seeded_tensor`), then
+    copied to the inputs' dtype."""
+    return x[0].numel() * (4 + x.element_size())
+
+
+def check_pass(owner: str, x: torch.Tensor, per_input: int, *, what: str = "copies of the inputs",
+               max_bytes: int | None = None, per: str = "points per pass") -> None:
+    """Raise :class:`InputError` when one eager pass of ``per_input`` copies (``what``) of each of the N inputs of
+    ``x`` would pass ``max_bytes`` (default :data:`MAX_PASS_BYTES`; a method's own ``max_pass_bytes`` is named as
+    such); the message names the ``chunk_size`` (``per``) that fits."""
     limit = MAX_PASS_BYTES if max_bytes is None else max_bytes
-    per_row = x[0].numel() * x.element_size() if x.shape[0] else 0
-    rows = int(x.shape[0]) * int(per_input)
-    need = rows * per_row
+    n = int(x.shape[0])
+    per_row = x[0].numel() * x.element_size() if n else 0
+    need = n * int(per_input) * per_row
     if need > limit:
-        fits = max(1, limit // max(1, int(x.shape[0]) * per_row))
-        raise InputError(f"{owner} would put {rows} copies of the inputs ({int(x.shape[0])} x {per_input}; "
-                         f"{_gib(need)}, the model's activations on top) through the model in one pass, over "
-                         f"{_gib(limit)}: pass {option}={fits} or less, or a smaller batch")
+        fits = max(1, limit // (n * per_row))
+        budget = (f"pyattr.methods.base.MAX_PASS_BYTES ({_gib(limit)})" if max_bytes is None
+                  else f"max_pass_bytes={limit} ({_gib(limit)})")
+        raise InputError(f"{owner} would put {n} x {per_input} = {n * per_input} {what} ({_gib(need)}, the model's "
+                         f"activations on top) through the model in one pass, over {budget}: pass chunk_size={fits} "
+                         f"or less ({per}), a smaller batch" + (", or raise max_pass_bytes" if max_bytes else ""))
 
 
 class AttributionMethod:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .._callview import call_view, is_tracing
+from .._callview import call_view
 from .._capture import PrefixCache, add_to_outputs, capture_outputs, find_layer, record_prefix, reuse_prefix
 from .._loop import batched_loop, loop_passes
 from .._tail import LayerTail, global_hooks, has_hooks, layer_tail
@@ -31,7 +31,15 @@ from .._tail import forget as forget_tail
 from ..errors import InputError
 from ..postprocess import normalize_minmax, resize_bilinear
 from ..targets.base import CLASS_TARGET, current_target
-from .base import PER_POINT_BYTES, AttributionMethod, check_pass, check_scores, check_upfront, select_output
+from .base import (
+    PER_POINT_BYTES,
+    AttributionMethod,
+    check_pass,
+    check_scores,
+    check_upfront,
+    input_draw_bytes,
+    select_output,
+)
 
 LayerSpec = "str | Sequence[str] | None"
 FUSIONS = ("mean", "max")
@@ -516,9 +524,7 @@ class SmoothGradCAMPlusPlus(GradientCAM):
         r"""The (S, ...) noise :math:`\sigma \epsilon_s` added to every input of ``x``."""
         from .gradient import seeded_tensor
 
-        check_upfront("SmoothGradCAMPlusPlus", "samples", self.samples, x[0].numel() * (4 + x.element_size()), "noise")
-        if not is_tracing():
-            check_pass("SmoothGradCAMPlusPlus", x, min(self.chunk_size, self.samples))
+        check_upfront("SmoothGradCAMPlusPlus", "samples", self.samples, input_draw_bytes(x), "noise")
         return self.std * seeded_tensor("normal", (self.samples, *x.shape[1:]), self.seed, x)
 
     def noisy_moments(self, x: torch.Tensor, resolved: torch.Tensor, shapes: list[torch.Size] | None = None
@@ -527,6 +533,8 @@ class SmoothGradCAMPlusPlus(GradientCAM):
         square and cube, the last copy's gradient and activations. ``shapes``: the layers' output shapes for
         one input (as the layers return them); with them, a traced graph's passes are one loop
         (:meth:`_looped_moments`)."""
+        if not self._tracing:
+            check_pass("SmoothGradCAMPlusPlus", x, min(self.chunk_size, self.samples))
         noise = self.noise(x)
         n = x.shape[0]
         if shapes is not None and loop_passes(math.ceil(self.samples / self.chunk_size)):

@@ -36,7 +36,14 @@ from .._callview import outside_trace
 from .._loop import batched_loop, in_loop_body, loop_passes, vjp_columns
 from ..errors import InputError
 from ..targets.base import current_target
-from .base import PER_POINT_BYTES, AttributionMethod, OutputSelector, check_pass, check_upfront
+from .base import (
+    PER_POINT_BYTES,
+    AttributionMethod,
+    OutputSelector,
+    check_pass,
+    check_upfront,
+    input_draw_bytes,
+)
 from .modified_backward import modified_relu
 
 _REDUCTIONS = ("max", "sum", "l2", "mean", "none")
@@ -487,7 +494,7 @@ class SmoothGrad(GradientMethod):
 
     def noise_draws(self, x: torch.Tensor) -> torch.Tensor:
         """The (S, ...) standard normal draws (a constant of the method), checked to fit first."""
-        check_upfront("SmoothGrad", "samples", self.samples, x[0].numel() * (4 + x.element_size()), "noise")
+        check_upfront("SmoothGrad", "samples", self.samples, input_draw_bytes(x), "noise")
         return self.constant("normal", (self.samples, *x.shape[1:]), self.seed, x)
 
     def elementwise(self, x, target):

@@ -35,7 +35,7 @@ from torch import nn
 from .._callview import outside_trace
 from .._loop import batched_loop
 from ..errors import InputError
-from .base import PER_POINT_BYTES, AttributionMethod, OutputSelector, check_upfront
+from .base import PER_POINT_BYTES, AttributionMethod, OutputSelector, check_pass, check_upfront
 from .gradient import reduce_channel_dim
 
 REDUCTIONS = ("mean", "sum", "max", "none")
@@ -125,18 +125,10 @@ class PerturbationMethod(AttributionMethod):
 
     def check_memory(self, x: torch.Tensor, total: int) -> None:
         """Eager-only: raise InputError when one pass's perturbed inputs (N * chunk images) exceed the budget."""
-        if self._tracing:
-            return
-        per_image = x[0].numel() * x.element_size()
-        chunk = total if self.chunk_size is None else min(self.chunk_size, total)
-        need = int(x.shape[0]) * chunk * per_image
-        if need > self.max_pass_bytes:
-            fits = max(1, self.max_pass_bytes // (int(x.shape[0]) * per_image))
-            raise InputError(
-                f"{type(self).__name__} would put {int(x.shape[0])} x {chunk} = {int(x.shape[0]) * chunk} perturbed "
-                f"images ({need / 2**30:.2f} GiB, the model's activations on top) through the model in one pass, over "
-                f"max_pass_bytes={self.max_pass_bytes} ({self.max_pass_bytes / 2**30:.2f} GiB): pass chunk_size={fits} "
-                "or less (perturbations per pass), a smaller batch, or raise max_pass_bytes")
+        if not self._tracing:
+            chunk = total if self.chunk_size is None else min(self.chunk_size, total)
+            check_pass(type(self).__name__, x, chunk, what="perturbed images", max_bytes=self.max_pass_bytes,
+                       per="perturbations per pass")
 
     def constant(self, key: tuple, make) -> Any:
         """``as_constant(make)``, cached per ``key`` on this method (one entry; replaced whole: threads)."""
